@@ -1,0 +1,40 @@
+# Quick start (each target does all of its own set-up on a fresh machine):
+#   make pipeline   virtual env + pinned packages + Fashion-MNIST, then `dvc repro`
+#   make test       the same set-up, then the test suite
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := data/fashion-mnist
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup pipeline test data lint bench
+
+setup: $(VENV)/.installed $(DATA)/train-images-idx3-ubyte.gz
+
+# important: torch first, from the exact pin (a CPU wheel); then everything else under the lock.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+# The embedded default dataset: Debian's dataset-fashion-mnist package, copied into data/.
+$(DATA)/train-images-idx3-ubyte.gz:
+	@if [ ! -f $(FMNIST_SYSTEM)/train-images-idx3-ubyte.gz ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	  { echo "error: could not install dataset-fashion-mnist; put the IDX files in $(DATA)/"; exit 1; }; fi
+	mkdir -p $(DATA)
+	cp $(FMNIST_SYSTEM)/*-ubyte.gz $(DATA)/
+
+pipeline: setup
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "error: dvc needs a git repository (clone this one)"; exit 1; }
+	$(VENV)/bin/dvc repro
+	@echo "report: artifacts/report/report.md"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline stages tests

@@ -1,0 +1,3 @@
+"""Offline diffusion feature cache for adversarial training with representation alignment."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Every default of the project, in one place: one frozen dataclass per stage.
+
+The CLI and ``params.yaml`` pass values in; nothing deeper in the library reads YAML or the
+environment. Paths are strings so that fsspec URLs (``s3://``, ``memory://``) pass through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class SourceFormat(str, Enum):
+    """Raw dataset formats that ``prepare`` reads."""
+
+    auto = "auto"
+    idx = "idx"  # MNIST/Fashion-MNIST IDX files (optionally .gz)
+    cifar10 = "cifar10"  # CIFAR-10 python pickle batches
+    cifar100 = "cifar100"  # CIFAR-100 python pickle files
+    folder = "folder"  # image-folder tree: ROOT/[split/]class/image.png
+    npz = "npz"  # generated images: arrays `image` (N,H,W,C uint8) and `label`
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = "data/fashion-mnist"
+    format: SourceFormat = SourceFormat.auto
+    out: str = "artifacts/shards/real"
+    name: str = ""  # key prefix; empty: derived from the source folder name
+    shard_size: int = 10_000  # samples per tar shard
+    limit: int = 0  # keep the first N samples of each split (0: all)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The augmentation family whose parameters each cached view records.
+
+    A view is a random crop of the zero-padded image (offsets dx, dy in [0, 2*pad]) followed by
+    an optional horizontal flip. dx = dy = pad, flip = 0 is the identity.
+    """
+
+    pad: int = 2
+    flip: bool = True
+
+    def to_dict(self) -> dict:
+        return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
+
+
+# --- diffusion (stage `diffusion`) -------------------------------------------------------------
+@dataclass(frozen=True)
+class DiffusionConfig:
+    shards: str = "artifacts/shards/real/train"
+    out: str = "artifacts/diffusion"
+    model: str = ""  # an existing diffusers UNet2DModel (folder or hub id): use it, do not train
+    block_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    class_dropout: float = 0.1  # label dropout: the null class is index num_classes
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-4
+    ema_decay: float = 0.999
+    bf16: bool = True  # autocast on CPUs with AMX / on GPUs
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+# --- generate (stage `generate`) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "artifacts/diffusion"
+    real: str = "artifacts/shards/real/train"  # for the pseudo-labeller of unconditional models
+    out: str = "artifacts/shards/synthetic"
+    n: int = 3000
+    sampler: str = "ddim"  # ddim | dpm
+    sample_steps: int = 20
+    guidance: float = 1.0  # classifier-free guidance scale (1.0: none)
+    min_confidence: float = 0.9  # pseudo-label filter for unconditional models
+    batch_size: int = 250
+    shard_size: int = 10_000
+    seed: int = 0
+
+
+# --- extract (stage one) -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str = "artifacts/diffusion"
+    real: str = "artifacts/shards/real"  # folder with one sub-folder of shards per split
+    synthetic: str = "artifacts/shards/synthetic"  # "" for none
+    out: str = "artifacts/feats.zarr"
+    t: int = 100
+    layer: str = "mid_block"
+    pooling: str = "mean"  # mean | flatten
+    views: int = 4  # K for the real train part (view 0 is the identity)
+    views_synthetic: int = 1
+    draws: int = 1  # noise draws averaged per view
+    condition: str = "null"  # null | label | none  (class conditioning used while extracting)
+    view: ViewSpec = field(default_factory=ViewSpec)
+    batch_size: int = 256
+    rows_per_chunk: int = 256  # samples per zarr chunk (the reader's unit of I/O)
+    chunks_per_shard: int = 16  # chunks per zarr shard (the writer's and resume unit)
+    limit: int = 0  # first N samples of each part (0: all)
+    seed: int = 0
+
+
+# --- train (stage two) -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str = "artifacts/feats.zarr"
+    out: str = "artifacts/train/default"
+    arch: str = "cnn"
+    method: str = "pgd"  # pgd | trades
+    eps: float = 0.1
+    attack_steps: int = 5
+    step_size: float = 0.03
+    trades_beta: float = 6.0
+    dra_weight: float = 0.5  # 0: plain adversarial training
+    dra_schedule: str = "constant"  # constant | linear-warmup | cosine-decay
+    head_hidden: int = 512
+    target_norm: str = "center"  # none | center | whiten
+    synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
+    real_limit: int = 0  # train on the first N real samples (0: all)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | onecycle
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.995
+    memory_budget_mb: int = 2048  # the target reader streams chunks above this
+    online: bool = False  # compute targets with the diffusion model inside the step
+    resume: bool = False
+    seed: int = 0
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluateConfig:
+    checkpoint: str = "artifacts/train/default"
+    shards: str = "artifacts/shards/real/test"
+    out: str = "artifacts/eval/default.json"
+    n: int = 1000
+    eps: float = 0.1
+    pgd_steps: int = 20
+    pgd_restarts: int = 2
+    autoattack: str = "fast"  # standard | fast (apgd-ce + apgd-t) | none
+    batch_size: int = 250
+    seed: int = 0
+
+
+# --- report ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportConfig:
+    evals: str = "artifacts/eval"
+    train: str = "artifacts/train"
+    grid: str = "artifacts/shards/synthetic/grid.png"
+    out: str = "artifacts/report"

@@ -1,0 +1,245 @@
+"""Readers of raw datasets: IDX (Fashion-MNIST), CIFAR-10/100 pickles, image folders, npz.
+
+Every reader returns ``{split: Split}`` with images as uint8 (N, H, W, C) and int64 labels.
+Readers check what they read (magic numbers, sizes, counts) and raise ``UserError`` with one line.
+Important: CIFAR's python batches are pickles; they are read with an unpickler that only admits
+the numpy array reconstruction globals, so a crafted batch cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import SourceFormat
+from pipeline.errors import UserError
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+FASHION_MNIST_HINT = ("install Debian's dataset-fashion-mnist (files in /usr/share/datasets/"
+                      "fashion-mnist) or download the IDX files from github.com/zalandoresearch/fashion-mnist")
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise UserError(f"images must be uint8 (N,H,W,C), got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise UserError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise UserError(f"labels outside 0..{len(self.classes) - 1}")
+
+
+def detect_format(root: Path) -> SourceFormat:
+    if root.is_file() and root.suffix == ".npz":
+        return SourceFormat.npz
+    if not root.exists():
+        raise UserError(f"dataset not found: {root} ({FASHION_MNIST_HINT})")
+    names = {p.name for p in root.iterdir()}
+    if any(n.startswith(("train-images-idx3", "t10k-images-idx3")) for n in names):
+        return SourceFormat.idx
+    if "data_batch_1" in names:
+        return SourceFormat.cifar10
+    if {"train", "test", "meta"} <= names and (root / "meta").is_file():
+        return SourceFormat.cifar100
+    if any(n.endswith(".npz") for n in names):
+        return SourceFormat.npz
+    if any(p.is_dir() for p in root.iterdir()):
+        return SourceFormat.folder
+    raise UserError(f"cannot tell the dataset format of {root}: pass --format")
+
+
+def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto) -> dict[str, Split]:
+    """Read a raw dataset into ``{split: Split}``."""
+    root = Path(root)
+    fmt = detect_format(root) if fmt == SourceFormat.auto else SourceFormat(fmt)
+    if not root.exists():
+        raise UserError(f"dataset not found: {root}")
+    return _READERS[fmt](root)
+
+
+# --- IDX -------------------------------------------------------------------------------------
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Parse one IDX file (big-endian header: magic, dims; then uint8 data)."""
+    data = _open_maybe_gz(path)
+    if len(data) < 8:
+        raise UserError(f"{path}: truncated IDX header")
+    magic = struct.unpack(">i", data[:4])[0]
+    if magic != expected_magic:
+        raise UserError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}i", data[4:header])
+    size = int(np.prod(dims))
+    if len(data) - header != size:
+        raise UserError(f"{path}: truncated or padded IDX file ({len(data) - header} data bytes, "
+                        f"header says {size})")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    raise UserError(f"missing {stem}[.gz] in {root} ({FASHION_MNIST_HINT})")
+
+
+def _read_idx_dir(root: Path) -> dict[str, Split]:
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), 2051)
+        labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049)
+        if len(images) != len(labels):
+            raise UserError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
+        out[split] = Split(images[..., None].copy(), labels.astype(np.int64), FASHION_MNIST_CLASSES)
+    return out
+
+
+# --- CIFAR pickles ---------------------------------------------------------------------------
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"missing CIFAR file {path} (the 'python version' archive from "
+                        "www.cs.toronto.edu/~kriz/cifar.html, extracted)")
+    try:
+        with path.open("rb") as fh:
+            obj = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a CIFAR python batch ({exc})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a CIFAR python batch")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_split(batches: list[dict], label_key: str, classes: list[str], path: Path) -> Split:
+    try:
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    except KeyError as exc:
+        raise UserError(f"{path}: CIFAR batch lacks {exc}") from None
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: CIFAR data must be (N, 3072), got {data.shape}")
+    return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, classes)
+
+
+def _names(meta: dict, key: str) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(key, [])]
+
+
+def _read_cifar10(root: Path) -> dict[str, Split]:
+    meta_path = root / "batches.meta"
+    classes = _names(load_cifar_pickle(meta_path), "label_names") if meta_path.exists() else CIFAR10_CLASSES
+    train = [load_cifar_pickle(root / f"data_batch_{i}") for i in range(1, 6)]
+    test = [load_cifar_pickle(root / "test_batch")]
+    return {"train": _cifar_split(train, "labels", classes, root),
+            "test": _cifar_split(test, "labels", classes, root)}
+
+
+def _read_cifar100(root: Path) -> dict[str, Split]:
+    classes = _names(load_cifar_pickle(root / "meta"), "fine_label_names")
+    if len(classes) != 100:
+        raise UserError(f"{root / 'meta'}: expected 100 fine_label_names, got {len(classes)}")
+    return {s: _cifar_split([load_cifar_pickle(root / s)], "fine_labels", classes, root)
+            for s in ("train", "test")}
+
+
+# --- image folders ---------------------------------------------------------------------------
+def _read_folder_split(root: Path, classes: list[str] | None = None) -> Split:
+    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+            except OSError as exc:
+                raise UserError(f"cannot decode image {path}: {exc}") from None
+            images.append(arr[..., None] if arr.ndim == 2 else arr)
+            labels.append(label)
+    if not images:
+        raise UserError(f"no images under {root} (expected {root}/CLASS/IMAGE.png)")
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise UserError(f"{root}: images of different shapes {sorted(shapes)[:3]}; resize them first")
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+
+
+def _read_folder(root: Path) -> dict[str, Split]:
+    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+    if {"train", "test"} <= subdirs:
+        train = _read_folder_split(root / "train")
+        return {"train": train, "test": _read_folder_split(root / "test", train.classes)}
+    return {"train": _read_folder_split(root)}
+
+
+# --- npz (generated sets) --------------------------------------------------------------------
+def read_npz(path: Path) -> Split:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "image" not in z or "label" not in z:
+                raise UserError(f"{path}: npz needs arrays 'image' and 'label', has {sorted(z.files)}")
+            images, labels = z["image"], z["label"]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"{path}: 'image' must be uint8 (N,H,W,C), got {images.dtype} {images.shape}")
+    labels = labels.astype(np.int64).reshape(-1)
+    n_classes = int(labels.max()) + 1 if len(labels) else 1
+    classes = CIFAR10_CLASSES if n_classes <= 10 and images.shape[-1] == 3 else [str(i) for i in range(n_classes)]
+    return Split(images, labels, classes)
+
+
+def _read_npz_source(root: Path) -> dict[str, Split]:
+    files = [root] if root.is_file() else sorted(root.glob("*.npz"))
+    if not files:
+        raise UserError(f"no .npz files in {root}")
+    parts = [read_npz(f) for f in files]
+    n_classes = max(len(p.classes) for p in parts)
+    classes = next(p.classes for p in parts if len(p.classes) == n_classes)
+    return {"train": Split(np.concatenate([p.images for p in parts]),
+                           np.concatenate([p.labels for p in parts]), classes)}
+
+
+_READERS = {SourceFormat.idx: _read_idx_dir, SourceFormat.cifar10: _read_cifar10,
+            SourceFormat.cifar100: _read_cifar100, SourceFormat.folder: _read_folder,
+            SourceFormat.npz: _read_npz_source}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,33 @@
+"""Stage `prepare`: a raw dataset -> webdataset shards per split, each with a fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import PrepareConfig
+from pipeline.errors import UserError
+from pipeline.shards import make_keys, write_split
+from pipeline.sources import Split, read_source
+
+
+def default_name(source: str) -> str:
+    stem = Path(source).name.split(".")[0].lower()
+    return "".join(c if c.isalnum() or c in "_-" else "-" for c in stem) or "data"
+
+
+def run(cfg: PrepareConfig) -> dict[str, dict]:
+    if cfg.limit < 0:
+        raise UserError(f"--limit must be >= 0, got {cfg.limit}")
+    splits = read_source(cfg.source, cfg.format)
+    name = cfg.name or default_name(cfg.source)
+    out = {}
+    for split, data in splits.items():
+        if cfg.limit:
+            data = Split(data.images[: cfg.limit], data.labels[: cfg.limit], data.classes)
+        keys = make_keys(name, split, len(data.labels))
+        fp = write_split(Path(cfg.out) / split, data, keys, shard_size=cfg.shard_size,
+                         source=str(cfg.source), extra={"split": split, "name": name})
+        print(f"{split}: {fp['count']} samples, shape {fp['image_shape']}, "
+              f"{fp['num_classes']} classes -> {Path(cfg.out) / split}")
+        out[split] = fp
+    return out
