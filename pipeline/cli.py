@@ -13,8 +13,9 @@ import importlib
 import inspect
 import sys
 import typing
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 
