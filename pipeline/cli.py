@@ -26,6 +26,10 @@ from pipeline.errors import UserError
 STAGES: dict[str, tuple[type, str, str]] = {
     "prepare": (C.PrepareConfig, "stages.prepare",
                 "Raw dataset (IDX, CIFAR pickles, image folder, npz) -> webdataset shards + fingerprint."),
+    "evaluate": (C.EvaluateConfig, "stages.evaluate",
+                 "Checkpoint + test shards -> clean, PGD and AutoAttack accuracy (JSON, with sanity checks)."),
+    "report": (C.ReportConfig, "stages.report",
+               "Evaluation and training results -> Markdown table + PNG plots comparing the variants."),
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

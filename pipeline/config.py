@@ -136,17 +136,31 @@ class TrainConfig:
 
 
 # --- evaluate ----------------------------------------------------------------------------------
+class AutoAttackVersion(str, Enum):
+    """Which AutoAttack runs (pipeline/robust.py documents the subsets)."""
+
+    standard = "standard"  # apgd-ce, apgd-t, fab-t, square: the reference evaluation
+    fast = "fast"  # apgd-ce (1 restart) + apgd-t (fast_targets classes): a cheaper CPU subset
+    none = "none"
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     checkpoint: str = "artifacts/train/default"
     shards: str = "artifacts/shards/real/test"
-    out: str = "artifacts/eval/default.json"
-    n: int = 1000
-    eps: float = 0.1
+    out: str = "artifacts/eval/default.json"  # the full result (attacks, checks, timings)
+    metrics: str = ""  # flat {clean, pgd, autoattack} JSON for `dvc metrics`; "": OUT with .metrics.json
+    name: str = ""  # variant label recorded in the result; "": the checkpoint folder's name
+    n: int = 1000  # the first N test images
+    eps: float = 0.1  # Linf budget (Fashion-MNIST convention; CIFAR: 8/255)
     pgd_steps: int = 20
     pgd_restarts: int = 2
-    autoattack: str = "fast"  # standard | fast (apgd-ce + apgd-t) | none
+    pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry et al.)
+    autoattack: AutoAttackVersion = AutoAttackVersion.fast
+    fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
+    check_n: int = 100  # images used by the model checks and the large-eps check
     batch_size: int = 250
+    device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
 
