@@ -1,0 +1,85 @@
+"""report: mean +- std over seeds, canonical variant order, plots, failed checks made visible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ReportConfig
+from pipeline.errors import UserError
+from pipeline.results import read_log
+from stages import report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _result(variant: str, seed: int, clean: float, pgd: float, aa: float, ckpt: Path, warnings=()) -> dict:
+    return {"variant": variant, "clean": clean, "pgd": pgd, "autoattack": aa, "n": 500,
+            "threat_model": "Linf", "eps": 0.1, "attacks": ["pgd-ce-20x2", "autoattack-fast:apgd-ce"],
+            "pgd_attack": {"steps": 20, "restarts": 2, "step_size": 0.0125},
+            "autoattack_version": "fast", "checks": {}, "warnings": list(warnings),
+            "checkpoint": str(ckpt), "train_config": {"seed": seed}, "train_metrics": {"train_seconds": 100 + seed}}
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    evals, train = tmp_path / "eval", tmp_path / "train"
+    evals.mkdir()
+    rows = [("DM-AT+DRA", 0, 0.80, 0.60, 0.58), ("AT", 0, 0.82, 0.50, 0.48), ("AT", 1, 0.84, 0.54, 0.52),
+            ("AT+DRA", 0, 0.83, 0.56, 0.55), ("DM-AT", 0, 0.81, 0.58, 0.57)]
+    for variant, seed, clean, pgd, aa in rows:
+        ckpt = train / f"{variant}-s{seed}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "log.tsv").write_text("epoch\tloss_at\tloss_dra\ttrain_acc\n1\t2.0\t0.9\t0.4\n2\t1.5\t0.7\t0.6\n")
+        warn = ["autoattack_le_pgd"] if variant == "DM-AT" else []
+        (evals / f"{variant}-s{seed}.json").write_text(json.dumps(_result(variant, seed, clean, pgd, aa, ckpt, warn)))
+        (evals / f"{variant}-s{seed}.metrics.json").write_text(json.dumps({"clean": clean, "pgd": pgd}))
+    (evals / "junk.json").write_text("{not json")
+    return tmp_path
+
+
+def test_report_table_plots_and_seeds(results, tmp_path):
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(PNG + b"0" * 16)
+    out = tmp_path / "report"
+    summary = report.run(ReportConfig(evals=str(results / "eval"), train=str(results / "train"),
+                                      grid=str(grid), out=str(out)))
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
+    at = rows[0].split("|")
+    assert at[2].strip() == "2"
+    assert at[3].strip() == "83.00 ± 1.41"  # mean and sample std of 82, 84
+    assert at[4].strip() == "52.00 ± 2.83" and at[5].strip() == "50.00 ± 2.83"
+    assert at[6].strip() == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
+    assert rows[1].split("|")[3].strip() == "83.00" and "ok" in rows[1]
+    assert "FAILED: autoattack_le_pgd" in rows[2]
+    assert "PGD-20x2" in md and "AutoAttack-fast" in md and "eps = 0.1" in md
+    for name in ("accuracy.png", "curves.png", "samples.png"):
+        assert (out / name).read_bytes()[:8] == PNG and f"({name})" in md
+    assert (out / "curves.png").stat().st_size > 5000
+    assert len(summary["AT"]) == 2 and summary["AT"][1]["train_seconds"] == 101
+    assert not (tmp_path / "report.tmp").exists()
+
+
+def test_report_without_logs_or_grid(results, tmp_path):
+    for log in (results / "train").rglob("log.tsv"):
+        log.unlink()
+    out = tmp_path / "r2"
+    report.run(ReportConfig(evals=str(results / "eval"), train="", grid=str(tmp_path / "none.png"), out=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "report.md", "summary.json"]
+
+
+def test_report_refuses_empty_folder(tmp_path):
+    with pytest.raises(UserError, match="no evaluation results"):
+        report.run(ReportConfig(evals=str(tmp_path), out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+
+
+def test_read_log_formats(tmp_path):
+    (tmp_path / "a.csv").write_text("step,loss,note\n1,0.5,x\n2,0.25,y\n")
+    (tmp_path / "b.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n{"epoch": 2, "acc": 0.75}\n')
+    assert read_log(tmp_path / "a.csv") == {"step": [1.0, 2.0], "loss": [0.5, 0.25]}
+    assert read_log(tmp_path / "b.jsonl") == {"epoch": [1.0, 2.0], "acc": [0.5, 0.75]}
