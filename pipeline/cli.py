@@ -26,6 +26,8 @@ from pipeline.errors import UserError
 STAGES: dict[str, tuple[type, str, str]] = {
     "prepare": (C.PrepareConfig, "stages.prepare",
                 "Raw dataset (IDX, CIFAR pickles, image folder, npz) -> webdataset shards + fingerprint."),
+    "extract": (C.ExtractConfig, "stages.extract",
+                "Shards + diffusion model -> sharded Zarr feature cache (K views per sample, resumable)."),
     "evaluate": (C.EvaluateConfig, "stages.evaluate",
                  "Checkpoint + test shards -> clean, PGD and AutoAttack accuracy (JSON, with sanity checks)."),
     "report": (C.ReportConfig, "stages.report",
@@ -107,6 +109,31 @@ def _make_command(cls: type, module: str) -> Callable[..., None]:
 
 for _name, (_cls, _module, _help) in STAGES.items():
     app.command(_name, help=_help)(_make_command(_cls, _module))
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature cache (path or fsspec URL).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def _cache_info(store: str) -> None:
+    """A readable summary: parts, N, K, D, chunks, shards, compressor, bytes, ratio, settings."""
+    from pipeline.cache import cache_info
+
+    print(cache_info(store))
+
+
+@cache_app.command("verify")
+def _cache_verify(store: str) -> None:
+    """Checksums of every shard file, completeness, shapes, NaN/Inf: one line per problem, exit 2."""
+    from pipeline.cache import verify_cache
+
+    problems = verify_cache(store)
+    for line in problems:
+        print(line)
+    if problems:
+        raise UserError(f"{store}: {len(problems)} problem(s)")
+    print(f"{store}: ok")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,420 @@
+"""The feature cache: a sharded Zarr v3 group, the contract between stage one and stage two.
+
+This is the only module that imports zarr. Layout::
+
+    STORE/zarr.json                 root attrs: model, t, layer, pooling, ..., checksums, "complete"
+    STORE/{train,synthetic,test}/   one group per part
+        features   (N, K, D) float16  chunks (rows_per_chunk, K, D), zarr shards of
+                                      rows_per_chunk*chunks_per_shard rows, compressed
+        keys (N,) str, labels (N,) int64, dx, dy (N, K) int8, flip (N, K) uint8,
+        noise_seed (N, K) int64, mean, std (D,) float32
+        progress   (n_shards, 32) uint8: sha256 of each written feature shard (resume record)
+
+Invariants: a feature shard is written by exactly one ``arr[a:b] = block`` (different
+processes write different shards, never the same file); its sha256 goes into ``progress``
+afterwards, one chunk per shard (so writers never share a file either). ``complete: true`` is the
+last attribute written, and ``open_cache`` refuses a store without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from pipeline.errors import UserError
+
+FORMAT = "dra-feature-cache/1"
+PARTS = ("train", "synthetic", "test")
+NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
+# measured on real Fashion-MNIST mid_block features (see README): blosc-zstd compresses float16
+# best at the same speed class; lz4 is the fast alternative for object stores close to the GPU.
+COMPRESSORS: dict[str, Any] = {
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=2),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2),
+    "zstd": lambda: ZstdCodec(level=5),
+}
+SMALL_ARRAYS = ("keys", "labels", "dx", "dy", "flip", "noise_seed")
+
+
+@dataclass
+class PartInit:
+    """Everything about a part that is known before any feature is computed."""
+
+    keys: list[str]
+    labels: np.ndarray
+    views: dict[str, np.ndarray]  # dx, dy, flip (N, K)
+    noise_seed: np.ndarray  # (N, K) int64
+    d: int
+    attrs: dict = field(default_factory=dict)  # shards path, fingerprint, ...
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    @property
+    def k(self) -> int:
+        return int(self.noise_seed.shape[1])
+
+
+def _raw(store: Any, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _sha(data: bytes | None) -> str:
+    return "" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(url, mode=mode, zarr_format=3)
+    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as exc:
+        raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
+
+
+def _data_keys(arr: zarr.Array) -> list[str]:
+    """Store keys of every chunk/shard file of an array, in grid order."""
+    grid = [-(-s // c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
+    keys = []
+    for idx in np.ndindex(*grid):
+        keys.append(f"{arr.path}/{arr.metadata.encode_chunk_key(idx)}")
+    return keys
+
+
+class CacheWriter:
+    """Creates a store (or reopens one for resume), writes shards, finalises.
+
+    ``plan`` is every root attribute known up front; a store on disk is resumed only if it
+    records the same plan, so a re-run can never mix two configurations in one store.
+    """
+
+    def __init__(self, url: str, group: zarr.Group, rows_per_shard: int) -> None:
+        self.url, self.group, self.rows_per_shard = url, group, rows_per_shard
+
+    # -- creation / resume ----------------------------------------------------------------------
+    @classmethod
+    def open_or_create(cls, url: str, *, plan: dict, parts: dict[str, PartInit], rows_per_chunk: int,
+                       chunks_per_shard: int, compressor: str, create: bool = True) -> CacheWriter:
+        """Resume a store with the same plan, or create it (only where ``create``: rank 0)."""
+        if compressor not in COMPRESSORS:
+            raise UserError(f"unknown compressor {compressor!r}; choose one of {sorted(COMPRESSORS)}")
+        plan = json.loads(json.dumps(plan))  # the JSON form, as it would read back
+        try:
+            group = zarr.open_group(url, mode="r+", zarr_format=3)
+            old = dict(group.attrs)
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+            group, old = None, {}
+        if group is not None and old.get("created"):
+            if any(old.get(k) != v for k, v in plan.items()):
+                raise UserError(f"{url} already holds a cache made with other settings; "
+                                "delete it or choose another --out")
+            return cls(url, group, rows_per_chunk * chunks_per_shard)
+        if not create:
+            raise RuntimeError(f"{url}: store not created by rank 0")
+        if group is not None and old.get("format") != FORMAT and len(list(group.keys())):
+            raise UserError(f"{url} exists and is not a feature cache; refusing to overwrite it")
+        group = zarr.open_group(url, mode="w", zarr_format=3)
+        writer = cls(url, group, rows_per_chunk * chunks_per_shard)
+        for name, p in parts.items():
+            writer._create_part(name, p, rows_per_chunk, compressor)
+        group.attrs.update({"format": FORMAT, **plan, "created": True})
+        return writer
+
+    def _create_part(self, name: str, p: PartInit, rows_per_chunk: int, compressor: str) -> None:
+        g = self.group.create_group(name)
+        n, k, d, rps = p.n, p.k, p.d, self.rows_per_shard
+        g.create_array("features", shape=(n, k, d), dtype="float16", chunks=(min(rows_per_chunk, n), k, d),
+                       shards=(min(rps, n), k, d), compressors=COMPRESSORS[compressor](), fill_value=0,
+                       config={"write_empty_chunks": True})
+        small = {"keys": np.asarray(p.keys, dtype=str), "labels": np.asarray(p.labels, np.int64),
+                 "dx": p.views["dx"].astype(np.int8), "dy": p.views["dy"].astype(np.int8),
+                 "flip": p.views["flip"].astype(np.uint8), "noise_seed": p.noise_seed.astype(np.int64)}
+        for key, value in small.items():
+            arr = g.create_array(key, shape=value.shape, dtype=value.dtype if key != "keys" else str,
+                                 chunks=value.shape, config={"write_empty_chunks": True})
+            arr[...] = value
+        for key in ("mean", "std"):
+            g.create_array(key, shape=(d,), dtype="float32", chunks=(d,), compressors=None,
+                           config={"write_empty_chunks": True})
+        n_shards = -(-n // rps)
+        g.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
+                       fill_value=0, config={"write_empty_chunks": True})
+        g.attrs.update({**p.attrs, "n": n, "k": k, "d": d, "rows_per_chunk": min(rows_per_chunk, n),
+                        "rows_per_shard": min(rps, n), "n_shards": n_shards, "compressor": compressor})
+
+    # -- shards -----------------------------------------------------------------------------------
+    def n_shards(self, part: str) -> int:
+        return int(self.group[part].attrs["n_shards"])
+
+    def shard_rows(self, part: str, s: int) -> tuple[int, int]:
+        rps = int(self.group[part].attrs["rows_per_shard"])
+        return s * rps, min((s + 1) * rps, int(self.group[part].attrs["n"]))
+
+    def _shard_sha(self, part: str, s: int) -> str:
+        arr = self.group[part]["features"]
+        return _sha(_raw(arr.store, _data_keys(arr)[s]))
+
+    def missing_shards(self, part: str) -> list[int]:
+        """Shards not yet written, or whose file no longer matches its recorded checksum."""
+        recorded = self.group[part]["progress"][...]
+        todo = []
+        for s in range(self.n_shards(part)):
+            want = bytes(recorded[s]).hex()
+            if not recorded[s].any() or self._shard_sha(part, s) != want:
+                todo.append(s)
+        return todo
+
+    def write_shard(self, part: str, s: int, block: np.ndarray) -> None:
+        """One assignment covering exactly zarr shard ``s``, then its checksum into ``progress``."""
+        a, b = self.shard_rows(part, s)
+        if block.shape[0] != b - a:
+            raise ValueError(f"shard {s} of {part} needs {b - a} rows, got {block.shape[0]}")
+        g = self.group[part]
+        g["features"][a:b] = block.astype(np.float16)
+        digest = bytes.fromhex(self._shard_sha(part, s))
+        g["progress"][s] = np.frombuffer(digest, dtype=np.uint8)
+
+    # -- finalisation -----------------------------------------------------------------------------
+    def finalize_part(self, part: str) -> None:
+        """Per-dimension mean/std over all views of the part, from the stored float16 values."""
+        g = self.group[part]
+        feats = g["features"]
+        d = feats.shape[2]
+        s1, s2, count = np.zeros(d), np.zeros(d), 0
+        for s in range(self.n_shards(part)):
+            a, b = self.shard_rows(part, s)
+            x = feats[a:b].astype(np.float64).reshape(-1, d)
+            s1 += x.sum(0)
+            s2 += (x * x).sum(0)
+            count += x.shape[0]
+        mean = s1 / count
+        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+        g["mean"][...] = mean.astype(np.float32)
+        g["std"][...] = std.astype(np.float32)
+
+    def finalize(self, extra: dict) -> None:
+        """Record every data file's checksum, then the "complete" marker, last."""
+        sums = {}
+        for part in self.group.group_keys():
+            for name in ("features", *SMALL_ARRAYS, "mean", "std"):
+                arr = self.group[part][name]
+                for key in _data_keys(arr):
+                    sums[key] = _sha(_raw(arr.store, key))
+        attrs = dict(self.group.attrs)
+        attrs.update({**extra, "checksums": dict(sorted(sums.items()))})
+        self.group.attrs.update(attrs)
+        self.group.attrs.update({"complete": True})
+
+    def read_identity(self, part: str) -> np.ndarray:
+        """(N, D) float16 features of view 0 (for the probe)."""
+        return self.group[part]["features"][:, 0, :]
+
+
+# -- reading -------------------------------------------------------------------------------------
+class CachePart:
+    """One part of a cache: metadata arrays in memory, features read on demand."""
+
+    def __init__(self, group: zarr.Group, name: str) -> None:
+        self.name, self._g = name, group
+        self._features = group["features"]
+        a = dict(group.attrs)
+        self.attrs = a
+        self.n, self.k, self.d = self._features.shape
+        self.rows_per_chunk = int(a["rows_per_chunk"])
+        self.shards = a.get("shards", "")
+        self.fingerprint = a.get("fingerprint", {})
+        self.keys: list[str] = [str(k) for k in group["keys"][...]]
+        self.labels = group["labels"][...]
+        self.views = {k: group[k][...] for k in ("dx", "dy", "flip")}
+        self.noise_seed = group["noise_seed"][...]
+        self.mean = group["mean"][...]
+        self.std = group["std"][...]
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.rows_per_chunk)
+
+    def read_chunk(self, c: int) -> np.ndarray:
+        """(rows_c, K, D) float16: one chunk, the streaming reader's unit of I/O."""
+        a = c * self.rows_per_chunk
+        return self._features[a:min(a + self.rows_per_chunk, self.n)]
+
+    def read(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """(B, D) float16: features[rows[i], views[i]] (one orthogonal read of the unique rows)."""
+        rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+        if rows.shape != views.shape:
+            raise ValueError("rows and views must have the same length")
+        if len(rows) == 0:
+            return np.zeros((0, self.d), np.float16)
+        urows, inverse = np.unique(rows, return_inverse=True)
+        block = self._features.oindex[urows, :, :]
+        return block[inverse, views]
+
+
+class FeatureCache:
+    """An opened, complete cache. ``attrs`` is the root attribute dict."""
+
+    def __init__(self, url: str, group: zarr.Group) -> None:
+        self.url, self._g = url, group
+        self.attrs: dict = dict(group.attrs)
+        self.parts: list[str] = [p for p in PARTS if p in group.group_keys()]
+        self._parts: dict[str, CachePart] = {}
+
+    def part(self, name: str) -> CachePart:
+        if name not in self.parts:
+            raise UserError(f"{self.url}: no part {name!r} (has {', '.join(self.parts)})")
+        if name not in self._parts:
+            self._parts[name] = CachePart(self._g[name], name)
+        return self._parts[name]
+
+    def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
+                      image_size: int | None = None) -> None:
+        """Refuse (UserError) a cache that does not belong to these images and this training setup."""
+        part = self.part(part_name)
+        fp, theirs = part.fingerprint, shardset.fingerprint
+        where = f"{self.url} [{part_name}] vs {shardset.path}"
+        if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count"):
+            raise UserError(f"{where}: the cache was built from other data (fingerprint differs)")
+        if list(shardset.keys[:part.n]) != part.keys:
+            raise UserError(f"{where}: sample keys differ from the cache's keys")
+        shape = list(shardset.images.shape[1:])
+        if shape != list(fp.get("image_shape", [])):
+            raise UserError(f"{where}: image shape {shape} differs from the cache's {fp.get('image_shape')}")
+        if image_size is not None and int(image_size) != int(self.attrs["image_size"]):
+            raise UserError(f"{where}: image size {image_size} differs from the cache's {self.attrs['image_size']}")
+        if self.attrs.get("normalisation") != NORMALISATION:
+            raise UserError(f"{self.url}: unknown normalisation {self.attrs.get('normalisation')!r}")
+        if view_spec is not None and dict(view_spec) != dict(self.attrs["view_spec"]):
+            raise UserError(f"{where}: augmentation spec {view_spec} differs from the cache's "
+                            f"{self.attrs['view_spec']}")
+
+
+def open_cache(url: str) -> FeatureCache:
+    """Open a complete cache for reading; refuses unfinished or foreign stores."""
+    group = _open_group(str(url), "r")
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{url}: not a feature cache of format {FORMAT}")
+    if attrs.get("complete") is not True:
+        raise UserError(f"{url}: incomplete cache (no \"complete\" marker); re-run extract to finish it")
+    return FeatureCache(str(url), group)
+
+
+# -- verify and info -----------------------------------------------------------------------------
+def _check_shapes(name: str, g: zarr.Group) -> list[str]:
+    problems = []
+    try:
+        n, k, d = g["features"].shape
+        want = {"keys": (n,), "labels": (n,), "dx": (n, k), "dy": (n, k), "flip": (n, k),
+                "noise_seed": (n, k), "mean": (d,), "std": (d,)}
+        for key, shape in want.items():
+            if key not in g.array_keys():
+                problems.append(f"{name}/{key}: missing array")
+            elif tuple(g[key].shape) != shape:
+                problems.append(f"{name}/{key}: shape {tuple(g[key].shape)}, expected {shape}")
+        a = g.attrs
+        if (a.get("n"), a.get("k"), a.get("d")) != (n, k, d):
+            problems.append(f"{name}: attrs say N,K,D = {a.get('n')},{a.get('k')},{a.get('d')}, "
+                            f"features are {n},{k},{d}")
+    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
+        problems.append(f"{name}: unreadable part ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def _scan_finite(name: str, g: zarr.Group) -> list[str]:
+    """Non-finite values in features (shard by shard) and in mean/std."""
+    problems = []
+    feats = g["features"]
+    rps = (feats.shards or feats.chunks)[0]
+    keys = _data_keys(feats)
+    for s, a in enumerate(range(0, feats.shape[0], rps)):
+        try:
+            x = feats[a:a + rps]
+        except Exception as exc:  # a corrupted shard fails in the codec, whatever its type
+            problems.append(f"{keys[s]}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])[:5] + a
+            problems.append(f"{keys[s]}: {int(bad.sum())} NaN/Inf values (rows {', '.join(map(str, rows))}...)")
+    for key in ("mean", "std"):
+        try:
+            if not np.isfinite(g[key][...]).all():
+                problems.append(f"{name}/{key}: NaN/Inf values")
+        except Exception as exc:
+            problems.append(f"{name}/{key}: unreadable ({type(exc).__name__})")
+    return problems
+
+
+def verify_cache(url: str) -> list[str]:
+    """Every problem of a store, one line each: completeness, checksums, shapes, NaN/Inf."""
+    try:
+        group = _open_group(str(url), "r")
+    except UserError as exc:
+        return [str(exc)]
+    attrs = dict(group.attrs)
+    problems = []
+    if attrs.get("format") != FORMAT:
+        problems.append(f"not a feature cache of format {FORMAT} (format: {attrs.get('format')!r})")
+    if attrs.get("complete") is not True:
+        problems.append("incomplete: no \"complete\" marker (extract did not finish)")
+    for key, want in attrs.get("checksums", {}).items():
+        got = _sha(_raw(group.store, key))
+        if not got:
+            problems.append(f"{key}: missing file")
+        elif got != want:
+            problems.append(f"{key}: checksum mismatch (corrupted or truncated)")
+    for name in [p for p in PARTS if p in group.group_keys()]:
+        shape_problems = _check_shapes(name, group[name])
+        problems += shape_problems or _scan_finite(name, group[name])
+    if not any(p in group.group_keys() for p in PARTS):
+        problems.append("no parts (train, synthetic, test) in the store")
+    return problems
+
+
+def _size(store: Any, key: str) -> int:
+    try:
+        return int(sync(store.getsize(key)))
+    except FileNotFoundError:
+        return 0
+
+
+def cache_info(url: str) -> str:
+    """A readable summary of a store (complete or not)."""
+    group = _open_group(str(url), "r")
+    a = dict(group.attrs)
+    model = a.get("model", {})
+    lines = [f"store:      {url}",
+             f"complete:   {a.get('complete', False)}",
+             f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)",
+             f"extraction: t={a.get('t')} layer={a.get('layer')} pooling={a.get('pooling')} "
+             f"draws={a.get('draws')} condition={a.get('condition')} seed={a.get('seed')}",
+             f"images:     {a.get('image_size')} px, {a.get('in_channels')} channel(s), "
+             f"normalisation {a.get('normalisation')}, views {a.get('view_spec')}"]
+    if "probe" in a:
+        lines.append(f"probe:      linear-probe accuracy {a['probe'].get('probe_accuracy')}")
+    total = 0
+    for name in [p for p in PARTS if p in group.group_keys()]:
+        g = group[name]
+        f = g["features"]
+        disk = sum(_size(group.store, k) for k in _data_keys(f))
+        other = sum(_size(group.store, k) for arr in (g[x] for x in (*SMALL_ARRAYS, "mean", "std"))
+                    for k in _data_keys(arr))
+        total += disk + other
+        raw = int(np.prod(f.shape)) * f.dtype.itemsize
+        n, k, d = f.shape
+        done = int((g["progress"][...].any(axis=1)).sum()) if "progress" in g.array_keys() else 0
+        lines.append(f"part {name:9s} N={n} K={k} D={d} {f.dtype} chunks={f.chunks} shards={f.shards} "
+                     f"({done}/{g.attrs.get('n_shards')} written) compressor={g.attrs.get('compressor')}")
+        lines.append(f"               features {disk / 2**20:.2f} MiB on disk, ratio {raw / max(disk, 1):.2f}x, "
+                     f"{disk / max(n * k, 1):.1f} B/view; other arrays {other / 2**20:.2f} MiB")
+    lines.append(f"total:      {total / 2**20:.2f} MiB of data files")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Linear probe: how much class information a cache's features carry, as one accuracy.
+
+A team receiving a cache can judge it without training anything expensive: multinomial
+logistic regression on the standardised identity-view train features, accuracy on the test
+features. Full-batch L-BFGS on CPU, deterministic (no sampling anywhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                 steps: int = 100, weight_decay: float = 1e-4) -> float:
+    """Fit on (train_x, train_y), return accuracy on (test_x, test_y). x: (N, D), y: (N,) ints."""
+    xtr = torch.as_tensor(np.asarray(train_x, np.float32))
+    xte = torch.as_tensor(np.asarray(test_x, np.float32))
+    ytr = torch.as_tensor(np.asarray(train_y, np.int64))
+    yte = torch.as_tensor(np.asarray(test_y, np.int64))
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    classes = int(max(ytr.max(), yte.max())) + 1
+    w = torch.zeros((xtr.shape[1], classes), requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, ytr) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xte @ w + b).argmax(1) == yte).float().mean())

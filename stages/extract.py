@@ -1,0 +1,185 @@
+"""Stage one, `extract`: the diffusion model runs once over every (sample, view) -> feats.zarr.
+
+Recipe: validate everything (model, t, layer, shards) -> sample and record K views and a noise
+seed per (sample, view) for each part -> for every zarr shard not yet written (and checked),
+compute its rows and write it in one assignment, in a background thread while the next shard
+computes -> per-dimension mean/std -> linear probe -> checksums -> "complete".
+
+Under ``accelerate launch`` each process owns the shards s with s % world == rank; rank 0
+creates the store before and finalises it after a barrier, so the store equals a
+single-process one byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import pipeline
+from pipeline.cache import NORMALISATION, CacheWriter, PartInit
+from pipeline.config import ExtractConfig
+from pipeline.errors import UserError
+from pipeline.features import FeatureExtractor
+from pipeline.probe import linear_probe
+from pipeline.shards import FINGERPRINT, ShardSet, read_fingerprint, read_split
+from pipeline.views import apply_views, sample_views
+
+PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
+
+
+class _Dist:
+    """Rank, world size and barrier: accelerate's process group when launched with >1 process."""
+
+    def __init__(self) -> None:
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState  # lazy: single-process runs do not need it
+
+            self.state = PartialState()
+        self.rank = self.state.process_index if self.state else 0
+        self.world = self.state.num_processes if self.state else 1
+        self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def barrier(self) -> None:
+        if self.state:
+            self.state.wait_for_everyone()
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """Sizes and counts: refused before anything is loaded."""
+    for name in ("views", "views_synthetic", "draws", "batch_size", "rows_per_chunk", "chunks_per_shard"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit < 0:
+        raise UserError(f"--limit must be >= 0, got {cfg.limit}")
+    if cfg.view.pad < 0:
+        raise UserError(f"--view-pad must be >= 0, got {cfg.view.pad}")
+    if not cfg.out:
+        raise UserError("--out is empty")
+
+
+def split_dirs(cfg: ExtractConfig) -> dict[str, Path]:
+    """Part name -> shard folder; checks each has a fingerprint (a complete shard set)."""
+    dirs = {"train": Path(cfg.real) / "train", "test": Path(cfg.real) / "test"}
+    if cfg.synthetic:
+        syn = Path(cfg.synthetic)
+        dirs["synthetic"] = syn if (syn / FINGERPRINT).is_file() else syn / "train"
+    for d in dirs.values():
+        read_fingerprint(d)
+    return {p: dirs[p] for p in PART_IDS if p in dirs}
+
+
+def part_init(name: str, ss: ShardSet, k: int, d: int, cfg: ExtractConfig) -> PartInit:
+    """Views and noise seeds of one part, from generators seeded with (seed, part)."""
+    n = len(ss.keys)
+    view_seed = int(np.random.SeedSequence([cfg.seed, PART_IDS[name]]).generate_state(1)[0])
+    views = sample_views(n, k, cfg.view, view_seed)
+    rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
+    noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
+    fp = ss.fingerprint
+    attrs = {"shards": ss.path, "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
+                                                 "image_shape": fp["image_shape"],
+                                                 "num_classes": fp.get("num_classes")},
+             "view_seed": view_seed}
+    return PartInit(ss.keys, ss.labels, views, noise_seed, d, attrs)
+
+
+def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
+                 pad: int, batch_size: int, bar: tqdm) -> np.ndarray:
+    """(b-a, K, D) float16 features of rows a..b, batched over the flattened (row, view) pairs."""
+    k = init.k
+    out = np.empty((b - a, k, init.d), np.float16)
+    flat = np.arange(a * k, b * k)
+    dev = extractor.device
+    for i in range(0, len(flat), batch_size):
+        f = flat[i:i + batch_size]
+        rows, views = f // k, f % k
+        x = torch.from_numpy(images[rows]).to(dev).permute(0, 3, 1, 2).float().div_(255)
+        x = apply_views(x, *(torch.from_numpy(init.views[n][rows, views]) for n in ("dx", "dy", "flip")), pad)
+        seeds = torch.from_numpy(init.noise_seed[rows, views])
+        labels = torch.from_numpy(init.labels[rows])
+        out[rows - a, views] = extractor(x, seeds, labels).cpu().numpy().astype(np.float16)
+        bar.update(len(f))
+    return out
+
+
+def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
+    acc = linear_probe(writer.read_identity("train"), inits["train"].labels,
+                       writer.read_identity("test"), inits["test"].labels)
+    probe = {"probe_accuracy": round(acc, 6), "t": cfg.t, "layer": cfg.layer,
+             "n_train": inits["train"].n, "n_test": inits["test"].n}
+    if "://" not in cfg.out:  # a metrics file next to a local store (DVC metric)
+        path = Path(cfg.out).resolve().parent / "probe.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(probe, indent=2) + "\n")
+        tmp.rename(path)
+    return probe
+
+
+def run(cfg: ExtractConfig) -> dict:
+    from pipeline.diffusion import load_model  # the stage's one heavy import
+
+    check_config(cfg)
+    dist = _Dist()
+    dirs = split_dirs(cfg)
+    model = load_model(cfg.model, device=str(dist.device))
+    extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,
+                                 condition=cfg.condition)
+    want_shape = [model.image_size, model.image_size, model.in_channels]
+    for path in dirs.values():
+        shape = read_fingerprint(path)["image_shape"]
+        if shape != want_shape:
+            raise UserError(f"{path}: images {shape} but the model takes {want_shape}")
+    d = extractor.feature_dim(model.image_size, model.in_channels)
+    ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": 1}
+    inits, images = {}, {}
+    for name, path in dirs.items():
+        ss = read_split(path, limit=cfg.limit)
+        inits[name], images[name] = part_init(name, ss, ks[name], d, cfg), ss.images
+    plan = {"model": {"source": str(cfg.model), "weights_sha256": model.weights_sha256,
+                      "num_classes": model.num_classes, "null_class": model.null_class},
+            **extractor.settings(), "image_size": model.image_size, "in_channels": model.in_channels,
+            "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
+            "code_version": pipeline.__version__, "compressor": cfg.compressor,
+            "parts": {n: {"n": p.n, "k": p.k, "d": d} for n, p in inits.items()}}
+    open_args = dict(plan=plan, parts=inits, rows_per_chunk=cfg.rows_per_chunk,
+                     chunks_per_shard=cfg.chunks_per_shard, compressor=cfg.compressor)
+    writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None
+    dist.barrier()
+    writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
+    todo = {n: [s for s in writer.missing_shards(n) if s % dist.world == dist.rank] for n in inits}
+    total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
+                for n, ss in todo.items() for s in ss)
+    bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="view", mininterval=2,
+               disable=dist.rank != 0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future | None = None
+        for name, shards in todo.items():
+            for s in shards:
+                a, b = writer.shard_rows(name, s)
+                block = compute_rows(extractor, images[name], inits[name], a, b, cfg.view.pad,
+                                     cfg.batch_size, bar)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight; re-raises write errors
+                pending = pool.submit(writer.write_shard, name, s, block)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    dist.barrier()
+    result = {"out": cfg.out, "written": {n: len(s) for n, s in todo.items()}}
+    if dist.rank == 0:
+        for name in inits:
+            writer.finalize_part(name)
+        probe = write_probe(cfg, writer, inits)
+        writer.finalize({"probe": probe})
+        result["probe"] = probe
+        print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}x{d}' for n, p in inits.items())}; "
+              f"linear probe {probe['probe_accuracy']:.4f}")
+    dist.barrier()
+    return result
