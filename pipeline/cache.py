@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,9 +74,22 @@ def _sha(data: bytes | None) -> str:
     return "" if data is None else hashlib.sha256(data).hexdigest()
 
 
+def _location(url: str) -> str:
+    """file:// URLs become plain paths (zarr's LocalStore creates folders and writes atomically)."""
+    return url[len("file://"):] if str(url).startswith("file://") else str(url)
+
+
+def _foreign_folder(url: str, group: zarr.Group | None) -> bool:
+    """A local path that exists, is not a zarr group and is not empty: never overwrite it."""
+    path = Path(_location(url))
+    if "://" in _location(url) or group is not None or not path.exists():
+        return False
+    return not path.is_dir() or any(path.iterdir())
+
+
 def _open_group(url: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(url, mode=mode, zarr_format=3)
+        return zarr.open_group(_location(url), mode=mode, zarr_format=3)
     except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as exc:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
 
@@ -108,7 +122,7 @@ class CacheWriter:
             raise UserError(f"unknown compressor {compressor!r}; choose one of {sorted(COMPRESSORS)}")
         plan = json.loads(json.dumps(plan))  # the JSON form, as it would read back
         try:
-            group = zarr.open_group(url, mode="r+", zarr_format=3)
+            group = zarr.open_group(_location(url), mode="r+", zarr_format=3)
             old = dict(group.attrs)
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
             group, old = None, {}
@@ -119,13 +133,14 @@ class CacheWriter:
             return cls(url, group, rows_per_chunk * chunks_per_shard)
         if not create:
             raise RuntimeError(f"{url}: store not created by rank 0")
-        if group is not None and old.get("format") != FORMAT and len(list(group.keys())):
+        if (group is not None and old.get("format") != FORMAT) or _foreign_folder(url, group):
             raise UserError(f"{url} exists and is not a feature cache; refusing to overwrite it")
-        group = zarr.open_group(url, mode="w", zarr_format=3)
+        # the format goes in first: a store killed while being created is recognised and redone
+        group = zarr.open_group(_location(url), mode="w", zarr_format=3, attributes={"format": FORMAT})
         writer = cls(url, group, rows_per_chunk * chunks_per_shard)
         for name, p in parts.items():
             writer._create_part(name, p, rows_per_chunk, compressor)
-        group.attrs.update({"format": FORMAT, **plan, "created": True})
+        group.attrs.update({**plan, "created": True})
         return writer
 
     def _create_part(self, name: str, p: PartInit, rows_per_chunk: int, compressor: str) -> None:

@@ -1,0 +1,196 @@
+"""The Zarr feature store on its own: round trip, resume record, refusal, verify, URLs, bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheWriter, PartInit, cache_info, open_cache, verify_cache
+from pipeline.config import ViewSpec
+from pipeline.errors import UserError
+from pipeline.shards import read_split
+from pipeline.views import sample_views
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def real(fmnist_shards):
+    return {"train": read_split(fmnist_shards / "train", limit=200),
+            "test": read_split(fmnist_shards / "test", limit=64)}
+
+
+def _init(ss, k: int, seed: int) -> PartInit:
+    n = len(ss.keys)
+    views = sample_views(n, k, ViewSpec(), seed)
+    seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
+    fp = ss.fingerprint
+    return PartInit(ss.keys, ss.labels, views, seeds, D,
+                    {"shards": ss.path, "fingerprint": {k: fp[k] for k in ("content_hash", "count", "image_shape")}})
+
+
+def _features(init: PartInit, seed: int) -> np.ndarray:
+    """Deterministic stand-in features: label-dependent, so the values are not all alike."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(10, D))[init.labels]
+    return (base[:, None, :] + 0.3 * rng.normal(size=(init.n, init.k, D))).astype(np.float16)
+
+
+PLAN = {"t": 100, "layer": "mid_block", "image_size": 28, "normalisation": "x*2-1",
+        "view_spec": ViewSpec().to_dict()}
+
+
+def write_store(url: str, real, *, stop_after: int | None = None, finalize: bool = True,
+                nan_row: int | None = None) -> tuple[CacheWriter, dict]:
+    inits = {"train": _init(real["train"], 3, 1), "test": _init(real["test"], 1, 2)}
+    feats = {n: _features(p, i) for i, (n, p) in enumerate(inits.items())}
+    if nan_row is not None:
+        feats["train"][nan_row, 1, 3] = np.nan
+    w = CacheWriter.open_or_create(url, plan=PLAN, parts=inits, rows_per_chunk=16, chunks_per_shard=2,
+                                   compressor="blosc-zstd")
+    done = 0
+    for name in inits:
+        for s in w.missing_shards(name):
+            if stop_after is not None and done >= stop_after:
+                return w, feats
+            a, b = w.shard_rows(name, s)
+            w.write_shard(name, s, feats[name][a:b])
+            done += 1
+    if finalize:
+        for name in inits:
+            w.finalize_part(name)
+        w.finalize({"probe": {"probe_accuracy": 0.5}})
+    return w, feats
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_and_stats(tmp_path, real):
+    url = str(tmp_path / "c.zarr")
+    _, feats = write_store(url, real)
+    cache = open_cache(url)
+    assert cache.parts == ["train", "test"] and cache.attrs["t"] == 100 and cache.attrs["complete"] is True
+    part = cache.part("train")
+    assert (part.n, part.k, part.d) == (200, 3, D) and part.keys == real["train"].keys
+    np.testing.assert_array_equal(part.labels, real["train"].labels)
+    rows, views = np.array([5, 199, 5, 0, 37]), np.array([2, 0, 1, 1, 2])
+    np.testing.assert_array_equal(part.read(rows, views), feats["train"][rows, views])
+    assert part.n_chunks == 13
+    np.testing.assert_array_equal(part.read_chunk(12), feats["train"][192:200])
+    flat = feats["train"].astype(np.float64).reshape(-1, D)
+    np.testing.assert_allclose(part.mean, flat.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part.std, flat.std(0), rtol=1e-4)
+    assert part.mean.dtype == np.float32 and part.views["flip"].dtype == np.uint8
+    assert verify_cache(url) == []
+    assert "N=200 K=3 D=16" in cache_info(url) and "blosc-zstd" in cache_info(url)
+
+
+def test_progress_record_drives_resume(tmp_path, real):
+    url = str(tmp_path / "c.zarr")
+    w, _ = write_store(url, real, stop_after=3, finalize=False)
+    assert w.missing_shards("train") == [3, 4, 5, 6]
+    with pytest.raises(UserError, match="incomplete"):
+        open_cache(url)
+    shard = tmp_path / "c.zarr" / "train" / "features" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    w2 = CacheWriter.open_or_create(url, plan=PLAN, parts={}, rows_per_chunk=16, chunks_per_shard=2,
+                                    compressor="blosc-zstd")
+    assert w2.missing_shards("train") == [1, 3, 4, 5, 6]  # the damaged shard is redone
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, real):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    write_store(str(a), real)
+    write_store(str(b), real, stop_after=4, finalize=False)
+    write_store(str(b), real)
+    assert tree_bytes(a) == tree_bytes(b)  # every file, metadata included: no timestamps
+
+
+def test_other_settings_refused(tmp_path, real):
+    url = str(tmp_path / "c.zarr")
+    write_store(url, real, stop_after=1, finalize=False)
+    with pytest.raises(UserError, match="other settings"):
+        CacheWriter.open_or_create(url, plan={**PLAN, "t": 10}, parts={}, rows_per_chunk=16,
+                                   chunks_per_shard=2, compressor="blosc-zstd")
+    folder = tmp_path / "not-a-store"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a feature cache"):
+        write_store(str(folder), real)
+    assert (folder / "precious.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="not a readable feature cache"):
+        open_cache(str(tmp_path / "missing.zarr"))
+
+
+def _only(problems: list[str], needle: str) -> None:
+    assert problems and all(needle in p for p in problems), problems
+
+
+def test_verify_names_each_problem(tmp_path, real):
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    shard = url / "train" / "features" / "c" / "2" / "0" / "0"
+    original = shard.read_bytes()
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    shard.write_bytes(bytes(flipped))
+    problems = verify_cache(str(url))
+    assert any("train/features/c/2/0/0: checksum mismatch" in p for p in problems), problems
+
+    shard.write_bytes(original[: len(original) // 2])
+    problems = verify_cache(str(url))
+    assert any("train/features/c/2/0/0: checksum mismatch" in p for p in problems), problems
+    assert any("train/features/c/2/0/0: unreadable" in p for p in problems), problems
+
+    shard.unlink()
+    assert any("train/features/c/2/0/0: missing file" in p for p in verify_cache(str(url)))
+    shard.write_bytes(original)
+    assert verify_cache(str(url)) == []
+
+    meta = url / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["complete"]
+    meta.write_text(json.dumps(doc))
+    _only(verify_cache(str(url)), "incomplete")
+    with pytest.raises(UserError, match="incomplete"):
+        open_cache(str(url))
+
+
+def test_verify_finds_nan(tmp_path, real):
+    url = str(tmp_path / "c.zarr")
+    write_store(url, real, nan_row=37)
+    problems = verify_cache(url)
+    assert any("train/features/c/1/0/0: 1 NaN/Inf values (rows 37" in p for p in problems), problems
+    assert any("train/mean: NaN/Inf" in p for p in problems)
+
+
+def test_check_against(tmp_path, real, fmnist_shards):
+    url = str(tmp_path / "c.zarr")
+    write_store(url, real)
+    cache = open_cache(url)
+    cache.check_against("train", real["train"], view_spec=ViewSpec().to_dict(), image_size=28)
+    with pytest.raises(UserError, match="other data"):
+        cache.check_against("train", real["test"])
+    with pytest.raises(UserError, match="augmentation spec"):
+        cache.check_against("train", real["train"], view_spec=ViewSpec(pad=4).to_dict())
+    with pytest.raises(UserError, match="image size"):
+        cache.check_against("train", real["train"], image_size=32)
+    with pytest.raises(UserError, match="no part 'synthetic'"):
+        cache.part("synthetic")
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_urls(tmp_path, real, scheme):
+    url = f"memory://{tmp_path.name}/c.zarr" if scheme == "memory" else f"file://{tmp_path}/c.zarr"
+    _, feats = write_store(url, real)
+    part = open_cache(url).part("test")
+    np.testing.assert_array_equal(part.read(np.arange(64), np.zeros(64, int)), feats["test"][:, 0])
+    assert verify_cache(url) == []
