@@ -159,6 +159,7 @@ class EvaluateConfig:
     pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry et al.)
     autoattack: AutoAttackVersion = AutoAttackVersion.fast
     fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
+    fast_iters: int = 100  # iterations of each APGD attack in the fast subset (standard: 100)
     check_n: int = 100  # images used by the model checks and the large-eps check
     batch_size: int = 250
     device: str = "auto"  # auto | cpu | cuda

@@ -1,0 +1,166 @@
+"""evaluate: the accuracies are ordered, the sanity checks catch broken models, bad input is refused.
+
+A small CNN is trained for a few plain (non-adversarial) steps on real Fashion-MNIST: clean
+accuracy is well above chance, and eps = 0.1 breaks most of it, so every attack has work to do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline import robust
+from pipeline.config import AutoAttackVersion, EvaluateConfig
+from pipeline.errors import UserError
+from pipeline.models import build_classifier, save_checkpoint
+from pipeline.shards import read_split
+from stages import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tensors(split_dir: Path, n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    s = read_split(split_dir, limit=n)
+    return torch.from_numpy(s.images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(s.labels)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, fmnist_shards) -> Path:
+    """A SmallCNN after 120 plain Adam steps on 512 real images (clean accuracy ~70%)."""
+    torch.manual_seed(0)
+    x, y = _tensors(fmnist_shards / "train")
+    model = build_classifier("cnn", 1, 10, 28)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        idx = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # important: BatchNorm running stats of the final weights
+        for i in range(0, len(x), 64):
+            model(x[i:i + 64])
+    folder = tmp_path_factory.mktemp("ckpt") / "at"
+    save_checkpoint(folder, model, {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 28,
+                                    "seed": 3, "dra_weight": 0.0})
+    (folder / "metrics.json").write_text(json.dumps({"train_seconds": 12.5}))
+    return folder
+
+
+def _cfg(checkpoint: Path, shards: Path, out: Path, **kw) -> EvaluateConfig:
+    base = dict(checkpoint=str(checkpoint), shards=str(shards / "test"), out=str(out / "at.json"),
+                n=128, pgd_steps=5, pgd_restarts=2, batch_size=64, check_n=64, fast_iters=20)
+    return EvaluateConfig(**(base | kw))
+
+
+def test_evaluate_writes_ordered_accuracies_and_passing_checks(checkpoint, fmnist_shards, tmp_path):
+    res = evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path, autoattack=AutoAttackVersion.fast))
+    saved = json.loads((tmp_path / "at.json").read_text())
+    assert saved["clean"] == res["clean"] and saved["n"] == 128
+    assert saved["clean"] > 0.5, "the tiny model should have learned something"
+    assert 0.0 <= saved["autoattack"] <= saved["pgd"] <= saved["clean"]
+    assert saved["pgd"] < saved["clean"], "eps=0.1 must break some points of a non-robust model"
+    assert saved["threat_model"] == "Linf" and saved["eps"] == 0.1
+    assert saved["pgd_attack"]["steps"] == 5 and saved["pgd_attack"]["restarts"] == 2
+    assert any("apgd-t" in a for a in saved["attacks"])
+    assert saved["warnings"] == [], saved["checks"]
+    for key in ("eval_mode", "deterministic", "nonzero_input_gradients", "outputs_are_logits",
+                "autoattack_le_pgd", "pgd_in_eps_ball", "autoattack_in_eps_ball", "large_eps_breaks_model"):
+        assert saved["checks"][key] is True, key
+    assert saved["train_metrics"] == {"train_seconds": 12.5}
+    assert saved["train_config"]["seed"] == 3 and saved["variant"] == "at"
+    flat = json.loads((tmp_path / "at.metrics.json").read_text())
+    assert set(flat) >= {"clean", "pgd", "autoattack", "n"}
+    assert all(not isinstance(v, (dict, list)) for v in flat.values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pgd_grows_with_eps_and_restarts_are_worst_case(checkpoint, fmnist_shards):
+    model = evaluate.load_classifier(checkpoint)[0]
+    x, y = _tensors(fmnist_shards / "test", 96)
+    clean = robust.clean_correct(model, x, y)
+    tiny, _ = robust.pgd_correct(model, x, y, eps=1e-4, alpha=5e-5, steps=3, restarts=1)
+    one, stats = robust.pgd_correct(model, x, y, eps=0.05, alpha=0.0125, steps=5, restarts=1)
+    three, _ = robust.pgd_correct(model, x, y, eps=0.05, alpha=0.0125, steps=5, restarts=3)
+    assert tiny.sum() >= clean.sum() - 2  # a negligible budget changes (almost) nothing
+    assert (one & ~clean).sum() == 0 and (three & ~clean).sum() == 0  # robust implies correct
+    assert three.sum() <= one.sum() < clean.sum()
+    assert stats["max_linf"] <= 0.05 + 1e-6 and stats["in_range"]
+
+
+class _Masked(nn.Module):
+    """Gradient masking by quantisation: round() has zero gradient almost everywhere."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 8) / 8)
+
+
+class _Noisy(nn.Module):
+    """A randomised model left in train mode (dropout): non-deterministic logits."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.drop = inner, nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.drop(x))
+
+
+def test_checks_flag_masked_gradients_and_randomness(checkpoint, fmnist_shards):
+    model = evaluate.load_classifier(checkpoint)[0]
+    x, y = _tensors(fmnist_shards / "test", 32)
+    assert robust.failed(robust.model_checks(model, x, y)) == []
+    masked = robust.model_checks(_Masked(model).eval(), x, y)
+    assert masked["nonzero_input_gradients"] is False and masked["zero_gradient_points"] == 32
+    noisy = robust.model_checks(_Noisy(model).train(), x, y)
+    assert {"eval_mode", "deterministic"} <= set(robust.failed(noisy))
+    assert robust.large_eps_accuracy(model, x, y, steps=10) <= 0.05  # eps 0.5 breaks a sound model
+    bad = robust.result_checks(clean=0.8, pgd_acc=0.9, aa_acc=0.95, eps=0.1, big_eps_acc=0.5,
+                               pgd_stats={"max_linf": 0.2, "in_range": True},
+                               aa_stats={"max_linf": 0.1, "in_range": False})
+    assert set(robust.failed(bad)) == {"pgd_le_clean", "autoattack_le_clean", "autoattack_le_pgd",
+                                       "pgd_in_eps_ball", "autoattack_in_eps_ball", "large_eps_breaks_model"}
+
+
+def test_standard_autoattack_on_a_few_points(checkpoint, fmnist_shards):
+    model = evaluate.load_classifier(checkpoint)[0]
+    x, y = _tensors(fmnist_shards / "test", 24)
+    ok, stats, attacks = robust.autoattack_correct(model, x, y, eps=0.1, version=AutoAttackVersion.standard,
+                                                   batch_size=24)
+    assert attacks == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert ok.sum() <= robust.clean_correct(model, x, y).sum()
+    assert stats["max_linf"] <= 0.1 + 1e-6 and stats["in_range"]
+
+
+def test_bad_input_is_refused_before_work(checkpoint, fmnist_shards, tmp_path):
+    with pytest.raises(UserError, match="not a checkpoint"):
+        evaluate.run(_cfg(tmp_path / "nope", fmnist_shards, tmp_path))
+    with pytest.raises(UserError, match="--n"):
+        evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path, n=0))
+    with pytest.raises(UserError, match="eps"):
+        evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path, eps=8))
+    rgb = tmp_path / "rgb"
+    save_checkpoint(rgb, build_classifier("cnn", 3, 10, 32),
+                    {"arch": "cnn", "in_channels": 3, "num_classes": 10, "image_size": 32})
+    with pytest.raises(UserError, match="expects 3x32x32"):
+        evaluate.run(_cfg(rgb, fmnist_shards, tmp_path))
+    assert not (tmp_path / "at.json").exists()
+
+
+def test_cli_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--checkpoint", str(tmp_path / "x"),
+                           "--out", str(tmp_path / "e.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
