@@ -70,7 +70,8 @@ def test_chunk_aware_permutation():
         assert len(np.unique(p[w:w + 64] // 16)) == 4
     p = permutation(1000, rng, rows_per_chunk=16, window=4)  # ragged last chunk
     assert sorted(p) == list(range(1000))
-    assert max(len(np.unique(p[i:i + 64] // 16)) for i in range(0, 1000 - 64)) <= 8
+    # any 64 consecutive positions span at most 3 windows (the short one holds the ragged chunk)
+    assert max(len(np.unique(p[i:i + 64] // 16)) for i in range(0, 1000 - 64)) <= 12
     assert not np.array_equal(p, np.arange(1000))
 
 
