@@ -60,6 +60,9 @@ class DiffusionConfig:
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-4
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 10% of lr
+    attention: bool = False  # self-attention at the lowest resolution (slow on CPU)
+    limit: int = 0  # train on the first N real images (0: all)
     ema_decay: float = 0.999
     bf16: bool = True  # autocast on CPUs with AMX / on GPUs
     checkpoint_every: int = 250
@@ -110,6 +113,8 @@ class ExtractConfig:
 class TrainConfig:
     cache: str = "artifacts/feats.zarr"
     out: str = "artifacts/train/default"
+    real_shards: str = ""  # "": the real train shard folder the cache records
+    synthetic_shards: str = ""  # "": the synthetic shard folder the cache records
     arch: str = "cnn"
     method: str = "pgd"  # pgd | trades
     eps: float = 0.1
@@ -118,21 +123,25 @@ class TrainConfig:
     trades_beta: float = 6.0
     dra_weight: float = 0.5  # 0: plain adversarial training
     dra_schedule: str = "constant"  # constant | linear-warmup | cosine-decay
-    head_hidden: int = 512
-    target_norm: str = "center"  # none | center | whiten
+    head_hidden: int = 256
+    target_norm: str = "center"  # none | center | whiten (with the cache's train mean/std)
     synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
-    real_limit: int = 0  # train on the first N real samples (0: all)
-    epochs: int = 5
-    batch_size: int = 128
+    real_limit: int = 10_000  # train on the first N real samples of the cache (0: all)
+    epochs: int = 3  # passes over the real samples
+    batch_size: int = 128  # global batch (split over processes)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # cosine | onecycle
     label_smoothing: float = 0.1
     ema_decay: float = 0.995
+    image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
+    view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
     memory_budget_mb: int = 2048  # the target reader streams chunks above this
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
     resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
 
