@@ -153,9 +153,13 @@ def run(cfg: ExtractConfig) -> dict:
     writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None
     dist.barrier()
     writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
-    todo = {n: [s for s in writer.missing_shards(n) if s % dist.world == dist.rank] for n in inits}
+    missing = {n: writer.missing_shards(n) for n in inits}
+    todo = {n: [s for s in shards if s % dist.world == dist.rank] for n, shards in missing.items()}
     total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
                 for n, ss in todo.items() for s in ss)
+    if dist.rank == 0:
+        print(f"{cfg.out}: computing {sum(map(len, missing.values()))} of "
+              f"{sum(writer.n_shards(n) for n in inits)} shards (the others are written and checked)")
     bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="view", mininterval=2,
                disable=dist.rank != 0)
     with ThreadPoolExecutor(max_workers=1) as pool:
