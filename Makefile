@@ -30,7 +30,7 @@ $(DATA)/train-images-idx3-ubyte.gz:
 
 pipeline: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "error: dvc needs a git repository (clone this one)"; exit 1; }
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro  # `python` in dvc.yaml cmds: the venv
 	@echo "report: artifacts/report/report.md"
 
 test: setup

@@ -1,0 +1,76 @@
+"""The project files a DVC stage runs: what `dvc.yaml` must list as the stage's code `deps`.
+
+Rule (static, from the source): the CLI entry (pipeline/__init__.py, __main__.py, cli.py and
+what they import at module level), the stage module with every import it makes (lazy ones
+included: the stage's recipe runs them), and the module-level imports of every library module
+reached, transitively. Lazy imports inside library functions are not followed: they are the
+optional paths (cli's `cache` sub-commands, features' online mode) that the stage does not run.
+``OPTIONAL`` lists lazy imports of a stage module that only a non-default flag runs (train's
+``--online`` mode): the pipeline never runs them, so editing them must not re-run the stage.
+
+    python tests/stage_deps.py train     # print the list for one stage
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = ["pipeline/__init__.py", "pipeline/__main__.py", "pipeline/cli.py"]
+OPTIONAL: dict[str, set[str]] = {"train": {"pipeline/features.py"}}
+
+
+def _module_file(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] not in ("pipeline", "stages"):
+        return None
+    base = ROOT.joinpath(*parts)
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return str(cand.relative_to(ROOT))
+    return None
+
+
+def _imports(path: str, *, lazy: bool) -> set[str]:
+    """Project files imported by one file (module level only unless lazy)."""
+    tree = ast.parse((ROOT / path).read_text())
+    nodes = ast.walk(tree) if lazy else iter(tree.body)
+    found: set[str] = set()
+    for node in nodes:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks are not run
+            continue
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # a package import runs its __init__ too
+                f = _module_file(".".join(parts[:i]))
+                if f:
+                    found.add(f)
+    return found
+
+
+def stage_files(stage: str) -> list[str]:
+    """Sorted project files that `python -m pipeline STAGE` imports."""
+    stage_file = f"stages/{stage}.py"
+    todo = list(ENTRY) + ["stages/__init__.py", stage_file]
+    todo += sorted(_imports(stage_file, lazy=True) - OPTIONAL.get(stage, set()))
+    seen: set[str] = set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        todo += sorted(_imports(f, lazy=False) - seen)
+    return sorted(seen)
+
+
+if __name__ == "__main__":
+    for s in sys.argv[1:]:
+        print(f"{s}:")
+        print("\n".join(f"  - {f}" for f in stage_files(s)))

@@ -1,0 +1,114 @@
+"""The DVC pipeline end to end: dvc.yaml's code deps are exact, and the quick profile runs.
+
+The quick profile (tests/quick_params.yaml) is the same dvc.yaml at toy size. It runs with
+`dvc repro` in a temporary git repository holding a copy of the code and of real Fashion-MNIST,
+then checks: the report has the four variants, the metrics JSONs are sane, a second `dvc repro`
+does nothing, and changing only the DRA weight makes only the DRA trainings, their evaluations
+and the report stale, never extraction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from stage_deps import stage_files  # tests/ is on sys.path (rootdir conftest)
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _code_deps(stage: dict) -> list[str]:
+    body = stage.get("do", stage)
+    return sorted(d for d in body["deps"] if isinstance(d, str) and d.startswith(("pipeline/", "stages/")))
+
+
+@pytest.mark.parametrize("name", list(_stages()))
+def test_dvc_deps_are_exactly_the_imported_code(name):
+    assert _code_deps(_stages()[name]) == stage_files(name), \
+        f"dvc.yaml stage {name}: code deps differ from `python tests/stage_deps.py {name}`"
+
+
+def test_every_stage_calls_the_one_cli_with_params():
+    for name, stage in _stages().items():
+        cmd = stage.get("do", stage)["cmd"]
+        assert cmd.startswith(f"python -m pipeline {name} "), name
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    runs = params["runs"]
+    assert [r["variant"] for r in runs.values()] == VARIANTS
+    shared = {k for r in runs.values() for k in r} - {"variant", "dra_weight", "synthetic_fraction", "seed"}
+    assert not shared, "variants may differ only in dra_weight, synthetic_fraction and seed"
+
+
+# --- the quick profile through dvc repro --------------------------------------------------------
+def _dvc(repo: Path, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                   env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                            GIT_COMMITTER_EMAIL="t@t"))
+
+
+def quick_repo(tmp: Path, fmnist_dir: Path) -> Path:
+    """A git + DVC repository with this code, the quick params and a copy of Fashion-MNIST."""
+    repo = tmp / "repo"
+    for sub in ("pipeline", "stages"):
+        shutil.copytree(ROOT / sub, repo / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / "tests" / "quick_params.yaml", repo / "params.yaml")
+    shutil.copytree(fmnist_dir, repo / "data" / "fashion-mnist")
+    (repo / ".gitignore").write_text("/artifacts\n/data\n__pycache__/\n")
+    _git(repo, "init", "-q")
+    _dvc(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "quick profile")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, fmnist_dir) -> Path:
+    repo = quick_repo(tmp_path_factory.mktemp("pipeline"), fmnist_dir)
+    _dvc(repo, "repro")
+    return repo
+
+
+def test_quick_profile_report_and_metrics(quick_run):
+    md = (quick_run / "artifacts" / "report" / "report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert rows == VARIANTS
+    for name in ("accuracy.png", "curves.png", "samples.png"):
+        assert (quick_run / "artifacts" / "report" / name).stat().st_size > 1000, name
+    for key in ("at", "at_dra", "dmat", "dmat_dra"):
+        m = json.loads((quick_run / "artifacts" / "metrics" / f"{key}.json").read_text())
+        assert 0 <= m["autoattack"] <= m["pgd"] <= m["clean"] <= 1 and m["n"] == 100, (key, m)
+        full = json.loads((quick_run / "artifacts" / "eval" / f"{key}.json").read_text())
+        assert full["checks"]["eval_mode"] and full["checks"]["deterministic"], full["checks"]
+    shown = _dvc(quick_run, "metrics", "show", "--json")
+    assert "artifacts/metrics/at.json" in shown
+
+
+def test_second_repro_does_nothing_and_dra_weight_reruns_only_dra(quick_run):
+    """Runs last in this file: it re-runs part of the pipeline with another DRA weight."""
+    assert "up to date" in _dvc(quick_run, "status")
+    assert "Running stage" not in _dvc(quick_run, "repro")
+    params = quick_run / "params.yaml"
+    params.write_text(params.read_text().replace("dra_weight: &dra 0.5", "dra_weight: &dra 0.25"))
+    out = _dvc(quick_run, "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@at_dra", "train@dmat_dra", "evaluate@at_dra", "evaluate@dmat_dra", "report"}, out
