@@ -91,6 +91,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
     xc, yc = x[:cfg.check_n], y[:cfg.check_n]
     checks = robust.model_checks(model, xc, yc)
+    checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
     clean = timed("clean", lambda: robust.clean_correct(model, x, y, batch_size=bs))
     pgd_ok, pgd_stats = timed("pgd", lambda: robust.pgd_correct(
         model, x, y, eps=cfg.eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,

@@ -50,6 +50,18 @@ def test_every_stage_calls_the_one_cli_with_params():
     assert not shared, "variants may differ only in dra_weight, synthetic_fraction and seed"
 
 
+def test_study_profile_has_three_seeds_per_variant(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "pipeline" / "params" / "study.yaml", tmp_path / "params.yaml")
+    _dvc(tmp_path, "init", "-q", "--no-scm")
+    names = [line.split()[0] for line in _dvc(tmp_path, "stage", "list").splitlines()]
+    trains = [n for n in names if n.startswith("train@")]
+    assert len(trains) == 12 and "evaluate@dmat_dra-s2" in names
+    runs = yaml.safe_load((tmp_path / "params.yaml").read_text())["runs"]
+    seeds = {v: sorted(r["seed"] for r in runs.values() if r["variant"] == v) for v in VARIANTS}
+    assert seeds == {v: [0, 1, 2] for v in VARIANTS}
+
+
 # --- the quick profile through dvc repro --------------------------------------------------------
 def _dvc(repo: Path, *args: str, timeout: int = 600) -> str:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
