@@ -26,6 +26,10 @@ from pipeline.errors import UserError
 STAGES: dict[str, tuple[type, str, str]] = {
     "prepare": (C.PrepareConfig, "stages.prepare",
                 "Raw dataset (IDX, CIFAR pickles, image folder, npz) -> webdataset shards + fingerprint."),
+    "diffusion": (C.DiffusionConfig, "stages.diffusion",
+                  "Train a small class-conditional DDPM on the real shards, or point at an existing UNet (--model)."),
+    "generate": (C.GenerateConfig, "stages.generate",
+                 "Diffusion model -> labelled synthetic images as webdataset shards + sample grid PNG."),
     "extract": (C.ExtractConfig, "stages.extract",
                 "Shards + diffusion model -> sharded Zarr feature cache (K views per sample, resumable)."),
     "evaluate": (C.EvaluateConfig, "stages.evaluate",

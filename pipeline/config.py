@@ -82,6 +82,11 @@ class GenerateConfig:
     min_confidence: float = 0.9  # pseudo-label filter for unconditional models
     batch_size: int = 250
     shard_size: int = 10_000
+    bf16: bool = True  # autocast for the UNet forward (CPUs with bf16 support / GPUs)
+    check: bool = True  # agreement of a real-data classifier with the intended labels
+    real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
+    classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
+    classifier_limit: int = 0  # train it on the first N real images (0: all)
     seed: int = 0
 
 
