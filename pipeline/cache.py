@@ -145,10 +145,11 @@ class CacheWriter:
 
     def _create_part(self, name: str, p: PartInit, rows_per_chunk: int, compressor: str) -> None:
         g = self.group.create_group(name)
-        n, k, d, rps = p.n, p.k, p.d, self.rows_per_shard
-        g.create_array("features", shape=(n, k, d), dtype="float16", chunks=(min(rows_per_chunk, n), k, d),
-                       shards=(min(rps, n), k, d), compressors=COMPRESSORS[compressor](), fill_value=0,
-                       config={"write_empty_chunks": True})
+        n, k, d = p.n, p.k, p.d
+        rpc = min(rows_per_chunk, n)
+        rps = min(self.rows_per_shard, -(-n // rpc) * rpc)  # a small part: one shard of whole chunks
+        g.create_array("features", shape=(n, k, d), dtype="float16", chunks=(rpc, k, d), shards=(rps, k, d),
+                       compressors=COMPRESSORS[compressor](), fill_value=0, config={"write_empty_chunks": True})
         small = {"keys": np.asarray(p.keys, dtype=str), "labels": np.asarray(p.labels, np.int64),
                  "dx": p.views["dx"].astype(np.int8), "dy": p.views["dy"].astype(np.int8),
                  "flip": p.views["flip"].astype(np.uint8), "noise_seed": p.noise_seed.astype(np.int64)}
@@ -162,8 +163,8 @@ class CacheWriter:
         n_shards = -(-n // rps)
         g.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
                        fill_value=0, config={"write_empty_chunks": True})
-        g.attrs.update({**p.attrs, "n": n, "k": k, "d": d, "rows_per_chunk": min(rows_per_chunk, n),
-                        "rows_per_shard": min(rps, n), "n_shards": n_shards, "compressor": compressor})
+        g.attrs.update({**p.attrs, "n": n, "k": k, "d": d, "rows_per_chunk": rpc, "rows_per_shard": rps,
+                        "n_shards": n_shards, "compressor": compressor})
 
     # -- shards -----------------------------------------------------------------------------------
     def n_shards(self, part: str) -> int:
