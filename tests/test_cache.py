@@ -44,13 +44,17 @@ PLAN = {"t": 100, "layer": "mid_block", "image_size": 28, "normalisation": "x*2-
 
 
 def write_store(url: str, real, *, stop_after: int | None = None, finalize: bool = True,
-                nan_row: int | None = None) -> tuple[CacheWriter, dict]:
-    inits = {"train": _init(real["train"], 3, 1), "test": _init(real["test"], 1, 2)}
+                nan_row: int | None = None, test_rows: int = 64,
+                chunking: tuple[int, int] = (16, 2)) -> tuple[CacheWriter, dict]:
+    test = real["test"]
+    test = type(test)(test.keys[:test_rows], test.images[:test_rows], test.labels[:test_rows],
+                      test.fingerprint, test.path)
+    inits = {"train": _init(real["train"], 3, 1), "test": _init(test, 1, 2)}
     feats = {n: _features(p, i) for i, (n, p) in enumerate(inits.items())}
     if nan_row is not None:
         feats["train"][nan_row, 1, 3] = np.nan
-    w = CacheWriter.open_or_create(url, plan=PLAN, parts=inits, rows_per_chunk=16, chunks_per_shard=2,
-                                   compressor="blosc-zstd")
+    w = CacheWriter.open_or_create(url, plan=PLAN, parts=inits, rows_per_chunk=chunking[0],
+                                   chunks_per_shard=chunking[1], compressor="blosc-zstd")
     done = 0
     for name in inits:
         for s in w.missing_shards(name):
@@ -194,3 +198,16 @@ def test_fsspec_urls(tmp_path, real, scheme):
     part = open_cache(url).part("test")
     np.testing.assert_array_equal(part.read(np.arange(64), np.zeros(64, int)), feats["test"][:, 0])
     assert verify_cache(url) == []
+
+
+@pytest.mark.parametrize("test_rows,chunking", [(50, (16, 8)), (5, (16, 2)), (64, (7, 3))])
+def test_ragged_sizes(tmp_path, real, test_rows, chunking):
+    """Parts smaller than a shard, or than a chunk, or not a multiple of either."""
+    url = str(tmp_path / "c.zarr")
+    _, feats = write_store(url, real, test_rows=test_rows, chunking=chunking)
+    assert verify_cache(url) == []
+    cache = open_cache(url)
+    for name in ("train", "test"):
+        part = cache.part(name)
+        got = np.concatenate([part.read_chunk(c) for c in range(part.n_chunks)])
+        np.testing.assert_array_equal(got, feats[name])
