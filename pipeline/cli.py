@@ -32,6 +32,8 @@ STAGES: dict[str, tuple[type, str, str]] = {
                  "Diffusion model -> labelled synthetic images as webdataset shards + sample grid PNG."),
     "extract": (C.ExtractConfig, "stages.extract",
                 "Shards + diffusion model -> sharded Zarr feature cache (K views per sample, resumable)."),
+    "train": (C.TrainConfig, "stages.train",
+              "Feature cache (+ the image shards it names) -> adversarially trained classifier with DRA."),
     "evaluate": (C.EvaluateConfig, "stages.evaluate",
                  "Checkpoint + test shards -> clean, PGD and AutoAttack accuracy (JSON, with sanity checks)."),
     "report": (C.ReportConfig, "stages.report",

@@ -142,7 +142,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
     view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
-    memory_budget_mb: int = 2048  # the target reader streams chunks above this
+    memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
     resume: bool = False

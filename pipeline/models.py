@@ -201,10 +201,10 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file written atomically (contiguous CPU copies; shared storage is split)."""
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(Path(path), lambda p: save_file(data, p))
+    _atomic(Path(path), lambda p: save_file(data, p, metadata=metadata))
 
 
 def save_json(path: str | Path, obj: dict) -> None:

@@ -1,0 +1,158 @@
+"""Run state of `train`: per-epoch statistics, the log, checkpoints and resume.
+
+A checkpoint folder (``--out``) holds, each file written to a temporary name and renamed:
+
+- ``state.safetensors``: everything resume needs, in ONE file so it is always self-consistent:
+  live weights (``net.*``), EMA weights (``ema.*``), SGD momentum (``opt.*``), the attack's and
+  torch's RNG states, the epoch statistics so far; the metadata holds progress (epoch, step,
+  global step, seconds), the log rows and the training config as JSON.
+- ``model.safetensors`` (the EMA classifier) + ``config.json``: what ``load_classifier`` and
+  ``evaluate`` read. ``config.json`` says ``"finished": false`` until the run ends.
+- ``log.tsv``: one row per epoch (each loss term, clean/adversarial accuracy, lr, DRA weight,
+  time per step); ``metrics.json``: the final values, written only when training completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from pipeline.errors import UserError
+from pipeline.models import CONFIG_FILE, MODEL_FILE, save_json, save_tensors
+from pipeline.training import EMA, load_optimizer_tensors, optimizer_tensors, prefixed, unprefixed
+
+STATE_FILE = "state.safetensors"
+LOG_FILE = "log.tsv"
+METRICS_FILE = "metrics.json"
+# config fields that may change between a run and its resumption
+RESUMABLE_CHANGES = {"resume", "checkpoint_every", "device", "memory_budget_mb", "online"}
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step: int = 0  # next step within the epoch
+    global_step: int = 0
+    seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)
+
+    def add(self, stats: dict[str, torch.Tensor], dt: float, lr: float, dra_w: float) -> None:
+        values = {k: float(v) for k, v in stats.items()}
+        if self.step > 0:  # the first step of an epoch includes the prefetch warm-up
+            values["step_time_s"] = dt
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.last = {"lr": lr, "dra_weight": dra_w}
+
+    def end_epoch(self, epoch: int, rt: Any) -> dict:
+        keys = sorted(self.sums)
+        means = torch.tensor([self.sums[k] / max(self.counts[k], 1) for k in keys], dtype=torch.float64)
+        means = rt.mean(means).cpu().tolist()
+        row = {"epoch": epoch + 1, "step": self.global_step, **self.last,
+               **{k: round(v, 6) for k, v in zip(keys, means)}}
+        self.log.append(row)
+        self.epoch, self.step, self.sums, self.counts = epoch + 1, 0, {}, {}
+        return row
+
+    def summary(self) -> str:
+        r = self.log[-1] if self.log else {}
+        return " ".join(f"{k}={r[k]:.3f}" for k in ("loss", "dra", "adv_acc", "clean_acc") if k in r)
+
+
+def fresh() -> RunState:
+    return RunState()
+
+
+def _log_tsv(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, delimiter="\t", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _comparable(cfg: Any) -> dict:
+    d = json.loads(json.dumps(asdict(cfg)))
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+
+
+def save(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA,
+         gen: torch.Generator, st: RunState, meta: dict, rt: Any, started: float) -> None:
+    """Checkpoint (main process only; others wait): state first, then model + config, then log."""
+    st.seconds = time.perf_counter() - started
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {**prefixed("net", net.state_dict()), **prefixed("ema", ema.model.state_dict()),
+                   **prefixed("opt", optimizer_tensors(opt)), "rng.attack": gen.get_state(),
+                   "rng.torch": torch.get_rng_state()}
+        progress = {"epoch": st.epoch, "step": st.step, "global_step": st.global_step, "seconds": st.seconds,
+                    "sums": st.sums, "counts": st.counts, "last": st.last}
+        metadata = {"progress": json.dumps(progress), "log": json.dumps(st.log),
+                    "config": json.dumps(_comparable(cfg))}
+        save_tensors(out / STATE_FILE, tensors, metadata)
+        save_tensors(out / MODEL_FILE, ema.model.state_dict())
+        save_json(out / CONFIG_FILE, {**meta, "finished": False, "progress": progress})
+        if st.log:
+            _write_text(out / LOG_FILE, _log_tsv(st.log))
+    rt.barrier()
+
+
+def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA,
+         gen: torch.Generator, device: torch.device) -> RunState | None:
+    """Restore a checkpoint written by ``save``; None when there is none yet (fresh start)."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        print(f"note: no checkpoint in {out}; starting from scratch")
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        progress, log, saved = json.loads(meta["progress"]), json.loads(meta["log"]), json.loads(meta["config"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+    diff = sorted(k for k in set(saved) | set(_comparable(cfg)) if saved.get(k) != _comparable(cfg).get(k))
+    if diff:
+        raise UserError(f"{out}: the checkpoint was made with other settings ({', '.join(diff)}); "
+                        "use another --out or the same flags")
+    net.load_state_dict({k: v.to(device) for k, v in unprefixed("net", tensors).items()})
+    ema.model.load_state_dict({k: v.to(device) for k, v in unprefixed("ema", tensors).items()})
+    load_optimizer_tensors(opt, unprefixed("opt", tensors))
+    gen.set_state(tensors["rng.attack"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return RunState(progress["epoch"], progress["step"], progress["global_step"], progress["seconds"],
+                    progress["sums"], progress["counts"], progress["last"], log)
+
+
+def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_per_epoch: int) -> dict:
+    """metrics.json (final epoch's values, wall time) and config.json marked finished."""
+    seconds = time.perf_counter() - started
+    last = st.log[-1] if st.log else {}
+    metrics = {**{k: v for k, v in last.items() if k != "epoch"}, "epochs": st.epoch,
+               "steps_per_epoch": steps_per_epoch, "train_seconds": round(seconds, 3),
+               "target_mode": meta["cache"]["target_mode"], "processes": rt.world}
+    if rt.is_main:
+        _write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        cfg = json.loads((out / CONFIG_FILE).read_text())
+        save_json(out / CONFIG_FILE, {**cfg, "finished": True})
+    rt.barrier()
+    return metrics

@@ -1,0 +1,227 @@
+"""Stage two, `train`: adversarial training with DRA targets read from the feature cache.
+
+Recipe: validate flags -> open the cache (refuses incomplete stores) -> load the image shards it
+names and refuse any mismatch (data, image size, augmentation spec, keys) -> target reader (RAM
+or streamed) -> classifier + projection head + SGD + EMA -> resume -> per step: sampled
+(sample, view) batch, recorded view replayed, PGD on top of it, AT loss + lambda * DRA loss ->
+per epoch: log row + checkpoint (safetensors + JSON) -> metrics.json.
+
+``--dra-weight 0`` is plain AT (no head, no targets read). ``--online`` computes the same
+targets with the diffusion model inside the step, for equivalence tests and cost comparison.
+Under ``accelerate launch`` each process trains on its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import train_state
+from pipeline.cache import open_cache
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier
+from pipeline.runtime import Runtime
+from pipeline.sampler import MixedSampler, Prefetcher
+from pipeline.train_data import PartData, assemble, attach_reader, feature_bytes, load_part
+from pipeline.training import (
+    EMA,
+    DRANet,
+    DRASchedule,
+    LRSchedule,
+    Method,
+    StepSettings,
+    TargetNorm,
+    adversarial_step,
+    clean_accuracy,
+    dra_weight_at,
+    lr_at,
+    normalise_targets,
+)
+
+WINDOW = 4  # chunks per shuffle window when streaming
+CLEAN_EVERY = 10  # clean accuracy (an extra eval forward) is measured on every 10th step
+
+
+@dataclass(frozen=True)
+class Parsed:
+    method: Method
+    lr_schedule: LRSchedule
+    dra_schedule: DRASchedule
+    target_norm: TargetNorm
+
+
+def _enum(cls: type, value: str, flag: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise UserError(f"--{flag} {value!r}: choose one of {', '.join(m.value for m in cls)}") from None
+
+
+def check_config(cfg: TrainConfig) -> Parsed:
+    """Every flag checked before any file is opened."""
+    if cfg.arch not in CLASSIFIERS:
+        raise UserError(f"--arch {cfg.arch!r}: choose one of {', '.join(CLASSIFIERS)}")
+    checks = [(cfg.epochs >= 1, "--epochs must be >= 1"), (cfg.batch_size >= 2, "--batch-size must be >= 2"),
+              (cfg.eps >= 0 and cfg.step_size >= 0, "--eps and --step-size must be >= 0"),
+              (cfg.attack_steps >= 0, "--attack-steps must be >= 0"), (cfg.lr > 0, "--lr must be > 0"),
+              (cfg.dra_weight >= 0, "--dra-weight must be >= 0"), (cfg.real_limit >= 0, "--real-limit must be >= 0"),
+              (0 <= cfg.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
+              (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"), (cfg.head_hidden >= 1, "--head-hidden must be >= 1"),
+              (cfg.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"), (cfg.image_size >= 0, "--image-size must be >= 0"),
+              (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"), (bool(cfg.out), "--out is empty")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    return Parsed(_enum(Method, cfg.method, "method"), _enum(LRSchedule, cfg.lr_schedule, "lr-schedule"),
+                  _enum(DRASchedule, cfg.dra_schedule, "dra-schedule"), _enum(TargetNorm, cfg.target_norm, "target-norm"))
+
+
+@dataclass
+class Data:
+    cache: Any
+    real: PartData
+    synthetic: PartData | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    pad: int
+    mode: str  # ram | stream | online | none
+    chunked: dict = field(default_factory=dict)
+
+
+def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
+    """Cache + images, all checks done; features in RAM or streamed (or none: plain AT / online)."""
+    cache = open_cache(cfg.cache)
+    if "train" not in cache.parts:
+        raise UserError(f"{cfg.cache}: no real train part")
+    if cfg.synthetic_fraction > 0 and "synthetic" not in cache.parts:
+        raise UserError(f"{cfg.cache}: --synthetic-fraction {cfg.synthetic_fraction} needs a synthetic part")
+    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None)
+    real, rpart = load_part(cache, "train", shards_dir=cfg.real_shards, limit=cfg.real_limit, **kw)
+    syn = spart = None
+    if cfg.synthetic_fraction > 0:
+        syn, spart = load_part(cache, "synthetic", shards_dir=cfg.synthetic_shards, limit=0, **kw)
+    mode = "none" if cfg.dra_weight == 0 else "online" if cfg.online else "ram"
+    chunked = {}
+    if mode == "ram":
+        used = feature_bytes(rpart, real.n) + (feature_bytes(spart, syn.n) if syn else 0)
+        mode = "stream" if used > cfg.memory_budget_mb * 2**20 or cfg.memory_budget_mb == 0 else "ram"
+        for d, p in ((real, rpart), (syn, spart)):
+            if d is not None:
+                attach_reader(d, p, stream=mode == "stream", window=WINDOW)
+                chunked[d.name] = p.rows_per_chunk if mode == "stream" else 0
+    mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
+    return Data(cache, real, syn, mean.to(rt.device), std.to(rt.device), int(cache.attrs["view_spec"]["pad"]),
+                mode, chunked)
+
+
+def build(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, torch.optim.Optimizer, EMA, dict]:
+    torch.manual_seed(cfg.seed)
+    _, c, h, _ = data.real.images.shape
+    num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
+    clf = build_classifier(cfg.arch, c, num_classes, h)
+    head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.cache.part("train").d) if cfg.dra_weight > 0 else None
+    net = DRANet(clf, head).to(rt.device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    meta = {"arch": cfg.arch, "in_channels": c, "num_classes": num_classes, "image_size": h,
+            "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
+            "cache": {k: data.cache.attrs.get(k) for k in ("model", "t", "layer", "pooling", "condition")} |
+            {"url": cfg.cache, "target_mode": data.mode}}
+    return net, opt, EMA(clf, cfg.ema_decay), meta
+
+
+def make_sampler(cfg: TrainConfig, data: Data, rt: Runtime) -> MixedSampler:
+    syn = data.synthetic
+    try:
+        return MixedSampler(n_real=data.real.n, k_real=data.real.k, batch_size=cfg.batch_size, seed=cfg.seed,
+                            n_syn=syn.n if syn else 0, k_syn=syn.k if syn else 1,
+                            synthetic_fraction=cfg.synthetic_fraction, rank=rt.rank, world=rt.world,
+                            chunk_real=data.chunked.get("train", 0), chunk_syn=data.chunked.get("synthetic", 0),
+                            window=WINDOW)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def targets_for(inputs: dict, data: Data, extractor: Any, norm: TargetNorm, device: torch.device) -> torch.Tensor | None:
+    """The batch's targets in the loss's space: cached rows, or recomputed online from the same view and seed."""
+    if data.mode == "none":
+        return None
+    if data.mode == "online":
+        raw = extractor(inputs["x"], inputs["seed"], inputs["y"])
+    else:
+        raw = inputs["target"]
+    return normalise_targets(raw.to(device), data.mean, data.std, norm)
+
+
+def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
+    """Train; ``stop_after_steps`` (tests) checkpoints and returns after that many steps, like a kill."""
+    parsed = check_config(cfg)
+    rt = Runtime(cfg.device)
+    data = open_data(cfg, rt)
+    extractor = None
+    if data.mode == "online":
+        from pipeline.features import FeatureExtractor  # lazy: only the online mode loads the diffusion model
+
+        extractor = FeatureExtractor.from_cache(data.cache, device=rt.device)
+    net, opt, ema, meta = build(cfg, data, rt)
+    sampler = make_sampler(cfg, data, rt)
+    out = Path(cfg.out)
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
+    st = train_state.fresh()
+    if cfg.resume:
+        st = train_state.load(out, cfg, net, opt, ema, gen, rt.device) or st
+    wrapped = rt.prepare(net)
+    total_steps = cfg.epochs * sampler.steps_per_epoch
+    settings = StepSettings(parsed.method, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.trades_beta, cfg.label_smoothing)
+    bar = tqdm(total=total_steps, initial=st.global_step, desc=f"train {out.name}", unit="step", mininterval=2,
+               disable=not rt.is_main)
+    started = time.perf_counter() - st.seconds
+    for epoch in range(st.epoch, cfg.epochs):
+        items = sampler.batches(epoch, st.step)
+        feed = Prefetcher(items, lambda b: assemble(b, data.real, data.synthetic, data.pad), depth=2)
+        net.train()
+        t_prev = time.perf_counter()
+        try:
+            for batch, inputs in feed:
+                g = st.global_step
+                lr = lr_at(g, total_steps, cfg.lr, parsed.lr_schedule)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                dra_w = dra_weight_at(g, total_steps, cfg.dra_weight, parsed.dra_schedule)
+                x, y = inputs["x"].to(rt.device), inputs["y"].to(rt.device)
+                with rt.autocast():
+                    target = targets_for(inputs, data, extractor, parsed.target_norm, rt.device)
+                    loss, terms, logits_adv = adversarial_step(wrapped, net.classifier, x, y, target, dra_w,
+                                                               settings, gen)
+                opt.zero_grad(set_to_none=True)
+                rt.backward(loss)
+                opt.step()
+                ema.update(net.classifier)
+                stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                         "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+                if batch.step % CLEAN_EVERY == 0:
+                    stats["clean_acc"] = clean_accuracy(net.classifier, x, y)
+                now = time.perf_counter()
+                st.add(stats, now - t_prev, lr, dra_w)
+                t_prev = now
+                st.step, st.global_step = batch.step + 1, g + 1
+                bar.update(1)
+                if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and st.step < sampler.steps_per_epoch:
+                    train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+                if stop_after_steps is not None and st.global_step >= stop_after_steps:
+                    train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+                    return {"stopped_at": st.global_step}
+        finally:
+            feed.close()
+        st.end_epoch(epoch, rt)
+        if rt.is_main:
+            bar.set_postfix_str(st.summary())
+        train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+    bar.close()
+    return train_state.finish(out, st, meta, rt, started, sampler.steps_per_epoch)

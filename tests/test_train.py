@@ -1,0 +1,194 @@
+"""Stage `train` on a real cache (tiny UNet, real Fashion-MNIST): pairing, online = cached,
+refusals before training, resume equality, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.cli import main
+from pipeline.config import ExtractConfig, TrainConfig, ViewSpec
+from pipeline.diffusion import make_scheduler, save_model, tiny_unet
+from pipeline.errors import UserError
+from pipeline.models import load_classifier
+from pipeline.results import read_log
+from pipeline.runtime import Runtime
+from pipeline.shards import read_split, write_split
+from pipeline.sources import Split
+from pipeline.train_data import assemble
+from pipeline.train_state import STATE_FILE
+from pipeline.training import TargetNorm
+from pipeline.views import apply_view_reference
+from stages import extract, train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unet") / "model"
+    torch.manual_seed(0)
+    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {})
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory, fmnist_shards) -> Path:
+    """Stand-in synthetic shards: 128 real test images under other keys."""
+    out = tmp_path_factory.mktemp("syn")
+    test = read_split(fmnist_shards / "test")
+    write_split(out / "train", Split(test.images[:128], test.labels[:128], test.fingerprint["classes"]),
+                [f"syn-train-{i:07d}" for i in range(128)], shard_size=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model_dir, fmnist_shards, synthetic_dir) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "feats.zarr"
+    extract.run(ExtractConfig(model=str(model_dir), real=str(fmnist_shards), synthetic=str(synthetic_dir),
+                              out=str(out), views=3, views_synthetic=2, batch_size=128, rows_per_chunk=32,
+                              chunks_per_shard=4, limit=256))
+    return out
+
+
+def cfg(store, out, **kw) -> TrainConfig:
+    base = TrainConfig(cache=str(store), out=str(out), real_limit=0, epochs=1, batch_size=64, attack_steps=2,
+                       head_hidden=32, ema_decay=0.9)
+    return replace(base, **kw)
+
+
+def _data(c: TrainConfig):
+    rt = Runtime("cpu")
+    data = train.open_data(c, rt)
+    return rt, data, train.make_sampler(c, data, rt)
+
+
+@pytest.mark.parametrize("budget", [2048, 0])
+def test_each_image_is_paired_with_its_own_views_target(store, fmnist_shards, synthetic_dir, budget):
+    rt, data, sampler = _data(cfg(store, "unused", synthetic_fraction=0.25, memory_budget_mb=budget))
+    assert data.mode == ("stream" if budget == 0 else "ram")
+    real, syn = read_split(fmnist_shards / "train", limit=256), read_split(synthetic_dir / "train")
+    cache = data.cache
+    for batch in [sampler.batch(0, 0), sampler.batch(0, 3)]:
+        inputs = assemble(batch, data.real, data.synthetic, data.pad)
+        assert len(inputs["x"]) == 64
+        pairs = [("train", real, n, k) for n, k in zip(batch.real_rows, batch.real_views)]
+        pairs += [("synthetic", syn, n, k) for n, k in zip(batch.syn_rows, batch.syn_views)]
+        assert len(pairs) == 64 and sum(p[0] == "synthetic" for p in pairs) == 16
+        for i, (name, ss, n, k) in enumerate(pairs):
+            part = cache.part(name)
+            img = ss.images[ss.keys.index(part.keys[n])]
+            v = {key: int(part.views[key][n, k]) for key in ("dx", "dy", "flip")}
+            ref = apply_view_reference(img, v["dx"], v["dy"], v["flip"], 2).astype(np.float32) / 255
+            assert np.array_equal(inputs["x"][i].permute(1, 2, 0).numpy(), ref), (name, n, k)
+            row = part.read(np.array([n]), np.array([k]))[0]
+            assert np.array_equal(inputs["target"][i].numpy(), row)
+            assert inputs["seed"][i] == part.noise_seed[n, k] and inputs["y"][i] == part.labels[n]
+            others = [o for o in range(part.k) if o != k]  # the test can fail: views differ
+            assert all(not np.array_equal(row, part.read(np.array([n]), np.array([o]))[0]) for o in others)
+
+
+def test_online_targets_equal_cached(store):
+    c = cfg(store, "unused", synthetic_fraction=0.25)
+    rt, data, sampler = _data(c)
+    from pipeline.features import FeatureExtractor
+
+    ext = FeatureExtractor.from_cache(data.cache)
+    inputs = assemble(sampler.batch(0, 1), data.real, data.synthetic, data.pad)
+    cached = train.targets_for(inputs, data, None, TargetNorm.none, rt.device)
+    data.mode = "online"
+    online = train.targets_for(inputs, data, ext, TargetNorm.none, rt.device)
+    assert F.cosine_similarity(cached, online, dim=1).min() >= 0.999
+    for norm in (TargetNorm.center, TargetNorm.whiten):
+        data.mode = "ram"
+        a = train.targets_for(inputs, data, None, norm, rt.device)
+        data.mode = "online"
+        b = train.targets_for(inputs, data, ext, norm, rt.device)
+        assert F.cosine_similarity(a, b, dim=1).min() >= 0.99
+
+
+def test_cli_end_to_end(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--cache", str(store), "--out", str(out), "--epochs", "2", "--batch-size", "64",
+          "--attack-steps", "2", "--head-hidden", "32", "--synthetic-fraction", "0.25", "--real-limit", "0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps_per_epoch"] == 5 and metrics["target_mode"] == "ram"
+    log = (out / "log.tsv").read_text().splitlines()
+    header = log[0].split("\t")
+    assert len(log) == 3 and {"ce", "dra", "loss", "adv_acc", "clean_acc", "lr", "step_time_s"} <= set(header)
+    model, mcfg = load_classifier(out)
+    assert mcfg["finished"] and mcfg["arch"] == "cnn" and mcfg["train"]["synthetic_fraction"] == 0.25
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_plain_at_and_trades(store, tmp_path):
+    m = train.run(cfg(store, tmp_path / "at", dra_weight=0.0, batch_size=128))
+    assert m["target_mode"] == "none" and "dra" not in m and m["steps_per_epoch"] == 2
+    m = train.run(cfg(store, tmp_path / "trades", method="trades", lr_schedule="onecycle", dra_schedule="cosine-decay"))
+    assert {"ce", "kl", "dra"} <= set(m)
+
+
+def _incomplete(store: Path, tmp: Path) -> Path:
+    copy = tmp / "incomplete.zarr"
+    shutil.copytree(store, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    del meta["attributes"]["complete"]
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("case", ["other-data", "image-size", "view-spec", "missing-shards", "incomplete",
+                                  "no-synthetic-part", "bad-flag"])
+def test_refusals_before_training(store, fmnist_shards, tmp_path, case):
+    out = tmp_path / "out"
+    c = cfg(store, out)
+    c = {"other-data": lambda: replace(c, real_shards=str(fmnist_shards / "test")),
+         "image-size": lambda: replace(c, image_size=32),
+         "view-spec": lambda: replace(c, view=ViewSpec(pad=4)),
+         "missing-shards": lambda: replace(c, real_shards=str(tmp_path / "nowhere")),
+         "incomplete": lambda: replace(c, cache=str(_incomplete(store, tmp_path))),
+         "no-synthetic-part": lambda: replace(c, cache=str(store), synthetic_fraction=0.5,
+                                              synthetic_shards=str(tmp_path / "nowhere")),
+         "bad-flag": lambda: replace(c, method="fgsm")}[case]()
+    with pytest.raises(UserError) as err:
+        train.run(c)
+    assert "\n" not in str(err.value)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_cli_refusal_is_one_line(store, fmnist_shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "--cache", str(store), "--out", str(tmp_path / "o"), "--real-shards", str(fmnist_shards / "test")])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "other data" in err
+
+
+def _state(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / STATE_FILE))
+
+
+def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
+    c = cfg(store, tmp_path / "full", epochs=2, synthetic_fraction=0.25, seed=3)
+    full = train.run(c)
+    part = replace(c, out=str(tmp_path / "part"))
+    assert train.run(part, stop_after_steps=7) == {"stopped_at": 7}  # killed in epoch 2 (5 steps each)
+    resumed = train.run(replace(part, resume=True))
+    a, b = _state(tmp_path / "full"), _state(tmp_path / "part")
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logs = [read_log(tmp_path / d / "log.tsv") for d in ("full", "part")]
+    for key in logs[0]:
+        if key != "step_time_s":
+            assert logs[0][key] == logs[1][key], key
+    assert full["loss"] == resumed["loss"]
+    with pytest.raises(UserError, match="other settings"):
+        train.run(replace(part, resume=True, lr=0.1))
