@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 X_KEYS = ("epoch", "step", "iter")
+SKIP = ("lr", "dra_weight", "step_time_s", "seconds")  # bookkeeping, not curves of the method
 METRICS = (("clean", "clean"), ("pgd", "PGD"), ("autoattack", "AutoAttack"))
 
 
@@ -50,7 +51,7 @@ def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -
 
     Seeds of one variant are drawn as separate thin lines in the same colour.
     """
-    keys = sorted({k for runs in logs.values() for log in runs for k in log if k not in X_KEYS})
+    keys = sorted({k for runs in logs.values() for log in runs for k in log if k not in X_KEYS + SKIP})
     cols = min(3, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
@@ -62,7 +63,7 @@ def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -
                     continue
                 xkey = next((k for k in X_KEYS if k in log), None)
                 xs = log[xkey] if xkey else list(range(1, len(log[key]) + 1))
-                ax.plot(xs, log[key], color=colours[i % len(colours)], lw=1.2,
+                ax.plot(xs, log[key], color=colours[i % len(colours)], lw=1.2, marker="o", ms=3,
                         label=name if s == 0 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(next((k for k in X_KEYS if any(k in log for r in logs.values() for log in r)), "row"),
