@@ -31,7 +31,7 @@ import torch
 from pipeline.config import GenerateConfig
 from pipeline.diffusion import DiffusionModel, atomic_folder, commit_folder, load_model
 from pipeline.errors import UserError
-from pipeline.sampling import SAMPLERS, class_grid, sample
+from pipeline.sampling import SAMPLERS, class_grid, make_sampler, sample
 from pipeline.shards import make_keys, read_fingerprint, read_split, write_split
 from pipeline.sources import Split
 
@@ -122,6 +122,7 @@ def run(cfg: GenerateConfig) -> dict:
     model = load_model(cfg.model)
     if cfg.guidance != 1.0 and not model.conditional:
         raise UserError(f"{cfg.model} is unconditional: classifier-free guidance (--guidance) needs labels")
+    make_sampler(model, cfg.sampler, cfg.sample_steps)  # refuses bad steps before any heavy work
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.unet.to(device)
     num_classes = model.num_classes if model.conditional else _num_classes_of(cfg.real)

@@ -1,0 +1,113 @@
+"""Stage `generate` on a tiny UNet: determinism, shards like `prepare`'s, labels, refusals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import GenerateConfig
+from pipeline.diffusion import load_model, make_scheduler, save_model, tiny_unet
+from pipeline.errors import UserError
+from pipeline.sampling import class_grid, sample
+from pipeline.shards import read_split
+from stages import generate
+
+
+@pytest.fixture(scope="module")
+def cond_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("cond") / "model"
+    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {"trained": False})
+    return out
+
+
+@pytest.fixture(scope="module")
+def uncond_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("uncond")
+    tiny_unet(28, 1, None).save_pretrained(out)  # hub-root layout, like google/ddpm-cifar10-32
+    make_scheduler().save_pretrained(out)
+    return out
+
+
+def cfg(model: Path, shards: Path, out: Path, **kw) -> GenerateConfig:
+    base = GenerateConfig(model=str(model), real=str(shards / "train"), real_test=str(shards / "test"),
+                          out=str(out), n=24, sample_steps=3, batch_size=8, shard_size=10, bf16=False,
+                          classifier_epochs=1, seed=3)
+    return replace(base, **kw)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_same_seed_same_images(cond_dir, sampler):
+    m = load_model(str(cond_dir))
+    y = torch.tensor([0, 1, 2, 3])
+    a = sample(m, range(4), y, seed=5, sampler=sampler, steps=3, bf16=False)
+    b = sample(m, range(4), y, seed=5, sampler=sampler, steps=3, bf16=False)
+    c = sample(m, range(4), y, seed=6, sampler=sampler, steps=3, bf16=False)
+    assert a.dtype == np.uint8 and a.shape == (4, 28, 28, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # a sample depends on its index, not its batch: samples 2,3 alone equal rows 2,3 above
+    d = sample(m, range(2, 4), y[2:], seed=5, sampler=sampler, steps=3, bf16=False)
+    assert np.abs(d.astype(int) - a[2:].astype(int)).max() <= 1
+    g = sample(m, range(4), y, seed=5, sampler=sampler, steps=3, guidance=2.0, bf16=False)
+    assert not np.array_equal(a, g)
+
+
+def test_stage_conditional(cond_dir, fmnist_shards, tmp_path):
+    out = tmp_path / "syn"
+    report = generate.run(cfg(cond_dir, fmnist_shards, out, classifier_epochs=6))
+    data = read_split(out / "train")  # checks shard sha256 and the content hash
+    real = read_split(fmnist_shards / "train")
+    assert data.keys[:2] == ["syn-train-0000000", "syn-train-0000001"] and len(data.keys) == 24
+    assert data.images.shape[1:] == real.images.shape[1:] and data.images.dtype == np.uint8
+    assert np.bincount(data.labels).tolist() == [3, 3, 3, 3] + [2] * 6  # class-balanced: i mod 10
+    fp = data.fingerprint
+    assert fp["classes"] == real.fingerprint["classes"] and fp["split"] == "train"
+    assert set(real.fingerprint) <= set(fp) and len(fp["shards"]) == 3
+    assert fp["synthetic"]["weights_sha256"] == load_model(str(cond_dir)).weights_sha256
+    assert (out / "grid.png").stat().st_size > 1000
+    saved = json.loads((out / "generate.json").read_text())
+    assert saved["agreement"] == report["agreement"] and 0 <= saved["agreement"] <= 1
+    assert 0.25 < saved["classifier_test_accuracy"] <= 1  # 512 real images, 6 epochs: above 10%
+    again = tmp_path / "again"
+    generate.run(cfg(cond_dir, fmnist_shards, again, check=False))
+    assert read_split(again / "train").fingerprint["content_hash"] == fp["content_hash"]
+
+
+def test_stage_unconditional_pseudo_labels(uncond_dir, fmnist_shards, tmp_path):
+    out = tmp_path / "syn"
+    report = generate.run(cfg(uncond_dir, fmnist_shards, out, n=12, min_confidence=0.0, classifier_limit=128))
+    data = read_split(out / "train")
+    assert len(data.labels) == 12 and not report["conditional"] and "pseudo" in report["labels"]
+    with pytest.raises(UserError, match="reached confidence"):  # noise is never 99.99% anything
+        generate.run(cfg(uncond_dir, fmnist_shards, tmp_path / "x", n=2, min_confidence=0.9999,
+                         batch_size=2, classifier_limit=128))
+    assert not (tmp_path / "x").exists()
+
+
+def test_refusals(cond_dir, uncond_dir, fmnist_shards, tmp_path, capsys):
+    with pytest.raises(UserError, match="unconditional"):
+        generate.run(cfg(uncond_dir, fmnist_shards, tmp_path / "o", guidance=2.0))
+    for args in (["--n", "0"], ["--sampler", "euler"], ["--model", str(tmp_path / "missing")],
+                 ["--sample-steps", "5000", "--no-check"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--model", str(cond_dir), "--real", str(fmnist_shards / "train"),
+                  "--out", str(tmp_path / "o"), *args])
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith("error:"), args
+    assert not (tmp_path / "o").exists()
+
+
+def test_grid_rows_are_classes():
+    images = np.stack([np.full((2, 2, 1), 10 * k, np.uint8) for k in [0, 1, 2, 1]])
+    grid = class_grid(images, np.array([0, 1, 2, 1]), 3, per_class=2)
+    assert grid.shape == (6, 4, 1)
+    assert grid[2:4, :, 0].tolist() == [[10] * 4] * 2 and grid[4:6, 2:, 0].max() == 0
+    # batches never cross a shard boundary (10 per shard), so shards can be split over processes
+    assert generate.batches(5, 27, 10, 4) == [(5, 9), (9, 10), (10, 14), (14, 18), (18, 20), (20, 24),
+                                              (24, 27)]
