@@ -154,7 +154,8 @@ def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
         have += shard["count"]
     keys, images, labels = [], [], []
     try:
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        # every process reads the whole split (stages split the work themselves, by sample or shard)
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src)
         for sample in tqdm(ds, total=want, desc=f"read {split_dir.name}", disable=not progress):
             k, im, lab = _decode(sample, str(split_dir))
             keys.append(k), images.append(im), labels.append(lab)
