@@ -41,7 +41,9 @@ class _Dist:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState  # lazy: single-process runs do not need it
 
-            self.state = PartialState()
+            # important: PartialState ignores ACCELERATE_USE_CPU; without cpu=True it silently runs
+            # every process as rank 0 of 1 on a machine without CUDA
+            self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank = self.state.process_index if self.state else 0
         self.world = self.state.num_processes if self.state else 1
         self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
