@@ -15,7 +15,15 @@ from pathlib import Path
 
 from pipeline.config import ReportConfig
 from pipeline.errors import UserError
-from pipeline.results import aggregate, find_train_log, load_evals, read_log, train_seconds, variant_order
+from pipeline.results import (
+    aggregate,
+    find_train_log,
+    load_evals,
+    read_log,
+    train_field,
+    train_seconds,
+    variant_order,
+)
 
 
 def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -34,12 +42,15 @@ def table(groups: dict[str, list[dict]]) -> str:
     """The Markdown results table, one row per variant."""
     first = next(iter(groups.values()))[0]
     pgd = first.get("pgd_attack", {})
-    head = (f"| variant | seeds | clean (%) | PGD-{pgd.get('steps', '?')}x{pgd.get('restarts', '?')} (%) "
+    head = (f"| variant | seeds | DRA weight | synthetic | clean (%) "
+            f"| PGD-{pgd.get('steps', '?')}x{pgd.get('restarts', '?')} (%) "
             f"| AutoAttack-{first.get('autoattack_version', '?')} (%) | train time (s) | checks |")
-    rows = [head, "|" + "---|" * 7]
+    rows = [head, "|" + "---|" * 9]
     for name, runs in groups.items():
         bad = sorted({w for r in runs for w in r.get("warnings", [])})
-        rows.append(f"| {name} | {len(runs)} | {fmt([r['clean'] for r in runs])} "
+        setting = [", ".join(sorted({f"{train_field(r, k, '?')}" for r in runs}))
+                   for k in ("dra_weight", "synthetic_fraction")]
+        rows.append(f"| {name} | {len(runs)} | {setting[0]} | {setting[1]} | {fmt([r['clean'] for r in runs])} "
                     f"| {fmt([r['pgd'] for r in runs])} | {fmt([r.get('autoattack') for r in runs])} "
                     f"| {fmt([train_seconds(r) for r in runs], scale=1.0, digits=0)} "
                     f"| {'ok' if not bad else 'FAILED: ' + ', '.join(bad)} |")

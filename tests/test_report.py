@@ -20,7 +20,9 @@ def _result(variant: str, seed: int, clean: float, pgd: float, aa: float, ckpt: 
             "threat_model": "Linf", "eps": 0.1, "attacks": ["pgd-ce-20x2", "autoattack-fast:apgd-ce"],
             "pgd_attack": {"steps": 20, "restarts": 2, "step_size": 0.0125},
             "autoattack_version": "fast", "checks": {}, "warnings": list(warnings),
-            "checkpoint": str(ckpt), "train_config": {"seed": seed}, "train_metrics": {"train_seconds": 100 + seed}}
+            "checkpoint": str(ckpt),
+            "train_config": {"train": {"seed": seed, "dra_weight": 0.5 * ("DRA" in variant),
+                                       "synthetic_fraction": 0.7 * variant.startswith("DM")}}, "train_metrics": {"train_seconds": 100 + seed}}
 
 
 @pytest.fixture
@@ -49,12 +51,13 @@ def test_report_table_plots_and_seeds(results, tmp_path):
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
-    at = rows[0].split("|")
-    assert at[2].strip() == "2"
-    assert at[3].strip() == "83.00 ± 1.41"  # mean and sample std of 82, 84
-    assert at[4].strip() == "52.00 ± 2.83" and at[5].strip() == "50.00 ± 2.83"
-    assert at[6].strip() == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
-    assert rows[1].split("|")[3].strip() == "83.00" and "ok" in rows[1]
+    at = [c.strip() for c in rows[0].split("|")]
+    assert at[2:5] == ["2", "0.0", "0.0"]
+    assert at[5] == "83.00 ± 1.41"  # mean and sample std of 82, 84
+    assert at[6] == "52.00 ± 2.83" and at[7] == "50.00 ± 2.83"
+    assert at[8] == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
+    dra = [c.strip() for c in rows[3].split("|")]
+    assert dra[3:6] == ["0.5", "0.7", "80.00"] and "ok" in rows[3]
     assert "FAILED: autoattack_le_pgd" in rows[2]
     assert "PGD-20x2" in md and "AutoAttack-fast" in md and "eps = 0.1" in md
     for name in ("accuracy.png", "curves.png", "samples.png"):
