@@ -137,6 +137,22 @@ def test_recompute_rows_with_diffusers_alone(store):
             assert centred >= 0.995, (name, n, k, float(centred))
 
 
+def test_extractor_from_cache_replays_rows(store):
+    """train --online rebuilds the extractor from the attrs and gets the stored rows back."""
+    from pipeline.features import FeatureExtractor
+    from pipeline.views import apply_views
+
+    cache = open_cache(str(store))
+    fe = FeatureExtractor.from_cache(cache)
+    part = cache.part("train")
+    ss = read_split(part.shards, limit=part.n)
+    rows, views = np.arange(0, 200, 25), np.arange(8) % 3
+    x = torch.from_numpy(ss.images[rows]).permute(0, 3, 1, 2).float() / 255
+    x = apply_views(x, *(torch.from_numpy(part.views[k][rows, views]) for k in ("dx", "dy", "flip")), 2)
+    got = fe(x, torch.from_numpy(part.noise_seed[rows, views]), torch.from_numpy(part.labels[rows]))
+    np.testing.assert_array_equal(got.numpy().astype(np.float16), part.read(rows, views))
+
+
 def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_dir):
     out = tmp_path / "feats.zarr"
     cases = {"outside the schedule": dict(t=1000), "unknown layer 'mid'": dict(layer="mid"),
