@@ -132,7 +132,8 @@ class TrainConfig:
     target_norm: str = "center"  # none | center | whiten (with the cache's train mean/std)
     synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
     real_limit: int = 10_000  # train on the first N real samples of the cache (0: all)
-    epochs: int = 3  # passes over the real samples
+    epochs: int = 4  # passes over the real samples
+    max_steps: int = 0  # stop after this many steps (0: epochs x steps per epoch); equal budgets across variants
     batch_size: int = 128  # global batch (split over processes)
     lr: float = 0.05
     momentum: float = 0.9
@@ -146,6 +147,33 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
     resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+
+# --- bench (not a DVC stage: `python -m pipeline bench`) -----------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of the benchmark; the defaults run in a few minutes on 2 CPU cores."""
+
+    source: str = "data/fashion-mnist"  # real images (prepared into a temporary folder)
+    out: str = "artifacts/bench/bench.json"
+    n: int = 2048  # real images of each split (train, test) that extract and training use
+    views: int = 4  # K of the train part
+    t: int = 100
+    layer: str = "mid_block"
+    batch_size: int = 256  # extract batch, and the bare forward's
+    chunks_per_shard: int = 4  # extract's zarr shards (several per part, so 2 processes share the work)
+    repeats: int = 3  # interleaved repeats of extract vs the bare forward (and 2-process runs: 2)
+    train_steps: int = 20  # timed steps of each training variant, interleaved step by step
+    train_batch_size: int = 128
+    attack_steps: int = 5
+    arch: str = "cnn"
+    online_full: bool = True  # also time online DRA with the whole UNet forward (as the paper runs it)
+    memory_budget_mb: int = 64  # the reader's budget for the flat-memory check
+    stream_cache_mb: int = 400  # raw size of the synthetic store read under that budget (and one half as big)
+    two_proc: bool = True  # time extract with 2 processes vs 1 (accelerate launch)
+    workdir: str = ""  # scratch folder ("" : a temporary one, removed afterwards)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 

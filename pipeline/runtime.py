@@ -57,3 +57,11 @@ class Runtime:
     def barrier(self) -> None:
         if self.acc is not None:
             self.acc.wait_for_everyone()
+
+    def synchronised(self, module: nn.Module) -> bool:
+        """True when every process holds bit-identical parameters (always true with one process)."""
+        if self.world == 1:
+            return True
+        flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])[None].to(self.device)
+        everyone = self.acc.gather(flat)
+        return bool((everyone == everyone[:1]).all())

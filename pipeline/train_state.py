@@ -143,13 +143,19 @@ def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
                     progress["sums"], progress["counts"], progress["last"], log)
 
 
-def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_per_epoch: int) -> dict:
-    """metrics.json (final epoch's values, wall time) and config.json marked finished."""
+def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_per_epoch: int,
+           net: torch.nn.Module) -> dict:
+    """metrics.json (final epoch's values, wall time) and config.json marked finished.
+
+    With several processes it first checks that all of them hold the same weights.
+    """
     seconds = time.perf_counter() - started
+    if not rt.synchronised(net):
+        raise RuntimeError("data-parallel processes ended with different weights (gradient sync failed)")
     last = st.log[-1] if st.log else {}
     metrics = {**{k: v for k, v in last.items() if k != "epoch"}, "epochs": st.epoch,
                "steps_per_epoch": steps_per_epoch, "train_seconds": round(seconds, 3),
-               "target_mode": meta["cache"]["target_mode"], "processes": rt.world}
+               "target_mode": meta["cache"]["target_mode"], "processes": rt.world, "synchronised": True}
     if rt.is_main:
         _write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         cfg = json.loads((out / CONFIG_FILE).read_text())

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -75,7 +76,8 @@ def check_config(cfg: TrainConfig) -> Parsed:
               (0 <= cfg.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
               (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"), (cfg.head_hidden >= 1, "--head-hidden must be >= 1"),
               (cfg.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"), (cfg.image_size >= 0, "--image-size must be >= 0"),
-              (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"), (bool(cfg.out), "--out is empty")]
+              (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+              (cfg.max_steps >= 0, "--max-steps must be >= 0"), (bool(cfg.out), "--out is empty")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
@@ -159,8 +161,60 @@ def targets_for(inputs: dict, data: Data, extractor: Any, norm: TargetNorm, devi
     return normalise_targets(raw.to(device), data.mean, data.std, norm)
 
 
-def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
-    """Train; ``stop_after_steps`` (tests) checkpoints and returns after that many steps, like a kill."""
+@dataclass
+class Trainer:
+    """Everything one run holds; ``step`` is one optimisation step (used by ``run`` and ``bench``)."""
+
+    cfg: TrainConfig
+    parsed: Parsed
+    rt: Runtime
+    data: Data
+    net: DRANet
+    wrapped: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema: EMA
+    gen: torch.Generator
+    sampler: MixedSampler
+    meta: dict
+    extractor: Any = None
+
+    @property
+    def total_steps(self) -> int:
+        full = self.cfg.epochs * self.sampler.steps_per_epoch
+        return min(full, self.cfg.max_steps) if self.cfg.max_steps else full
+
+    def feed(self, epoch: int, start: int) -> Prefetcher:
+        """Assembled inputs of the epoch's batches, prepared one or two steps ahead in a thread."""
+        d = self.data
+        return Prefetcher(self.sampler.batches(epoch, start), lambda b: assemble(b, d.real, d.synthetic, d.pad), 2)
+
+    def step(self, global_step: int, batch: Any, inputs: dict) -> tuple[dict, float, float]:
+        """One step: lr/DRA weight for this step, targets, attack, loss, update, EMA. Returns stats."""
+        cfg, rt = self.cfg, self.rt
+        lr = lr_at(global_step, self.total_steps, cfg.lr, self.parsed.lr_schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        dra_w = dra_weight_at(global_step, self.total_steps, cfg.dra_weight, self.parsed.dra_schedule)
+        x, y = inputs["x"].to(rt.device), inputs["y"].to(rt.device)
+        with rt.autocast():
+            target = targets_for(inputs, self.data, self.extractor, self.parsed.target_norm, rt.device)
+            settings = StepSettings(self.parsed.method, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.trades_beta,
+                                    cfg.label_smoothing)
+            loss, terms, logits_adv = adversarial_step(self.wrapped, self.net.classifier, x, y, target, dra_w,
+                                                       settings, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        rt.backward(loss)
+        self.opt.step()
+        self.ema.update(self.net.classifier)
+        stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                 "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+        if batch.step % CLEAN_EVERY == 0:
+            stats["clean_acc"] = clean_accuracy(self.net.classifier, x, y)
+        return stats, lr, dra_w
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+    """Checks, data, model, optimizer: everything before the first step (no files written)."""
     parsed = check_config(cfg)
     rt = Runtime(cfg.device)
     data = open_data(cfg, rt)
@@ -171,57 +225,74 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
         extractor = FeatureExtractor.from_cache(data.cache, device=rt.device)
     net, opt, ema, meta = build(cfg, data, rt)
     sampler = make_sampler(cfg, data, rt)
-    out = Path(cfg.out)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
+    return Trainer(cfg, parsed, rt, data, net, net, opt, ema, gen, sampler, meta, extractor)
+
+
+def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
+    """Train; ``stop_after_steps`` (tests) checkpoints and returns after that many steps, like a kill."""
+    tr = setup(cfg)
+    rt, out = tr.rt, Path(cfg.out)
     st = train_state.fresh()
     if cfg.resume:
-        st = train_state.load(out, cfg, net, opt, ema, gen, rt.device) or st
-    wrapped = rt.prepare(net)
-    total_steps = cfg.epochs * sampler.steps_per_epoch
-    settings = StepSettings(parsed.method, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.trades_beta, cfg.label_smoothing)
-    bar = tqdm(total=total_steps, initial=st.global_step, desc=f"train {out.name}", unit="step", mininterval=2,
+        st = train_state.load(out, cfg, tr.net, tr.opt, tr.ema, tr.gen, rt.device) or st
+    tr.wrapped = rt.prepare(tr.net)
+
+    def save() -> None:
+        train_state.save(out, cfg, tr.net, tr.opt, tr.ema, tr.gen, st, tr.meta, rt, started)
+
+    bar = tqdm(total=tr.total_steps, initial=st.global_step, desc=f"train {out.name}", unit="step", mininterval=2,
                disable=not rt.is_main)
     started = time.perf_counter() - st.seconds
     for epoch in range(st.epoch, cfg.epochs):
-        items = sampler.batches(epoch, st.step)
-        feed = Prefetcher(items, lambda b: assemble(b, data.real, data.synthetic, data.pad), depth=2)
-        net.train()
+        if st.global_step >= tr.total_steps:
+            break
+        feed = tr.feed(epoch, st.step)
+        tr.net.train()
         t_prev = time.perf_counter()
         try:
             for batch, inputs in feed:
-                g = st.global_step
-                lr = lr_at(g, total_steps, cfg.lr, parsed.lr_schedule)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                dra_w = dra_weight_at(g, total_steps, cfg.dra_weight, parsed.dra_schedule)
-                x, y = inputs["x"].to(rt.device), inputs["y"].to(rt.device)
-                with rt.autocast():
-                    target = targets_for(inputs, data, extractor, parsed.target_norm, rt.device)
-                    loss, terms, logits_adv = adversarial_step(wrapped, net.classifier, x, y, target, dra_w,
-                                                               settings, gen)
-                opt.zero_grad(set_to_none=True)
-                rt.backward(loss)
-                opt.step()
-                ema.update(net.classifier)
-                stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
-                         "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
-                if batch.step % CLEAN_EVERY == 0:
-                    stats["clean_acc"] = clean_accuracy(net.classifier, x, y)
+                stats, lr, dra_w = tr.step(st.global_step, batch, inputs)
                 now = time.perf_counter()
                 st.add(stats, now - t_prev, lr, dra_w)
                 t_prev = now
-                st.step, st.global_step = batch.step + 1, g + 1
+                st.step, st.global_step = batch.step + 1, st.global_step + 1
                 bar.update(1)
-                if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and st.step < sampler.steps_per_epoch:
-                    train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+                mid_epoch = st.step < tr.sampler.steps_per_epoch
+                if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and mid_epoch:
+                    save()
                 if stop_after_steps is not None and st.global_step >= stop_after_steps:
-                    train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+                    save()
                     return {"stopped_at": st.global_step}
+                if st.global_step >= tr.total_steps:  # --max-steps reached mid-epoch
+                    break
         finally:
             feed.close()
         st.end_epoch(epoch, rt)
         if rt.is_main:
             bar.set_postfix_str(st.summary())
-        train_state.save(out, cfg, net, opt, ema, gen, st, meta, rt, started)
+        save()
     bar.close()
-    return train_state.finish(out, st, meta, rt, started, sampler.steps_per_epoch)
+    return train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
+
+
+def bench(cfgs: dict[str, TrainConfig], steps: int = 20) -> dict[str, float]:
+    """Median seconds per step of each config, their steps interleaved one by one in one process.
+
+    Interleaving makes the ratios robust to other load on the machine (each config sees the
+    same conditions); the step includes waiting for the prefetched batch and reading targets.
+    """
+    trainers = {name: setup(c) for name, c in cfgs.items()}
+    feeds = {name: iter(tr.feed(0, 0)) for name, tr in trainers.items()}
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    order = list(trainers)
+    for i in range(steps + 2):
+        for name in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            tr = trainers[name]
+            tr.net.train()
+            t0 = time.perf_counter()
+            batch, inputs = next(feeds[name])
+            tr.step(i, batch, inputs)
+            if i >= 2:  # warm-up steps excluded
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}

@@ -4,7 +4,9 @@ refusals before training, resume equality, CLI end to end."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from pipeline.train_state import STATE_FILE
 from pipeline.training import TargetNorm
 from pipeline.views import apply_view_reference
 from stages import extract, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +133,9 @@ def test_cli_end_to_end(store, tmp_path, capsys):
 def test_plain_at_and_trades(store, tmp_path):
     m = train.run(cfg(store, tmp_path / "at", dra_weight=0.0, batch_size=128))
     assert m["target_mode"] == "none" and "dra" not in m and m["steps_per_epoch"] == 2
-    m = train.run(cfg(store, tmp_path / "trades", method="trades", lr_schedule="onecycle", dra_schedule="cosine-decay"))
-    assert {"ce", "kl", "dra"} <= set(m)
+    m = train.run(cfg(store, tmp_path / "trades", method="trades", lr_schedule="onecycle", dra_schedule="cosine-decay",
+                      epochs=2, max_steps=3))
+    assert {"ce", "kl", "dra"} <= set(m) and m["step"] == 3  # --max-steps: an equal budget across variants
 
 
 def _incomplete(store: Path, tmp: Path) -> Path:
@@ -192,3 +197,18 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
     assert full["loss"] == resumed["loss"]
     with pytest.raises(UserError, match="other settings"):
         train.run(replace(part, resume=True, lr=0.1))
+
+
+def test_two_processes_stay_synchronised(store, tmp_path):
+    """Data-parallel under accelerate on CPU: 2 processes, each its half of every batch."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline", "train",
+           "--cache", str(store), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--attack-steps", "2",
+           "--head-hidden", "32", "--synthetic-fraction", "0.25", "--real-limit", "0"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["synchronised"] is True and metrics["steps_per_epoch"] == 5
+    assert load_classifier(out)[1]["finished"]
