@@ -112,15 +112,37 @@ def test_quick_profile_report_and_metrics(quick_run):
         full = json.loads((quick_run / "artifacts" / "eval" / f"{key}.json").read_text())
         assert full["checks"]["eval_mode"] and full["checks"]["deterministic"], full["checks"]
     shown = _dvc(quick_run, "metrics", "show", "--json")
-    assert "artifacts/metrics/at.json" in shown
+    assert "artifacts/metrics/at.json" in shown and "artifacts/train/at/metrics.json" in shown
+    assert "probe_accuracy" in shown
+    _dvc(quick_run, "plots", "show", "-o", "plots-html")
+    html = (quick_run / "plots-html" / "index.html").read_text()
+    assert "log.tsv" in html and "accuracy.png" in html
 
 
-def test_second_repro_does_nothing_and_dra_weight_reruns_only_dra(quick_run):
-    """Runs last in this file: it re-runs part of the pipeline with another DRA weight."""
+def _set_dra_weight(repo: Path, value: float) -> None:
+    params = repo / "params.yaml"
+    text = params.read_text()
+    assert "dra_weight: &dra 0.5" in text
+    params.write_text(text.replace("dra_weight: &dra 0.5", f"dra_weight: &dra {value}"))
+
+
+def test_second_repro_does_nothing_and_dra_weight_stales_only_dra_trainings(quick_run):
     assert "up to date" in _dvc(quick_run, "status")
     assert "Running stage" not in _dvc(quick_run, "repro")
-    params = quick_run / "params.yaml"
-    params.write_text(params.read_text().replace("dra_weight: &dra 0.5", "dra_weight: &dra 0.25"))
+    original = (quick_run / "params.yaml").read_text()
+    try:
+        _set_dra_weight(quick_run, 0.25)
+        status = _dvc(quick_run, "status")
+        stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line[0].isspace()}
+        assert stale == {"train@at_dra", "train@dmat_dra"}, status  # downstream of them: evaluate, report
+    finally:
+        (quick_run / "params.yaml").write_text(original)
+
+
+@pytest.mark.slow
+def test_dra_weight_reruns_only_dra_training_evaluation_and_report(quick_run):
+    """Runs the stale stages for real and lists what ran (~1 minute more)."""
+    _set_dra_weight(quick_run, 0.25)
     out = _dvc(quick_run, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@at_dra", "train@dmat_dra", "evaluate@at_dra", "evaluate@dmat_dra", "report"}, out
