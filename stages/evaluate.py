@@ -101,10 +101,10 @@ def run(cfg: EvaluateConfig) -> dict:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
             model, x, y, eps=cfg.eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
             fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed))
-        aa_acc = float(aa_ok.float().mean())
+        aa_acc = int(aa_ok.sum()) / len(y)
         attacks += [f"autoattack-{cfg.autoattack.value}:{a}" for a in aa_attacks]
     big = timed("large_eps", lambda: robust.large_eps_accuracy(model, xc, yc, seed=cfg.seed))
-    clean_acc, pgd_acc = float(clean.float().mean()), float(pgd_ok.float().mean())
+    clean_acc, pgd_acc = int(clean.sum()) / len(y), int(pgd_ok.sum()) / len(y)  # exact fractions
     checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=cfg.eps,
                                        pgd_stats=pgd_stats, aa_stats=aa_stats, big_eps_acc=big))
     warnings = robust.failed(checks)
