@@ -35,10 +35,13 @@ from pipeline.errors import UserError
 FORMAT = "dra-feature-cache/1"
 PARTS = ("train", "synthetic", "test")
 NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
-# measured on real Fashion-MNIST mid_block features (see README): blosc-zstd compresses float16
-# best at the same speed class; lz4 is the fast alternative for object stores close to the GPU.
+# Measured on float16 mid_block features of real Fashion-MNIST (6000 x 4 views x 64, default-size
+# UNet, untrained weights): blosc-zstd+bitshuffle 1.19x (96 ms/3 MB write), blosc-lz4+bitshuffle
+# 1.17x (38 ms), plain zstd 1.10x (38 ms), blosc-zstd+byte shuffle 1.12x. Half-precision
+# activations are close to incompressible; bitshuffle is what helps. Writes run in a background
+# thread, so the better ratio is free.
 COMPRESSORS: dict[str, Any] = {
-    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=2),
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2),
     "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2),
     "zstd": lambda: ZstdCodec(level=5),
 }
