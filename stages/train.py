@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import train_state
-from pipeline.cache import open_cache
+from pipeline.cache import open_cache, verify_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier
@@ -97,9 +97,25 @@ class Data:
     chunked: dict = field(default_factory=dict)
 
 
+def refuse_damaged(cfg: TrainConfig) -> None:
+    """Checksums of every file of the parts train reads, and a NaN/Inf scan of their features.
+
+    A flipped byte can decode to plausible numbers and a truncated zarr shard can read back as
+    fill values: without this, training would run on wrong targets without a word.
+    """
+    parts = ("train", "synthetic") if cfg.synthetic_fraction > 0 else ("train",)
+    problems = verify_cache(cfg.cache, parts=parts)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `python -m pipeline cache verify`)" if len(problems) > 1 else ""
+        first = " ".join(problems[0].split())
+        raise UserError(f"{cfg.cache}: damaged cache refused before training: {first}{more}")
+
+
 def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     """Cache + images, all checks done; features in RAM or streamed (or none: plain AT / online)."""
     cache = open_cache(cfg.cache)
+    if cfg.verify:
+        refuse_damaged(cfg)
     if "train" not in cache.parts:
         raise UserError(f"{cfg.cache}: no real train part")
     if cfg.synthetic_fraction > 0 and "synthetic" not in cache.parts:
@@ -205,7 +221,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         rt.backward(loss)
         self.opt.step()
-        self.ema.update(self.net.classifier)
+        self.ema.update(self.net.classifier, global_step)
         stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                  "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
         if batch.step % CLEAN_EVERY == 0:
