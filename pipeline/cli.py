@@ -38,6 +38,8 @@ STAGES: dict[str, tuple[type, str, str]] = {
                  "Checkpoint + test shards -> clean, PGD and AutoAttack accuracy (JSON, with sanity checks)."),
     "report": (C.ReportConfig, "stages.report",
                "Evaluation and training results -> Markdown table + PNG plots comparing the variants."),
+    "bench": (C.BenchConfig, "stages.bench",
+              "Measure what the cache saves (extract, training steps, reader, memory, 2 processes) -> table + JSON."),
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
