@@ -127,7 +127,7 @@ class CacheWriter:
         try:
             group = zarr.open_group(_location(url), mode="r+", zarr_format=3)
             old = dict(group.attrs)
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+        except (OSError, KeyError, ValueError, zarr.errors.BaseZarrError):  # OSError: e.g. URL is a file
             group, old = None, {}
         if group is not None and old.get("created"):
             if any(old.get(k) != v for k, v in plan.items()):
@@ -373,8 +373,12 @@ def _scan_finite(name: str, g: zarr.Group) -> list[str]:
     return problems
 
 
-def verify_cache(url: str) -> list[str]:
-    """Every problem of a store, one line each: completeness, checksums, shapes, NaN/Inf."""
+def verify_cache(url: str, *, parts: tuple[str, ...] | None = None) -> list[str]:
+    """Every problem of a store, one line each: completeness, checksums, shapes, NaN/Inf.
+
+    ``parts`` limits the checksum, shape and NaN checks to those parts (``train`` checks only
+    what it will read); None checks the whole store.
+    """
     try:
         group = _open_group(str(url), "r")
     except UserError as exc:
@@ -386,12 +390,14 @@ def verify_cache(url: str) -> list[str]:
     if attrs.get("complete") is not True:
         problems.append("incomplete: no \"complete\" marker (extract did not finish)")
     for key, want in attrs.get("checksums", {}).items():
+        if parts is not None and key.split("/", 1)[0] not in parts:
+            continue
         got = _sha(_raw(group.store, key))
         if not got:
             problems.append(f"{key}: missing file")
         elif got != want:
             problems.append(f"{key}: checksum mismatch (corrupted or truncated)")
-    for name in [p for p in PARTS if p in group.group_keys()]:
+    for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
         shape_problems = _check_shapes(name, group[name])
         problems += shape_problems or _scan_finite(name, group[name])
     if not any(p in group.group_keys() for p in PARTS):

@@ -33,7 +33,7 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
 METRICS_FILE = "metrics.json"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "checkpoint_every", "device", "memory_budget_mb", "online"}
+RESUMABLE_CHANGES = {"resume", "checkpoint_every", "device", "memory_budget_mb", "online", "verify"}
 
 
 @dataclass
