@@ -1,9 +1,35 @@
-"""The one exception type for user errors.
+"""The one exception type for user errors, and the output-path check every stage makes first.
 
 Anything raised as ``UserError`` is printed by the CLI as a single line (no traceback) and the
 process exits with status 2. Bugs stay ordinary exceptions, with their traceback.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input, a missing file, a refused cache: something the user can fix."""
+
+
+def check_out(path: str, *, folder: bool, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Important: without this, a stage whose ``--out`` is an existing file (or lies under one)
+    runs to the end and only then fails on the rename, with a traceback. fsspec URLs pass.
+    """
+    if not path:
+        raise UserError(f"{flag} is empty")
+    if "://" in str(path):
+        return
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: exists and is a file, not a folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; give a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {p}: {parent} is a file, not a folder")
+            break

@@ -50,6 +50,8 @@ def detect_format(root: Path) -> SourceFormat:
         return SourceFormat.npz
     if not root.exists():
         raise UserError(f"dataset not found: {root} ({FASHION_MNIST_HINT})")
+    if not root.is_dir():
+        raise UserError(f"{root}: a dataset folder (or an .npz file) is expected, not this file")
     names = {p.name for p in root.iterdir()}
     if any(n.startswith(("train-images-idx3", "t10k-images-idx3")) for n in names):
         return SourceFormat.idx

@@ -39,7 +39,7 @@ from pipeline.diffusion import (
     pointer_info,
     save_model,
 )
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.shards import read_split
 
 DEFAULT_SIZING = "measured on 2 shared CPU cores: ~0.3 s per 128-image bf16 step (see README)"
@@ -62,6 +62,7 @@ def check(cfg: DiffusionConfig) -> None:
                         f"layers_per_block={cfg.layers_per_block}")
     if cfg.warmup_steps < 0 or cfg.checkpoint_every < 0 or cfg.limit < 0:
         raise UserError("--warmup-steps, --checkpoint-every and --limit must be >= 0")
+    check_out(cfg.out, folder=True)
 
 
 def loss_plot(losses: list[tuple[int, float]], path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import robust
 from pipeline.config import AutoAttackVersion, EvaluateConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.models import load_classifier
 from pipeline.shards import read_split
 
@@ -35,6 +35,8 @@ def check_config(cfg: EvaluateConfig) -> None:
                         "--fast-iters >= 1")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise UserError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    check_out(cfg.out, folder=False)
+    check_out(str(metrics_path(cfg)), folder=False, flag="--metrics")
 
 
 def metrics_path(cfg: EvaluateConfig) -> Path:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.cache import NORMALISATION, CacheWriter, PartInit
 from pipeline.config import ExtractConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.features import FeatureExtractor
 from pipeline.probe import linear_probe
 from pipeline.shards import FINGERPRINT, ShardSet, read_fingerprint, read_split
@@ -62,8 +62,7 @@ def check_config(cfg: ExtractConfig) -> None:
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
     if cfg.view.pad < 0:
         raise UserError(f"--view-pad must be >= 0, got {cfg.view.pad}")
-    if not cfg.out:
-        raise UserError("--out is empty")
+    check_out(cfg.out, folder=True)
 
 
 def split_dirs(cfg: ExtractConfig) -> dict[str, Path]:

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import GenerateConfig
 from pipeline.diffusion import DiffusionModel, atomic_folder, commit_folder, load_model
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.sampling import SAMPLERS, class_grid, make_sampler, sample
 from pipeline.shards import make_keys, read_fingerprint, read_split, write_split
 from pipeline.sources import Split
@@ -48,6 +48,7 @@ def check(cfg: GenerateConfig) -> None:
                         f"{cfg.guidance}, {cfg.min_confidence}")
     if cfg.classifier_epochs <= 0 or cfg.classifier_limit < 0:
         raise UserError("--classifier-epochs must be positive and --classifier-limit >= 0")
+    check_out(cfg.out, folder=True)
 
 
 def batches(start: int, stop: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:

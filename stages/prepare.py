@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import PrepareConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.shards import make_keys, write_split
 from pipeline.sources import Split, read_source
 
@@ -18,6 +18,7 @@ def default_name(source: str) -> str:
 def run(cfg: PrepareConfig) -> dict[str, dict]:
     if cfg.limit < 0:
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
+    check_out(cfg.out, folder=True)
     splits = read_source(cfg.source, cfg.format)
     name = cfg.name or default_name(cfg.source)
     out = {}

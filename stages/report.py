@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import ReportConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.results import (
     aggregate,
     find_train_log,
@@ -68,11 +68,17 @@ def markdown(groups: dict[str, list[dict]], images: list[str]) -> str:
         table(groups), "",
         "Attacks: " + ", ".join(first.get("attacks", [])) + ".", "",
     ]
+    fast = first.get("autoattack_fast")
+    if fast:
+        lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({fast.get('targets')} target classes), "
+                  f"{fast.get('iters')} iterations each: a cheaper subset of standard AutoAttack, so its "
+                  "accuracy is an upper bound on standard AutoAttack's.", ""]
     lines += [f"![{Path(p).stem}]({p})\n" for p in images]
     return "\n".join(lines)
 
 
 def run(cfg: ReportConfig) -> dict:
+    check_out(cfg.out, folder=True)
     runs = load_evals(cfg.evals)
     if not runs:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "

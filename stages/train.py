@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline import train_state
 from pipeline.cache import open_cache, verify_cache
 from pipeline.config import TrainConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_out
 from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier
 from pipeline.runtime import Runtime
 from pipeline.sampler import MixedSampler, Prefetcher
@@ -81,6 +81,7 @@ def check_config(cfg: TrainConfig) -> Parsed:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    check_out(cfg.out, folder=True)
     return Parsed(_enum(Method, cfg.method, "method"), _enum(LRSchedule, cfg.lr_schedule, "lr-schedule"),
                   _enum(DRASchedule, cfg.dra_schedule, "dra-schedule"), _enum(TargetNorm, cfg.target_norm, "target-norm"))
 
