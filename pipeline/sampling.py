@@ -1,10 +1,16 @@
-"""Fast samplers for a trained DDPM: DDIM (eta 0) or DPM-Solver++, optional classifier-free guidance.
+"""Fast samplers for a trained DDPM: DDIM (eta configurable) or DPM-Solver++, optional
+classifier-free guidance.
 
-Determinism: the starting noise of sample i comes from its own generator, seeded by (seed, i),
-and both samplers are deterministic given that noise. So a sample depends only on (model,
-sampler settings, seed, i, label), and not on which process or batch produced it, up to the
+Determinism: every random draw of sample i (its starting noise and, with eta > 0, the noise of
+each DDIM step) comes from its own generator, seeded by (seed, i). So a sample depends only on
+(model, sampler settings, seed, i, label), not on which process or batch produced it, up to the
 floating-point effects of batch composition (batches never cross an output shard, so a split over
 processes by whole shards reproduces a single-process run exactly).
+
+Important: eta = 1 (ancestral DDIM) is the default. Measured on the small CPU-trained
+Fashion-MNIST model, deterministic samplers (DDIM eta 0, DPM-Solver++) turn its eps errors at high
+noise levels (amplified by 1/sqrt(alpha_bar), x0 clipped to [-1, 1]) into saturated textures,
+while the fresh noise of eta = 1 corrects them: recognisable garments at 20 steps.
 """
 
 from __future__ import annotations
@@ -41,10 +47,20 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+class _Noise:
+    """Per-sample generators: draw b of every call depends only on (seed, indices[b])."""
+
+    def __init__(self, seed: int, indices: Sequence[int], shape: tuple[int, int, int]):
+        self.gens = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+        self.shape = shape
+
+    def draw(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
+
+
 def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
     """(B, C, H, W) standard normal noise; row b depends only on (seed, indices[b])."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, int(i))))
-                        for i in indices])
+    return _Noise(seed, indices, shape).draw()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -55,10 +71,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor | None, *, seed: int,
-           sampler: str = "ddim", steps: int = 20, guidance: float = 1.0, bf16: bool = True,
-           device: str = "cpu") -> np.ndarray:
+           sampler: str = "ddim", steps: int = 20, eta: float = 1.0, guidance: float = 1.0,
+           bf16: bool = True, device: str = "cpu") -> np.ndarray:
     """Sample one batch; returns uint8 (B, H, W, C). ``labels`` None for an unconditional model.
 
+    ``eta`` (DDIM only): 0 deterministic ODE, 1 ancestral (the default, see the module docstring).
     ``guidance`` w != 1 uses classifier-free guidance: eps = eps_null + w (eps_label - eps_null).
     """
     if (labels is None) == model.conditional:
@@ -66,8 +83,8 @@ def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor |
     if guidance != 1.0 and not model.conditional:
         raise UserError("classifier-free guidance needs a class-conditional model")
     sched = make_sampler(model, sampler, steps)
-    x = initial_noise(seed, indices, (model.in_channels, model.image_size, model.image_size)).to(device)
-    x = x * sched.init_noise_sigma
+    noise = _Noise(seed, indices, (model.in_channels, model.image_size, model.image_size))
+    x = noise.draw().to(device) * sched.init_noise_sigma
     if labels is not None:
         labels = labels.to(device)
         if guidance != 1.0:
@@ -80,7 +97,10 @@ def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor |
         if guidance != 1.0:
             cond, null = eps.chunk(2)
             eps = null + guidance * (cond - null)
-        x = sched.step(eps, t, x).prev_sample
+        if sampler == "ddim" and eta > 0:
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise.draw().to(device)).prev_sample
+        else:
+            x = sched.step(eps, t, x).prev_sample
     return to_uint8(x)
 
 

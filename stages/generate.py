@@ -43,6 +43,8 @@ def check(cfg: GenerateConfig) -> None:
         raise UserError("--n, --batch-size, --shard-size and --sample-steps must be positive")
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 <= cfg.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {cfg.eta}")
     if cfg.guidance < 0 or not 0.0 <= cfg.min_confidence < 1.0:
         raise UserError(f"--guidance must be >= 0 and --min-confidence in [0, 1), got "
                         f"{cfg.guidance}, {cfg.min_confidence}")
@@ -70,7 +72,8 @@ def generate_range(model: DiffusionModel, cfg: GenerateConfig, start: int, stop:
                        mininterval=2, disable=not progress):
         y = None if labels is None else torch.from_numpy(labels[lo:hi]).long()
         out.append(sample(model, range(lo, hi), y, seed=cfg.seed, sampler=cfg.sampler,
-                          steps=cfg.sample_steps, guidance=cfg.guidance, bf16=cfg.bf16, device=device))
+                          steps=cfg.sample_steps, eta=cfg.eta, guidance=cfg.guidance, bf16=cfg.bf16,
+                          device=device))
     return np.concatenate(out)
 
 
@@ -145,7 +148,7 @@ def run(cfg: GenerateConfig) -> dict:
                 shard_size=cfg.shard_size, source=model.source,
                 extra={"split": "train", "name": KEY_PREFIX, "synthetic": {
                     "model": model.source, "weights_sha256": model.weights_sha256, "sampler": cfg.sampler,
-                    "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "seed": cfg.seed}})
+                    "sample_steps": cfg.sample_steps, "eta": cfg.eta, "guidance": cfg.guidance, "seed": cfg.seed}})
     save_grid(images, labels, list(classes), tmp / "grid.png")
     (tmp / "generate.json").write_text(json.dumps(report, indent=2))
     commit_folder(tmp, cfg.out)
