@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -292,24 +291,3 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
     bar.close()
     return train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
 
-
-def bench(cfgs: dict[str, TrainConfig], steps: int = 20) -> dict[str, float]:
-    """Median seconds per step of each config, their steps interleaved one by one in one process.
-
-    Interleaving makes the ratios robust to other load on the machine (each config sees the
-    same conditions); the step includes waiting for the prefetched batch and reading targets.
-    """
-    trainers = {name: setup(c) for name, c in cfgs.items()}
-    feeds = {name: iter(tr.feed(0, 0)) for name, tr in trainers.items()}
-    times: dict[str, list[float]] = {name: [] for name in cfgs}
-    order = list(trainers)
-    for i in range(steps + 2):
-        for name in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-            tr = trainers[name]
-            tr.net.train()
-            t0 = time.perf_counter()
-            batch, inputs = next(feeds[name])
-            tr.step(i, batch, inputs)
-            if i >= 2:  # warm-up steps excluded
-                times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
