@@ -35,7 +35,7 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # no dots (webdataset's extensio
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape a folder or confuse webdataset."""
-    if not KEY_RE.match(key):
+    if not KEY_RE.fullmatch(key):  # fullmatch: "$" alone would admit a trailing newline
         raise UserError(f"invalid sample key {key!r}: keys are 1-128 characters of [A-Za-z0-9_-]")
     return key
 

@@ -97,7 +97,13 @@ def _comparable(cfg: Any) -> dict:
 
 def save(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA,
          gen: torch.Generator, st: RunState, meta: dict, rt: Any, started: float) -> None:
-    """Checkpoint (main process only; others wait): state first, then model + config, then log."""
+    """Checkpoint (main process only; others wait): model + config + log first, state LAST.
+
+    Important: the state file is the commit point. Written first (as it once was), a run killed
+    between it and the model resumed into "nothing left to do" and finished with the previous
+    epoch's model.safetensors and log (tests/test_reliability.py). Written last, an interrupted
+    save leaves the old state, and resuming redoes the epoch, rewriting every file.
+    """
     st.seconds = time.perf_counter() - started
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -108,11 +114,11 @@ def save(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
                     "sums": st.sums, "counts": st.counts, "last": st.last}
         metadata = {"progress": json.dumps(progress), "log": json.dumps(st.log),
                     "config": json.dumps(_comparable(cfg))}
-        save_tensors(out / STATE_FILE, tensors, metadata)
         save_tensors(out / MODEL_FILE, ema.model.state_dict())
         save_json(out / CONFIG_FILE, {**meta, "finished": False, "progress": progress})
         if st.log:
             _write_text(out / LOG_FILE, _log_tsv(st.log))
+        save_tensors(out / STATE_FILE, tensors, metadata)
     rt.barrier()
 
 
