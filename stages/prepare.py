@@ -18,6 +18,8 @@ def default_name(source: str) -> str:
 def run(cfg: PrepareConfig) -> dict[str, dict]:
     if cfg.limit < 0:
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
+    if cfg.shard_size <= 0:  # before the source is read
+        raise UserError(f"--shard-size must be positive, got {cfg.shard_size}")
     check_out(cfg.out, folder=True)
     splits = read_source(cfg.source, cfg.format)
     name = cfg.name or default_name(cfg.source)

@@ -171,9 +171,14 @@ def test_intact_store_passes_verify(store):
     assert verify_cache(str(store), parts=("train",)) == []
 
 
+def _no_training(*args, **kw):
+    raise AssertionError("training started on a store that should have been refused")
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_train_refuses_damaged_store(store, tmp_path, capsys, damage):
+def test_train_refuses_damaged_store(store, tmp_path, capsys, monkeypatch, damage):
     fn, words = DAMAGE[damage]
+    monkeypatch.setattr(train, "build", _no_training)  # refused before the model is even built
     bad = tmp_path / "bad.zarr"
     shutil.copytree(store, bad)
     fn(bad)
@@ -184,6 +189,18 @@ def test_train_refuses_damaged_store(store, tmp_path, capsys, damage):
     line = assert_one_error_line(code, err)
     assert code == 2 and words in line, line
     assert not out_dir.exists()  # refused before training: nothing written
+
+
+def test_other_normalisation_refused_before_training(store, tmp_path, capsys, monkeypatch):
+    """Attributes are not data files (no checksum): check_against catches a foreign convention."""
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store, other)
+    meta = json.loads((other / "zarr.json").read_text())
+    meta["attributes"]["normalisation"] = "x"  # images fed in [0, 1], not [-1, 1]
+    (other / "zarr.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(train, "build", _no_training)
+    code, _, err = run_cli(capsys, ["train", "--cache", other, "--out", tmp_path / "run", *TRAIN_ARGS])
+    assert "normalisation" in assert_one_error_line(code, err) and not (tmp_path / "run").exists()
 
 
 def test_damage_in_an_unused_part_does_not_block_training(store, tmp_path):
@@ -306,6 +323,16 @@ def test_bad_input_one_line_and_no_output(case, bad_inputs, fmnist_dir, fmnist_s
     assert not out.exists(), sorted(out.rglob("*"))  # no partial output at all
     assert {p: p.read_bytes() for p in before} == before  # an input given as --out is untouched
     assert sorted(p.name for p in fmnist_shards.rglob("*")) == real_listing
+
+
+def test_prepare_refuses_bad_sizes_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "read_source", _no_training)
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for kw in ({"shard_size": 0}, {"shard_size": -3}, {"limit": -1}, {"out": str(a_file)}):
+        with pytest.raises(UserError):
+            prepare.run(PrepareConfig(**{"out": str(tmp_path / "o"), **kw}))
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_input_in_a_real_process(model_dir, fmnist_shards, tmp_path):
