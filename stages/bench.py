@@ -312,7 +312,7 @@ def bench_memory(cfg: BenchConfig, work: Path) -> dict:
         return B.run_child(code, env={"PYTHONPATH": str(ROOT)})
 
     runs = {"big": [], "half": [], "base": []}
-    for _ in range(2):  # interleaved; the peak is a max, the rate a median
+    for _ in range(min(2, cfg.repeats)):  # interleaved; the peak is a max, the rate a median
         runs["big"].append(child(big))
         runs["half"].append(child(half))
         runs["base"].append(child(big, read=False))
@@ -344,8 +344,9 @@ def bench_two_proc(cfg: BenchConfig, work: Path, shards: Path, model: Path) -> d
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     threads = max(1, cores // 2)
-    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "true" if not torch.cuda.is_available() else "",
-           "PYTHONPATH": str(ROOT)}
+    env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # and --multi_gpu: the only way to get 2 CPU processes
     one = [sys.executable, "-m", "pipeline"]
     two = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline"]
@@ -426,7 +427,9 @@ def run(cfg: BenchConfig) -> dict:
         res |= bench_train(cfg, work, store)
         _say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")
         res |= bench_memory(cfg, work)
-        if cfg.two_proc:
+        if cfg.two_proc and torch.cuda.is_available() and torch.cuda.device_count() < 2:
+            res["extract_2proc_method"] = "skipped: 2 processes need 2 GPUs on a GPU machine"
+        elif cfg.two_proc:
             _say("extract with 2 processes vs 1")
             res |= bench_two_proc(cfg, work, shards, model)
     finally:
