@@ -25,8 +25,13 @@ def _to_float(images: np.ndarray) -> torch.Tensor:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, arch: str = "cnn",
                      epochs: int = 2, batch_size: int = 128, lr: float = 0.1, seed: int = 0,
-                     device: str = "cpu", progress: bool = True) -> nn.Module:
-    """Train on uint8 (N,H,W,C) images with plain CE; returns the model in eval mode."""
+                     nuisance: bool = False, device: str = "cpu", progress: bool = True) -> nn.Module:
+    """Train on uint8 (N,H,W,C) images with plain CE; returns the model in eval mode.
+
+    ``nuisance``: also randomise the background level and add pixel noise, so the classifier
+    judges shapes rather than the exact black background of real Fashion-MNIST (briefly trained
+    diffusion models leave a grey, slightly noisy background; see ``_nuisance``).
+    """
     torch.manual_seed(seed)
     x_all, y_all = _to_float(images), torch.from_numpy(labels).long()
     n, (c, h, _) = len(x_all), x_all.shape[1:]
@@ -43,6 +48,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             flip = torch.rand(len(idx), generator=g) < 0.5  # horizontal flips: cheap, label-preserving
             x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            if nuisance:
+                x = _nuisance(x, g)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -52,6 +59,14 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return model.eval()
+
+
+def _nuisance(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """x -> b + (1 - b) x + noise: background level b ~ U(0, 0.25), noise std ~ U(0, 0.08)."""
+    b = torch.rand(len(x), 1, 1, 1, generator=g) * 0.25
+    sd = torch.rand(len(x), 1, 1, 1, generator=g) * 0.08
+    noise = torch.randn(x.shape, generator=g) * sd
+    return (b.to(x.device) + (1 - b.to(x.device)) * x + noise.to(x.device)).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -88,6 +88,7 @@ class GenerateConfig:
     real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
     classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
     classifier_limit: int = 20_000  # train it on the first N real images (0: all)
+    classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)
     seed: int = 0
 
 

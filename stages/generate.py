@@ -83,7 +83,8 @@ def real_classifier(cfg: GenerateConfig, num_classes: int):
     real = read_split(cfg.real, limit=cfg.classifier_limit, progress=True)
     if int(real.fingerprint["num_classes"]) != num_classes:
         raise UserError(f"{cfg.real} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
-    return train_classifier(real.images, real.labels, num_classes, epochs=cfg.classifier_epochs, seed=cfg.seed)
+    return train_classifier(real.images, real.labels, num_classes, epochs=cfg.classifier_epochs, seed=cfg.seed,
+                            nuisance=cfg.classifier_nuisance)
 
 
 def pseudo_labelled(model: DiffusionModel, cfg: GenerateConfig, clf, device: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -163,7 +164,8 @@ def _label_check(cfg: GenerateConfig, clf, images: np.ndarray, labels: np.ndarra
         return {}
     from pipeline.classify import accuracy, predict
 
-    out: dict = {"classifier": "cnn (plain CE on real train)"}
+    out: dict = {"classifier": "cnn, plain CE on real train" + (", background/noise nuisance augmentation"
+                                                             if cfg.classifier_nuisance else "")}
     if conditional:
         pred, _ = predict(clf, images)
         out["agreement"] = round(float((pred == labels).mean()), 4)
