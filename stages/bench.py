@@ -46,9 +46,13 @@ from pipeline import benchmark as B
 from pipeline.config import BenchConfig, DiffusionConfig, ExtractConfig, PrepareConfig, TrainConfig
 from pipeline.errors import UserError
 
-TARGETS = {"extract_over_forward": ("<=", 1.05), "train_cached_over_plain": ("<=", 1.03),
-           "reader_over_train": (">=", 20.0), "reader_rss_growth_fraction": ("<=", 0.05),
-           "extract_2proc_speedup": (">=", 1.7)}
+# DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
+# with the data) and for the whole command at the bench's size, where start-up, reading shards
+# and the probe are a larger share than in a full-size extraction.
+TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": ("<=", 1.05),
+           "train_cached_over_plain": ("<=", 1.03), "reader_over_train": (">=", 20.0),
+           "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
+           "extract_2proc_speedup_without_fixed": (">=", 1.7)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -364,7 +368,7 @@ def bench_two_proc(cfg: BenchConfig, work: Path, shards: Path, model: Path) -> d
            "two": lambda: B.timed_command(two + args("two", True), env=env, cwd=str(ROOT)),
            "one_rerun": lambda: B.timed_command(one + args("one", False), env=env, cwd=str(ROOT)),
            "two_rerun": lambda: B.timed_command(two + args("two", False), env=env, cwd=str(ROOT))}
-    times = B.interleaved(fns, rounds=max(2, cfg.repeats - 1), warmup=0)
+    times = B.interleaved(fns, rounds=2, warmup=0)  # whole commands: each round is ~1 min on 2 cores
     m = {k: B.median(v) for k, v in times.items()}
     for p in work.glob("x*.zarr"):
         shutil.rmtree(p, ignore_errors=True)
