@@ -167,8 +167,8 @@ class BenchConfig:
     layer: str = "mid_block"
     batch_size: int = 256  # extract batch, and the bare forward's
     chunks_per_shard: int = 4  # extract's zarr shards (several per part, so 2 processes share the work)
-    repeats: int = 3  # interleaved repeats of extract vs the bare forward (and 2-process runs: 2)
-    train_steps: int = 20  # timed steps of each training variant, interleaved step by step
+    repeats: int = 5  # interleaved repeats of extract vs the bare forward (memory children: 2, 2-process runs: 2)
+    train_steps: int = 40  # timed steps of each training variant, interleaved step by step
     train_batch_size: int = 128
     attack_steps: int = 5
     arch: str = "cnn"

@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.features import FeatureExtractor
 from stages import bench
 
-KEYS = ["extract_over_forward", "extract_stage_over_forward", "train_cached_over_plain",
+KEYS = ["extract_stage_over_forward", "train_cached_over_plain",
         "train_stream_over_plain", "train_online_over_cached", "train_online_full_over_cached",
         "reader_over_train", "reader_peak_rss_mb", "reader_peak_rss_mb_half", "reader_rss_baseline_mb",
         "reader_budget_mb", "reader_cache_mb", "bytes_per_view", "compression_ratio"]
@@ -37,6 +37,8 @@ def test_tiny_bench_reports_every_figure(fmnist_dir, tmp_path, capsys):
     for key in KEYS:
         assert key in res, key
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
+    # a difference of two timings (stage minus its fixed costs): at this size it may be noise around 0
+    assert math.isfinite(res["extract_over_forward"]) and res["extract_fixed_s"] > 0
     assert res["reader_streamed"] is True  # the store is 4x the budget: the reader must stream
     assert res["reader_cache_mb"] > 2 * res["reader_budget_mb"]
     assert res["reader_chunk_reads_per_chunk"] == 1.0  # chunk-aware order: each chunk read once per pass
