@@ -447,6 +447,8 @@ def run(cfg: BenchConfig) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     tmp.rename(out)
-    print(table(res))
-    print(f"written: {out}")
+    text = table(res)
+    out.with_suffix(".txt").write_text(text + "\n")  # the table, for the README
+    print(text)
+    print(f"written: {out} and {out.with_suffix('.txt')}")
     return res
