@@ -38,3 +38,6 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests
+
+bench: setup
+	$(PY) -m pipeline bench
