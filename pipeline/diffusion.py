@@ -18,7 +18,6 @@ foreign conditional UNet without ``model_info.json`` is assumed to follow it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.errors import UserError
+from pipeline.shards import file_sha256
 
 INFO_FILE = "model_info.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -87,14 +87,6 @@ def make_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "square
                              prediction_type="epsilon", clip_sample=True)
     except NotImplementedError as exc:
         raise UserError(f"beta schedule {beta_schedule!r}: {exc}") from None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_file(unet_dir: Path) -> Path:
