@@ -39,3 +39,14 @@ def fmnist_shards(tmp_path_factory, fmnist_dir) -> Path:
                 test.keys[:256], shard_size=128, source=str(fmnist_dir), extra={"split": "test"},
                 progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny class-conditional UNet (28 px, 1 channel, 10 classes) saved in our model layout."""
+    from pipeline.diffusion import make_scheduler, save_model, tiny_unet
+
+    out = tmp_path_factory.mktemp("tiny-unet") / "model"
+    torch.manual_seed(0)
+    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {"trained": False})
+    return out

@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 
 from pipeline.cli import main
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import load_model, make_scheduler, save_model, tiny_unet
+from pipeline.diffusion import load_model, make_scheduler, tiny_unet
 from pipeline.diffusion_train import latest_checkpoint, train_ddpm
 from pipeline.errors import UserError
 from pipeline.shards import read_split
@@ -28,11 +28,8 @@ def forward(unet: UNet2DModel, labels: torch.Tensor | None) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {"trained": False})
-    return out
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def test_our_layout_round_trip(tiny_dir):

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.config import GenerateConfig
-from pipeline.diffusion import load_model, make_scheduler, save_model, tiny_unet
+from pipeline.diffusion import load_model, make_scheduler, tiny_unet
 from pipeline.errors import UserError
 from pipeline.sampling import class_grid, sample
 from pipeline.shards import read_split
@@ -20,11 +20,8 @@ from stages import generate
 
 
 @pytest.fixture(scope="module")
-def cond_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("cond") / "model"
-    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {"trained": False})
-    return out
+def cond_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

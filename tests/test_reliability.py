@@ -39,7 +39,7 @@ from pipeline.config import (
     ReportConfig,
     TrainConfig,
 )
-from pipeline.diffusion import load_model, make_scheduler, save_model, tiny_unet
+from pipeline.diffusion import load_model
 from pipeline.errors import UserError
 from pipeline.models import build_classifier, load_classifier, save_checkpoint
 from pipeline.results import read_log
@@ -53,11 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- fixtures: a tiny model, a small complete store, a trained checkpoint -------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rel-unet") / "model"
-    torch.manual_seed(0)
-    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {})
-    return out
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def extract_cfg(model_dir: Path, real: Path, out: Path, **kw) -> ExtractConfig:

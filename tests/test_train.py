@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, TrainConfig, ViewSpec
-from pipeline.diffusion import make_scheduler, save_model, tiny_unet
 from pipeline.errors import UserError
 from pipeline.models import load_classifier
 from pipeline.results import read_log
@@ -35,11 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("unet") / "model"
-    torch.manual_seed(0)
-    save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {})
-    return out
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
