@@ -1,4 +1,8 @@
-"""Where training runs: one CPU process (no accelerate), or accelerate (GPU and/or >1 process).
+"""Where a stage runs: one CPU process (no accelerate), or accelerate (GPU and/or >1 process).
+
+``Dist`` is the small part every sample-parallel stage (extract, generate, evaluate) needs: rank,
+world size, device, barrier and gathering a Python object from every process. ``Runtime`` adds
+what training needs on top (DDP wrapping, autocast, backward, averaging).
 
 Under ``accelerate launch`` (WORLD_SIZE > 1) the model is wrapped for data-parallel gradient sync
 (DDP via accelerate), mixed precision is bf16 on GPUs, and per-epoch statistics are averaged over
@@ -17,6 +21,43 @@ import torch.nn as nn
 from pipeline.errors import UserError
 
 
+def launched_world() -> int:
+    """Processes started by ``accelerate launch`` / torchrun (1 for a plain command)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Dist:
+    """Rank, world size, device and collectives: accelerate's process group when launched with >1 process."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+        if launched_world() > 1:
+            from accelerate import PartialState  # lazy: single-process runs do not need it
+
+            # important: PartialState ignores ACCELERATE_USE_CPU; without cpu=True it silently runs
+            # every process as rank 0 of 1 on a machine without CUDA
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank = self.state.process_index if self.state else 0
+        self.world = self.state.num_processes if self.state else 1
+        self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state:
+            self.state.wait_for_everyone()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (``[obj]`` with one process)."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+
 class Runtime:
     def __init__(self, device: str = "auto") -> None:
         if device not in ("auto", "cpu", "cuda"):
@@ -24,7 +65,7 @@ class Runtime:
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda, but no CUDA device is available")
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        multi = launched_world() > 1
         self.acc: Any = None
         self.rank, self.world, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
         if multi or cuda:

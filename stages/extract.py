@@ -13,7 +13,6 @@ single-process one byte for byte.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,30 +26,11 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import UserError, check_out
 from pipeline.features import FeatureExtractor
 from pipeline.probe import linear_probe
+from pipeline.runtime import Dist
 from pipeline.shards import FINGERPRINT, ShardSet, read_fingerprint, read_split
 from pipeline.views import apply_views, sample_views
 
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
-
-
-class _Dist:
-    """Rank, world size and barrier: accelerate's process group when launched with >1 process."""
-
-    def __init__(self) -> None:
-        self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState  # lazy: single-process runs do not need it
-
-            # important: PartialState ignores ACCELERATE_USE_CPU; without cpu=True it silently runs
-            # every process as rank 0 of 1 on a machine without CUDA
-            self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank = self.state.process_index if self.state else 0
-        self.world = self.state.num_processes if self.state else 1
-        self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def barrier(self) -> None:
-        if self.state:
-            self.state.wait_for_everyone()
 
 
 def check_config(cfg: ExtractConfig) -> None:
@@ -127,7 +107,7 @@ def run(cfg: ExtractConfig) -> dict:
     from pipeline.diffusion import load_model  # the stage's one heavy import
 
     check_config(cfg)
-    dist = _Dist()
+    dist = Dist()
     dirs = split_dirs(cfg)
     model = load_model(cfg.model, device=str(dist.device))
     extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,
