@@ -19,13 +19,12 @@ foreign conditional UNet without ``model_info.json`` is assumed to follow it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.shards import file_sha256
 
@@ -194,17 +193,9 @@ def pointer_info(model: DiffusionModel, source: str) -> dict:
 
 
 def atomic_folder(out: str | Path) -> Path:
-    """A fresh temporary sibling of ``out`` to write into before ``os.replace``-ing it."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+    """A fresh temporary sibling of ``out`` to write into before ``commit_folder`` renames it."""
+    return Path(storage.start(out))
 
 
 def commit_folder(tmp: Path, out: str | Path) -> None:
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    storage.commit(str(tmp), out)

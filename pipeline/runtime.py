@@ -77,6 +77,14 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every process (pickled; for small things such as a classifier)."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj if self.is_main else None])[0]
+
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """The module the loss forward goes through (DDP-wrapped when there are several processes)."""

@@ -1,13 +1,20 @@
 """Webdataset tar shards of (key, image, label): writing, reading, keys and fingerprints.
 
-Layout of one split folder::
+Layout of one split folder (a local path or any fsspec URL: ``memory://``, ``file://``, ``s3://``)::
 
     SPLIT/shard-000000.tar ...   members KEY.png (lossless image) and KEY.cls (label as text)
     SPLIT/fingerprint.json       written last: count, image shape, classes, content hash, shards
 
-A split is written into a temporary sibling folder and renamed into place once its fingerprint
-is written, so a folder with that name is either complete or absent. Readers refuse a folder
-without a fingerprint and check each shard's sha256 against it.
+A local split is written into a temporary sibling folder and renamed into place once its
+fingerprint is written, so a folder with that name is either complete or absent. Object stores
+have no atomic rename: there the folder is cleared first and the fingerprint is written last, so a
+split without one is incomplete. Readers refuse a split without a fingerprint and check each
+shard's sha256 against it. Shards are read and written through fsspec; webdataset parses and
+writes the tar members.
+
+Shards can be written one at a time (``write_shard``, by any process that owns them) and the
+fingerprint afterwards (``finish_split``), which is how ``generate`` runs under several processes.
+Folder staging and fsspec I/O live in ``pipeline.storage``.
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +35,14 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.sources import Split, encode_png
+from pipeline.storage import basename, commit, join, read_bytes, start, write_bytes
 
 FINGERPRINT = "fingerprint.json"
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # no dots (webdataset's extension separator), no slashes
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:06d}.tar"
 
 
 def check_key(key: str) -> str:
@@ -45,11 +57,16 @@ def make_keys(prefix: str, split: str, n: int, start: int = 0) -> list[str]:
     return [check_key(f"{prefix}-{split}-{i:07d}") for i in range(start, start + n)]
 
 
-def content_hash(keys: list[str], images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 over keys, raw pixels and labels in order: equal data gives an equal hash."""
+def content_hash(keys: list[str], images: np.ndarray | Iterable[np.ndarray], labels: np.ndarray) -> str:
+    """sha256 over keys, raw pixels and labels in order: equal data gives an equal hash.
+
+    ``images`` may be one array or consecutive blocks of it (e.g. shard by shard): the bytes hashed,
+    and so the hash, are the same, whatever the sharding.
+    """
     h = hashlib.sha256()
     h.update(json.dumps(list(keys)).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+    for block in [images] if isinstance(images, np.ndarray) else images:
+        h.update(np.ascontiguousarray(block).tobytes())
     h.update(np.asarray(labels, dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -62,50 +79,72 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_shard(folder: str | Path, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
+                bar: tqdm | None = None) -> dict:
+    """Shard ``s`` of a split as one tar file; returns its record (name, count, sha256)."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=0.0) as sink:
+        for key, image, label in zip(keys, images, labels, strict=True):
+            sink.write({"__key__": check_key(key), "png": encode_png(image), "cls": str(int(label)).encode()})
+            if bar is not None:
+                bar.update(1)
+    data = buf.getvalue()  # after the writer closed: the tar end-of-archive blocks are in
+    write_bytes(join(folder, shard_name(s)), data)
+    return {"name": shard_name(s), "count": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def finish_split(stage: str, fingerprint: dict) -> dict:
+    """Write the fingerprint, last: from now on the split in ``stage`` reads as complete."""
+    write_bytes(join(stage, FINGERPRINT), json.dumps(fingerprint, indent=2).encode())
+    return fingerprint
+
+
+def make_fingerprint(keys: list[str], image_shape: list[int], classes: list[str], shards: list[dict],
+                     content: str, *, source: str = "", extra: dict | None = None) -> dict:
+    if sum(r["count"] for r in shards) != len(keys):
+        raise ValueError("shard records do not add up to the keys")
+    return {"count": len(keys), "image_shape": list(image_shape), "classes": list(classes),
+            "num_classes": len(classes), "content_hash": content, "source": source, "shards": shards,
+            **(extra or {})}
+
+
 def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_size: int = 10_000,
                 source: str = "", extra: dict | None = None, progress: bool = True) -> dict:
     """Write one split as tar shards plus fingerprint, atomically. Returns the fingerprint."""
-    out_dir = Path(out_dir)
     if shard_size <= 0:
         raise UserError(f"shard size must be positive, got {shard_size}")
     if len(keys) != len(split.labels) or len(set(keys)) != len(keys):
         raise UserError("keys must be unique and one per sample")
     for k in keys:
         check_key(k)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = []
+    staging = start(out_dir)
     n = len(keys)
-    bar = tqdm(total=n, desc=f"write {out_dir.name}", unit="img", disable=not progress)
-    for s, start in enumerate(range(0, n, shard_size)):
-        name = f"shard-{s:06d}.tar"
-        with open(tmp / name, "wb") as fh, wds.TarWriter(fh, mtime=0.0) as sink:
-            for i in range(start, min(n, start + shard_size)):
-                sink.write({"__key__": keys[i], "png": encode_png(split.images[i]),
-                            "cls": str(int(split.labels[i])).encode()})
-                bar.update(1)
-        shards.append({"name": name, "count": min(n, start + shard_size) - start,
-                       "sha256": file_sha256(tmp / name)})
-    bar.close()
-    fp = {"count": n, "image_shape": list(split.images.shape[1:]), "classes": list(split.classes),
-          "num_classes": len(split.classes), "content_hash": content_hash(keys, split.images, split.labels),
-          "source": source, "shards": shards, **(extra or {})}
-    (tmp / FINGERPRINT).write_text(json.dumps(fp, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    name = basename(out_dir)
+    with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
+        shards = [write_shard(staging, s, keys[a:a + shard_size], split.images[a:a + shard_size],
+                              split.labels[a:a + shard_size], bar)
+                  for s, a in enumerate(range(0, n, shard_size))]
+    fp = make_fingerprint(keys, list(split.images.shape[1:]), list(split.classes), shards,
+                          content_hash(keys, split.images, split.labels), source=source, extra=extra)
+    finish_split(staging, fp)
+    commit(staging, out_dir)
     return fp
 
 
 def read_fingerprint(split_dir: str | Path) -> dict:
-    path = Path(split_dir) / FINGERPRINT
-    if not path.is_file():
+    url = join(split_dir, FINGERPRINT)
+    data = read_bytes(url)
+    if data is None:
         raise UserError(f"{split_dir}: not a complete shard set (no {FINGERPRINT}); run `prepare` again")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed fingerprint ({exc})") from None
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{url}: malformed fingerprint ({exc})") from None
+
+
+def split_exists(split_dir: str | Path) -> bool:
+    """True when the folder holds a complete split (a fingerprint)."""
+    return read_bytes(join(split_dir, FINGERPRINT)) is not None
 
 
 @dataclass
@@ -132,41 +171,57 @@ def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     return key, image if image.ndim == 3 else image[..., None], label
 
 
+def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = True
+                ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(keys, uint8 images (n,H,W,C), labels) of each listed shard in order, each checked against its record."""
+    for shard in shards:
+        url = join(split_dir, shard["name"])
+        data = read_bytes(url)
+        if data is None:
+            raise UserError(f"{split_dir}: missing shard {shard['name']}")
+        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
+        keys, images, labels = [], [], []
+        try:
+            members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+            for sample in wds.tariterators.group_by_keys(members):
+                k, im, lab = _decode(sample, str(split_dir))
+                keys.append(k), images.append(im), labels.append(lab)
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
+        if len(keys) != shard["count"]:
+            raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
+        yield keys, np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.asarray(labels, np.int64)
+
+
 def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
                progress: bool = False) -> ShardSet:
     """Load a whole split (checked against its fingerprint) into memory.
 
     ``limit`` keeps the first N samples (their order is the shard order, which the keys record).
+    Every process reads what it asks for; stages split the work themselves, by sample or shard.
     """
-    split_dir = Path(split_dir)
     fp = read_fingerprint(split_dir)
     want = fp["count"] if limit <= 0 else min(limit, fp["count"])
-    urls, have = [], 0
+    needed, have = [], 0
     for shard in fp["shards"]:
         if have >= want:
             break
-        path = split_dir / shard["name"]
-        if not path.is_file():
-            raise UserError(f"{split_dir}: missing shard {shard['name']}")
-        if verify and file_sha256(path) != shard["sha256"]:
-            raise UserError(f"{path}: checksum mismatch (corrupted or truncated shard)")
-        urls.append(str(path))
+        needed.append(shard)
         have += shard["count"]
-    keys, images, labels = [], [], []
-    try:
-        # every process reads the whole split (stages split the work themselves, by sample or shard)
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src)
-        for sample in tqdm(ds, total=want, desc=f"read {split_dir.name}", disable=not progress):
-            k, im, lab = _decode(sample, str(split_dir))
-            keys.append(k), images.append(im), labels.append(lab)
-            if len(keys) >= want:
-                break
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
-    if len(keys) != want:
-        raise UserError(f"{split_dir}: read {len(keys)} samples, fingerprint says {want}")
-    images_arr = np.stack(images)
-    labels_arr = np.asarray(labels, dtype=np.int64)
+    keys, blocks, labels = [], [], []
+    name = basename(split_dir)
+    with tqdm(total=want, desc=f"read {name}", unit="img", mininterval=2, disable=not progress) as bar:
+        for k, im, lab in iter_shards(split_dir, needed, verify=verify):
+            keys += k
+            blocks.append(im)
+            labels.append(lab)
+            bar.update(len(k))
+    if have < want or not blocks:
+        raise UserError(f"{split_dir}: read {have} samples, fingerprint says {want}")
+    images_arr = np.concatenate(blocks)[:want]
+    labels_arr = np.concatenate(labels)[:want]
+    keys = keys[:want]
     if want == fp["count"] and verify and content_hash(keys, images_arr, labels_arr) != fp["content_hash"]:
         raise UserError(f"{split_dir}: content hash differs from its fingerprint")
     return ShardSet(keys, images_arr, labels_arr, fp, str(split_dir))

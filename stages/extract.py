@@ -27,7 +27,7 @@ from pipeline.errors import UserError, check_out
 from pipeline.features import FeatureExtractor
 from pipeline.probe import linear_probe
 from pipeline.runtime import Dist
-from pipeline.shards import FINGERPRINT, ShardSet, read_fingerprint, read_split
+from pipeline.shards import ShardSet, join, read_fingerprint, read_split, split_exists
 from pipeline.views import apply_views, sample_views
 
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
@@ -45,12 +45,11 @@ def check_config(cfg: ExtractConfig) -> None:
     check_out(cfg.out, folder=True)
 
 
-def split_dirs(cfg: ExtractConfig) -> dict[str, Path]:
-    """Part name -> shard folder; checks each has a fingerprint (a complete shard set)."""
-    dirs = {"train": Path(cfg.real) / "train", "test": Path(cfg.real) / "test"}
+def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
+    """Part name -> shard folder (path or URL); checks each has a fingerprint (a complete shard set)."""
+    dirs = {"train": join(cfg.real, "train"), "test": join(cfg.real, "test")}
     if cfg.synthetic:
-        syn = Path(cfg.synthetic)
-        dirs["synthetic"] = syn if (syn / FINGERPRINT).is_file() else syn / "train"
+        dirs["synthetic"] = cfg.synthetic if split_exists(cfg.synthetic) else join(cfg.synthetic, "train")
     for d in dirs.values():
         read_fingerprint(d)
     return {p: dirs[p] for p in PART_IDS if p in dirs}

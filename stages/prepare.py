@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UserError, check_out
-from pipeline.shards import make_keys, write_split
+from pipeline.shards import join, make_keys, write_split
 from pipeline.sources import Split, read_source
 
 
@@ -28,9 +28,9 @@ def run(cfg: PrepareConfig) -> dict[str, dict]:
         if cfg.limit:
             data = Split(data.images[: cfg.limit], data.labels[: cfg.limit], data.classes)
         keys = make_keys(name, split, len(data.labels))
-        fp = write_split(Path(cfg.out) / split, data, keys, shard_size=cfg.shard_size,
+        fp = write_split(join(cfg.out, split), data, keys, shard_size=cfg.shard_size,
                          source=str(cfg.source), extra={"split": split, "name": name})
         print(f"{split}: {fp['count']} samples, shape {fp['image_shape']}, "
-              f"{fp['num_classes']} classes -> {Path(cfg.out) / split}")
+              f"{fp['num_classes']} classes -> {join(cfg.out, split)}")
         out[split] = fp
     return out

@@ -105,6 +105,38 @@ def test_grid_rows_are_classes():
     grid = class_grid(images, np.array([0, 1, 2, 1]), 3, per_class=2)
     assert grid.shape == (6, 4, 1)
     assert grid[2:4, :, 0].tolist() == [[10] * 4] * 2 and grid[4:6, 2:, 0].max() == 0
-    # batches never cross a shard boundary (10 per shard), so shards can be split over processes
-    assert generate.batches(5, 27, 10, 4) == [(5, 9), (9, 10), (10, 14), (14, 18), (18, 20), (20, 24),
-                                              (24, 27)]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_processes_equal_one(cond_dir, fmnist_shards, tmp_path):
+    """accelerate launch, 2 CPU processes: each writes whole shards; the split is byte-equal."""
+    from launch import accelerate_launch
+
+    args = ["generate", "--model", cond_dir, "--real", fmnist_shards / "train", "--real-test",
+            fmnist_shards / "test", "--n", 30, "--shard-size", 8, "--batch-size", 4, "--sample-steps", 3,
+            "--no-bf16", "--classifier-epochs", 1, "--classifier-limit", 128, "--seed", 3]
+    main([*map(str, args), "--out", str(tmp_path / "one")])
+    proc = accelerate_launch([*args, "--out", tmp_path / "two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _tree(tmp_path / "one" / "train"), _tree(tmp_path / "two" / "train")
+    assert len(one) == 5 and one == two  # 4 shards (8+8+8+6) and the fingerprint, byte for byte
+    reports = [json.loads((tmp_path / d / "generate.json").read_text()) for d in ("one", "two")]
+    assert reports[1]["processes"] == 2 and reports[0]["processes"] == 1
+    for key in ("agreement", "agreement_per_class", "classifier_test_accuracy", "candidates"):
+        assert reports[0][key] == reports[1][key], key
+    assert not (tmp_path / "two.tmp").exists()
+
+
+def test_unconditional_shard_depends_only_on_its_index(uncond_dir, fmnist_shards, tmp_path):
+    """Pseudo-labelled shards draw candidates from their own index range: a longer run shares its
+    first shards with a shorter one, which is what lets processes split the shards."""
+    short = generate.run(cfg(uncond_dir, fmnist_shards, tmp_path / "a", n=6, shard_size=3, batch_size=3,
+                             min_confidence=0.0, classifier_limit=128, check=False))
+    generate.run(cfg(uncond_dir, fmnist_shards, tmp_path / "b", n=9, shard_size=3, batch_size=3,
+                     min_confidence=0.0, classifier_limit=128, check=False))
+    a, b = read_split(tmp_path / "a" / "train"), read_split(tmp_path / "b" / "train")
+    assert np.array_equal(a.images, b.images[:6]) and np.array_equal(a.labels, b.labels[:6])
+    assert short["candidates"] >= 6
