@@ -50,21 +50,25 @@ def _start(x: torch.Tensor, eps: float, loss: str, random_start: bool,
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         restarts: int = 1, random_start: bool = True, loss: str = "ce",
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent on ``loss`` within the Linf ball of radius eps; returns x_adv in [0,1].
 
     loss "ce" attacks the labels (PGD-AT, evaluation); "kl" moves away from the model's own clean
     prediction (TRADES' inner maximisation). With several restarts each sample keeps the restart
     with the highest final loss. ``generator`` makes the random start reproducible (resume).
+    ``start`` is an initial perturbation drawn by the caller (one restart; it replaces the random
+    start), for callers whose starts must not depend on how samples are grouped into batches.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
+    if start is not None and (restarts > 1 or start.shape != x.shape):
+        raise ValueError("start is the initial perturbation of a single restart, shaped like x")
     x = x.detach()
     with frozen(model), torch.enable_grad():
         ref = F.softmax(model(x), 1).detach() if loss == "kl" else None
         best, best_loss = x.clone(), torch.full((x.shape[0],), -float("inf"), device=x.device)
         for _ in range(max(1, restarts)):
-            delta = _start(x, eps, loss, random_start, generator)
+            delta = _start(x, eps, loss, random_start, generator) if start is None else start.to(x).clamp(-eps, eps)
             delta = (x + delta).clamp(0, 1) - x
             for _ in range(steps):
                 delta.requires_grad_(True)

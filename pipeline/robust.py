@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +37,8 @@ FAST_ATTACKS = ["apgd-ce", "apgd-t"]
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 250) -> torch.Tensor:
     """Argmax predictions, batched."""
+    if len(x) == 0:  # a process whose slice of the test set is empty
+        return torch.zeros(0, dtype=torch.long, device=x.device)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
@@ -44,23 +47,50 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
     return predict(model, x, batch_size=batch_size) == y
 
 
+def split_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous slice [start, end) of n items that process ``rank`` of ``world`` owns.
+
+    The slices cover 0..n in rank order and their sizes differ by at most 1.
+    """
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _grid_generator(seed: int, start: int) -> torch.Generator:
+    """CPU generator of the random starts of the batch that begins at global index ``start``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
+
+
 def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-                steps: int, restarts: int, batch_size: int = 250, seed: int = 0) -> tuple[torch.Tensor, dict]:
+                steps: int, restarts: int, batch_size: int = 250, seed: int = 0,
+                offset: int = 0) -> tuple[torch.Tensor, dict]:
     """Per-sample mask of points that survive every PGD-CE restart, and perturbation stats.
 
     Restarts are run here, one ``pgd`` call each, so that a point counts as broken if ANY restart
     breaks it (worst case over restarts, whatever ``pgd`` does internally with its own restarts).
+
+    ``x`` may be a slice of a larger set that starts at global index ``offset``. Batches follow a
+    grid of ``batch_size`` over global indices and each grid batch has its own generator seeded
+    from (seed, its global start), drawing a start for every grid row in every restart, so a
+    sample's random start depends only on (seed, batch_size, its global index, the restart): any
+    split of the set into slices gives the same masks as one pass over it.
     """
-    gen = torch.Generator().manual_seed(seed)
     robust = clean_correct(model, x, y, batch_size=batch_size)
     stats = {"max_linf": 0.0, "in_range": True}
-    for _ in range(restarts):
-        for i in range(0, len(x), batch_size):
-            idx = torch.nonzero(robust[i:i + batch_size]).flatten() + i
+    end = offset + len(x)
+    for g in range(offset - offset % batch_size, end, batch_size):
+        lo, hi = max(g, offset), min(g + batch_size, end)  # the part of grid batch g held here
+        gen = _grid_generator(seed, g)
+        for _ in range(restarts):
+            # important: draw the whole grid batch (also rows of other slices and broken points)
+            # so that the draw of a row never depends on which rows this process holds
+            u = torch.rand((batch_size, *x.shape[1:]), generator=gen)[lo - g:hi - g]
+            idx = torch.nonzero(robust[lo - offset:hi - offset]).flatten()
             if len(idx) == 0:
-                continue
-            x_adv = pgd(model, x[idx], y[idx], eps=eps, alpha=alpha, steps=steps, restarts=1,
-                        random_start=True, loss="ce", generator=gen)
+                break  # nothing left to break in this batch; later draws would be unused
+            start = ((2 * u[idx.cpu()] - 1) * eps).to(x)
+            idx += lo - offset
+            x_adv = pgd(model, x[idx], y[idx], eps=eps, alpha=alpha, steps=steps, restarts=1, loss="ce",
+                        start=start)
             _update(stats, x_adv, x[idx])
             robust[idx] &= predict(model, x_adv, batch_size=batch_size) == y[idx]
     return robust, stats
@@ -82,11 +112,18 @@ def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
         aa.apgd.n_restarts, aa.apgd.n_iter = 1, fast_iters
         aa.apgd_targeted.n_target_classes, aa.apgd_targeted.n_iter = fast_targets, fast_iters
         aa.apgd_targeted.n_restarts = 1
+    stats = {"max_linf": 0.0, "in_range": True}
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device), stats, list(aa.attacks_to_run)
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
     robust = predict(model, x_adv, batch_size=batch_size) == y
-    stats = {"max_linf": 0.0, "in_range": True}
     _update(stats, x_adv, x)
     return robust, stats, list(aa.attacks_to_run)
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Perturbation stats of the whole set from those of its slices."""
+    return {"max_linf": max(p["max_linf"] for p in parts), "in_range": all(p["in_range"] for p in parts)}
 
 
 def _update(stats: dict, x_adv: torch.Tensor, x: torch.Tensor) -> None:
@@ -117,9 +154,9 @@ def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 def large_eps_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.5,
                        steps: int = 20, seed: int = 0) -> float:
     """Accuracy under PGD with a huge budget: should be ~0; if not, the gradients are masked."""
-    gen = torch.Generator().manual_seed(seed)
-    x_adv = pgd(model, x, y, eps=eps, alpha=eps / 8, steps=steps, restarts=1, random_start=True,
-                loss="ce", generator=gen)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))  # on the CPU, any device
+    x_adv = pgd(model, x, y, eps=eps, alpha=eps / 8, steps=steps, restarts=1, loss="ce",
+                start=((2 * u - 1) * eps).to(x))
     return float((predict(model, x_adv) == y).float().mean())
 
 

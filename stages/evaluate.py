@@ -5,6 +5,17 @@ deterministic logits, non-zero input gradients), measure clean accuracy, PGD-CE 
 (worst case over restarts), AutoAttack (Linf), and a large-eps PGD that must break the model.
 Writes the full result JSON (threat model, eps, attacks, n, checks, timings) and a flat metrics
 JSON for ``dvc metrics show``, both atomically.
+
+Under ``accelerate launch`` with P processes the N images are split into P contiguous slices in
+rank order (sizes differ by at most 1); each process runs clean, PGD and AutoAttack on its slice,
+the per-sample correctness masks and perturbation stats are gathered on rank 0, and rank 0 alone
+runs the model and large-eps checks (on the first ``check_n`` images), computes the figures and
+writes both files; the other processes write nothing. Clean and PGD figures do not depend on P:
+a PGD random start is a function of (seed, batch size, the image's global index, the restart).
+AutoAttack's may, slightly: it reseeds itself for every batch of the points still robust in the
+slice it is given, so its random starts depend on how the set was split. Its outcome rarely hinges
+on the start: on the test models the masks were identical for 1, 2 and 3 processes (and across
+AutoAttack seeds), but only a difference of a few images is promised.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from pipeline import robust
 from pipeline.config import AutoAttackVersion, EvaluateConfig
 from pipeline.errors import UserError, check_out
 from pipeline.models import load_classifier
+from pipeline.runtime import Dist
 from pipeline.shards import read_split
 
 
@@ -73,14 +85,31 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def pick_device(requested: str, dist: Dist) -> str:
+    """--device resolved for this process; with several processes each uses its own GPU."""
+    # important: accelerate's CPU device is "cpu:0", which safetensors refuses
+    local = str(dist.device) if dist.device.type == "cuda" else "cpu"
+    if requested == "auto":
+        return local
+    if dist.world > 1 and requested != "cpu":
+        if dist.device.type != "cuda":
+            raise UserError(f"--device {requested}, but no CUDA device is available")
+        return local
+    return requested
+
+
 def run(cfg: EvaluateConfig) -> dict:
     check_config(cfg)
     start = time.perf_counter()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dist = Dist()
+    device = pick_device(cfg.device, dist)
     model, mcfg = load_classifier(cfg.checkpoint, device=device)
     shape = (int(mcfg["in_channels"]), int(mcfg["image_size"]), int(mcfg["image_size"]))
+    # every process reads and checks all N images, so bad input is refused by all of them alike
     x, y = load_test_images(cfg.shards, cfg.n, shape, int(mcfg["num_classes"]))
-    x, y = x.to(device), y.to(device)
+    n = len(y)
+    lo, hi = robust.split_range(n, dist.rank, dist.world)
+    xs, ys = x[lo:hi].to(device), y[lo:hi].to(device)
     torch.manual_seed(cfg.seed)
     alpha = cfg.pgd_step_size or 2.5 * cfg.eps / cfg.pgd_steps
     bs, timings = cfg.batch_size, {}
@@ -91,28 +120,41 @@ def run(cfg: EvaluateConfig) -> dict:
         timings[name] = round(time.perf_counter() - t0, 2)
         return value
 
-    xc, yc = x[:cfg.check_n], y[:cfg.check_n]
-    checks = robust.model_checks(model, xc, yc)
-    checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
-    clean = timed("clean", lambda: robust.clean_correct(model, x, y, batch_size=bs))
+    xc, yc = x[:cfg.check_n].to(device), y[:cfg.check_n].to(device)
+    checks = robust.model_checks(model, xc, yc) if dist.is_main else {}
+    clean = timed("clean", lambda: robust.clean_correct(model, xs, ys, batch_size=bs))
     pgd_ok, pgd_stats = timed("pgd", lambda: robust.pgd_correct(
-        model, x, y, eps=cfg.eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
-        batch_size=bs, seed=cfg.seed))
-    aa_acc, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
+        model, xs, ys, eps=cfg.eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
+        batch_size=bs, seed=cfg.seed, offset=lo))
+    aa_ok, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
     if cfg.autoattack != AutoAttackVersion.none:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
-            model, x, y, eps=cfg.eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
+            model, xs, ys, eps=cfg.eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
             fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed))
-        aa_acc = int(aa_ok.sum()) / len(y)
         attacks += [f"autoattack-{cfg.autoattack.value}:{a}" for a in aa_attacks]
+    parts = dist.gather({"clean": clean.cpu(), "pgd": pgd_ok.cpu(), "pgd_stats": pgd_stats,
+                         "aa": None if aa_ok is None else aa_ok.cpu(), "aa_stats": aa_stats,
+                         "timings": timings})
+    if not dist.is_main:
+        dist.barrier()  # leave with rank 0: see the end
+        return {}
+    timings = {k: max(p["timings"][k] for p in parts) for k in timings}  # the slowest process
+    clean, pgd_ok = torch.cat([p["clean"] for p in parts]), torch.cat([p["pgd"] for p in parts])
+    assert len(clean) == len(pgd_ok) == n, "the slices must cover the test set exactly once"
+    pgd_stats = robust.merge_stats([p["pgd_stats"] for p in parts])
+    aa_acc = None
+    if aa_ok is not None:
+        aa_acc = int(torch.cat([p["aa"] for p in parts]).sum()) / n
+        aa_stats = robust.merge_stats([p["aa_stats"] for p in parts])
+    checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
     big = timed("large_eps", lambda: robust.large_eps_accuracy(model, xc, yc, seed=cfg.seed))
-    clean_acc, pgd_acc = int(clean.sum()) / len(y), int(pgd_ok.sum()) / len(y)  # exact fractions
+    clean_acc, pgd_acc = int(clean.sum()) / n, int(pgd_ok.sum()) / n  # exact fractions
     checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=cfg.eps,
                                        pgd_stats=pgd_stats, aa_stats=aa_stats, big_eps_acc=big))
     warnings = robust.failed(checks)
     result = {
         "variant": cfg.name or Path(cfg.checkpoint).name,
-        "clean": clean_acc, "pgd": pgd_acc, "autoattack": aa_acc, "n": len(y),
+        "clean": clean_acc, "pgd": pgd_acc, "autoattack": aa_acc, "n": n, "processes": dist.world,
         "threat_model": "Linf", "eps": cfg.eps, "attacks": attacks,
         "pgd_attack": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": alpha,
                        "loss": "ce", "random_start": True},
@@ -131,7 +173,11 @@ def run(cfg: EvaluateConfig) -> dict:
     write_json(metrics_path(cfg), flat)
     aa_txt = "-" if aa_acc is None else f"{aa_acc:.4f}"
     print(f"{result['variant']}: clean {clean_acc:.4f}  pgd {pgd_acc:.4f}  autoattack {aa_txt}  "
-          f"(n={len(y)}, eps={cfg.eps}, {result['seconds']:.0f} s) -> {cfg.out}")
+          f"(n={n}{f', {dist.world} processes' if dist.world > 1 else ''}, eps={cfg.eps}, "
+          f"{result['seconds']:.0f} s) -> {cfg.out}")
     for w in warnings:
         print(f"warning: check failed: {w} (see 'checks' in {cfg.out})")
+    # important: a process that exits while another still works can abort in the process group's
+    # teardown ("terminate called without an active exception"), and the launcher then kills rank 0
+    dist.barrier()
     return result

@@ -7,6 +7,7 @@ accuracy is well above chance, and eps = 0.1 breaks most of it, so every attack 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,51 @@ def test_cli_one_line_error(tmp_path):
                            "--out", str(tmp_path / "e.json")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pgd_masks_do_not_depend_on_the_split(checkpoint, fmnist_shards):
+    """Slices with offsets (a boundary inside a batch, an empty slice) give the one-pass masks."""
+    model = evaluate.load_classifier(checkpoint)[0]
+    x, y = _tensors(fmnist_shards / "test", 100)
+    # one short step: the outcome hinges on the random start, so a start that moved would show
+    kw = dict(eps=0.15, alpha=0.01, steps=1, restarts=2, batch_size=32, seed=7)
+    whole, stats = robust.pgd_correct(model, x, y, **kw)
+    other_seed, _ = robust.pgd_correct(model, x, y, **(kw | {"seed": 8}))
+    assert 0 < whole.sum() < robust.clean_correct(model, x, y).sum() and not torch.equal(whole, other_seed)
+    bounds = [robust.split_range(100, r, 3) for r in range(3)]
+    assert bounds == [(0, 33), (33, 66), (66, 100)]
+    for cuts in (bounds, [(0, 37), (37, 37), (37, 100)]):
+        parts = [robust.pgd_correct(model, x[a:b], y[a:b], offset=a, **kw) for a, b in cuts]
+        assert torch.equal(torch.cat([m for m, _ in parts]), whole), cuts
+        assert robust.merge_stats([s for _, s in parts]) == stats
+
+
+def test_two_processes_split_the_set_and_match_one(checkpoint, fmnist_shards, tmp_path):
+    """accelerate launch, 2 CPU processes: halves gathered on rank 0; clean and PGD equal 1 process."""
+    args = ["--checkpoint", str(checkpoint), "--shards", str(fmnist_shards / "test"), "--n", "100",
+            "--batch-size", "48", "--check-n", "32", "--eps", "0.15", "--autoattack", "fast", "--fast-targets", "2",
+            "--fast-iters", "10", "--seed", "1",
+            # one short PGD step: the outcome hinges on the random starts, so starts that depend on
+            # the split (rank 1's slice begins inside a batch) would show as a different figure
+            "--pgd-steps", "1", "--pgd-step-size", "0.01", "--pgd-restarts", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # the reference is a plain process, which must not even import accelerate
+    code = ("import sys; from pipeline.cli import main; main(sys.argv[1:]); "
+            "assert 'accelerate' not in sys.modules, 'a single process imported accelerate'")
+    proc = subprocess.run([sys.executable, "-c", code, "evaluate", *args, "--out", str(one / "at.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from launch import accelerate_launch
+
+    proc = accelerate_launch(["evaluate", *args, "--out", two / "at.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "at.json").read_text()) for d in (one, two))
+    assert (a["processes"], b["processes"]) == (1, 2) and a["n"] == b["n"] == 100
+    assert b["clean"] == a["clean"] and b["pgd"] == a["pgd"]
+    assert 0 < b["pgd"] < b["clean"], "PGD must break some points but not all, or the comparison says nothing"
+    assert b["autoattack"] is not None and abs(b["autoattack"] - a["autoattack"]) <= 0.03
+    assert b["checks"] == a["checks"] and b["warnings"] == []
+    assert proc.stdout.count(" -> ") == 1, proc.stdout  # rank 0 alone reports (and writes)
+    assert sorted(p.name for p in two.iterdir()) == ["at.json", "at.metrics.json"]
+    assert json.loads((two / "at.metrics.json").read_text())["pgd"] == a["pgd"]
