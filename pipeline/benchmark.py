@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from pipeline.runtime import peak_rss_mb  # noqa: F401 - stages/bench.py and child processes use B.peak_rss_mb
+
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
@@ -71,24 +73,6 @@ def run_child(code: str, *, env: dict[str, str] | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB.
-
-    Important: on Linux, ``ru_maxrss`` survives fork + exec, so a child started by a large
-    parent reports the parent's size; ``VmHWM`` belongs to the process's own address space.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def dir_bytes(path: str | Path, *, skip: tuple[str, ...] = ("zarr.json",)) -> int:

@@ -13,12 +13,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from pipeline.errors import UserError
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    Important: on Linux, ``ru_maxrss`` survives fork + exec, so a child started by a large
+    parent reports the parent's size; ``VmHWM`` belongs to the process's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def launched_world() -> int:
@@ -106,6 +126,14 @@ class Runtime:
     def barrier(self) -> None:
         if self.acc is not None:
             self.acc.wait_for_everyone()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (``[obj]`` with one process)."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
 
     def synchronised(self, module: nn.Module) -> bool:
         """True when every process holds bit-identical parameters (always true with one process)."""

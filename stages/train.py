@@ -4,7 +4,8 @@ Recipe: validate flags -> open the cache (refuses incomplete stores) -> load the
 names and refuse any mismatch (data, image size, augmentation spec, keys) -> target reader (RAM
 or streamed) -> classifier + projection head + SGD + EMA -> resume -> per step: sampled
 (sample, view) batch, recorded view replayed, PGD on top of it, AT loss + lambda * DRA loss ->
-per epoch: log row + checkpoint (safetensors + JSON) -> metrics.json.
+per epoch: log row + checkpoint (safetensors + JSON) -> metrics.json, with the peak RSS of every
+process (streamed targets keep it flat however large the cache is).
 
 ``--dra-weight 0`` is plain AT (no head, no targets read). ``--online`` computes the same
 targets with the diffusion model inside the step, for equivalence tests and cost comparison.
@@ -27,7 +28,7 @@ from pipeline.cache import open_cache, verify_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError, check_out
 from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, peak_rss_mb
 from pipeline.sampler import MixedSampler, Prefetcher
 from pipeline.train_data import PartData, assemble, attach_reader, feature_bytes, load_part
 from pipeline.training import (
@@ -285,9 +286,22 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
         finally:
             feed.close()
         st.end_epoch(epoch, rt)
+        rss = rt.gather(round(peak_rss_mb()))
         if rt.is_main:
-            bar.set_postfix_str(st.summary())
+            bar.set_postfix_str(f"{st.summary()} peak_rss_mb={'/'.join(map(str, rss))}")
         save()
     bar.close()
-    return train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
+    metrics = train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
+    return record_memory(out, metrics, rt)
+
+
+def record_memory(out: Path, metrics: dict, rt: Runtime) -> dict:
+    """metrics.json gains ``peak_rss_mb_per_process`` (MiB, rank order): each process's own peak."""
+    metrics = {**metrics, "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
+    if rt.is_main:
+        tmp = out / (train_state.METRICS_FILE + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(out / train_state.METRICS_FILE)
+    rt.barrier()
+    return metrics
 
