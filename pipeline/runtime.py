@@ -77,26 +77,6 @@ class Dist:
 
         return gather_object([obj])
 
-
-class Runtime:
-    def __init__(self, device: str = "auto") -> None:
-        if device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda, but no CUDA device is available")
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        multi = launched_world() > 1
-        self.acc: Any = None
-        self.rank, self.world, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
-        if multi or cuda:
-            from accelerate import Accelerator  # lazy: single-process CPU runs do not need it
-
-            self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-            self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process (pickled; for small things such as a classifier)."""
         if self.world == 1:
@@ -105,6 +85,26 @@ class Runtime:
 
         return broadcast_object_list([obj if self.is_main else None])[0]
 
+
+class Runtime(Dist):
+    """``Dist`` plus what training needs; an ``Accelerator`` on GPUs and with several processes."""
+
+    def __init__(self, device: str = "auto") -> None:  # not super().__init__(): one state, the Accelerator's
+        if device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is available")
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        multi = launched_world() > 1
+        self.acc: Any = None
+        self.state: Any = None
+        self.rank, self.world, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        if multi or cuda:
+            from accelerate import Accelerator  # lazy: single-process CPU runs do not need it
+
+            self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+            self.state = self.acc.state
+            self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """The module the loss forward goes through (DDP-wrapped when there are several processes)."""
@@ -122,18 +122,6 @@ class Runtime:
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Average over processes (identity with one)."""
         return self.acc.reduce(t.to(self.device), reduction="mean") if self.world > 1 else t
-
-    def barrier(self) -> None:
-        if self.acc is not None:
-            self.acc.wait_for_everyone()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every process, in rank order (``[obj]`` with one process)."""
-        if self.world == 1:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
 
     def synchronised(self, module: nn.Module) -> bool:
         """True when every process holds bit-identical parameters (always true with one process)."""
