@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from pipeline.errors import UserError
 from pipeline.models import CONFIG_FILE, MODEL_FILE, save_json, save_tensors
+from pipeline.runtime import peak_rss_mb
 from pipeline.training import EMA, load_optimizer_tensors, optimizer_tensors, prefixed, unprefixed
 
 STATE_FILE = "state.safetensors"
@@ -151,7 +152,7 @@ def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
 
 def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_per_epoch: int,
            net: torch.nn.Module) -> dict:
-    """metrics.json (final epoch's values, wall time) and config.json marked finished.
+    """metrics.json (final epoch's values, wall time, peak memory) and config.json marked finished.
 
     With several processes it first checks that all of them hold the same weights.
     """
@@ -161,7 +162,9 @@ def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_p
     last = st.log[-1] if st.log else {}
     metrics = {**{k: v for k, v in last.items() if k != "epoch"}, "epochs": st.epoch,
                "steps_per_epoch": steps_per_epoch, "train_seconds": round(seconds, 3),
-               "target_mode": meta["cache"]["target_mode"], "processes": rt.world, "synchronised": True}
+               "target_mode": meta["cache"]["target_mode"], "processes": rt.world, "synchronised": True,
+               # each process's own peak (MiB, rank order): flat in the cache size when streaming
+               "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
     if rt.is_main:
         _write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         cfg = json.loads((out / CONFIG_FILE).read_text())

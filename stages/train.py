@@ -291,17 +291,5 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
             bar.set_postfix_str(f"{st.summary()} peak_rss_mb={'/'.join(map(str, rss))}")
         save()
     bar.close()
-    metrics = train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
-    return record_memory(out, metrics, rt)
-
-
-def record_memory(out: Path, metrics: dict, rt: Runtime) -> dict:
-    """metrics.json gains ``peak_rss_mb_per_process`` (MiB, rank order): each process's own peak."""
-    metrics = {**metrics, "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
-    if rt.is_main:
-        tmp = out / (train_state.METRICS_FILE + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        tmp.replace(out / train_state.METRICS_FILE)
-    rt.barrier()
-    return metrics
+    return train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
 
