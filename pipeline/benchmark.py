@@ -65,7 +65,7 @@ def timed_command(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str
 def run_child(code: str, *, env: dict[str, str] | None = None) -> dict:
     """Run Python ``code`` in a fresh interpreter that prints one JSON object on its last line.
 
-    A fresh process is how peak RSS is measured cleanly: ``ru_maxrss`` of the child itself,
+    A fresh process is how peak RSS is measured cleanly: the child's own VmHWM (``peak_rss_mb``),
     nothing inherited from the benchmark's own allocations.
     """
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})},

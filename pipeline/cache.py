@@ -349,16 +349,24 @@ def _check_shapes(name: str, g: zarr.Group) -> list[str]:
 
 
 def _scan_finite(name: str, g: zarr.Group) -> list[str]:
-    """Non-finite values in features (shard by shard) and in mean/std."""
-    problems = []
+    """Non-finite values in features and in mean/std.
+
+    Read one chunk at a time: a whole shard decoded at once costs several times its raw size in
+    peak memory (zarr's decode threads), and this scan runs in every training process.
+    """
+    problems, unreadable = [], set()
     feats = g["features"]
-    rps = (feats.shards or feats.chunks)[0]
+    rows_shard, rows_chunk = (feats.shards or feats.chunks)[0], feats.chunks[0]
     keys = _data_keys(feats)
-    for s, a in enumerate(range(0, feats.shape[0], rps)):
+    for a in range(0, feats.shape[0], rows_chunk):
+        s = a // rows_shard
+        if s in unreadable:
+            continue
         try:
-            x = feats[a:a + rps]
+            x = feats[a:a + rows_chunk]
         except Exception as exc:  # a corrupted shard fails in the codec, whatever its type
             problems.append(f"{keys[s]}: unreadable ({type(exc).__name__}: {exc})")
+            unreadable.add(s)
             continue
         bad = ~np.isfinite(x)
         if bad.any():
