@@ -5,9 +5,9 @@ seed per (sample, view) for each part -> for every zarr shard not yet written (a
 compute its rows and write it in one assignment, in a background thread while the next shard
 computes -> per-dimension mean/std -> linear probe -> checksums -> "complete".
 
-Under ``accelerate launch`` each process owns the shards s with s % world == rank; rank 0
-creates the store before and finalises it after a barrier, so the store equals a
-single-process one byte for byte.
+Under ``accelerate launch`` the missing (part, shard) pairs are dealt round-robin, so each process
+owns whole shards; rank 0 creates the store before and finalises it after a barrier, so the store
+equals a single-process one byte for byte.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def run(cfg: ExtractConfig) -> dict:
     dist.barrier()
     writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
     missing = {n: writer.missing_shards(n) for n in inits}
-    todo = {n: [s for s in shards if s % dist.world == dist.rank] for n, shards in missing.items()}
+    # round-robin over all (part, shard) pairs, so small parts do not all land on rank 0
+    pairs = [(n, s) for n, shards in missing.items() for s in shards]
+    todo = {n: [s for i, (m, s) in enumerate(pairs) if m == n and i % dist.world == dist.rank] for n in missing}
     total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
                 for n, ss in todo.items() for s in ss)
     if dist.rank == 0:
