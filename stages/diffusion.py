@@ -106,6 +106,7 @@ def run(cfg: DiffusionConfig) -> dict:
     h, w, c = data.images.shape[1:]
     if h != w:
         raise UserError(f"{cfg.shards}: images are {h}x{w}; the UNet needs square images")
+    torch.manual_seed(cfg.seed)  # the initial weights: without this, two runs train two different models
     unet = build_unet(image_size=h, in_channels=c, num_classes=num_classes,
                       block_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
                       norm_groups=math.gcd(32, *cfg.block_channels), attention=cfg.attention)

@@ -120,6 +120,10 @@ def test_stage_trains_and_writes_complete_folder(fmnist_shards, tmp_path):
     assert np.isfinite(info["final_loss"]) and info["classes"][0] == "T-shirt/top"
     m = load_model(str(out))
     assert m.num_classes == 10 and m.weights_sha256 == info["weights_sha256"]
+    torch.manual_seed(123)  # whatever the global state, the stage starts from the same weights
+    again = stage.run(small_cfg(shards=str(fmnist_shards / "train"), out=str(tmp_path / "again"), limit=64,
+                                steps=3, checkpoint_every=0))
+    assert again["weights_sha256"] == info["weights_sha256"]  # a rerun trains the same model
 
 
 def test_existing_model_pointer(tiny_dir, tmp_path):
