@@ -189,7 +189,7 @@ def _reader_pass(part: Any, batch_size: int, seed: int) -> Any:
 
     from pipeline.sampler import MixedSampler
     from pipeline.train_data import attach_reader
-    from stages.train import WINDOW
+    from pipeline.trainer import WINDOW
 
     holder = SimpleNamespace(n=part.n, reader=None)
     attach_reader(holder, part, stream=True, window=WINDOW)
@@ -209,7 +209,7 @@ def _reader_pass(part: Any, batch_size: int, seed: int) -> Any:
 
 def bench_train(cfg: BenchConfig, work: Path, store: Path) -> dict:
     from pipeline.cache import open_cache
-    from stages.train import setup
+    from pipeline.trainer import setup
 
     base = TrainConfig(cache=str(store), out=str(work / "train"), real_limit=0, epochs=1000,
                        batch_size=cfg.train_batch_size, attack_steps=cfg.attack_steps, arch=cfg.arch,
@@ -285,7 +285,7 @@ def reader_child(url: str, budget_mb: int, batch_size: int, seed: int, read: boo
     from pipeline.cache import open_cache
     from pipeline.sampler import MixedSampler
     from pipeline.train_data import attach_reader, feature_bytes
-    from stages.train import WINDOW
+    from pipeline.trainer import WINDOW
 
     part = open_cache(url).part("train")
     stream = budget_mb == 0 or feature_bytes(part, part.n) > budget_mb * 2**20  # the rule of train.open_data

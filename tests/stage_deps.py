@@ -4,9 +4,8 @@ Rule (static, from the source): the CLI entry (pipeline/__init__.py, __main__.py
 what they import at module level), the stage module with every import it makes (lazy ones
 included: the stage's recipe runs them), and the module-level imports of every library module
 reached, transitively. Lazy imports inside library functions are not followed: they are the
-optional paths (cli's `cache` sub-commands, features' online mode) that the stage does not run.
-``OPTIONAL`` lists lazy imports of a stage module that only a non-default flag runs (train's
-``--online`` mode): the pipeline never runs them, so editing them must not re-run the stage.
+optional paths (cli's `cache` sub-commands, the trainer's `--online` mode) that the pipeline never
+runs, so editing them must not re-run the stage.
 
     python tests/stage_deps.py train     # print the list for one stage
 """
@@ -19,7 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ["pipeline/__init__.py", "pipeline/__main__.py", "pipeline/cli.py"]
-OPTIONAL: dict[str, set[str]] = {"train": {"pipeline/features.py"}}
 
 
 def _module_file(name: str) -> str | None:
@@ -59,7 +57,7 @@ def stage_files(stage: str) -> list[str]:
     """Sorted project files that `python -m pipeline STAGE` imports."""
     stage_file = f"stages/{stage}.py"
     todo = list(ENTRY) + ["stages/__init__.py", stage_file]
-    todo += sorted(_imports(stage_file, lazy=True) - OPTIONAL.get(stage, set()))
+    todo += sorted(_imports(stage_file, lazy=True))
     seen: set[str] = set()
     while todo:
         f = todo.pop()

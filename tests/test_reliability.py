@@ -27,6 +27,7 @@ import torch
 from pipeline import cache as cache_mod
 from pipeline import models as models_mod
 from pipeline import shards as shards_mod
+from pipeline import trainer
 from pipeline.cache import open_cache, verify_cache
 from pipeline.cli import main
 from pipeline.config import (
@@ -175,7 +176,7 @@ def _no_training(*args, **kw):
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_train_refuses_damaged_store(store, tmp_path, capsys, monkeypatch, damage):
     fn, words = DAMAGE[damage]
-    monkeypatch.setattr(train, "build", _no_training)  # refused before the model is even built
+    monkeypatch.setattr(trainer, "build", _no_training)  # refused before the model is even built
     bad = tmp_path / "bad.zarr"
     shutil.copytree(store, bad)
     fn(bad)
@@ -195,7 +196,7 @@ def test_other_normalisation_refused_before_training(store, tmp_path, capsys, mo
     meta = json.loads((other / "zarr.json").read_text())
     meta["attributes"]["normalisation"] = "x"  # images fed in [0, 1], not [-1, 1]
     (other / "zarr.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(train, "build", _no_training)
+    monkeypatch.setattr(trainer, "build", _no_training)
     code, _, err = run_cli(capsys, ["train", "--cache", other, "--out", tmp_path / "run", *TRAIN_ARGS])
     assert "normalisation" in assert_one_error_line(code, err) and not (tmp_path / "run").exists()
 
@@ -207,7 +208,7 @@ def test_damage_in_an_unused_part_does_not_block_training(store, tmp_path):
     path = _feature_file(bad, part="test")
     path.write_bytes(path.read_bytes()[:-10])
     assert any("test/features" in p for p in verify_cache(str(bad)))
-    train.refuse_damaged(train_cfg(bad, tmp_path / "x"))  # no exception
+    trainer.refuse_damaged(train_cfg(bad, tmp_path / "x"))  # no exception
 
 
 def test_damaged_store_refused_by_a_real_process(store, tmp_path):

@@ -26,8 +26,8 @@ from pipeline.cache import NORMALISATION, CacheWriter, PartInit
 from pipeline.config import PrepareConfig, ViewSpec
 from pipeline.sampler import MixedSampler
 from pipeline.shards import read_split
+from pipeline.trainer import WINDOW
 from pipeline.views import sample_views
-from stages.train import WINDOW
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS_SMALL, VIEWS_BIG = 2, 16
@@ -118,11 +118,11 @@ def test_process_memory_does_not_follow_the_cache_size_big(fmnist_dir, tmp_path)
 SPLIT_CHECK = """
 import json, sys
 from pipeline.config import TrainConfig
-from stages import train
+from pipeline import trainer
 
 cfg = TrainConfig(cache=sys.argv[1], out=sys.argv[2], real_limit=0, batch_size=int(sys.argv[3]), memory_budget_mb=0,
                   verify=False, head_hidden=8)
-tr = train.setup(cfg)
+tr = trainer.setup(cfg)
 feed = tr.feed(0, 0)
 mine = [(b.real_rows.tolist(), b.real_views.tolist(), len(x["target"])) for b, x in feed]
 feed.close()

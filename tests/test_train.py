@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline import trainer
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, TrainConfig, ViewSpec
 from pipeline.errors import UserError
@@ -65,8 +66,8 @@ def cfg(store, out, **kw) -> TrainConfig:
 
 def _data(c: TrainConfig):
     rt = Runtime("cpu")
-    data = train.open_data(c, rt)
-    return rt, data, train.make_sampler(c, data, rt)
+    data = trainer.open_data(c, rt)
+    return rt, data, trainer.make_sampler(c, data, rt)
 
 
 @pytest.mark.parametrize("budget", [2048, 0])
@@ -101,15 +102,15 @@ def test_online_targets_equal_cached(store):
 
     ext = FeatureExtractor.from_cache(data.cache)
     inputs = assemble(sampler.batch(0, 1), data.real, data.synthetic, data.pad)
-    cached = train.targets_for(inputs, data, None, TargetNorm.none, rt.device)
+    cached = trainer.targets_for(inputs, data, None, TargetNorm.none, rt.device)
     data.mode = "online"
-    online = train.targets_for(inputs, data, ext, TargetNorm.none, rt.device)
+    online = trainer.targets_for(inputs, data, ext, TargetNorm.none, rt.device)
     assert F.cosine_similarity(cached, online, dim=1).min() >= 0.999
     for norm in (TargetNorm.center, TargetNorm.whiten):
         data.mode = "ram"
-        a = train.targets_for(inputs, data, None, norm, rt.device)
+        a = trainer.targets_for(inputs, data, None, norm, rt.device)
         data.mode = "online"
-        b = train.targets_for(inputs, data, ext, norm, rt.device)
+        b = trainer.targets_for(inputs, data, ext, norm, rt.device)
         assert F.cosine_similarity(a, b, dim=1).min() >= 0.99
 
 
