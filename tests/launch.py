@@ -1,4 +1,4 @@
-"""Run a pipeline command under ``accelerate launch`` with several CPU processes (tests only).
+"""Run a command under ``accelerate launch`` with several CPU processes (tests only).
 
 Important: on CPU it takes ``ACCELERATE_USE_CPU=true ... --multi_gpu --num_processes N``;
 ``accelerate launch --cpu --num_processes N`` silently runs one process.
@@ -14,10 +14,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def accelerate_launch(args: list[str], *, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m pipeline ARGS`` on ``processes`` CPU processes; one torch thread each."""
+def accelerate_run(argv: list[str], *, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch ... ARGV`` (a script and its arguments, or ``-m module ...``) on CPU processes,
+    one torch thread each."""
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "pipeline", *map(str, args)]
+           *map(str, argv)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(args: list[str], *, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` under ``accelerate_run``."""
+    return accelerate_run(["-m", "pipeline", *args], processes=processes, timeout=timeout)

@@ -15,12 +15,12 @@ growth with the total size, so the unit bytes are held fixed here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import accelerate_run  # tests/ is on sys.path (rootdir conftest)
 
 from pipeline.cache import NORMALISATION, CacheWriter, PartInit
 from pipeline.config import PrepareConfig, ViewSpec
@@ -29,7 +29,6 @@ from pipeline.shards import read_split
 from pipeline.trainer import WINDOW
 from pipeline.views import sample_views
 
-ROOT = Path(__file__).resolve().parents[1]
 VIEWS_SMALL, VIEWS_BIG = 2, 16
 UNIT_ROWS_X_VIEWS = 32  # rows per chunk x K, the same in both caches: equal chunk and shard bytes
 CHUNKS_PER_SHARD = 1
@@ -62,10 +61,7 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
 
 
 def accelerate_2cpu(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = accelerate_run(list(args), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc
 

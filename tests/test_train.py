@@ -4,7 +4,6 @@ refusals before training, resume equality, CLI end to end."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -199,13 +198,12 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
 
 def test_two_processes_stay_synchronised(store, tmp_path):
     """Data-parallel under accelerate on CPU: 2 processes, each its half of every batch."""
+    from launch import accelerate_launch
+
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline", "train",
-           "--cache", str(store), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--attack-steps", "2",
-           "--head-hidden", "32", "--synthetic-fraction", "0.25", "--real-limit", "0"]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch(["train", "--cache", store, "--out", out, "--epochs", "1", "--batch-size", "64",
+                              "--attack-steps", "2", "--head-hidden", "32", "--synthetic-fraction", "0.25",
+                              "--real-limit", "0"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["synchronised"] is True and metrics["steps_per_epoch"] == 5
