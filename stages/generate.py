@@ -165,15 +165,14 @@ def run(cfg: GenerateConfig) -> dict:
     dist.barrier()
     counts = shard_counts(cfg.n, cfg.shard_size)
     mine = [s for s in range(len(counts)) if s % dist.world == dist.rank]
-    keys = make_keys(KEY_PREFIX, "train", cfg.n)
     records, agree, tried = {}, np.zeros((2, num_classes), np.int64), 0
     t0 = time.time()
     with tqdm(total=sum(counts[s] for s in mine), desc="generate", unit="img", mininterval=2,
               disable=not dist.is_main) as bar:
         for s in mine:
             images, labels, t = make_shard(model, cfg, s, counts[s], clf, device)
-            a = s * cfg.shard_size
-            records[s] = write_shard(storage.join(stage, "train"), s, keys[a:a + counts[s]], images, labels)
+            keys = make_keys(KEY_PREFIX, "train", counts[s], start=s * cfg.shard_size)
+            records[s] = write_shard(storage.join(stage, "train"), s, keys, images, labels)
             records[s]["labels"] = labels.tolist()
             if clf is not None and model.conditional:
                 agree += _agreement_counts(clf, images, labels, num_classes)
