@@ -24,7 +24,6 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.shards import file_sha256
 
@@ -190,12 +189,3 @@ def pointer_info(model: DiffusionModel, source: str) -> dict:
             "num_classes": model.num_classes, "null_class": model.null_class,
             "image_size": model.image_size, "in_channels": model.in_channels,
             "weights_sha256": model.weights_sha256, "trained": False}
-
-
-def atomic_folder(out: str | Path) -> Path:
-    """A fresh temporary sibling of ``out`` to write into before ``commit_folder`` renames it."""
-    return Path(storage.start(out))
-
-
-def commit_folder(tmp: Path, out: str | Path) -> None:
-    storage.commit(str(tmp), out)

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
 from pipeline.config import DiffusionConfig
 from pipeline.diffusion import (
-    atomic_folder,
     build_unet,
-    commit_folder,
     load_model,
     make_scheduler,
     pointer_info,
@@ -87,9 +86,9 @@ def loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
 def use_existing(cfg: DiffusionConfig) -> dict:
     model = load_model(cfg.model)  # raises UserError for a bad path / unreachable hub
     info = pointer_info(model, cfg.model)
-    tmp = atomic_folder(cfg.out)
+    tmp = Path(storage.start(cfg.out))
     (tmp / "model_info.json").write_text(json.dumps(info, indent=2))
-    commit_folder(tmp, cfg.out)
+    storage.commit(str(tmp), cfg.out)
     kind = f"{model.num_classes} classes" if model.conditional else "unconditional"
     print(f"using {info['source']} ({kind}, {model.image_size} px) -> {cfg.out}/model_info.json")
     return info
@@ -117,7 +116,7 @@ def run(cfg: DiffusionConfig) -> dict:
     t0 = time.time()
     res = train_ddpm(data.images, data.labels, unet, scheduler, cfg, ckpt_dir(cfg.out), device=device)
     seconds = time.time() - t0
-    tmp = atomic_folder(cfg.out)
+    tmp = Path(storage.start(cfg.out))
     config = {**asdict(cfg), "block_channels": list(cfg.block_channels)}
     info = save_model(tmp, res.ema_unet.cpu(), scheduler, {
         "trained": True, "classes": data.fingerprint["classes"], "config": config,
@@ -128,7 +127,7 @@ def run(cfg: DiffusionConfig) -> dict:
                  "count": len(data.labels)}})
     (tmp / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in res.losses))
     loss_plot(res.losses, tmp / "loss.png")
-    commit_folder(tmp, cfg.out)
+    storage.commit(str(tmp), cfg.out)
     shutil.rmtree(ckpt_dir(cfg.out), ignore_errors=True)
     print(f"diffusion: final loss {res.final_loss:.4f}, {seconds:.0f} s "
           f"({info['seconds_per_step']} s/step) -> {cfg.out}")

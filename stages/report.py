@@ -9,10 +9,10 @@ into the table, so a number from a masked-gradient model cannot pass unnoticed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import ReportConfig
 from pipeline.errors import UserError, check_out
 from pipeline.results import (
@@ -85,9 +85,7 @@ def run(cfg: ReportConfig) -> dict:
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(storage.start(out))
     from pipeline import plots  # matplotlib is slow to import; keep it out of --help
 
     images = [plots.accuracy_bars(groups, tmp / "accuracy.png")]
@@ -101,8 +99,7 @@ def run(cfg: ReportConfig) -> dict:
     summary = {name: [{k: r.get(k) for k in ("clean", "pgd", "autoattack", "seed", "checkpoint")}
                       | {"train_seconds": train_seconds(r)} for r in rs] for name, rs in groups.items()}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    storage.commit(str(tmp), out)
     print(table(groups))
     print(f"report: {out / 'report.md'}")
     return summary

@@ -566,7 +566,7 @@ def test_diffusion_pointer_interrupted(model_dir, tmp_path, monkeypatch):
     def boom(tmp, out):
         raise Injected("killed before the rename (injected)")
 
-    monkeypatch.setattr(diffusion_stage, "commit_folder", boom)
+    monkeypatch.setattr(diffusion_stage.storage, "commit", boom)
     out = tmp_path / "diffusion"
     with pytest.raises(Injected):
         diffusion_stage.run(DiffusionConfig(model=str(model_dir), out=str(out)))
