@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from repro import set_suite_threads  # tests/ is on sys.path (rootdir conftest)
 
 from pipeline.config import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion-mnist"
 
-torch.set_num_threads(2)
+set_suite_threads()  # TEST_THREADS (default 2), also for the CLI processes the tests start
 
 
 @pytest.fixture(scope="session")

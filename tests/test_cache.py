@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from repro import tree_bytes
 
 from pipeline.cache import CacheWriter, PartInit, cache_info, open_cache, verify_cache
 from pipeline.config import ViewSpec
@@ -68,10 +68,6 @@ def write_store(url: str, real, *, stop_after: int | None = None, finalize: bool
             w.finalize_part(name)
         w.finalize({"probe": {"probe_accuracy": 0.5}})
     return w, feats
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_and_stats(tmp_path, real):
