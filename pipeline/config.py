@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pipeline.errors import UserError
+
 
 class SourceFormat(str, Enum):
     """Raw dataset formats that ``prepare`` reads."""
@@ -41,6 +43,14 @@ class ViewSpec:
 
     pad: int = 2
     flip: bool = True
+
+    # the cache records dx, dy as int8 (offsets 0..2*pad): a larger pad would wrap around
+    MAX_PAD = 63
+
+    def check(self) -> None:
+        if not 0 <= self.pad <= self.MAX_PAD:
+            raise UserError(f"--view-pad must be in [0, {self.MAX_PAD}] (crop offsets 0..2*pad are stored as "
+                            f"int8), got {self.pad}")
 
     def to_dict(self) -> dict:
         return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
@@ -103,7 +113,7 @@ class ExtractConfig:
     layer: str = "mid_block"
     pooling: str = "mean"  # mean | flatten
     views: int = 4  # K for the real train part (view 0 is the identity)
-    views_synthetic: int = 1
+    views_synthetic: int = 4  # K of the synthetic part: augmented like the real one (DM-AT does)
     draws: int = 1  # noise draws averaged per view
     condition: str = "null"  # null | label | none  (class conditioning used while extracting)
     view: ViewSpec = field(default_factory=ViewSpec)
@@ -218,3 +228,4 @@ class ReportConfig:
     train: str = "artifacts/train"
     grid: str = "artifacts/shards/synthetic/grid.png"
     out: str = "artifacts/report"
+    allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing

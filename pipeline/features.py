@@ -148,7 +148,10 @@ class FeatureExtractor:
         handle = self._block.register_forward_hook(self._hook)
         self._captured = None
         try:
-            self.unet(x_t, ts, class_labels=cls)
+            # important: float32 whatever autocast surrounds the call (train --online on a GPU runs
+            # under bf16 autocast), so online targets equal the cached ones
+            with torch.autocast(device_type=dev.type, enabled=False):
+                self.unet(x_t, ts, class_labels=cls)
         except _StopForward:
             pass
         finally:

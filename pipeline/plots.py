@@ -28,12 +28,14 @@ def accuracy_bars(groups: dict[str, list[dict]], path: Path) -> Path:
     """Grouped bars: clean / PGD / AutoAttack accuracy per variant, error bars = std over seeds."""
     names = list(groups)
     width = 0.8 / len(METRICS)
+    version = next(iter(groups.values()))[0].get("autoattack_version")
+    labels = {"autoattack": f"AutoAttack-{version}" if version else "AutoAttack"}
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) + 2), 3.6))
     for j, (key, label) in enumerate(METRICS):
         stats = [_mean_std([r.get(key) for r in groups[n]]) for n in names]
         xs = [i + (j - 1) * width for i in range(len(names))]
         bars = ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
-                      label=label, capsize=3)
+                      label=labels.get(key, label), capsize=3)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy (%)")

@@ -71,6 +71,38 @@ def train_seconds(run: dict) -> float | None:
     return None
 
 
+def budget(run: dict) -> dict | None:
+    """The run's training budget (steps, samples, real_samples, synthetic_samples); None if not recorded."""
+    b = (run.get("train_metrics") or {}).get("budget")
+    keys = ("steps", "samples", "real_samples", "synthetic_samples")
+    if not isinstance(b, dict) or not all(_num(b.get(k)) for k in keys):
+        return None
+    return {k: int(b[k]) for k in keys}
+
+
+def unequal_budgets(groups: dict[str, list[dict]]) -> list[str]:
+    """Variants with a run whose optimizer steps or samples seen differ from the most common budget.
+
+    The real:synthetic split of the samples is what distinguishes DM-AT from AT, so it may differ;
+    the number of steps and of samples may not (or one variant simply trained longer).
+    """
+    def key(r: dict) -> tuple[int, int] | None:
+        b = budget(r)
+        return None if b is None else (b["steps"], b["samples"])
+
+    per_run = [(name, key(r)) for name, rs in groups.items() for r in rs]
+    known = [k for _, k in per_run if k is not None]
+    if not known:  # nothing recorded (runs of an older version): nothing to compare, see budgets_unknown
+        return []
+    common = max(set(known), key=known.count)
+    return sorted({name for name, k in per_run if k != common})
+
+
+def budgets_unknown(groups: dict[str, list[dict]]) -> bool:
+    """No run records its budget: the report cannot check that the comparison is fair."""
+    return all(budget(r) is None for rs in groups.values() for r in rs)
+
+
 def find_train_log(run: dict, train_root: str | Path = "") -> Path | None:
     """The per-epoch log next to the run's checkpoint (or under train_root/VARIANT)."""
     folders = [Path(run["checkpoint"])] if run.get("checkpoint") else []

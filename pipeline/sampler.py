@@ -4,10 +4,16 @@ Sampling is a pure function of (seed, epoch, step): nothing is carried from one 
 next, so a resumed run draws exactly the batches an uninterrupted one would, and each process of
 a data-parallel run can compute its own slice of the global batch without communication.
 
-- An epoch is one pass over the real samples (the DM-AT convention): each real sample appears
-  once, with a view drawn uniformly from its K recorded views. Every batch holds exactly
-  ``n_real`` real and ``n_syn`` synthetic samples; the last incomplete batch is dropped so the
-  fraction is exact. Synthetic samples come from their own endless stream of shuffled passes.
+- The training budget (one definition for every variant, the DM-AT convention of
+  wzekai99/DM-Improves-AT, ``core/data/semisup.py``: ``num_batches = ceil(dataset_size /
+  batch_size)`` with the real set's size): an epoch is ``ceil(n_real / batch_size)`` steps
+  whatever the mix, and every step holds exactly ``batch_size`` samples, ``b_real`` real and
+  ``b_syn`` synthetic. So runs with the same epochs and batch size make the same number of
+  optimizer steps and see the same number of samples; with 70% synthetic, an epoch shows 30% of
+  the real set (DM-AT does the same).
+- Each part (real, synthetic) is an endless stream of shuffled passes, each sample with a view
+  drawn uniformly from its K recorded views per pass; step g of the run reads positions
+  ``[g * b, (g + 1) * b)`` of each stream. A pass may end inside a step (the next pass begins there).
 - ``chunked=True`` makes the order chunk-aware for streaming: the order of the cache's chunks is
   shuffled, then rows are shuffled within windows of a few consecutive chunks, so a reader that
   holds a couple of windows in memory reads every chunk once per pass.
@@ -79,7 +85,7 @@ class MixedSampler:
         self.n_real, self.k_real, self.n_syn, self.k_syn = n_real, k_real, n_syn, k_syn
         self.seed, self.rank, self.world = seed, rank, world
         self.chunk_real, self.chunk_syn, self.window = chunk_real, chunk_syn, window
-        self.steps_per_epoch = n_real // self.b_real
+        self.steps_per_epoch = -(-n_real // batch_size)
         self._cache: dict[tuple, np.ndarray] = {}
 
     def _rng(self, *key: int) -> np.random.Generator:
@@ -92,25 +98,23 @@ class MixedSampler:
             self._cache[key] = make()
         return self._cache[key]
 
-    def _real_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        perm = self._memo(("r", epoch), lambda: permutation(self.n_real, self._rng(_REAL, epoch),
-                                                             self.chunk_real, self.window))
-        views = self._memo(("rv", epoch), lambda: self._rng(_VIEW, _REAL, epoch).integers(0, self.k_real, self.n_real))
+    def _pass(self, part: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pass ``p`` of a part's stream: the shuffled rows and each row's view."""
+        n, k, chunk = ((self.n_real, self.k_real, self.chunk_real) if part == _REAL
+                       else (self.n_syn, self.k_syn, self.chunk_syn))
+        perm = self._memo((part, p), lambda: permutation(n, self._rng(part, p), chunk, self.window))
+        views = self._memo((part, p, _VIEW), lambda: self._rng(_VIEW, part, p).integers(0, k, n))
         return perm, views
 
-    def _syn_pass(self, p: int) -> tuple[np.ndarray, np.ndarray]:
-        perm = self._memo(("s", p), lambda: permutation(self.n_syn, self._rng(_SYN, p), self.chunk_syn, self.window))
-        views = self._memo(("sv", p), lambda: self._rng(_VIEW, _SYN, p).integers(0, self.k_syn, self.n_syn))
-        return perm, views
-
-    def _syn_slice(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Positions start..start+count of the endless synthetic stream (sample, view)."""
-        rows, views = [], []
+    def _stream(self, part: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions start..start+count of a part's endless stream: (rows, views)."""
+        n = self.n_real if part == _REAL else self.n_syn
+        rows, views = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         pos = start
         while pos < start + count:
-            p, off = divmod(pos, self.n_syn)
-            take = min(self.n_syn - off, start + count - pos)
-            perm, v = self._syn_pass(p)
+            p, off = divmod(pos, n)
+            take = min(n - off, start + count - pos)
+            perm, v = self._pass(part, p)
             rows.append(perm[off:off + take])
             views.append(v[perm[off:off + take]])
             pos += take
@@ -120,16 +124,16 @@ class MixedSampler:
         """This process's part of global batch ``step`` of ``epoch``."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
-        perm, views = self._real_epoch(epoch)
-        r = perm[step * self.b_real:(step + 1) * self.b_real][self.rank::self.world]
-        rv = views[r]
-        if self.b_syn:
-            g = (epoch * self.steps_per_epoch + step) * self.b_syn
-            s, sv = self._syn_slice(g, self.b_syn)
-            s, sv = s[self.rank::self.world], sv[self.rank::self.world]
-        else:
-            s = sv = np.zeros(0, np.int64)
-        return Batch(r, rv, s, sv, epoch, step)
+        g = epoch * self.steps_per_epoch + step
+        r, rv = self._stream(_REAL, g * self.b_real, self.b_real)
+        s, sv = self._stream(_SYN, g * self.b_syn, self.b_syn) if self.b_syn else (r[:0], rv[:0])
+        w = slice(self.rank, None, self.world)
+        return Batch(r[w], rv[w], s[w], sv[w], epoch, step)
+
+    def budget(self, steps: int) -> dict[str, int]:
+        """What ``steps`` global steps consume: the numbers two compared runs must share."""
+        return {"steps": steps, "batch_size": self.b_real + self.b_syn, "samples": steps * (self.b_real + self.b_syn),
+                "real_samples": steps * self.b_real, "synthetic_samples": steps * self.b_syn}
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         for step in range(start_step, self.steps_per_epoch):

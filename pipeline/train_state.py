@@ -150,9 +150,12 @@ def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
                     progress["sums"], progress["counts"], progress["last"], log)
 
 
-def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_per_epoch: int,
+def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, budget: dict,
            net: torch.nn.Module) -> dict:
-    """metrics.json (final epoch's values, wall time, peak memory) and config.json marked finished.
+    """metrics.json (final epoch's values, the budget, wall time, peak memory); config.json marked finished.
+
+    ``budget`` (``MixedSampler.budget`` + steps per epoch) is what two compared runs must share:
+    optimizer steps and samples seen, real and synthetic.
 
     With several processes it first checks that all of them hold the same weights.
     """
@@ -161,7 +164,7 @@ def finish(out: Path, st: RunState, meta: dict, rt: Any, started: float, steps_p
         raise RuntimeError("data-parallel processes ended with different weights (gradient sync failed)")
     last = st.log[-1] if st.log else {}
     metrics = {**{k: v for k, v in last.items() if k != "epoch"}, "epochs": st.epoch,
-               "steps_per_epoch": steps_per_epoch, "train_seconds": round(seconds, 3),
+               "steps_per_epoch": budget["steps_per_epoch"], "budget": budget, "train_seconds": round(seconds, 3),
                "target_mode": meta["cache"]["target_mode"], "processes": rt.world, "synchronised": True,
                # each process's own peak (MiB, rank order): flat in the cache size when streaming
                "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}

@@ -74,6 +74,7 @@ def check_config(cfg: TrainConfig) -> Parsed:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    cfg.view.check()
     check_out(cfg.out, folder=True)
     return Parsed(_enum(Method, cfg.method, "method"), _enum(LRSchedule, cfg.lr_schedule, "lr-schedule"),
                   _enum(DRASchedule, cfg.dra_schedule, "dra-schedule"), _enum(TargetNorm, cfg.target_norm, "target-norm"))

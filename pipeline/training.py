@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -103,8 +105,10 @@ def adversarial_step(net: nn.Module, classifier: nn.Module, x: torch.Tensor, y: 
     ``net`` may be a DDP wrapper of a DRANet (the forward that computes the loss goes through it,
     for gradient sync); ``classifier`` is the unwrapped classifier the attack differentiates.
     The perturbation is added to the (already augmented) view; the target belongs to that view.
-    TRADES: clean and adversarial inputs go through one concatenated forward (one BN batch) so
-    that every parameter is used exactly once per backward under DDP.
+    TRADES: clean and adversarial inputs go through one concatenated forward (so that under DDP
+    every parameter is used once per backward), but each half is batch-normalised with its own
+    statistics, as the two separate forwards of the reference do (yaodongyu/TRADES, ``trades.py``;
+    wzekai99/DM-Improves-AT, ``core/utils/trades.py``).
     """
     if s.method is Method.pgd:
         x_adv = pgd(classifier, x, y, eps=s.eps, alpha=s.alpha, steps=s.steps, loss="ce", generator=gen)
@@ -113,7 +117,8 @@ def adversarial_step(net: nn.Module, classifier: nn.Module, x: torch.Tensor, y: 
         total = terms["ce"]
     else:
         x_adv = pgd(classifier, x, y, eps=s.eps, alpha=s.alpha, steps=s.steps, loss="kl", generator=gen)
-        logits, pred = net(torch.cat([x, x_adv]))
+        with separate_batch_stats(classifier, 2):
+            logits, pred = net(torch.cat([x, x_adv]))
         logits_clean, logits_adv = logits.chunk(2)
         pred = pred[len(x):] if pred is not None else None
         terms = trades_loss(logits_clean, logits_adv, y, label_smoothing=s.label_smoothing)
@@ -122,6 +127,23 @@ def adversarial_step(net: nn.Module, classifier: nn.Module, x: torch.Tensor, y: 
         terms.update(dra_loss(pred, target))
         total = total + dra_w * terms["dra"]
     return total, terms, logits_adv.detach()
+
+
+@contextlib.contextmanager
+def separate_batch_stats(model: nn.Module, groups: int) -> Iterator[None]:
+    """Inside, every BatchNorm of ``model`` normalises each of ``groups`` equal slices of its batch
+    with that slice's own statistics (and, in training mode, updates its running statistics once
+    per slice, in order): one forward of ``cat([a, b])`` equals ``forward(a)`` then ``forward(b)``.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        plain = type(m).forward
+        m.forward = lambda x, m=m, plain=plain: torch.cat([plain(m, part) for part in x.chunk(groups)])
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward  # the class's forward again
 
 
 @torch.no_grad()

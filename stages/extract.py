@@ -40,8 +40,7 @@ def check_config(cfg: ExtractConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.limit < 0:
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
-    if cfg.view.pad < 0:
-        raise UserError(f"--view-pad must be >= 0, got {cfg.view.pad}")
+    cfg.view.check()
     check_out(cfg.out, folder=True)
 
 

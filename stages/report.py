@@ -4,6 +4,10 @@ The table answers the project's question per variant (AT, AT+DRA, DM-AT, DM-AT+D
 PGD and AutoAttack accuracy and training time, as mean +- std over the seeds that ran (airbench
 style: a single run is shown without +-). The sanity checks of every evaluation are carried
 into the table, so a number from a masked-gradient model cannot pass unnoticed.
+
+Variants are compared only at one training budget: every row shows its optimizer steps and the
+samples seen (real + synthetic), and rows whose budgets differ are refused (``--allow-unequal-budgets``
+shows them, each marked UNEQUAL BUDGET, under a warning).
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from pipeline.config import ReportConfig
 from pipeline.errors import UserError, check_out
 from pipeline.results import (
     aggregate,
+    budget,
+    budgets_unknown,
     find_train_log,
     load_evals,
     read_log,
     train_field,
     train_seconds,
+    unequal_budgets,
     variant_order,
 )
 
@@ -38,41 +45,63 @@ def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(groups: dict[str, list[dict]]) -> str:
+def _budget_cell(runs: list[dict]) -> tuple[str, str]:
+    """'steps' and 'real + synthetic samples' of a variant's runs ('?' if not recorded)."""
+    seen = {None if b is None else (b["steps"], b["real_samples"], b["synthetic_samples"])
+            for b in map(budget, runs)}
+    cells = [("?", "?") if b is None else (f"{b[0]}", f"{b[1]} + {b[2]}") for b in sorted(seen, key=str)]
+    return " / ".join(c[0] for c in cells), " / ".join(c[1] for c in cells)
+
+
+def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
     """The Markdown results table, one row per variant."""
     first = next(iter(groups.values()))[0]
     pgd = first.get("pgd_attack", {})
-    head = (f"| variant | seeds | DRA weight | synthetic | clean (%) "
+    head = (f"| variant | seeds | DRA weight | synthetic | steps | samples (real + syn) | clean (%) "
             f"| PGD-{pgd.get('steps', '?')}x{pgd.get('restarts', '?')} (%) "
             f"| AutoAttack-{first.get('autoattack_version', '?')} (%) | train time (s) | checks |")
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 11]
     for name, runs in groups.items():
         bad = sorted({w for r in runs for w in r.get("warnings", [])})
         setting = [", ".join(sorted({f"{train_field(r, k, '?')}" for r in runs}))
                    for k in ("dra_weight", "synthetic_fraction")]
-        rows.append(f"| {name} | {len(runs)} | {setting[0]} | {setting[1]} | {fmt([r['clean'] for r in runs])} "
+        steps, samples = _budget_cell(runs)
+        flag = " UNEQUAL BUDGET" if name in unequal else ""
+        rows.append(f"| {name}{flag} | {len(runs)} | {setting[0]} | {setting[1]} | {steps} | {samples} "
+                    f"| {fmt([r['clean'] for r in runs])} "
                     f"| {fmt([r['pgd'] for r in runs])} | {fmt([r.get('autoattack') for r in runs])} "
                     f"| {fmt([train_seconds(r) for r in runs], scale=1.0, digits=0)} "
                     f"| {'ok' if not bad else 'FAILED: ' + ', '.join(bad)} |")
     return "\n".join(rows)
 
 
-def markdown(groups: dict[str, list[dict]], images: list[str]) -> str:
+def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = ()) -> str:
     first = next(iter(groups.values()))[0]
     ns = sorted({r["n"] for runs in groups.values() for r in runs})
     lines = [
         "# Results", "",
         f"Threat model {first.get('threat_model', 'Linf')}, eps = {first.get('eps')}, on the first "
         f"{'/'.join(map(str, ns))} test images; accuracies of the EMA weights. "
-        "Mean ± sample std over seeds where several ran.", "",
-        table(groups), "",
+        "Mean ± sample std over seeds where several ran. Every variant trains for the same optimizer "
+        "steps on the same number of samples (steps x batch; an epoch is ceil(N_real / batch) steps "
+        "whatever the real:synthetic mix, the DM-AT convention).", "",
+    ]
+    if budgets_unknown(groups):
+        lines += ["**WARNING: no run records its training budget (trained by an older version): the rows "
+                  "may not be a fair comparison.**", ""]
+    if unequal:
+        lines += [f"**WARNING: the training budgets differ ({', '.join(unequal)}): these rows are not a fair "
+                  "comparison with the others.**", ""]
+    lines += [
+        table(groups, unequal), "",
         "Attacks: " + ", ".join(first.get("attacks", [])) + ".", "",
     ]
     fast = first.get("autoattack_fast")
     if fast:
         lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({fast.get('targets')} target classes), "
-                  f"{fast.get('iters')} iterations each: a cheaper subset of standard AutoAttack, so its "
-                  "accuracy is an upper bound on standard AutoAttack's.", ""]
+                  f"{fast.get('iters')} iterations each, every APGD schedule set for that iteration count: a "
+                  "cheaper subset of standard AutoAttack, so its accuracy is an expected upper bound on "
+                  "standard AutoAttack's.", ""]
     lines += [f"![{Path(p).stem}]({p})\n" for p in images]
     return "\n".join(lines)
 
@@ -84,6 +113,11 @@ def run(cfg: ReportConfig) -> dict:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
+    unequal = unequal_budgets(groups)
+    if unequal and not cfg.allow_unequal_budgets:
+        raise UserError(f"training budgets (steps, real and synthetic samples) differ between variants "
+                        f"({', '.join(unequal)} differ from the others): retrain them at one budget, or pass "
+                        "--allow-unequal-budgets to show them marked")
     out = Path(cfg.out)
     tmp = Path(storage.start(out))
     from pipeline import plots  # matplotlib is slow to import; keep it out of --help
@@ -95,11 +129,12 @@ def run(cfg: ReportConfig) -> dict:
     if cfg.grid and Path(cfg.grid).is_file():
         shutil.copyfile(cfg.grid, tmp / "samples.png")
         images.append(tmp / "samples.png")
-    (tmp / "report.md").write_text(markdown(groups, [p.name for p in images]))
+    (tmp / "report.md").write_text(markdown(groups, [p.name for p in images], unequal))
     summary = {name: [{k: r.get(k) for k in ("clean", "pgd", "autoattack", "seed", "checkpoint")}
-                      | {"train_seconds": train_seconds(r)} for r in rs] for name, rs in groups.items()}
+                      | {"train_seconds": train_seconds(r), "budget": (r.get("train_metrics") or {}).get("budget")}
+                      for r in rs] for name, rs in groups.items()}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     storage.commit(str(tmp), out)
-    print(table(groups))
+    print(table(groups, unequal))
     print(f"report: {out / 'report.md'}")
     return summary

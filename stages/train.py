@@ -71,5 +71,6 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
             bar.set_postfix_str(f"{st.summary()} peak_rss_mb={'/'.join(map(str, rss))}")
         save()
     bar.close()
-    return train_state.finish(out, st, tr.meta, rt, started, tr.sampler.steps_per_epoch, tr.net)
+    budget = {**tr.sampler.budget(st.global_step), "steps_per_epoch": tr.sampler.steps_per_epoch}
+    return train_state.finish(out, st, tr.meta, rt, started, budget, tr.net)
 

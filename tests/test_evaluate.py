@@ -225,3 +225,29 @@ def test_two_processes_split_the_set_and_match_one(checkpoint, fmnist_shards, tm
     assert sorted(p.name for p in two.iterdir()) == ["at.json", "at.metrics.json"]
     assert json.loads((two / "at.metrics.json").read_text())["pgd"] == a["pgd"]
 
+
+SCHEDULE = ("n_iter", "n_iter_orig", "n_iter_2", "n_iter_min", "size_decr", "n_restarts", "eot_iter", "thr_decr",
+            "eps", "norm", "seed", "loss")
+
+
+@pytest.mark.parametrize("iters", [50, 20, 100])
+def test_fast_autoattack_schedule_is_that_of_its_iteration_count(checkpoint, iters):
+    """APGD derives its checkpoints from n_iter in __init__ (fra31/auto-attack autopgd_base.py):
+    the fast attack must equal a freshly constructed APGD with the same n_iter, not a 100-step one
+    whose n_iter was overwritten."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+    model = evaluate.load_classifier(checkpoint)[0]
+    aa = robust.make_autoattack(model, eps=0.1, version=AutoAttackVersion.fast, fast_targets=3, fast_iters=iters,
+                                seed=4)
+    assert aa.attacks_to_run == ["apgd-ce", "apgd-t"]
+    fresh = APGDAttack(model, n_iter=iters, eps=0.1, seed=4, n_restarts=1)
+    fresh_t = APGDAttack_targeted(model, n_iter=iters, eps=0.1, seed=4, n_restarts=1, n_target_classes=3)
+    for name in SCHEDULE:
+        assert getattr(aa.apgd, name) == getattr(fresh, name), name
+        assert getattr(aa.apgd_targeted, name) == getattr(fresh_t, name), name
+    assert aa.apgd_targeted.n_target_classes == 3
+    if iters != 100:  # what overwriting n_iter on a 100-iteration attack leaves behind
+        stale = APGDAttack(model, n_iter=100, eps=0.1)
+        stale.n_iter = iters
+        assert (stale.n_iter_2, stale.size_decr) != (fresh.n_iter_2, fresh.size_decr)

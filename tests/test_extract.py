@@ -248,3 +248,16 @@ def test_two_processes_equal_one(tmp_path, store, model_dir, fmnist_shards, synt
         assert_features_close(np.concatenate([p.read_chunk(c) for c in range(p.n_chunks)]),
                               np.concatenate([q.read_chunk(c) for c in range(q.n_chunks)]))
 
+
+def test_extractor_computes_in_float32_under_autocast(store):
+    """train --online runs inside the step's autocast (bf16 on GPUs): the targets must not change."""
+    from pipeline.features import FeatureExtractor
+
+    fe = FeatureExtractor.from_cache(open_cache(str(store)))
+    x, seeds = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    plain = fe(x, seeds, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fe(x, seeds, None)
+        bf16 = fe.unet(x, 100, class_labels=torch.full((6,), 10)).sample  # what autocast would do
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    assert bf16.dtype == torch.bfloat16

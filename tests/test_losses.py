@@ -52,3 +52,45 @@ def test_dra_loss_reference_and_gradient():
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert dra_loss(t, t * 3)["dra"].abs() < 1e-6  # scale-invariant: aligned vectors cost 0
     assert torch.allclose(dra_loss(t, -t)["dra"], torch.tensor(2.0))
+
+
+def test_trades_step_equals_two_separate_forwards():
+    """TRADES as the reference (yaodongyu/TRADES trades.py): the clean and the adversarial batch are
+    normalised with their own BatchNorm statistics. Our one concatenated forward (one module call,
+    for DDP) must give the loss, the gradients and the running statistics of two forwards."""
+    import copy
+
+    from pipeline.attacks import pgd
+    from pipeline.models import build_classifier
+    from pipeline.training import DRANet, Method, StepSettings, adversarial_step
+
+    torch.manual_seed(0)
+    model = build_classifier("cnn", 1, 10, 28)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+    s = StepSettings(Method.trades, eps=0.1, alpha=0.03, steps=3, beta=6.0, label_smoothing=0.0)
+
+    ref = copy.deepcopy(model)
+    x_adv = pgd(ref, x, y, eps=s.eps, alpha=s.alpha, steps=s.steps, loss="kl",
+                generator=torch.Generator().manual_seed(7))
+    ref.train()
+    logits_clean, logits_adv = ref(x), ref(x_adv)  # two forwards, two BN batches
+    want = trades_loss(logits_clean, logits_adv, y)
+    want_total = want["ce"] + s.beta * want["kl"]
+    want_total.backward()
+
+    model.train()
+    total, terms, _ = adversarial_step(DRANet(model, None), model, x, y, None, 0.0, s,
+                                       torch.Generator().manual_seed(7))
+    total.backward()
+    assert torch.allclose(total, want_total, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-5), name
+    for name, b in model.named_buffers():  # running stats: updated once per half, clean first
+        assert torch.allclose(b.float(), dict(ref.named_buffers())[name].float(), atol=1e-6), name
+    assert not any("forward" in vars(m) for m in model.modules())  # the plain BN forward is back
+    # what one shared BN batch gives instead: a different loss (so this test can fail)
+    shared = copy.deepcopy(ref)
+    lc, la = shared(torch.cat([x, x_adv])).chunk(2)
+    shared_terms = trades_loss(lc, la, y)
+    assert abs(float(shared_terms["ce"] + s.beta * shared_terms["kl"] - want_total)) > 1e-3

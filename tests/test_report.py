@@ -15,14 +15,23 @@ from stages import report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _result(variant: str, seed: int, clean: float, pgd: float, aa: float, ckpt: Path, warnings=()) -> dict:
+def _budget(steps: int, syn: float) -> dict:
+    b_syn = round(128 * syn)
+    return {"steps": steps, "batch_size": 128, "samples": steps * 128, "real_samples": steps * (128 - b_syn),
+            "synthetic_samples": steps * b_syn, "steps_per_epoch": steps // 3}
+
+
+def _result(variant: str, seed: int, clean: float, pgd: float, aa: float, ckpt: Path, warnings=(),
+            steps: int = 237) -> dict:
     return {"variant": variant, "clean": clean, "pgd": pgd, "autoattack": aa, "n": 500,
             "threat_model": "Linf", "eps": 0.1, "attacks": ["pgd-ce-20x2", "autoattack-fast:apgd-ce"],
             "pgd_attack": {"steps": 20, "restarts": 2, "step_size": 0.0125},
-            "autoattack_version": "fast", "checks": {}, "warnings": list(warnings),
+            "autoattack_version": "fast", "autoattack_fast": {"targets": 3, "iters": 50}, "checks": {},
+            "warnings": list(warnings),
             "checkpoint": str(ckpt),
             "train_config": {"train": {"seed": seed, "dra_weight": 0.5 * ("DRA" in variant),
-                                       "synthetic_fraction": 0.7 * variant.startswith("DM")}}, "train_metrics": {"train_seconds": 100 + seed}}
+                                       "synthetic_fraction": 0.7 * variant.startswith("DM")}}, "train_metrics": {"train_seconds": 100 + seed,
+                              "budget": _budget(steps, 0.7 * variant.startswith("DM"))}}
 
 
 @pytest.fixture
@@ -52,12 +61,13 @@ def test_report_table_plots_and_seeds(results, tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
     at = [c.strip() for c in rows[0].split("|")]
-    assert at[2:5] == ["2", "0.0", "0.0"]
-    assert at[5] == "83.00 ± 1.41"  # mean and sample std of 82, 84
-    assert at[6] == "52.00 ± 2.83" and at[7] == "50.00 ± 2.83"
-    assert at[8] == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
+    assert at[2:7] == ["2", "0.0", "0.0", "237", "30336 + 0"]
+    assert at[7] == "83.00 ± 1.41"  # mean and sample std of 82, 84
+    assert at[8] == "52.00 ± 2.83" and at[9] == "50.00 ± 2.83"
+    assert at[10] == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
     dra = [c.strip() for c in rows[3].split("|")]
-    assert dra[3:6] == ["0.5", "0.7", "80.00"] and "ok" in rows[3]
+    assert dra[3:8] == ["0.5", "0.7", "237", "9006 + 21330", "80.00"] and "ok" in rows[3]
+    assert "WARNING" not in md and "expected upper bound" in md
     assert "FAILED: autoattack_le_pgd" in rows[2]
     assert "PGD-20x2" in md and "AutoAttack-fast" in md and "eps = 0.1" in md
     for name in ("accuracy.png", "curves.png", "samples.png"):
@@ -73,6 +83,26 @@ def test_report_without_logs_or_grid(results, tmp_path):
     out = tmp_path / "r2"
     report.run(ReportConfig(evals=str(results / "eval"), train="", grid=str(tmp_path / "none.png"), out=str(out)))
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "report.md", "summary.json"]
+
+
+def test_report_refuses_unequal_budgets_or_marks_them(results, tmp_path):
+    """A DM-AT run trained 3.4x longer (the old steps = N_real / b_real) is not a fair comparison."""
+    ckpt = results / "train" / "DM-AT-s0"
+    path = results / "eval" / "DM-AT-s0.json"
+    path.write_text(json.dumps(_result("DM-AT", 0, 0.81, 0.58, 0.57, ckpt, steps=789)))
+    with pytest.raises(UserError, match=r"budgets .* differ .*DM-AT"):
+        report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+    report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r"),
+                            allow_unequal_budgets=True))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "WARNING: the training budgets differ (DM-AT)" in md
+    assert [line.split("|")[1].strip() for line in md.splitlines() if "UNEQUAL" in line] == ["DM-AT UNEQUAL BUDGET"]
+    metrics = json.loads(path.read_text())
+    del metrics["train_metrics"]["budget"]  # an old run without a recorded budget is not comparable either
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(UserError, match="DM-AT"):
+        report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2")))
 
 
 def test_report_refuses_empty_folder(tmp_path):

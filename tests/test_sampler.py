@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -14,18 +16,24 @@ from pipeline.views import sample_views
 D = 8
 
 
-def test_epoch_covers_each_real_sample_once_with_exact_mixing():
+def test_budget_is_the_real_set_in_steps_whatever_the_mix():
+    """DM-AT's epoch (core/data/semisup.py): ceil(N_real / batch) full batches, 30% of them real here."""
     s = MixedSampler(n_real=300, k_real=4, n_syn=70, k_syn=2, batch_size=20, synthetic_fraction=0.7, seed=3)
-    assert (s.b_real, s.b_syn, s.steps_per_epoch) == (6, 14, 50)
+    plain = MixedSampler(n_real=300, k_real=4, batch_size=20, seed=3)
+    assert (s.b_real, s.b_syn, s.steps_per_epoch) == (6, 14, 15) and plain.steps_per_epoch == 15
+    assert s.budget(30) == {"steps": 30, "batch_size": 20, "samples": 600, "real_samples": 180,
+                            "synthetic_samples": 420}
+    assert plain.budget(30)["samples"] == 600 and plain.budget(30)["real_samples"] == 600
+    assert MixedSampler(n_real=301, k_real=1, batch_size=20, seed=0).steps_per_epoch == 16  # ceil
     rows, syn = [], []
-    for b in s.batches(epoch=0):
+    for b in (s.batch(e, i) for e in range(4) for i in range(s.steps_per_epoch)):
         assert len(b.real_rows) == 6 and len(b.syn_rows) == 14
         assert ((0 <= b.real_views) & (b.real_views < 4)).all() and ((0 <= b.syn_views) & (b.syn_views < 2)).all()
         rows.append(b.real_rows), syn.append(b.syn_rows)
-    rows = np.concatenate(rows)
-    assert len(np.unique(rows)) == len(rows) == 300
-    syn = np.concatenate(syn)  # 700 draws = 10 full passes over 70 synthetic samples
-    assert all(len(np.unique(syn[p * 70:(p + 1) * 70])) == 70 for p in range(10))
+    rows = np.concatenate(rows)  # 360 real draws: one full pass over the 300, then 60 of the next
+    assert len(np.unique(rows[:300])) == 300 and len(np.unique(rows[300:])) == 60
+    syn = np.concatenate(syn)  # 840 draws = 12 full passes over 70 synthetic samples
+    assert all(len(np.unique(syn[p * 70:(p + 1) * 70])) == 70 for p in range(12))
 
 
 def test_seeded_resumable_and_epochs_differ():
@@ -104,13 +112,13 @@ def test_readers_return_the_drawn_rows(store):
     part = open_cache(url).part("train")
     ram, stream = InMemoryTargets(part), StreamingTargets(part, capacity=8)
     s = MixedSampler(n_real=part.n, k_real=part.k, batch_size=32, seed=5, chunk_real=part.rows_per_chunk, window=4)
-    for b in s.batches(0):
+    for b in itertools.islice(s.batches(0), part.n // 32):  # the steps within the first pass
         got = stream.get(b.real_rows, b.real_views)
         assert np.array_equal(got, ram.get(b.real_rows, b.real_views))
         assert np.array_equal(got[:, 0], b.real_rows) and np.array_equal(got[:, 1], b.real_views)
         assert np.array_equal(got, feats[b.real_rows, b.real_views])
         assert len(stream._chunks) <= 8  # memory stays flat
-    # chunk-aware order: each of the 19 chunks read once in the pass (the dropped tail may skip one)
+    # chunk-aware order: each of the 19 chunks read once in the pass
     assert stream.reads <= part.n_chunks
 
 

@@ -118,7 +118,10 @@ def test_cli_end_to_end(store, tmp_path, capsys):
     main(["train", "--cache", str(store), "--out", str(out), "--epochs", "2", "--batch-size", "64",
           "--attack-steps", "2", "--head-hidden", "32", "--synthetic-fraction", "0.25", "--real-limit", "0"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["steps_per_epoch"] == 5 and metrics["target_mode"] == "ram"
+    assert metrics["epochs"] == 2 and metrics["steps_per_epoch"] == 4 and metrics["target_mode"] == "ram"
+    # ceil(N_real / batch) steps per epoch whatever the mix, full batches of 48 real + 16 synthetic
+    assert metrics["budget"] == {"steps": 8, "batch_size": 64, "samples": 512, "real_samples": 384,
+                                 "synthetic_samples": 128, "steps_per_epoch": 4}
     log = (out / "log.tsv").read_text().splitlines()
     header = log[0].split("\t")
     assert len(log) == 3 and {"ce", "dra", "loss", "adv_acc", "clean_acc", "lr", "step_time_s"} <= set(header)
@@ -206,7 +209,7 @@ def test_two_processes_stay_synchronised(store, tmp_path):
                               "--real-limit", "0"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["synchronised"] is True and metrics["steps_per_epoch"] == 5
+    assert metrics["processes"] == 2 and metrics["synchronised"] is True and metrics["steps_per_epoch"] == 4
     assert load_classifier(out)[1]["finished"]
 
 
