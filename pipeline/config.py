@@ -229,3 +229,4 @@ class ReportConfig:
     grid: str = "artifacts/shards/synthetic/grid.png"
     out: str = "artifacts/report"
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
+    readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
