@@ -6,11 +6,28 @@ process exits with status 2. Bugs stay ordinary exceptions, with their traceback
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
     """Bad input, a missing file, a refused cache: something the user can fix."""
+
+
+def refuse_non_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float setting of a config (nested dataclasses too) must be finite.
+
+    Important: ``nan`` fails every comparison, so ``if x < 0: refuse`` lets it through, and ``inf``
+    passes ``x > 0``; a NaN learning rate then trains a NaN model that is saved as finished.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            refuse_non_finite(value, f"{prefix}{f.name}-")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{prefix}{f.name}".replace("_", "-") + f" must be a finite number, got {value}")
 
 
 def check_out(path: str, *, folder: bool, flag: str = "--out") -> None:

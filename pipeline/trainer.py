@@ -19,7 +19,7 @@ import torch
 
 from pipeline.cache import open_cache, verify_cache
 from pipeline.config import TrainConfig
-from pipeline.errors import UserError, check_out
+from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier
 from pipeline.runtime import Runtime
 from pipeline.sampler import MixedSampler, Prefetcher
@@ -60,6 +60,7 @@ def _enum(cls: type, value: str, flag: str) -> Any:
 
 def check_config(cfg: TrainConfig) -> Parsed:
     """Every flag checked before any file is opened."""
+    refuse_non_finite(cfg)
     if cfg.arch not in CLASSIFIERS:
         raise UserError(f"--arch {cfg.arch!r}: choose one of {', '.join(CLASSIFIERS)}")
     checks = [(cfg.epochs >= 1, "--epochs must be >= 1"), (cfg.batch_size >= 2, "--batch-size must be >= 2"),
@@ -70,7 +71,10 @@ def check_config(cfg: TrainConfig) -> Parsed:
               (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"), (cfg.head_hidden >= 1, "--head-hidden must be >= 1"),
               (cfg.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"), (cfg.image_size >= 0, "--image-size must be >= 0"),
               (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-              (cfg.max_steps >= 0, "--max-steps must be >= 0"), (bool(cfg.out), "--out is empty")]
+              (cfg.max_steps >= 0, "--max-steps must be >= 0"), (bool(cfg.out), "--out is empty"),
+              (cfg.trades_beta >= 0, "--trades-beta must be >= 0"), (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+              (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)"),
+              (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)

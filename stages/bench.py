@@ -44,7 +44,7 @@ import torch
 
 from pipeline import benchmark as B
 from pipeline.config import BenchConfig, DiffusionConfig, ExtractConfig, PrepareConfig, TrainConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, refuse_non_finite
 
 # DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
 # with the data) and for the whole command at the bench's size, where start-up, reading shards
@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_config(cfg: BenchConfig) -> None:
+    refuse_non_finite(cfg)
     for name in ("n", "views", "batch_size", "chunks_per_shard", "repeats", "train_steps", "train_batch_size",
                  "memory_budget_mb", "stream_cache_mb"):
         if getattr(cfg, name) < 1:

@@ -38,7 +38,7 @@ from pipeline.diffusion import (
     pointer_info,
     save_model,
 )
-from pipeline.errors import UserError, check_out
+from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.shards import read_split
 
 DEFAULT_SIZING = "measured on 2 shared CPU cores: ~0.3 s per 128-image bf16 step (see README)"
@@ -50,6 +50,7 @@ def ckpt_dir(out: str) -> Path:
 
 def check(cfg: DiffusionConfig) -> None:
     """Refuse bad settings before any heavy work."""
+    refuse_non_finite(cfg)
     if cfg.steps <= 0 or cfg.batch_size <= 0:
         raise UserError(f"--steps and --batch-size must be positive, got {cfg.steps}, {cfg.batch_size}")
     if not 0.0 <= cfg.class_dropout < 1.0:

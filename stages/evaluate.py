@@ -29,13 +29,14 @@ import torch
 
 from pipeline import robust
 from pipeline.config import AutoAttackVersion, EvaluateConfig
-from pipeline.errors import UserError, check_out
+from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.models import load_classifier
 from pipeline.runtime import Dist
 from pipeline.shards import read_split
 
 
 def check_config(cfg: EvaluateConfig) -> None:
+    refuse_non_finite(cfg)
     if cfg.n <= 0:
         raise UserError(f"--n must be positive, got {cfg.n}")
     if not 0 < cfg.eps <= 1:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.cache import NORMALISATION, CacheWriter, PartInit
 from pipeline.config import ExtractConfig
-from pipeline.errors import UserError, check_out
+from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.features import FeatureExtractor
 from pipeline.probe import linear_probe
 from pipeline.runtime import Dist
@@ -35,6 +35,7 @@ PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
 def check_config(cfg: ExtractConfig) -> None:
     """Sizes and counts: refused before anything is loaded."""
+    refuse_non_finite(cfg)
     for name in ("views", "views_synthetic", "draws", "batch_size", "rows_per_chunk", "chunks_per_shard"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pipeline import storage
 from pipeline.config import GenerateConfig
 from pipeline.diffusion import DiffusionModel, load_model
-from pipeline.errors import UserError, check_out
+from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.runtime import Dist
 from pipeline.sampling import SAMPLERS, class_grid, make_sampler, sample
 from pipeline.shards import (
@@ -62,6 +62,7 @@ GRID_PER_SHARD = 100  # samples per shard kept for the grid
 
 
 def check(cfg: GenerateConfig) -> None:
+    refuse_non_finite(cfg)
     if cfg.n <= 0 or cfg.batch_size <= 0 or cfg.shard_size <= 0 or cfg.sample_steps <= 0:
         raise UserError("--n, --batch-size, --shard-size and --sample-steps must be positive")
     if cfg.sampler not in SAMPLERS:
