@@ -117,7 +117,7 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
         raise UserError("keys must be unique and one per sample")
     for k in keys:
         check_key(k)
-    staging = start(out_dir)
+    staging = start(out_dir, signature=(FINGERPRINT,))
     n = len(keys)
     name = basename(out_dir)
     with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
@@ -127,7 +127,7 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
     fp = make_fingerprint(keys, list(split.images.shape[1:]), list(split.classes), shards,
                           content_hash(keys, split.images, split.labels), source=source, extra=extra)
     finish_split(staging, fp)
-    commit(staging, out_dir)
+    commit(staging, out_dir, signature=(FINGERPRINT,))
     return fp
 
 

@@ -5,6 +5,11 @@ and renamed into place (one atomic rename). Object stores have no rename: there 
 cleared first and written in place, and each format marks completeness by writing its marker
 file last (``fingerprint.json`` for shards, ``generate.json`` for generate's folder), which
 readers require.
+
+A stage replaces only what it made: an existing OUT is replaced when it is empty or holds the
+stage's signature file (``model_info.json``, ``generate.json``, ``fingerprint.json``, ...), and a
+staging folder only when it carries the ``.staging`` marker that ``start`` writes into it (removed
+before ``commit``). Anything else is refused with one line, never deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import shutil
 from pathlib import Path
 
 import fsspec
+
+from pipeline.errors import UserError
+
+STAGING_MARKER = ".staging"  # written into every staging folder by `start`, removed by `commit`
 
 
 def is_url(path: str | Path) -> bool:
@@ -55,20 +64,54 @@ def staging_path(out: str | Path) -> str:
     return str(out.with_name(out.name + ".tmp"))
 
 
-def start(out: str | Path) -> str:
-    """A fresh, empty staging folder for ``out`` (see the module docstring); returns its path."""
+def _replaceable(url: str, signature: tuple[str, ...], marker: bool) -> bool:
+    """Nothing there, an empty folder, or a folder this stage made (its signature file or marker)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return True
+    if not fs.isdir(path):
+        return False
+    names = [posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False)]
+    return not names or any(s in names for s in signature) or (marker and STAGING_MARKER in names)
+
+
+def refuse_foreign(out: str | Path, signature: tuple[str, ...]) -> None:
+    """Refuse (before any work) an ``out`` that exists and was not made by this stage.
+
+    On a URL the output folder is its own staging folder, so an interrupted run's marker counts too.
+    """
+    if not _replaceable(str(out), signature, marker=is_url(out)):
+        raise UserError(f"{out} exists and is not an output of this stage (no {' or '.join(signature)}); "
+                        "it is left as it is: remove it or choose another --out")
+    stage = staging_path(out)
+    if not is_url(out) and not _replaceable(stage, (), marker=True):
+        raise UserError(f"{stage} exists and was not left by this stage (no {STAGING_MARKER} marker); "
+                        "it is left as it is: remove it")
+
+
+def start(out: str | Path, *, signature: tuple[str, ...]) -> str:
+    """A fresh, empty staging folder for ``out`` (see the module docstring); returns its path.
+
+    ``signature`` names the file(s) that mark a finished output of the calling stage.
+    """
+    refuse_foreign(out, signature)
     stage = staging_path(out)
     fs, path = fsspec.core.url_to_fs(stage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(posixpath.join(path, STAGING_MARKER), b"")
     return stage
 
 
-def commit(stage: str, out: str | Path) -> None:
-    """Move a finished staging folder into place (a no-op on a URL, where it already is)."""
+def commit(stage: str, out: str | Path, *, signature: tuple[str, ...]) -> None:
+    """Move a finished staging folder into place (on a URL it is in place: only the marker goes)."""
+    fs, path = fsspec.core.url_to_fs(str(stage))
     if is_url(out):
+        fs.rm_file(posixpath.join(path, STAGING_MARKER))
         return
+    refuse_foreign(out, signature)
+    Path(stage, STAGING_MARKER).unlink(missing_ok=True)
     if Path(out).exists():
         shutil.rmtree(out)
     os.replace(stage, out)

@@ -41,6 +41,7 @@ from pipeline.diffusion import (
 from pipeline.errors import UserError, check_out, refuse_non_finite
 from pipeline.shards import read_split
 
+SIGNATURE = ("model_info.json",)  # the file that marks a finished output folder of this stage
 DEFAULT_SIZING = "measured on 2 shared CPU cores: ~0.3 s per 128-image bf16 step (see README)"
 
 
@@ -63,6 +64,12 @@ def check(cfg: DiffusionConfig) -> None:
     if cfg.warmup_steps < 0 or cfg.checkpoint_every < 0 or cfg.limit < 0:
         raise UserError("--warmup-steps, --checkpoint-every and --limit must be >= 0")
     check_out(cfg.out, folder=True)
+    storage.refuse_foreign(cfg.out, SIGNATURE)
+    ckpt = ckpt_dir(cfg.out)
+    if "://" not in cfg.out and ckpt.exists() and (not ckpt.is_dir() or any(
+            not p.name.startswith("step-") for p in ckpt.iterdir())):
+        raise UserError(f"{ckpt} exists and holds more than this stage's step-* checkpoints (it is removed "
+                        "after training): it is left as it is; remove it or choose another --out")
 
 
 def loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
@@ -87,9 +94,9 @@ def loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
 def use_existing(cfg: DiffusionConfig) -> dict:
     model = load_model(cfg.model)  # raises UserError for a bad path / unreachable hub
     info = pointer_info(model, cfg.model)
-    tmp = Path(storage.start(cfg.out))
+    tmp = Path(storage.start(cfg.out, signature=SIGNATURE))
     (tmp / "model_info.json").write_text(json.dumps(info, indent=2))
-    storage.commit(str(tmp), cfg.out)
+    storage.commit(str(tmp), cfg.out, signature=SIGNATURE)
     kind = f"{model.num_classes} classes" if model.conditional else "unconditional"
     print(f"using {info['source']} ({kind}, {model.image_size} px) -> {cfg.out}/model_info.json")
     return info
@@ -117,7 +124,7 @@ def run(cfg: DiffusionConfig) -> dict:
     t0 = time.time()
     res = train_ddpm(data.images, data.labels, unet, scheduler, cfg, ckpt_dir(cfg.out), device=device)
     seconds = time.time() - t0
-    tmp = Path(storage.start(cfg.out))
+    tmp = Path(storage.start(cfg.out, signature=SIGNATURE))
     config = {**asdict(cfg), "block_channels": list(cfg.block_channels)}
     info = save_model(tmp, res.ema_unet.cpu(), scheduler, {
         "trained": True, "classes": data.fingerprint["classes"], "config": config,
@@ -128,7 +135,7 @@ def run(cfg: DiffusionConfig) -> dict:
                  "count": len(data.labels)}})
     (tmp / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in res.losses))
     loss_plot(res.losses, tmp / "loss.png")
-    storage.commit(str(tmp), cfg.out)
+    storage.commit(str(tmp), cfg.out, signature=SIGNATURE)
     shutil.rmtree(ckpt_dir(cfg.out), ignore_errors=True)
     print(f"diffusion: final loss {res.final_loss:.4f}, {seconds:.0f} s "
           f"({info['seconds_per_step']} s/step) -> {cfg.out}")

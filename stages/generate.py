@@ -57,6 +57,7 @@ from pipeline.shards import (
 )
 
 KEY_PREFIX = "syn"
+SIGNATURE = ("generate.json",)  # the file that marks a finished output folder of this stage
 MAX_TRIES = 20  # candidates per kept sample (unconditional model), also the index stride per shard
 GRID_PER_SHARD = 100  # samples per shard kept for the grid
 
@@ -75,6 +76,7 @@ def check(cfg: GenerateConfig) -> None:
     if cfg.classifier_epochs <= 0 or cfg.classifier_limit < 0:
         raise UserError("--classifier-epochs must be positive and --classifier-limit >= 0")
     check_out(cfg.out, folder=True)
+    storage.refuse_foreign(cfg.out, SIGNATURE)
 
 
 def generate_range(model: DiffusionModel, cfg: GenerateConfig, start: int, stop: int,
@@ -162,7 +164,7 @@ def run(cfg: GenerateConfig) -> dict:
     clf = None
     if cfg.check or not model.conditional:  # trained once, by rank 0
         clf = dist.broadcast(real_classifier(cfg, num_classes) if dist.is_main else None)
-    stage = storage.start(cfg.out) if dist.is_main else storage.staging_path(cfg.out)
+    stage = storage.start(cfg.out, signature=SIGNATURE) if dist.is_main else storage.staging_path(cfg.out)
     dist.barrier()
     counts = shard_counts(cfg.n, cfg.shard_size)
     mine = [s for s in range(len(counts)) if s % dist.world == dist.rank]
@@ -219,7 +221,7 @@ def _finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: lis
               **_label_check(cfg, clf, sum(part[1] for part in gathered), model.conditional)}
     save_grid(np.concatenate(grid_images), np.concatenate(grid_labels), classes, storage.join(stage, "grid.png"))
     storage.write_bytes(storage.join(stage, "generate.json"), json.dumps(report, indent=2).encode())
-    storage.commit(stage, cfg.out)
+    storage.commit(stage, cfg.out, signature=SIGNATURE)
     print(f"generate: {cfg.n} images in {seconds:.0f} s ({report['images_per_second']} img/s, "
           f"{len(gathered)} process(es)); agreement {report.get('agreement')}, classifier test accuracy "
           f"{report.get('classifier_test_accuracy')} -> {cfg.out}")

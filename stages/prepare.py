@@ -6,8 +6,9 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UserError, check_out
-from pipeline.shards import join, make_keys, write_split
+from pipeline.shards import FINGERPRINT, join, make_keys, write_split
 from pipeline.sources import Split, read_source
+from pipeline.storage import refuse_foreign
 
 
 def default_name(source: str) -> str:
@@ -22,6 +23,8 @@ def run(cfg: PrepareConfig) -> dict[str, dict]:
         raise UserError(f"--shard-size must be positive, got {cfg.shard_size}")
     check_out(cfg.out, folder=True)
     splits = read_source(cfg.source, cfg.format)
+    for split in splits:  # before anything is written: no split folder of someone else's is replaced
+        refuse_foreign(join(cfg.out, split), (FINGERPRINT,))
     name = cfg.name or default_name(cfg.source)
     out = {}
     for split, data in splits.items():

@@ -110,6 +110,7 @@ def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str
     return "\n".join(lines)
 
 
+SIGNATURE = ("report.md",)  # the file that marks a finished output folder of this stage
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
 
@@ -135,6 +136,7 @@ def write_readme_block(path: Path, parts: tuple[str, str], table_md: str, evals:
 
 def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
+    storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(Path(cfg.readme)) if cfg.readme else None
     runs = load_evals(cfg.evals)
     if not runs:
@@ -147,7 +149,7 @@ def run(cfg: ReportConfig) -> dict:
                         f"({', '.join(unequal)} differ from the others): retrain them at one budget, or pass "
                         "--allow-unequal-budgets to show them marked")
     out = Path(cfg.out)
-    tmp = Path(storage.start(out))
+    tmp = Path(storage.start(out, signature=SIGNATURE))
     from pipeline import plots  # matplotlib is slow to import; keep it out of --help
 
     images = [plots.accuracy_bars(groups, tmp / "accuracy.png")]
@@ -162,7 +164,7 @@ def run(cfg: ReportConfig) -> dict:
                       | {"train_seconds": train_seconds(r), "budget": (r.get("train_metrics") or {}).get("budget")}
                       for r in rs] for name, rs in groups.items()}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    storage.commit(str(tmp), out)
+    storage.commit(str(tmp), out, signature=SIGNATURE)
     if readme is not None:
         write_readme_block(Path(cfg.readme), readme, table(groups, unequal), cfg.evals)
     print(table(groups, unequal))

@@ -573,7 +573,7 @@ def test_prepare_interrupted_mid_shard(fmnist_dir, tmp_path, monkeypatch):
 
 
 def test_diffusion_pointer_interrupted(model_dir, tmp_path, monkeypatch):
-    def boom(tmp, out):
+    def boom(tmp, out, **kw):
         raise Injected("killed before the rename (injected)")
 
     monkeypatch.setattr(diffusion_stage.storage, "commit", boom)
@@ -722,3 +722,49 @@ def test_report_interrupted(tmp_path, monkeypatch):
     with pytest.raises(Injected):
         report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(out)))
     assert not out.exists()
+
+
+def _foreign(folder: Path) -> Path:
+    """A folder of someone else's: a file the stage never writes."""
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work\n")
+    return folder
+
+
+def test_no_stage_deletes_a_folder_it_did_not_make(model_dir, fmnist_dir, fmnist_shards, tmp_path):
+    """generate, diffusion, prepare and report given an existing foreign --out refuse before any work
+    and leave it as it was; their own earlier output (signature file) and an interrupted run's
+    staging folder (.staging marker) are still replaced."""
+    cases = {
+        "diffusion": (lambda out: diffusion_stage.run(DiffusionConfig(model=str(model_dir), out=str(out)))),
+        "generate": (lambda out: generate.run(GenerateConfig(model=str(model_dir), real=str(fmnist_shards / "train"),
+                                                             out=str(out), n=4, sample_steps=2, batch_size=4,
+                                                             check=False, bf16=False))),
+        "prepare": (lambda out: prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), limit=8))),
+    }
+    for name, run in cases.items():
+        out = tmp_path / name
+        victim = _foreign(out / "train" if name == "prepare" else out)
+        with pytest.raises(UserError, match="not an output of this stage"):
+            run(out)
+        assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"], name
+        shutil.rmtree(out)
+        staging = out / "train.tmp" if name == "prepare" else Path(f"{out}.tmp")
+        _foreign(staging)  # a folder named like our staging folder, without our marker
+        with pytest.raises(UserError, match="was not left by this stage"):
+            run(out)
+        assert sorted(p.name for p in staging.iterdir()) == ["thesis.tex"], name
+        shutil.rmtree(staging)
+        run(out)  # a fresh output ...
+        run(out)  # ... which the stage may replace: it is its own
+    _foreign(tmp_path / "d2.ckpt")  # diffusion removes OUT.ckpt after training: refused up front
+    with pytest.raises(UserError, match="step-"):
+        diffusion_stage.run(DiffusionConfig(shards=str(fmnist_shards / "train"), out=str(tmp_path / "d2"), steps=1))
+    assert (tmp_path / "d2.ckpt" / "thesis.tex").exists() and not (tmp_path / "d2").exists()
+    report_out = _foreign(tmp_path / "report")
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "at.json").write_text(json.dumps({"variant": "AT", "clean": 0.5, "pgd": 0.25, "n": 8}))
+    with pytest.raises(UserError, match="not an output of this stage"):
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(report_out)))
+    assert sorted(p.name for p in report_out.iterdir()) == ["thesis.tex"]

@@ -12,7 +12,7 @@ from pipeline.config import AutoAttackVersion, EvaluateConfig, ExtractConfig, Pr
 from pipeline.errors import UserError
 from pipeline.shards import read_split, write_split
 from pipeline.sources import Split
-from pipeline.storage import join
+from pipeline.storage import STAGING_MARKER, join
 from stages import evaluate, extract, prepare, train
 
 
@@ -46,9 +46,13 @@ def test_url_split_is_incomplete_until_its_fingerprint_and_stale_shards_go(small
     url = _url("memory", tmp_path, "s")
     write_split(url, split, keys, shard_size=10, progress=False)  # 5 shards
     fs, path = fsspec.core.url_to_fs(url)
-    fs.rm(f"{path}/fingerprint.json")
+    fs.rm(f"{path}/fingerprint.json")  # what a foreign folder, or an interrupted write, looks like
     with pytest.raises(UserError, match="not a complete shard set"):
         read_split(url)
+    with pytest.raises(UserError, match="not an output of this stage"):  # no marker: not ours, kept
+        write_split(url, split, keys, shard_size=10, progress=False)
+    assert len(fs.ls(path, detail=False)) == 5
+    fs.pipe_file(f"{path}/{STAGING_MARKER}", b"")  # an interrupted write of ours leaves its marker
     write_split(url, Split(split.images[:15], split.labels[:15], split.classes), keys[:15], shard_size=10,
                 progress=False)  # rewritten: the old 5 shards do not survive next to the new 2
     assert len(fs.ls(path, detail=False)) == 3 and len(read_split(url).keys) == 15
