@@ -2,7 +2,7 @@
 
 This is the only module that imports zarr. Layout::
 
-    STORE/zarr.json                 root attrs: model, t, layer, pooling, ..., checksums, "complete"
+    STORE/zarr.json                 root attrs: model, t, layer, pooling, ..., manifest, digest, "complete"
     STORE/{train,synthetic,test}/   one group per part
         features   (N, K, D) float16  chunks (rows_per_chunk, K, D), zarr shards of
                                       rows_per_chunk*chunks_per_shard rows, compressed
@@ -14,12 +14,24 @@ Invariants: a feature shard is written by exactly one ``arr[a:b] = block`` (diff
 processes write different shards, never the same file); its sha256 goes into ``progress``
 afterwards, one chunk per shard (so writers never share a file either). ``complete: true`` is the
 last attribute written, and ``open_cache`` refuses a store without it.
+
+Integrity (a cache is input from a stranger): at the end, ``manifest`` records the sha256 of every
+file of the store but the root ``zarr.json`` (array metadata and part attributes included), and
+``digest`` is the sha256 of the root attributes with the manifest (all but ``digest`` and
+``complete``). ``verify_cache`` lists the files the store really holds and requires each to be in
+the manifest with its checksum and every manifest entry to exist; names from the manifest are
+only compared with listed names, never opened, so they cannot point outside the store; a local
+file that is not a regular file (a symlink to ``/dev/zero``) is refused, not read. The digest
+names the store's content: ``cache info`` prints it, training records it, and a team that got it
+through a trusted channel can require it (``cache verify --digest``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +41,13 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from pipeline.errors import UserError
 
-FORMAT = "dra-feature-cache/1"
+FORMAT = "dra-feature-cache/2"  # 2: manifest over every file + digest of the root attributes
+OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata"}
+ROOT_META = "zarr.json"  # holds the manifest itself; covered by the digest instead
 PARTS = ("train", "synthetic", "test")
 NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
 # Measured on float16 mid_block features of real Fashion-MNIST (6000 x 4 views x 64, default-size
@@ -75,6 +90,32 @@ def _raw(store: Any, key: str) -> bytes | None:
 
 def _sha(data: bytes | None) -> str:
     return "" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _list_keys(store: Any) -> list[str]:
+    """Every file the store holds (its own listing: the only names that are ever opened)."""
+    async def collect() -> list[str]:
+        return [k async for k in store.list()]
+
+    return sorted(sync(collect()))
+
+
+def _regular_file_raw(store: Any, key: str) -> bytes | None:
+    """The file's bytes; a local entry that is not a regular file (symlink, device) raises UserError."""
+    if isinstance(store, LocalStore):
+        try:
+            mode = os.lstat(Path(store.root) / key).st_mode
+        except OSError:
+            return None
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{key}: not a regular file (a symlink or device); refused, not read")
+    return _raw(store, key)
+
+
+def attrs_digest(attrs: dict) -> str:
+    """sha256 of the root attributes (manifest included), all but ``digest`` and ``complete``."""
+    body = {k: v for k, v in attrs.items() if k not in ("digest", "complete")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _location(url: str) -> str:
@@ -220,15 +261,11 @@ class CacheWriter:
         g["std"][...] = std.astype(np.float32)
 
     def finalize(self, extra: dict) -> None:
-        """Record every data file's checksum, then the "complete" marker, last."""
-        sums = {}
-        for part in self.group.group_keys():
-            for name in ("features", *SMALL_ARRAYS, "mean", "std"):
-                arr = self.group[part][name]
-                for key in _data_keys(arr):
-                    sums[key] = _sha(_raw(arr.store, key))
-        attrs = dict(self.group.attrs)
-        attrs.update({**extra, "checksums": dict(sorted(sums.items()))})
+        """The manifest of every file, the digest of the root attributes, then "complete", last."""
+        store = self.group.store
+        manifest = {k: _sha(_regular_file_raw(store, k)) for k in _list_keys(store) if k != ROOT_META}
+        attrs = {**dict(self.group.attrs), **extra, "manifest": manifest}
+        attrs["digest"] = attrs_digest(attrs)
         self.group.attrs.update(attrs)
         self.group.attrs.update({"complete": True})
 
@@ -316,14 +353,33 @@ class FeatureCache:
                             f"{self.attrs['view_spec']}")
 
 
+def _format_problem(attrs: dict) -> str | None:
+    fmt = attrs.get("format")
+    if fmt in OLD_FORMATS:
+        return (f"format {fmt} is no longer read ({OLD_FORMATS[fmt]}): rebuild the cache with "
+                "`python -m pipeline extract` (same flags, another --out)")
+    if fmt != FORMAT:
+        return f"not a feature cache of format {FORMAT} (format: {fmt!r})"
+    return None
+
+
 def open_cache(url: str) -> FeatureCache:
-    """Open a complete cache for reading; refuses unfinished or foreign stores."""
+    """Open a complete cache for reading; refuses unfinished, foreign, old or re-labelled stores.
+
+    The digest check is cheap (no data read): changed root attributes (t, layer, the model's
+    weights hash, the manifest) are refused here; ``verify_cache`` checks every file against the
+    manifest.
+    """
     group = _open_group(str(url), "r")
     attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise UserError(f"{url}: not a feature cache of format {FORMAT}")
+    problem = _format_problem(attrs)
+    if problem:
+        raise UserError(f"{url}: {problem}")
     if attrs.get("complete") is not True:
         raise UserError(f"{url}: incomplete cache (no \"complete\" marker); re-run extract to finish it")
+    if attrs.get("digest") != attrs_digest(attrs):
+        raise UserError(f"{url}: the root attributes were changed after extraction (digest mismatch); "
+                        "refusing the cache")
     return FeatureCache(str(url), group)
 
 
@@ -381,30 +437,62 @@ def _scan_finite(name: str, g: zarr.Group) -> list[str]:
     return problems
 
 
-def verify_cache(url: str, *, parts: tuple[str, ...] | None = None) -> list[str]:
-    """Every problem of a store, one line each: completeness, checksums, shapes, NaN/Inf.
+def _in_scope(key: str, parts: tuple[str, ...] | None) -> bool:
+    return parts is None or "/" not in key or key.split("/", 1)[0] in parts
 
-    ``parts`` limits the checksum, shape and NaN checks to those parts (``train`` checks only
-    what it will read); None checks the whole store.
+
+def _check_manifest(group: zarr.Group, attrs: dict, parts: tuple[str, ...] | None,
+                    digest: str | None) -> list[str]:
+    """Every listed file in the manifest with its checksum, every entry present, the digest right."""
+    manifest = attrs.get("manifest")
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        return ["no manifest of the store's files (a cache must list every file's sha256)"]
+    problems = []
+    if attrs.get("digest") != attrs_digest(attrs):
+        problems.append("root attributes changed after extraction (digest mismatch)")
+    if digest is not None and attrs.get("digest") != digest:
+        problems.append(f"digest {attrs.get('digest')} is not the expected {digest}")
+    listed = [k for k in _list_keys(group.store) if k != ROOT_META]
+    for key in listed:
+        if not _in_scope(key, parts):
+            continue
+        if key not in manifest:
+            problems.append(f"{key}: file not in the manifest (added or renamed after extraction)")
+            continue
+        try:
+            got = _sha(_regular_file_raw(group.store, key))
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if got != manifest[key]:
+            problems.append(f"{key}: checksum mismatch (corrupted, truncated or edited)")
+    present = set(listed)
+    problems += [f"{key}: missing file" for key in manifest if key not in present and _in_scope(key, parts)]
+    return problems
+
+
+def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str | None = None) -> list[str]:
+    """Every problem of a store, one line each: completeness, manifest and digest, shapes, NaN/Inf.
+
+    ``parts`` limits the file, shape and NaN checks to those parts and the top-level metadata
+    (``train`` checks only what it will read); None checks the whole store. ``digest``, when
+    given, must be the store's (a digest obtained through a trusted channel).
     """
     try:
         group = _open_group(str(url), "r")
     except UserError as exc:
         return [str(exc)]
     attrs = dict(group.attrs)
+    problem = _format_problem(attrs)
+    if problem:
+        return [problem]
     problems = []
-    if attrs.get("format") != FORMAT:
-        problems.append(f"not a feature cache of format {FORMAT} (format: {attrs.get('format')!r})")
     if attrs.get("complete") is not True:
         problems.append("incomplete: no \"complete\" marker (extract did not finish)")
-    for key, want in attrs.get("checksums", {}).items():
-        if parts is not None and key.split("/", 1)[0] not in parts:
-            continue
-        got = _sha(_raw(group.store, key))
-        if not got:
-            problems.append(f"{key}: missing file")
-        elif got != want:
-            problems.append(f"{key}: checksum mismatch (corrupted or truncated)")
+    else:
+        problems += _check_manifest(group, attrs, parts, digest)
+    if problems:  # shapes and values only of files the manifest vouches for
+        return problems
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
         shape_problems = _check_shapes(name, group[name])
         problems += shape_problems or _scan_finite(name, group[name])
@@ -427,6 +515,7 @@ def cache_info(url: str) -> str:
     model = a.get("model", {})
     lines = [f"store:      {url}",
              f"complete:   {a.get('complete', False)}",
+             f"digest:     {a.get('digest', '-')} (sha256 of the attributes and the manifest of every file)",
              f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)",
              f"extraction: t={a.get('t')} layer={a.get('layer')} pooling={a.get('pooling')} "
              f"draws={a.get('draws')} condition={a.get('condition')} seed={a.get('seed')}",

@@ -132,11 +132,13 @@ def _cache_info(store: str) -> None:
 
 
 @cache_app.command("verify")
-def _cache_verify(store: str) -> None:
-    """Checksums of every shard file, completeness, shapes, NaN/Inf: one line per problem, exit 2."""
+def _cache_verify(store: str, digest: Annotated[str, typer.Option(
+        help="require this digest (from `cache info` of the sender, through a channel you trust)")] = "") -> None:
+    """Every file against the manifest (metadata too), the digest, completeness, shapes, NaN/Inf:
+    one line per problem, exit 2."""
     from pipeline.cache import verify_cache
 
-    problems = verify_cache(store)
+    problems = verify_cache(store, digest=digest or None)
     for line in problems:
         print(line)
     if problems:

@@ -34,10 +34,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.sources import Split, encode_png
+from pipeline.sources import Split, check_image, encode_png
 from pipeline.storage import basename, commit, join, read_bytes, start, write_bytes
 
 FINGERPRINT = "fingerprint.json"
+SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # no dots (webdataset's extension separator), no slashes
 
 
@@ -164,9 +165,11 @@ class ShardSet:
 def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     key = check_key(sample["__key__"])
     try:
-        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            check_image(im, f"{path}: sample {key}")
+            image = np.asarray(im)
         label = int(sample["cls"])
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: corrupted sample {key} ({exc})") from None
     return key, image if image.ndim == 3 else image[..., None], label
 
@@ -175,6 +178,9 @@ def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = Tru
                 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """(keys, uint8 images (n,H,W,C), labels) of each listed shard in order, each checked against its record."""
     for shard in shards:
+        if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
+            raise UserError(f"{split_dir}: fingerprint names a shard {str(shard.get('name'))[:80]!r}, not "
+                            "shard-NNNNNN.tar (a name must not lead outside the split folder)")
         url = join(split_dir, shard["name"])
         data = read_bytes(url)
         if data is None:
@@ -191,6 +197,8 @@ def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = Tru
             raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
         if len(keys) != shard["count"]:
             raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
+        if len({im.shape for im in images}) > 1:
+            raise UserError(f"{url}: images of different sizes {sorted({im.shape for im in images})[:3]}")
         yield keys, np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.asarray(labels, np.int64)
 
 
@@ -219,9 +227,20 @@ def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
             bar.update(len(k))
     if have < want or not blocks:
         raise UserError(f"{split_dir}: read {have} samples, fingerprint says {want}")
+    if any(list(b.shape[1:]) != list(fp["image_shape"]) for b in blocks):
+        raise UserError(f"{split_dir}: images of shape {[list(b.shape[1:]) for b in blocks][:3]}, its "
+                        f"fingerprint says {fp['image_shape']}")
     images_arr = np.concatenate(blocks)[:want]
     labels_arr = np.concatenate(labels)[:want]
     keys = keys[:want]
+    if len(set(keys)) != len(keys):  # a join by key would silently take one of them
+        seen: set[str] = set()
+        repeated = next(k for k in keys if k in seen or seen.add(k))
+        raise UserError(f"{split_dir}: sample key {repeated!r} occurs more than once; keys must be unique")
+    num_classes = int(fp.get("num_classes") or len(fp.get("classes", [])) or 0)
+    if len(labels_arr) and (labels_arr.min() < 0 or (num_classes and labels_arr.max() >= num_classes)):
+        raise UserError(f"{split_dir}: labels outside [0, {num_classes}) (min {labels_arr.min()}, "
+                        f"max {labels_arr.max()})")
     if want == fp["count"] and verify and content_hash(keys, images_arr, labels_arr) != fp["content_hash"]:
         raise UserError(f"{split_dir}: content hash differs from its fingerprint")
     return ShardSet(keys, images_arr, labels_arr, fp, str(split_dir))

@@ -12,6 +12,7 @@ import gzip
 import io
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,40 +67,62 @@ def detect_format(root: Path) -> SourceFormat:
     raise UserError(f"cannot tell the dataset format of {root}: pass --format")
 
 
-def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto) -> dict[str, Split]:
-    """Read a raw dataset into ``{split: Split}``."""
+def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto, *, limit: int = 0) -> dict[str, Split]:
+    """Read a raw dataset into ``{split: Split}``; ``limit`` > 0 keeps the first N samples of each
+    split (IDX files are then read only that far: a compressed file is never inflated whole)."""
     root = Path(root)
     fmt = detect_format(root) if fmt == SourceFormat.auto else SourceFormat(fmt)
     if not root.exists():
         raise UserError(f"dataset not found: {root}")
-    return _READERS[fmt](root)
+    if fmt == SourceFormat.idx:
+        return _read_idx_dir(root, limit)
+    splits = _READERS[fmt](root)
+    if limit:
+        splits = {k: Split(v.images[:limit], v.labels[:limit], v.classes) for k, v in splits.items()}
+    return splits
 
 
 # --- IDX -------------------------------------------------------------------------------------
-def _open_maybe_gz(path: Path) -> bytes:
+MAX_IDX_BYTES = 8 * 2**30  # larger than any IDX dataset; a header claiming more is refused unread
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image (folder sources, shards): larger ones are refused unread
+
+
+def read_idx(path: Path, expected_magic: int, limit: int = 0) -> np.ndarray:
+    """Parse one IDX file (big-endian header: magic, dims; then uint8 data), gzip or not.
+
+    Streamed: the header is read first, then exactly the bytes it announces (or, with ``limit``,
+    those of the first ``limit`` items) plus one to detect padding, so a small compressed file
+    that inflates to gigabytes is never read whole.
+    """
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4:
+                raise UserError(f"{path}: truncated IDX header")
+            magic = struct.unpack(">i", head)[0]
+            if magic != expected_magic:
+                raise UserError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+            ndim = magic & 0xFF
+            dim_bytes = fh.read(4 * ndim)
+            if len(dim_bytes) < 4 * ndim:
+                raise UserError(f"{path}: truncated IDX header")
+            dims = list(struct.unpack(f">{ndim}i", dim_bytes))
+            if min(dims) < 0 or int(np.prod(dims, dtype=np.float64)) > MAX_IDX_BYTES:
+                raise UserError(f"{path}: IDX header announces {dims} items, more than {MAX_IDX_BYTES} bytes")
+            size = int(np.prod(dims))
+            if limit and limit < dims[0]:
+                dims[0], whole = limit, False
+            else:
+                whole = True
+            want = int(np.prod(dims))
+            data = fh.read(want + 1 if whole else want)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Parse one IDX file (big-endian header: magic, dims; then uint8 data)."""
-    data = _open_maybe_gz(path)
-    if len(data) < 8:
-        raise UserError(f"{path}: truncated IDX header")
-    magic = struct.unpack(">i", data[:4])[0]
-    if magic != expected_magic:
-        raise UserError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}i", data[4:header])
-    size = int(np.prod(dims))
-    if len(data) - header != size:
-        raise UserError(f"{path}: truncated or padded IDX file ({len(data) - header} data bytes, "
-                        f"header says {size})")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if len(data) < want or (whole and len(data) > want):
+        raise UserError(f"{path}: truncated or padded IDX file (header says {size} data bytes)")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -109,11 +132,11 @@ def _find(root: Path, stem: str) -> Path:
     raise UserError(f"missing {stem}[.gz] in {root} ({FASHION_MNIST_HINT})")
 
 
-def _read_idx_dir(root: Path) -> dict[str, Split]:
+def _read_idx_dir(root: Path, limit: int = 0) -> dict[str, Split]:
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), 2051)
-        labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049)
+        images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), 2051, limit)
+        labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049, limit)
         if len(images) != len(labels):
             raise UserError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
         out[split] = Split(images[..., None].copy(), labels.astype(np.int64), FASHION_MNIST_CLASSES)
@@ -187,8 +210,9 @@ def _read_folder_split(root: Path, classes: list[str] | None = None) -> Split:
         for path in files:
             try:
                 with Image.open(path) as im:
-                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
-            except OSError as exc:
+                    check_image(im, path)
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+            except (OSError, Image.DecompressionBombError) as exc:
                 raise UserError(f"cannot decode image {path}: {exc}") from None
             images.append(arr[..., None] if arr.ndim == 2 else arr)
             labels.append(label)
@@ -208,6 +232,19 @@ def _read_folder(root: Path) -> dict[str, Split]:
     return {"train": _read_folder_split(root)}
 
 
+def check_image(im: Image.Image, where: object) -> None:
+    """Before decoding: a size a dataset can have (no decompression bomb) and 8 bits per channel.
+
+    Important: PIL's convert("L") clips a 16-bit image to 255 instead of scaling it; this pipeline
+    stores uint8, so such images are refused rather than silently saturated.
+    """
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS or w == 0 or h == 0:
+        raise UserError(f"{where}: image of {w}x{h} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise UserError(f"{where}: {im.mode} image (more than 8 bits per channel); convert it to 8-bit first")
+
+
 # --- npz (generated sets) --------------------------------------------------------------------
 def read_npz(path: Path) -> Split:
     try:
@@ -215,11 +252,15 @@ def read_npz(path: Path) -> Split:
             if "image" not in z or "label" not in z:
                 raise UserError(f"{path}: npz needs arrays 'image' and 'label', has {sorted(z.files)}")
             images, labels = z["image"], z["label"]
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UserError(f"{path}: 'image' must be uint8 (N,H,W,C), got {images.dtype} {images.shape}")
-    labels = labels.astype(np.int64).reshape(-1)
+    if images.dtype != np.uint8 or images.ndim != 4 or min(images.shape[1:3], default=0) < 1 \
+            or images.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: 'image' must be uint8 (N,H,W,C) with H, W >= 1 and C 1 or 3, "
+                        f"got {images.dtype} {images.shape}")
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:  # float labels would be truncated, str ones fail
+        raise UserError(f"{path}: 'label' must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)
     n_classes = int(labels.max()) + 1 if len(labels) else 1
     classes = CIFAR10_CLASSES if n_classes <= 10 and images.shape[-1] == 3 else [str(i) for i in range(n_classes)]
     return Split(images, labels, classes)

@@ -114,7 +114,7 @@ def save(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
         progress = {"epoch": st.epoch, "step": st.step, "global_step": st.global_step, "seconds": st.seconds,
                     "sums": st.sums, "counts": st.counts, "last": st.last}
         metadata = {"progress": json.dumps(progress), "log": json.dumps(st.log),
-                    "config": json.dumps(_comparable(cfg))}
+                    "config": json.dumps(_comparable(cfg)), "cache_digest": str(meta["cache"].get("digest"))}
         save_tensors(out / MODEL_FILE, ema.model.state_dict())
         save_json(out / CONFIG_FILE, {**meta, "finished": False, "progress": progress})
         if st.log:
@@ -124,8 +124,12 @@ def save(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
 
 
 def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA,
-         gen: torch.Generator, device: torch.device) -> RunState | None:
-    """Restore a checkpoint written by ``save``; None when there is none yet (fresh start)."""
+         gen: torch.Generator, device: torch.device, cache_digest: str) -> RunState | None:
+    """Restore a checkpoint written by ``save``; None when there is none yet (fresh start).
+
+    Refused when the flags differ or when the cache is another one than the run started on (its
+    digest, not its path: a store replaced at the same path is another cache).
+    """
     path = out / STATE_FILE
     if not path.is_file():
         print(f"note: no checkpoint in {out}; starting from scratch")
@@ -137,6 +141,10 @@ def load(out: Path, cfg: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, 
         progress, log, saved = json.loads(meta["progress"]), json.loads(meta["log"]), json.loads(meta["config"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+    if meta.get("cache_digest") != str(cache_digest):
+        raise UserError(f"{out}: the checkpoint was trained on another cache (digest "
+                        f"{str(meta.get('cache_digest'))[:16]}..., this one {str(cache_digest)[:16]}...); "
+                        "resume with the same cache or use another --out")
     diff = sorted(k for k in set(saved) | set(_comparable(cfg)) if saved.get(k) != _comparable(cfg).get(k))
     if diff:
         raise UserError(f"{out}: the checkpoint was made with other settings ({', '.join(diff)}); "

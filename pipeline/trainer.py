@@ -148,7 +148,7 @@ def build(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, torch.opti
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     meta = {"arch": cfg.arch, "in_channels": c, "num_classes": num_classes, "image_size": h,
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
-            "cache": {k: data.cache.attrs.get(k) for k in ("model", "t", "layer", "pooling", "condition")} |
+            "cache": {k: data.cache.attrs.get(k) for k in ("model", "t", "layer", "pooling", "condition", "digest")} |
             {"url": cfg.cache, "target_mode": data.mode}}
     return net, opt, EMA(clf, cfg.ema_decay), meta
 

@@ -127,7 +127,9 @@ def run(cfg: ExtractConfig) -> dict:
             **extractor.settings(), "image_size": model.image_size, "in_channels": model.in_channels,
             "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
             "code_version": pipeline.__version__, "compressor": cfg.compressor,
-            "parts": {n: {"n": p.n, "k": p.k, "d": d} for n, p in inits.items()}}
+            # the data each part was computed from: a resume on other images is refused
+            "parts": {n: {"n": p.n, "k": p.k, "d": d, "content_hash": p.attrs["fingerprint"]["content_hash"]}
+                      for n, p in inits.items()}}
     open_args = dict(plan=plan, parts=inits, rows_per_chunk=cfg.rows_per_chunk,
                      chunks_per_shard=cfg.chunks_per_shard, compressor=cfg.compressor)
     writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None

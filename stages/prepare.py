@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.config import PrepareConfig
 from pipeline.errors import UserError, check_out
 from pipeline.shards import FINGERPRINT, join, make_keys, write_split
-from pipeline.sources import Split, read_source
+from pipeline.sources import read_source
 from pipeline.storage import refuse_foreign
 
 
@@ -22,14 +22,12 @@ def run(cfg: PrepareConfig) -> dict[str, dict]:
     if cfg.shard_size <= 0:  # before the source is read
         raise UserError(f"--shard-size must be positive, got {cfg.shard_size}")
     check_out(cfg.out, folder=True)
-    splits = read_source(cfg.source, cfg.format)
+    splits = read_source(cfg.source, cfg.format, limit=cfg.limit)
     for split in splits:  # before anything is written: no split folder of someone else's is replaced
         refuse_foreign(join(cfg.out, split), (FINGERPRINT,))
     name = cfg.name or default_name(cfg.source)
     out = {}
     for split, data in splits.items():
-        if cfg.limit:
-            data = Split(data.images[: cfg.limit], data.labels[: cfg.limit], data.classes)
         keys = make_keys(name, split, len(data.labels))
         fp = write_split(join(cfg.out, split), data, keys, shard_size=cfg.shard_size,
                          source=str(cfg.source), extra={"split": split, "name": name})

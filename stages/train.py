@@ -32,7 +32,7 @@ def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
     rt, out = tr.rt, Path(cfg.out)
     st = train_state.fresh()
     if cfg.resume:
-        st = train_state.load(out, cfg, tr.net, tr.opt, tr.ema, tr.gen, rt.device) or st
+        st = train_state.load(out, cfg, tr.net, tr.opt, tr.ema, tr.gen, rt.device, tr.meta["cache"]["digest"]) or st
     tr.wrapped = rt.prepare(tr.net)
 
     def save() -> None:

@@ -148,7 +148,6 @@ def test_verify_names_each_problem(tmp_path, real):
     shard.write_bytes(original[: len(original) // 2])
     problems = verify_cache(str(url))
     assert any("train/features/c/2/0/0: checksum mismatch" in p for p in problems), problems
-    assert any("train/features/c/2/0/0: unreadable" in p for p in problems), problems
 
     shard.unlink()
     assert any("train/features/c/2/0/0: missing file" in p for p in verify_cache(str(url)))
@@ -207,3 +206,82 @@ def test_ragged_sizes(tmp_path, real, test_rows, chunking):
         part = cache.part(name)
         got = np.concatenate([part.read_chunk(c) for c in range(part.n_chunks)])
         np.testing.assert_array_equal(got, feats[name])
+
+
+# --- a cache from a hostile or careless sender -------------------------------------------------
+def _edit_json(path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _reseal(url) -> None:
+    """What a forger who knows the format does after editing root attributes: a fresh digest."""
+    from pipeline.cache import attrs_digest
+
+    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(digest=attrs_digest(d["attributes"])))
+
+
+def test_metadata_is_covered_like_data(tmp_path, real):
+    """Array metadata (dtype), root attributes (t, model hash) and the manifest itself are checked."""
+    from pipeline.cache import attrs_digest
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    digest = open_cache(str(url)).attrs["digest"]
+    assert verify_cache(str(url), digest=digest) == [] and len(digest) == 64
+    original = {p: p.read_bytes() for p in url.rglob("zarr.json")}
+
+    # float16 -> int16 reads the same bytes as numbers near 14000: the array's zarr.json is in the manifest
+    _edit_json(url / "train" / "features" / "zarr.json", lambda d: d.update(data_type="int16"))
+    _only(verify_cache(str(url)), "train/features/zarr.json: checksum mismatch")
+
+    for p, b in original.items():
+        p.write_bytes(b)
+    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(t=500))  # a forged timestep
+    _only(verify_cache(str(url)), "digest mismatch")
+    with pytest.raises(UserError, match="digest mismatch"):
+        open_cache(str(url))
+    _reseal(url)  # consistent again, but it is another cache: its digest tells
+    assert open_cache(str(url)).attrs["t"] == 500
+    _only(verify_cache(str(url), digest=digest), f"is not the expected {digest}")
+
+    for p, b in original.items():
+        p.write_bytes(b)
+    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(manifest={}))  # emptied manifest
+    _reseal(url)
+    problems = verify_cache(str(url))
+    assert problems and all("not in the manifest" in p for p in problems)
+    assert attrs_digest(json.loads((url / "zarr.json").read_text())["attributes"]) != digest
+
+
+def test_manifest_names_never_leave_the_store(tmp_path, real):
+    """A manifest entry pointing outside the store is only compared with the listing, never read
+    (no hash oracle on /etc/hostname); a file that is a symlink to /dev/zero is refused unread."""
+    import os
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    _edit_json(url / "zarr.json", lambda d: d["attributes"]["manifest"].update(
+        {"../../../../etc/hostname": "0" * 64, "/etc/hostname": "0" * 64}))
+    _reseal(url)
+    problems = verify_cache(str(url))
+    assert sorted(problems) == ["../../../../etc/hostname: missing file", "/etc/hostname: missing file"]
+
+    write_store(str(tmp_path / "d.zarr"), real)
+    shard = tmp_path / "d.zarr" / "train" / "features" / "c" / "2" / "0" / "0"
+    shard.unlink()
+    os.symlink("/etc/hostname", shard)  # a file outside the store, through a link: refused unread
+    _only(verify_cache(str(tmp_path / "d.zarr")), "train/features/c/2/0/0: not a regular file")
+    shard.unlink()
+    os.symlink("/dev/zero", shard)  # not even listed as a file: missing, and never read
+    _only(verify_cache(str(tmp_path / "d.zarr")), "train/features/c/2/0/0: missing file")
+
+
+def test_old_format_refused_with_how_to_rebuild(tmp_path, real):
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(format="dra-feature-cache/1"))
+    with pytest.raises(UserError, match=r"format dra-feature-cache/1 is no longer read .*rebuild .*extract"):
+        open_cache(str(url))
+    _only(verify_cache(str(url)), "no longer read")

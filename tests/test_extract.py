@@ -4,6 +4,7 @@ determinism, and SIGKILL + resume."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,16 @@ def test_extractor_computes_in_float32_under_autocast(store):
         bf16 = fe.unet(x, 100, class_labels=torch.full((6,), 10)).sample  # what autocast would do
     assert inside.dtype == torch.float32 and torch.equal(inside, plain)
     assert bf16.dtype == torch.bfloat16
+
+
+def test_resume_refuses_other_images_under_the_same_keys(tmp_path, store, model_dir, fmnist_shards, synthetic_dir):
+    """The plan names each part's content hash: a store is never finished (or called done) on other data."""
+    other = tmp_path / "syn"
+    syn = read_split(synthetic_dir / "train")
+    write_split(other / "train", Split(255 - syn.images, syn.labels, syn.fingerprint["classes"]), syn.keys,
+                shard_size=50, progress=False)  # same keys and count, other pixels
+    out = tmp_path / "feats.zarr"
+    shutil.copytree(store, out)
+    with pytest.raises(UserError, match="other settings"):
+        extract.run(config(model_dir, fmnist_shards, other, out))
+    assert tree_bytes(out) == tree_bytes(store)

@@ -193,3 +193,53 @@ def test_incomplete_split_refused(tmp_path):
 def test_cli_lists_stages():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "prepare" in proc.stdout and "not implemented" not in proc.stdout
+
+
+def test_gzip_bomb_is_read_only_as_far_as_the_limit(tmp_path):
+    """A small .gz whose header announces 200 MB: --limit reads only the first items, never the rest."""
+    import gzip
+    import struct
+    import time
+
+    n = 255_000  # x 28 x 28 = 200 MB of zeros, ~200 KB compressed
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(struct.pack(">iiii", 2051, n, 28, 28))
+        block = bytes(28 * 28 * 5000)
+        for _ in range(n // 5000):
+            fh.write(block)
+    assert path.stat().st_size < 2_000_000
+    t0 = time.perf_counter()
+    images = read_idx(path, 2051, limit=8)
+    assert images.shape == (8, 28, 28) and time.perf_counter() - t0 < 1.0
+    big = tmp_path / "huge.gz"
+    big.write_bytes(gzip.compress(struct.pack(">iiii", 2051, 2**31 - 1, 2**15, 2**15)))
+    with pytest.raises(UserError, match="more than"):  # a header that claims terabytes: refused unread
+        read_idx(big, 2051)
+
+
+def test_images_that_would_be_misread_are_refused(tmp_path):
+    """16-bit PNGs (PIL would clip them to 255), decompression bombs, and npz files whose labels
+    would be truncated (float) or fail (str), with 5 channels, zero height, or not a zip."""
+    from PIL import Image
+
+    for name, image in {"deep": Image.fromarray(np.full((4, 4), 40000, np.uint16)),
+                        "bomb": Image.new("1", (9000, 9000))}.items():
+        root = tmp_path / name / "cls"
+        root.mkdir(parents=True)
+        image.save(root / "a.png")
+        with pytest.raises(UserError, match="more than 8 bits|pixels refused"):
+            read_source(tmp_path / name, SourceFormat.folder)
+    good = np.zeros((3, 4, 4, 3), np.uint8)
+    cases = {"float-labels": (good, np.array([0.0, 1.7, 2.0])), "str-labels": (good, np.array(["a", "b", "c"])),
+             "five-channels": (np.zeros((3, 4, 4, 5), np.uint8), np.arange(3)),
+             "zero-height": (np.zeros((3, 0, 4, 3), np.uint8), np.arange(3))}
+    for name, (image, label) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", image=image, label=label)
+        with pytest.raises(UserError):
+            read_source(tmp_path / f"{name}.npz", SourceFormat.npz)
+    (tmp_path / "text.npz").write_text("not a zip")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04" + bytes(100))
+    for name in ("text", "broken"):
+        with pytest.raises(UserError, match="cannot read"):
+            read_source(tmp_path / f"{name}.npz", SourceFormat.npz)

@@ -111,7 +111,7 @@ def assert_one_error_line(code: int, err: str) -> str:
 # --- 1. damaged caches: `cache verify` names the problem, `train` refuses before training ---------
 def _feature_file(url: Path, part: str = "train", array: str = "features") -> Path:
     attrs = json.loads((url / "zarr.json").read_text())["attributes"]
-    key = next(k for k in attrs["checksums"] if k.startswith(f"{part}/{array}/"))
+    key = next(k for k in attrs["manifest"] if k.startswith(f"{part}/{array}/c/"))
     return url / key
 
 
@@ -768,3 +768,39 @@ def test_no_stage_deletes_a_folder_it_did_not_make(model_dir, fmnist_dir, fmnist
     with pytest.raises(UserError, match="not an output of this stage"):
         report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(report_out)))
     assert sorted(p.name for p in report_out.iterdir()) == ["thesis.tex"]
+
+
+def _foreign_split(folder: Path, keys: list[str], images: np.ndarray, labels: np.ndarray, *,
+                   classes: int = 10, shard_size: int = 4) -> Path:
+    """Shards written the way a stranger could: any keys, labels and names, a consistent fingerprint."""
+    from pipeline.shards import content_hash, finish_split, make_fingerprint, write_shard
+
+    folder.mkdir(parents=True)
+    records = [write_shard(folder, s, keys[a:a + shard_size], images[a:a + shard_size], labels[a:a + shard_size])
+               for s, a in enumerate(range(0, len(keys), shard_size))]
+    fp = make_fingerprint(keys, list(images.shape[1:]), [str(c) for c in range(classes)], records,
+                          content_hash(keys, images, labels))
+    finish_split(folder, fp)
+    return folder
+
+
+def test_foreign_shards_that_would_mix_data_are_refused(tmp_path):
+    """Repeated keys (a join by key would take one of them), labels outside the classes, shard
+    names that leave the folder: one line each, whole split or prefix alike."""
+    from pipeline.shards import read_split
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    labels = np.arange(8) % 10
+    keys = [f"x-train-{i:07d}" for i in range(8)]
+    dup = _foreign_split(tmp_path / "dup", keys[:5] + keys[:3], images, labels)
+    for limit in (0, 6):
+        with pytest.raises(UserError, match="occurs more than once"):
+            read_split(dup, limit=limit)
+    neg = _foreign_split(tmp_path / "neg", keys, images, np.r_[labels[:7], -1])
+    with pytest.raises(UserError, match=r"labels outside \[0, 10\)"):
+        read_split(neg)
+    fp = json.loads((neg / "fingerprint.json").read_text())
+    fp["shards"][0]["name"] = "../../../etc/hostname"
+    (neg / "fingerprint.json").write_text(json.dumps(fp))
+    with pytest.raises(UserError, match="not shard-NNNNNN.tar"):
+        read_split(neg)

@@ -184,7 +184,7 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
     c = cfg(store, tmp_path / "full", epochs=2, synthetic_fraction=0.25, seed=3)
     full = train.run(c)
     part = replace(c, out=str(tmp_path / "part"))
-    assert train.run(part, stop_after_steps=7) == {"stopped_at": 7}  # killed in epoch 2 (5 steps each)
+    assert train.run(part, stop_after_steps=7) == {"stopped_at": 7}  # killed in epoch 2 (4 steps each)
     resumed = train.run(replace(part, resume=True))
     a, b = _state(tmp_path / "full"), _state(tmp_path / "part")
     assert set(a) == set(b)
@@ -197,6 +197,22 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
     assert full["loss"] == resumed["loss"]
     with pytest.raises(UserError, match="other settings"):
         train.run(replace(part, resume=True, lr=0.1))
+
+
+def test_resume_refuses_another_cache_at_the_same_path(store, tmp_path):
+    """--resume compares the cache's digest, not its path: a store replaced in place is another cache."""
+    from pipeline.cache import attrs_digest
+
+    other = tmp_path / "feats.zarr"
+    shutil.copytree(store, other)
+    c = cfg(other, tmp_path / "run", epochs=2, seed=3)
+    assert train.run(c, stop_after_steps=2) == {"stopped_at": 2}
+    doc = json.loads((other / "zarr.json").read_text())
+    doc["attributes"]["probe"] = {"probe_accuracy": 0.99}  # another, self-consistent cache
+    doc["attributes"]["digest"] = attrs_digest(doc["attributes"])
+    (other / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="trained on another cache"):
+        train.run(replace(c, resume=True))
 
 
 def test_two_processes_stay_synchronised(store, tmp_path):
