@@ -275,6 +275,23 @@ class CacheWriter:
 
 
 # -- reading -------------------------------------------------------------------------------------
+def _layout_problems(name: str, g: zarr.Group) -> list[str]:
+    """The part's attributes and chunking make sense (checked before anything is read by them)."""
+    try:
+        a, f = dict(g.attrs), g["features"]
+        ints = {k: a.get(k) for k in ("n", "k", "d", "rows_per_chunk", "rows_per_shard", "n_shards")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()):
+            return [f"{name}: malformed attributes {ints} (positive integers expected)"]
+        if len(f.shape) != 3 or min(f.chunks) < 1 or min(f.shards or f.chunks) < 1:
+            return [f"{name}/features: malformed shape {f.shape} or chunks {f.chunks}"]
+        if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
+            return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
+                    f"chunk/shard, the features array {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
+    except (KeyError, ValueError, TypeError, zarr.errors.BaseZarrError) as exc:
+        return [f"{name}: unreadable part ({type(exc).__name__}: {exc})"]
+    return []
+
+
 class CachePart:
     """One part of a cache: metadata arrays in memory, features read on demand."""
 
@@ -328,6 +345,9 @@ class FeatureCache:
         if name not in self.parts:
             raise UserError(f"{self.url}: no part {name!r} (has {', '.join(self.parts)})")
         if name not in self._parts:
+            problems = _layout_problems(name, self._g[name]) or _check_shapes(name, self._g[name])
+            if problems:
+                raise UserError(f"{self.url}: {problems[0]}")
             self._parts[name] = CachePart(self._g[name], name)
         return self._parts[name]
 
@@ -494,7 +514,7 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     if problems:  # shapes and values only of files the manifest vouches for
         return problems
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
-        shape_problems = _check_shapes(name, group[name])
+        shape_problems = _layout_problems(name, group[name]) or _check_shapes(name, group[name])
         problems += shape_problems or _scan_finite(name, group[name])
     if not any(p in group.group_keys() for p in PARTS):
         problems.append("no parts (train, synthetic, test) in the store")

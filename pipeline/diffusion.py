@@ -145,17 +145,24 @@ def _locate(root: Path) -> tuple[Path, Path]:
                     "or config.json + scheduler_config.json at the root)")
 
 
-def load_model(path_or_id: str, device: str = "cpu") -> DiffusionModel:
+MAX_POINTERS = 8  # model_info.json pointers followed at most (a loop would recurse forever)
+
+
+def load_model(path_or_id: str, device: str = "cpu", _hops: int = 0) -> DiffusionModel:
     """Load a diffusion model from any supported layout (see the module docstring); eval mode."""
     root = _resolve(str(path_or_id))
     info: dict = {}
     if (root / INFO_FILE).is_file():
         try:
             info = json.loads((root / INFO_FILE).read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{root / INFO_FILE}: malformed ({exc})") from None
+        if not isinstance(info, dict):
+            raise UserError(f"{root / INFO_FILE}: malformed (a JSON object is expected)")
         if info.get("source"):  # a pointer written by `diffusion --model`
-            target = load_model(info["source"], device)
+            if _hops >= MAX_POINTERS:
+                raise UserError(f"{root}: more than {MAX_POINTERS} model_info.json pointers in a row (a loop?)")
+            target = load_model(str(info["source"]), device, _hops + 1)
             if info.get("weights_sha256") and info["weights_sha256"] != target.weights_sha256:
                 raise UserError(f"{root}: points at {info['source']}, whose weights changed since "
                                 "(sha256 differs); run the diffusion stage again")

@@ -170,7 +170,7 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
     """Registry lookup. All archs pool globally, so any image size >= 8 works."""
     if arch not in CLASSIFIERS:
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(CLASSIFIERS)}")
-    if image_size < 8 or in_channels < 1 or num_classes < 2:
+    if not (8 <= image_size <= 4096 and 1 <= in_channels <= 64 and 2 <= num_classes <= 100_000):
         raise UserError(f"bad classifier shape: image_size={image_size}, in_channels={in_channels}, "
                         f"num_classes={num_classes}")
     model = CLASSIFIERS[arch](in_channels, num_classes)
@@ -237,10 +237,13 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[nn.Module,
         raise UserError(f"{folder} is not a checkpoint folder (needs {CONFIG_FILE} and {MODEL_FILE})")
     try:
         config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_FILE} holds {type(config).__name__}, not a JSON object")
         model = build_classifier(config["arch"], int(config["in_channels"]), int(config["num_classes"]),
                                  int(config["image_size"]))
         state = load_file(str(w_path), device=device)
         model.load_state_dict(state)
-    except (json.JSONDecodeError, KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError, RuntimeError, OSError,
+            SafetensorError) as exc:
         raise UserError(f"cannot load checkpoint {folder}: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), config

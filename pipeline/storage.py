@@ -14,9 +14,13 @@ before ``commit``). Anything else is refused with one line, never deleted.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import posixpath
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -42,7 +46,16 @@ def basename(path: str | Path) -> str:
 
 
 def read_bytes(url: str | Path) -> bytes | None:
-    """The whole file, or None when it does not exist."""
+    """The whole file, or None when it does not exist. A local device or pipe (``/dev/zero`` behind
+    a shard's name) is refused, not read: it would never end."""
+    if not is_url(url) or str(url).startswith("file://"):
+        local = str(url)[len("file://"):] if str(url).startswith("file://") else str(url)
+        try:
+            mode = os.stat(local).st_mode
+        except OSError:
+            return None
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{url}: not a regular file (a device, pipe or folder); refused, not read")
     fs, path = fsspec.core.url_to_fs(str(url))
     try:
         return fs.cat_file(path)
@@ -115,3 +128,27 @@ def commit(stage: str, out: str | Path, *, signature: tuple[str, ...]) -> None:
     if Path(out).exists():
         shutil.rmtree(out)
     os.replace(stage, out)
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | Path) -> Iterator[None]:
+    """One writer per local output: an exclusive ``flock`` on the sibling file ``OUT.lock``.
+
+    The kernel releases a flock when its process dies, so a crashed writer never blocks the next
+    run. On a URL (no locks on object stores) nothing is locked: one writer is the user's promise.
+    """
+    if is_url(out):
+        yield
+        return
+    path = Path(out).with_name(Path(out).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out} is being written by another live process (it holds {path}); "
+                            "wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

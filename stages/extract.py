@@ -12,6 +12,7 @@ equals a single-process one byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
+from pipeline import storage
 from pipeline.cache import NORMALISATION, CacheWriter, PartInit
 from pipeline.config import ExtractConfig
 from pipeline.errors import UserError, check_out, refuse_non_finite
@@ -103,10 +105,16 @@ def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartIn
 
 
 def run(cfg: ExtractConfig) -> dict:
-    from pipeline.diffusion import load_model  # the stage's one heavy import
-
     check_config(cfg)
     dist = Dist()
+    # one writer per store: rank 0 holds OUT.lock for the whole run (the other ranks are its helpers)
+    with storage.writer_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
+        return _extract(cfg, dist)
+
+
+def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
+    from pipeline.diffusion import load_model  # the stage's one heavy import
+
     dirs = split_dirs(cfg)
     model = load_model(cfg.model, device=str(dist.device))
     extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,

@@ -285,3 +285,30 @@ def test_old_format_refused_with_how_to_rebuild(tmp_path, real):
     with pytest.raises(UserError, match=r"format dra-feature-cache/1 is no longer read .*rebuild .*extract"):
         open_cache(str(url))
     _only(verify_cache(str(url)), "no longer read")
+
+
+def _forge(url, edit_part_attrs) -> None:
+    """A sender who edits a part's attributes and rewrites manifest and digest to match."""
+    import hashlib
+
+    from pipeline.cache import attrs_digest
+
+    _edit_json(url / "train" / "zarr.json", lambda d: edit_part_attrs(d["attributes"]))
+    root = json.loads((url / "zarr.json").read_text())
+    a = root["attributes"]
+    a["manifest"]["train/zarr.json"] = hashlib.sha256((url / "train" / "zarr.json").read_bytes()).hexdigest()
+    a["digest"] = attrs_digest(a)
+    (url / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("edit", [lambda a: a.update(rows_per_chunk=0), lambda a: a.update(n="200"),
+                                  lambda a: a.update(rows_per_shard=7), lambda a: a.pop("k")],
+                         ids=["rows-per-chunk-0", "n-a-string", "shard-rows-disagree", "k-missing"])
+def test_malformed_part_attributes_are_refused_in_one_line(tmp_path, real, edit):
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    _forge(url, edit)
+    problems = verify_cache(str(url))
+    assert len(problems) == 1 and problems[0].startswith("train:"), problems
+    with pytest.raises(UserError, match="train:"):
+        open_cache(str(url)).part("train")

@@ -804,3 +804,37 @@ def test_foreign_shards_that_would_mix_data_are_refused(tmp_path):
     (neg / "fingerprint.json").write_text(json.dumps(fp))
     with pytest.raises(UserError, match="not shard-NNNNNN.tar"):
         read_split(neg)
+
+
+def test_a_shard_that_is_a_device_is_refused_unread(fmnist_shards, tmp_path):
+    import os
+
+    from pipeline.shards import read_split
+
+    split = tmp_path / "train"
+    shutil.copytree(fmnist_shards / "train", split)
+    (split / "shard-000000.tar").unlink()
+    os.symlink("/dev/zero", split / "shard-000000.tar")
+    with pytest.raises(UserError, match="not a regular file"):
+        read_split(split)
+
+
+def test_model_pointer_loop_and_checkpoint_config_not_an_object(tmp_path, checkpoint):
+    from pipeline.models import load_classifier
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for here, there in ((a, b), (b, a)):  # two pointers at each other
+        here.mkdir()
+        (here / "model_info.json").write_text(json.dumps({"source": str(there)}))
+    with pytest.raises(UserError, match="pointers in a row"):
+        load_model(str(a))
+    (a / "model_info.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        load_model(str(a))
+    bad = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, bad)
+    for text in ("[1, 2, 3]", json.dumps({"arch": ["cnn"], "in_channels": 1, "num_classes": 10, "image_size": 28}),
+                 json.dumps({"arch": "cnn", "in_channels": 1, "num_classes": 10**9, "image_size": 28})):
+        (bad / "config.json").write_text(text)
+        with pytest.raises(UserError):
+            load_classifier(bad)
