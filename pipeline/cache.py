@@ -357,7 +357,8 @@ class FeatureCache:
         part = self.part(part_name)
         fp, theirs = part.fingerprint, shardset.fingerprint
         where = f"{self.url} [{part_name}] vs {shardset.path}"
-        if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count"):
+        if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count") \
+                or fp.get("shards_digest") != theirs.get("shards_digest"):
             raise UserError(f"{where}: the cache was built from other data (fingerprint differs)")
         if list(shardset.keys[:part.n]) != part.keys:
             raise UserError(f"{where}: sample keys differ from the cache's keys")

@@ -91,7 +91,20 @@ def write_shard(folder: str | Path, s: int, keys: list[str], images: np.ndarray,
                 bar.update(1)
     data = buf.getvalue()  # after the writer closed: the tar end-of-archive blocks are in
     write_bytes(join(folder, shard_name(s)), data)
-    return {"name": shard_name(s), "count": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": shard_name(s), "count": len(keys), "sha256": hashlib.sha256(data).hexdigest(),
+            "content": content_hash(keys, images, labels)}
+
+
+def shards_digest(shards: list[dict]) -> str:
+    """sha256 over the shard records (name, count, file and content hashes), in order.
+
+    A reader of a prefix checks each shard it reads against its record and the records against
+    this digest, which the cache also records: so a cache is joined to exactly the data it was
+    built from even when only part of a split is read (the whole-split ``content_hash`` needs
+    every shard).
+    """
+    rows = [[r.get("name"), r.get("count"), r.get("sha256"), r.get("content")] for r in shards]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def finish_split(stage: str, fingerprint: dict) -> dict:
@@ -106,7 +119,7 @@ def make_fingerprint(keys: list[str], image_shape: list[int], classes: list[str]
         raise ValueError("shard records do not add up to the keys")
     return {"count": len(keys), "image_shape": list(image_shape), "classes": list(classes),
             "num_classes": len(classes), "content_hash": content, "source": source, "shards": shards,
-            **(extra or {})}
+            "shards_digest": shards_digest(shards), **(extra or {})}
 
 
 def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_size: int = 10_000,
@@ -199,6 +212,9 @@ def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = Tru
             raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
         if len({im.shape for im in images}) > 1:
             raise UserError(f"{url}: images of different sizes {sorted({im.shape for im in images})[:3]}")
+        if verify and "content" in shard and images and \
+                content_hash(keys, np.stack(images), np.asarray(labels, np.int64)) != shard["content"]:
+            raise UserError(f"{url}: keys, pixels or labels differ from the shard's record in the fingerprint")
         yield keys, np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.asarray(labels, np.int64)
 
 
@@ -210,6 +226,8 @@ def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
     Every process reads what it asks for; stages split the work themselves, by sample or shard.
     """
     fp = read_fingerprint(split_dir)
+    if verify and "shards_digest" in fp and fp["shards_digest"] != shards_digest(fp.get("shards", [])):
+        raise UserError(f"{split_dir}: the shard records differ from the fingerprint's shards_digest")
     want = fp["count"] if limit <= 0 else min(limit, fp["count"])
     needed, have = [], 0
     for shard in fp["shards"]:

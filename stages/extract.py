@@ -66,6 +66,7 @@ def part_init(name: str, ss: ShardSet, k: int, d: int, cfg: ExtractConfig) -> Pa
     noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
     attrs = {"shards": ss.path, "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
+                                                 "shards_digest": fp.get("shards_digest"),
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
              "view_seed": view_seed}

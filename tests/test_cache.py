@@ -29,7 +29,7 @@ def _init(ss, k: int, seed: int) -> PartInit:
     seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
     return PartInit(ss.keys, ss.labels, views, seeds, D,
-                    {"shards": ss.path, "fingerprint": {k: fp[k] for k in ("content_hash", "count", "image_shape")}})
+                    {"shards": ss.path, "fingerprint": {k: fp[k] for k in ("content_hash", "count", "image_shape", "shards_digest")}})
 
 
 def _features(init: PartInit, seed: int) -> np.ndarray:

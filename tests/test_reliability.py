@@ -838,3 +838,34 @@ def test_model_pointer_loop_and_checkpoint_config_not_an_object(tmp_path, checkp
         (bad / "config.json").write_text(text)
         with pytest.raises(UserError):
             load_classifier(bad)
+
+
+def test_a_prefix_read_is_checked_against_the_data_it_claims(tmp_path):
+    """Reading the first shards only: each is checked against its record (keys, pixels, labels) and
+    the records against the fingerprint's shards_digest, which the cache records too."""
+    import hashlib
+
+    from pipeline.shards import read_split, shards_digest, write_shard
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    keys = [f"x-train-{i:07d}" for i in range(8)]
+    split = _foreign_split(tmp_path / "s", keys, images, np.arange(8) % 10)
+    original = read_split(split, limit=4)
+    fp = json.loads((split / "fingerprint.json").read_text())
+    assert original.fingerprint["shards_digest"] == shards_digest(fp["shards"])
+    # shard 0 swapped for other pixels under the same keys, its file checksum updated
+    write_shard(split, 0, keys[:4], 255 - images[:4], np.arange(4))
+    fp["shards"][0]["sha256"] = hashlib.sha256((split / "shard-000000.tar").read_bytes()).hexdigest()
+    (split / "fingerprint.json").write_text(json.dumps(fp))
+    with pytest.raises(UserError, match="shards_digest"):
+        read_split(split, limit=4)
+    fp["shards_digest"] = shards_digest(fp["shards"])  # resealed: the shard no longer matches its record
+    (split / "fingerprint.json").write_text(json.dumps(fp))
+    with pytest.raises(UserError, match="differ from the shard's record"):
+        read_split(split, limit=4)
+    fp["shards"][0]["content"] = json.loads(json.dumps(
+        write_shard(tmp_path, 0, keys[:4], 255 - images[:4], np.arange(4))))["content"]
+    fp["shards_digest"] = shards_digest(fp["shards"])  # a full forgery reads, but under another digest
+    (split / "fingerprint.json").write_text(json.dumps(fp))
+    assert read_split(split, limit=4).fingerprint["shards_digest"] != original.fingerprint["shards_digest"]

@@ -89,7 +89,7 @@ def store(tmp_path_factory, fmnist_shards):
     ss = read_split(fmnist_shards / "train", limit=300)
     n, k = len(ss.keys), 3
     init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.zeros((n, k), np.int64), D,
-                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count",
+                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
                                                                                           "image_shape")}})
     feats = np.random.default_rng(0).normal(size=(n, k, D)).astype(np.float16)
     feats[:, :, 0] = np.arange(n)[:, None]

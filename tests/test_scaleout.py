@@ -44,7 +44,7 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
     ss = read_split(shards, limit=n)
     init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), seed),
                     np.arange(n * k, dtype=np.int64).reshape(n, k), d,
-                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count",
+                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
                                                                                           "image_shape")}})
     plan = {"t": 100, "layer": "mid_block", "image_size": int(ss.images.shape[1]), "normalisation": NORMALISATION,
             "view_spec": ViewSpec().to_dict()}
