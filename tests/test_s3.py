@@ -1,0 +1,95 @@
+"""The object-store path against a real S3 protocol peer: moto's server on 127.0.0.1, reached
+through s3fs (both from the `s3` and `dev` extras). Nothing leaves this machine.
+
+prepare -> extract -> train -> evaluate with every shard set and the cache on ``s3://``, then
+`cache verify` and a second "team" (a fresh process that knows only the URL and the digest)
+reading the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("s3fs", reason="the s3 extra (pip install .[s3]) is not installed")
+moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
+
+from pipeline.cache import open_cache, verify_cache  # noqa: E402
+from pipeline.config import AutoAttackVersion, EvaluateConfig, ExtractConfig, PrepareConfig, TrainConfig  # noqa: E402
+from stages import evaluate, extract, prepare, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "team-a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on loopback; env for this process and the CLI processes it starts."""
+    import fsspec
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # read once at import by fsspec
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    try:
+        yield env
+    finally:
+        server.stop()
+        fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_stages_end_to_end_on_s3(s3_env, fmnist_dir, tiny_model_dir, tmp_path):
+    base = f"s3://{BUCKET}/{tmp_path.name}"
+    prepare.run(PrepareConfig(source=str(fmnist_dir), out=f"{base}/real", limit=96, shard_size=40))
+    extract.run(ExtractConfig(model=str(tiny_model_dir), real=f"{base}/real", synthetic="",
+                              out=f"{base}/feats.zarr", views=2, batch_size=64, rows_per_chunk=16,
+                              chunks_per_shard=2))
+    store = f"{base}/feats.zarr"
+    cache = open_cache(store)
+    digest = cache.attrs["digest"]
+    assert cache.part("train").shards == f"{base}/real/train" and verify_cache(store, digest=digest) == []
+    metrics = train.run(TrainConfig(cache=store, out=str(tmp_path / "model"), epochs=1, batch_size=32,
+                                    attack_steps=1, head_hidden=16, real_limit=0))
+    assert metrics["steps_per_epoch"] == 3 and metrics["target_mode"] == "ram"
+    result = evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "model"), shards=f"{base}/real/test", n=32,
+                                         out=str(tmp_path / "eval.json"), pgd_steps=2,
+                                         autoattack=AutoAttackVersion.none))
+    assert result["n"] == 32 and 0 <= result["pgd"] <= result["clean"] <= 1
+
+    # a second team: another process, the URL and the digest it was given, nothing else
+    env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    proc = run("cache", "verify", store, "--digest", digest)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(f"{store}: ok"), proc.stderr[-2000:]
+    proc = run("train", "--cache", store, "--out", str(tmp_path / "team-b"), "--epochs", "1", "--batch-size", "32",
+               "--attack-steps", "1", "--head-hidden", "16", "--real-limit", "0", "--memory-budget-mb", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    team_b = json.loads((tmp_path / "team-b" / "config.json").read_text())
+    assert team_b["cache"]["digest"] == digest and team_b["cache"]["target_mode"] == "stream"
+    proc = run("cache", "verify", store, "--digest", "0" * 64)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
