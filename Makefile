@@ -37,7 +37,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline stages tests
+	$(VENV)/bin/ruff check pipeline stages tests scripts
 
 bench: setup
 	$(PY) -m pipeline bench
