@@ -141,14 +141,22 @@ def writer_lock(out: str | Path) -> Iterator[None]:
         yield
         return
     path = Path(out).with_name(Path(out).name + ".lock")
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{out} is being written by another live process (it holds {path}); "
-                            "wait for it or choose another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                made = []  # the other writer's folder and lock file stay
+                raise UserError(f"{out} is being written by another live process (it holds {path}); "
+                                "wait for it or choose another --out") from None
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # still held: no other writer can be between the two
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        for folder in made:  # folders made only for the lock go again if nothing else went in
+            with contextlib.suppress(OSError):
+                folder.rmdir()
