@@ -20,9 +20,9 @@ import pytest
 pytest.importorskip("s3fs", reason="the s3 extra (pip install .[s3]) is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
+from test_storage import stages_end_to_end  # noqa: E402  (tests/ is on sys.path)
+
 from pipeline.cache import open_cache, verify_cache  # noqa: E402
-from pipeline.config import AutoAttackVersion, EvaluateConfig, ExtractConfig, PrepareConfig, TrainConfig  # noqa: E402
-from stages import evaluate, extract, prepare, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "team-a"
@@ -63,22 +63,9 @@ def s3_env():
 
 
 def test_stages_end_to_end_on_s3(s3_env, fmnist_dir, tiny_model_dir, tmp_path):
-    base = f"s3://{BUCKET}/{tmp_path.name}"
-    prepare.run(PrepareConfig(source=str(fmnist_dir), out=f"{base}/real", limit=96, shard_size=40))
-    extract.run(ExtractConfig(model=str(tiny_model_dir), real=f"{base}/real", synthetic="",
-                              out=f"{base}/feats.zarr", views=2, batch_size=64, rows_per_chunk=16,
-                              chunks_per_shard=2))
-    store = f"{base}/feats.zarr"
-    cache = open_cache(store)
-    digest = cache.attrs["digest"]
-    assert cache.part("train").shards == f"{base}/real/train" and verify_cache(store, digest=digest) == []
-    metrics = train.run(TrainConfig(cache=store, out=str(tmp_path / "model"), epochs=1, batch_size=32,
-                                    attack_steps=1, head_hidden=16, real_limit=0))
-    assert metrics["steps_per_epoch"] == 3 and metrics["target_mode"] == "ram"
-    result = evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "model"), shards=f"{base}/real/test", n=32,
-                                         out=str(tmp_path / "eval.json"), pgd_steps=2,
-                                         autoattack=AutoAttackVersion.none))
-    assert result["n"] == 32 and 0 <= result["pgd"] <= result["clean"] <= 1
+    store = stages_end_to_end(f"s3://{BUCKET}/{tmp_path.name}", fmnist_dir, tiny_model_dir, tmp_path)
+    digest = open_cache(store).attrs["digest"]
+    assert verify_cache(store, digest=digest) == []
 
     # a second team: another process, the URL and the digest it was given, nothing else
     env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT)}

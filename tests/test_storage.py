@@ -68,7 +68,11 @@ def test_join_keeps_url_slashes():
 
 def test_stages_end_to_end_on_memory_urls(fmnist_dir, tiny_model_dir, tmp_path, capsys):
     """prepare -> extract -> train -> evaluate with every shard set and the cache in ``memory://``."""
-    base = f"memory://{tmp_path.name}"
+    stages_end_to_end(f"memory://{tmp_path.name}", fmnist_dir, tiny_model_dir, tmp_path)
+
+
+def stages_end_to_end(base: str, fmnist_dir, tiny_model_dir, tmp_path) -> str:
+    """prepare -> extract -> train -> evaluate with shards and cache under ``base``; returns the store."""
     prepare.run(PrepareConfig(source=str(fmnist_dir), out=f"{base}/real", limit=96, shard_size=40))
     extract.run(ExtractConfig(model=str(tiny_model_dir), real=f"{base}/real", synthetic="",
                               out=f"{base}/feats.zarr", views=2, batch_size=64, rows_per_chunk=16,
@@ -81,6 +85,7 @@ def test_stages_end_to_end_on_memory_urls(fmnist_dir, tiny_model_dir, tmp_path, 
     result = evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "model"), shards=f"{base}/real/test", n=32,
                                          out=str(tmp_path / "eval.json"), pgd_steps=2, autoattack=AutoAttackVersion.none))
     assert result["n"] == 32 and 0 <= result["pgd"] <= result["clean"] <= 1
+    return f"{base}/feats.zarr"
 
 
 def test_generate_to_memory_url(tiny_model_dir, fmnist_shards, tmp_path):
