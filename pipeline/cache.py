@@ -28,6 +28,7 @@ through a trusted channel can require it (``cache verify --digest``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -304,12 +305,32 @@ class CachePart:
         self.rows_per_chunk = int(a["rows_per_chunk"])
         self.shards = a.get("shards", "")
         self.fingerprint = a.get("fingerprint", {})
-        self.keys: list[str] = [str(k) for k in group["keys"][...]]
-        self.labels = group["labels"][...]
-        self.views = {k: group[k][...] for k in ("dx", "dy", "flip")}
-        self.noise_seed = group["noise_seed"][...]
-        self.mean = group["mean"][...]
-        self.std = group["std"][...]
+
+    # the per-row arrays are read on first use: ``check_against`` first compares N with the image
+    # shards' count, so a store that claims 10^9 rows is refused before they are loaded
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._g["keys"][...]]
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        return self._g["labels"][...]
+
+    @functools.cached_property
+    def views(self) -> dict[str, np.ndarray]:
+        return {k: self._g[k][...] for k in ("dx", "dy", "flip")}
+
+    @functools.cached_property
+    def noise_seed(self) -> np.ndarray:
+        return self._g["noise_seed"][...]
+
+    @functools.cached_property
+    def mean(self) -> np.ndarray:
+        return self._g["mean"][...]
+
+    @functools.cached_property
+    def std(self) -> np.ndarray:
+        return self._g["std"][...]
 
     @property
     def n_chunks(self) -> int:
@@ -357,6 +378,8 @@ class FeatureCache:
         part = self.part(part_name)
         fp, theirs = part.fingerprint, shardset.fingerprint
         where = f"{self.url} [{part_name}] vs {shardset.path}"
+        if part.n > int(theirs.get("count", 0)):
+            raise UserError(f"{where}: the cache has {part.n} rows, the image shards only {theirs.get('count')}")
         if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count") \
                 or fp.get("shards_digest") != theirs.get("shards_digest"):
             raise UserError(f"{where}: the cache was built from other data (fingerprint differs)")

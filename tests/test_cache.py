@@ -312,3 +312,31 @@ def test_malformed_part_attributes_are_refused_in_one_line(tmp_path, real, edit)
     assert len(problems) == 1 and problems[0].startswith("train:"), problems
     with pytest.raises(UserError, match="train:"):
         open_cache(str(url)).part("train")
+
+
+def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path, real, fmnist_shards):
+    """Array shapes and attributes rewritten consistently (and resealed) to claim 10^9 rows: the join
+    compares N with the image shards' count before any per-row array is loaded."""
+    import hashlib
+    import time
+
+    from pipeline.cache import attrs_digest
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    big = 10**9
+    for name in ("features", "keys", "labels", "dx", "dy", "flip", "noise_seed"):
+        _edit_json(url / "train" / name / "zarr.json", lambda d: d.update(shape=[big, *d["shape"][1:]]))
+    _edit_json(url / "train" / "zarr.json", lambda d: d["attributes"].update(n=big))
+    root = json.loads((url / "zarr.json").read_text())
+    a = root["attributes"]
+    for key in list(a["manifest"]):
+        if key.endswith("zarr.json"):
+            a["manifest"][key] = hashlib.sha256((url / key).read_bytes()).hexdigest()
+    a["digest"] = attrs_digest(a)
+    (url / "zarr.json").write_text(json.dumps(root))
+    cache = open_cache(str(url))
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="only 512"):
+        cache.check_against("train", read_split(fmnist_shards / "train"))
+    assert time.perf_counter() - t0 < 5 and "keys" not in vars(cache.part("train"))  # never loaded
