@@ -62,6 +62,8 @@ COMPRESSORS: dict[str, Any] = {
     "zstd": lambda: ZstdCodec(level=5),
 }
 SMALL_ARRAYS = ("keys", "labels", "dx", "dy", "flip", "noise_seed")
+# what zarr raises on malformed metadata (a chunk of 0 rows divides by zero while it is read)
+MALFORMED = (KeyError, ValueError, TypeError, ArithmeticError, zarr.errors.BaseZarrError)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def _foreign_folder(url: str, group: zarr.Group | None) -> bool:
 def _open_group(url: str, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(_location(url), mode=mode, zarr_format=3)
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as exc:
+    except (FileNotFoundError, json.JSONDecodeError, *MALFORMED) as exc:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
 
 
@@ -288,7 +290,7 @@ def _layout_problems(name: str, g: zarr.Group) -> list[str]:
         if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
             return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
                     f"chunk/shard, the features array {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
-    except (KeyError, ValueError, TypeError, zarr.errors.BaseZarrError) as exc:
+    except MALFORMED as exc:
         return [f"{name}: unreadable part ({type(exc).__name__}: {exc})"]
     return []
 
@@ -443,7 +445,7 @@ def _check_shapes(name: str, g: zarr.Group) -> list[str]:
         if (a.get("n"), a.get("k"), a.get("d")) != (n, k, d):
             problems.append(f"{name}: attrs say N,K,D = {a.get('n')},{a.get('k')},{a.get('d')}, "
                             f"features are {n},{k},{d}")
-    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
+    except MALFORMED as exc:
         problems.append(f"{name}: unreadable part ({type(exc).__name__}: {exc})")
     return problems
 

@@ -287,16 +287,17 @@ def test_old_format_refused_with_how_to_rebuild(tmp_path, real):
     _only(verify_cache(str(url)), "no longer read")
 
 
-def _forge(url, edit_part_attrs) -> None:
-    """A sender who edits a part's attributes and rewrites manifest and digest to match."""
+def _forge(url, edit, key: str = "train/zarr.json") -> None:
+    """A sender who edits a metadata file (a part's attributes by default) and rewrites manifest and
+    digest to match."""
     import hashlib
 
     from pipeline.cache import attrs_digest
 
-    _edit_json(url / "train" / "zarr.json", lambda d: edit_part_attrs(d["attributes"]))
+    _edit_json(url / key, (lambda d: edit(d["attributes"])) if key == "train/zarr.json" else edit)
     root = json.loads((url / "zarr.json").read_text())
     a = root["attributes"]
-    a["manifest"]["train/zarr.json"] = hashlib.sha256((url / "train" / "zarr.json").read_bytes()).hexdigest()
+    a["manifest"][key] = hashlib.sha256((url / key).read_bytes()).hexdigest()
     a["digest"] = attrs_digest(a)
     (url / "zarr.json").write_text(json.dumps(root))
 
@@ -308,6 +309,10 @@ def test_malformed_part_attributes_are_refused_in_one_line(tmp_path, real, edit)
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
     _forge(url, edit)
+    _check_one_line(url)
+
+
+def _check_one_line(url) -> None:
     problems = verify_cache(str(url))
     assert len(problems) == 1 and problems[0].startswith("train:"), problems
     with pytest.raises(UserError, match="train:"):
@@ -340,3 +345,14 @@ def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path
     with pytest.raises(UserError, match="only 512"):
         cache.check_against("train", read_split(fmnist_shards / "train"))
     assert time.perf_counter() - t0 < 5 and "keys" not in vars(cache.part("train"))  # never loaded
+
+
+def test_zero_chunks_are_refused_in_one_line(tmp_path, real):
+    def zero(d):
+        d["chunk_grid"]["configuration"]["chunk_shape"][0] = 0
+        d["codecs"][0]["configuration"]["chunk_shape"][0] = 0
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    _forge(url, zero, key="train/features/zarr.json")
+    _check_one_line(url)

@@ -132,6 +132,12 @@ def test_readme_table_is_generated_between_markers(results, tmp_path):
     report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2"),
                             readme=str(readme)))
     assert readme.read_text() == before  # generated again from the same JSONs: the same text
+    named = tmp_path / "NOTES.md"  # FILE#NAME: another table in the same file, between NAME's markers
+    named.write_text("<!-- ablation:begin -->\n<!-- ablation:end -->\n<!-- report:begin -->\nkept\n<!-- report:end -->\n")
+    report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r4"),
+                            readme=f"{named}#ablation"))
+    text = named.read_text()
+    assert text.index("| variant") < text.index("<!-- ablation:end -->") and "\nkept\n" in text
     readme.write_text("no markers\n")
     with pytest.raises(UserError, match="report:begin"):
         report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r3"),
