@@ -295,6 +295,11 @@ def _layout_problems(name: str, g: zarr.Group) -> list[str]:
     return []
 
 
+def _part_problems(name: str, g: zarr.Group) -> list[str]:
+    """Layout first (attributes, chunking), then array shapes: what a part must pass before it is read."""
+    return _layout_problems(name, g) or _check_shapes(name, g)
+
+
 class CachePart:
     """One part of a cache: metadata arrays in memory, features read on demand."""
 
@@ -368,7 +373,7 @@ class FeatureCache:
         if name not in self.parts:
             raise UserError(f"{self.url}: no part {name!r} (has {', '.join(self.parts)})")
         if name not in self._parts:
-            problems = _layout_problems(name, self._g[name]) or _check_shapes(name, self._g[name])
+            problems = _part_problems(name, self._g[name])
             if problems:
                 raise UserError(f"{self.url}: {problems[0]}")
             self._parts[name] = CachePart(self._g[name], name)
@@ -540,7 +545,7 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     if problems:  # shapes and values only of files the manifest vouches for
         return problems
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
-        shape_problems = _layout_problems(name, group[name]) or _check_shapes(name, group[name])
+        shape_problems = _part_problems(name, group[name])
         problems += shape_problems or _scan_finite(name, group[name])
     if not any(p in group.group_keys() for p in PARTS):
         problems.append("no parts (train, synthetic, test) in the store")

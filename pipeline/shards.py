@@ -212,10 +212,11 @@ def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = Tru
             raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
         if len({im.shape for im in images}) > 1:
             raise UserError(f"{url}: images of different sizes {sorted({im.shape for im in images})[:3]}")
-        if verify and "content" in shard and images and \
-                content_hash(keys, np.stack(images), np.asarray(labels, np.int64)) != shard["content"]:
+        block = np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
+        label_arr = np.asarray(labels, np.int64)
+        if verify and "content" in shard and images and content_hash(keys, block, label_arr) != shard["content"]:
             raise UserError(f"{url}: keys, pixels or labels differ from the shard's record in the fingerprint")
-        yield keys, np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.asarray(labels, np.int64)
+        yield keys, block, label_arr
 
 
 def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,

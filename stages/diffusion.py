@@ -66,7 +66,7 @@ def check(cfg: DiffusionConfig) -> None:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     ckpt = ckpt_dir(cfg.out)
-    if "://" not in cfg.out and ckpt.exists() and (not ckpt.is_dir() or any(
+    if not storage.is_url(cfg.out) and ckpt.exists() and (not ckpt.is_dir() or any(
             not p.name.startswith("step-") for p in ckpt.iterdir())):
         raise UserError(f"{ckpt} exists and holds more than this stage's step-* checkpoints (it is removed "
                         "after training): it is left as it is; remove it or choose another --out")

@@ -83,15 +83,17 @@ def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
 def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = ()) -> str:
     first = next(iter(groups.values()))[0]
     ns = sorted({r["n"] for runs in groups.values() for r in runs})
+    unknown = budgets_unknown(groups)
+    fair = ("" if unequal or unknown else
+            " Every variant trained for the same optimizer steps on the same number of samples (steps x "
+            "batch; an epoch is ceil(N_real / batch) steps whatever the real:synthetic mix, the DM-AT convention).")
     lines = [
         "# Results", "",
         f"Threat model {first.get('threat_model', 'Linf')}, eps = {first.get('eps')}, on the first "
         f"{'/'.join(map(str, ns))} test images; accuracies of the EMA weights. "
-        "Mean ± sample std over seeds where several ran. Every variant trains for the same optimizer "
-        "steps on the same number of samples (steps x batch; an epoch is ceil(N_real / batch) steps "
-        "whatever the real:synthetic mix, the DM-AT convention).", "",
+        f"Mean ± sample std over seeds where several ran.{fair}", "",
     ]
-    if budgets_unknown(groups):
+    if unknown:
         lines += ["**WARNING: no run records its training budget (trained by an older version): the rows "
                   "may not be a fair comparison.**", ""]
     if unequal:

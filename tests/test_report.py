@@ -67,7 +67,7 @@ def test_report_table_plots_and_seeds(results, tmp_path):
     assert at[10] == "100 ± 1"  # train seconds 100, 101 -> 100.5 +- 0.7
     dra = [c.strip() for c in rows[3].split("|")]
     assert dra[3:8] == ["0.5", "0.7", "237", "9006 + 21330", "80.00"] and "ok" in rows[3]
-    assert "WARNING" not in md and "expected upper bound" in md
+    assert "WARNING" not in md and "expected upper bound" in md and "Every variant trained for the same" in md
     assert "FAILED: autoattack_le_pgd" in rows[2]
     assert "PGD-20x2" in md and "AutoAttack-fast" in md and "eps = 0.1" in md
     for name in ("accuracy.png", "curves.png", "samples.png"):
@@ -96,7 +96,7 @@ def test_report_refuses_unequal_budgets_or_marks_them(results, tmp_path):
     report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r"),
                             allow_unequal_budgets=True))
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "WARNING: the training budgets differ (DM-AT)" in md
+    assert "WARNING: the training budgets differ (DM-AT)" in md and "Every variant trained for the same" not in md
     assert [line.split("|")[1].strip() for line in md.splitlines() if "UNEQUAL" in line] == ["DM-AT UNEQUAL BUDGET"]
     metrics = json.loads(path.read_text())
     del metrics["train_metrics"]["budget"]  # an old run without a recorded budget is not comparable either
