@@ -69,13 +69,13 @@ def detect_format(root: Path) -> SourceFormat:
 
 def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto, *, limit: int = 0) -> dict[str, Split]:
     """Read a raw dataset into ``{split: Split}``; ``limit`` > 0 keeps the first N samples of each
-    split (IDX files are then read only that far: a compressed file is never inflated whole)."""
+    split (IDX and npz files are then read only that far: a compressed file is never inflated whole)."""
     root = Path(root)
     fmt = detect_format(root) if fmt == SourceFormat.auto else SourceFormat(fmt)
     if not root.exists():
         raise UserError(f"dataset not found: {root}")
-    if fmt == SourceFormat.idx:
-        return _read_idx_dir(root, limit)
+    if fmt in (SourceFormat.idx, SourceFormat.npz):  # streamed: read only as far as `limit`
+        return _STREAMED[fmt](root, limit)
     splits = _READERS[fmt](root)
     if limit:
         splits = {k: Split(v.images[:limit], v.labels[:limit], v.classes) for k, v in splits.items()}
@@ -83,7 +83,7 @@ def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto, *, limi
 
 
 # --- IDX -------------------------------------------------------------------------------------
-MAX_IDX_BYTES = 8 * 2**30  # larger than any IDX dataset; a header claiming more is refused unread
+MAX_SOURCE_BYTES = 8 * 2**30  # larger than any IDX dataset; a header claiming more is refused unread
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image (folder sources, shards): larger ones are refused unread
 
 
@@ -109,8 +109,8 @@ def read_idx(path: Path, expected_magic: int, limit: int = 0) -> np.ndarray:
             if len(dim_bytes) < 4 * ndim:
                 raise UserError(f"{path}: truncated IDX header")
             dims = list(struct.unpack(f">{ndim}i", dim_bytes))
-            if min(dims) < 0 or int(np.prod(dims, dtype=np.float64)) > MAX_IDX_BYTES:
-                raise UserError(f"{path}: IDX header announces {dims} items, more than {MAX_IDX_BYTES} bytes")
+            if min(dims) < 0 or int(np.prod(dims, dtype=np.float64)) > MAX_SOURCE_BYTES:
+                raise UserError(f"{path}: IDX header announces {dims} items, more than {MAX_SOURCE_BYTES} bytes")
             size = int(np.prod(dims))
             if limit and limit < dims[0]:
                 dims[0], whole = limit, False
@@ -246,13 +246,46 @@ def check_image(im: Image.Image, where: object) -> None:
 
 
 # --- npz (generated sets) --------------------------------------------------------------------
-def read_npz(path: Path) -> Split:
+def _npz_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int) -> np.ndarray:
+    """One ``.npy`` member of an npz, streamed: its header is read first and checked (dtype, shape,
+    at most MAX_SOURCE_BYTES), then only the bytes of the first ``limit`` rows (all with 0), so a
+    small compressed file announcing or inflating to gigabytes is refused unread."""
+    with zf.open(name + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise UserError(f"{path}: {name}: unsupported .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh, max_header_size=10_000)
+        if dtype.hasobject:
+            raise UserError(f"{path}: {name}: object arrays are refused")
+        total = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if total > MAX_SOURCE_BYTES:
+            raise UserError(f"{path}: {name} announces shape {shape} of {dtype} ({total} bytes), "
+                            f"more than {MAX_SOURCE_BYTES} bytes")
+        rows = shape[0] if shape else 1
+        keep = min(limit, rows) if limit and not fortran and shape else rows
+        want = (total // rows if rows else 0) * keep
+        data = fh.read(want + 1 if keep == rows else want)
+        if len(data) < want or (keep == rows and len(data) > want):
+            raise UserError(f"{path}: {name}: truncated or padded array (header says {total} bytes)")
+    arr = np.frombuffer(data, dtype=dtype)
+    if fortran:
+        return arr.reshape(shape[::-1]).transpose()[:limit or None]
+    return arr.reshape((keep, *shape[1:]) if shape else ())
+
+
+def read_npz(path: Path, limit: int = 0) -> Split:
+    """An npz of arrays ``image`` (N,H,W,C uint8) and ``label`` (N integers); ``limit`` > 0 reads
+    only the first N rows of each."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "image" not in z or "label" not in z:
-                raise UserError(f"{path}: npz needs arrays 'image' and 'label', has {sorted(z.files)}")
-            images, labels = z["image"], z["label"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(path) as zf:
+            files = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            if not {"image", "label"} <= files:
+                raise UserError(f"{path}: npz needs arrays 'image' and 'label', has {sorted(files)}")
+            images = _npz_member(zf, "image", path, limit)
+            labels = _npz_member(zf, "label", path, limit)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or min(images.shape[1:3], default=0) < 1 \
             or images.shape[-1] not in (1, 3):
@@ -260,17 +293,22 @@ def read_npz(path: Path) -> Split:
                         f"got {images.dtype} {images.shape}")
     if labels.dtype.kind not in "iu" or labels.ndim != 1:  # float labels would be truncated, str ones fail
         raise UserError(f"{path}: 'label' must be a 1-d integer array, got {labels.dtype} {labels.shape}")
-    labels = labels.astype(np.int64)
+    labels = labels.astype(np.int64)  # Split checks the counts and the label range
     n_classes = int(labels.max()) + 1 if len(labels) else 1
     classes = CIFAR10_CLASSES if n_classes <= 10 and images.shape[-1] == 3 else [str(i) for i in range(n_classes)]
     return Split(images, labels, classes)
 
 
-def _read_npz_source(root: Path) -> dict[str, Split]:
+def _read_npz_source(root: Path, limit: int = 0) -> dict[str, Split]:
     files = [root] if root.is_file() else sorted(root.glob("*.npz"))
     if not files:
         raise UserError(f"no .npz files in {root}")
-    parts = [read_npz(f) for f in files]
+    parts: list[Split] = []
+    for f in files:
+        left = limit - sum(len(p.labels) for p in parts) if limit else 0
+        if limit and left <= 0:
+            break
+        parts.append(read_npz(f, left))
     n_classes = max(len(p.classes) for p in parts)
     classes = next(p.classes for p in parts if len(p.classes) == n_classes)
     return {"train": Split(np.concatenate([p.images for p in parts]),
@@ -280,6 +318,7 @@ def _read_npz_source(root: Path) -> dict[str, Split]:
 _READERS = {SourceFormat.idx: _read_idx_dir, SourceFormat.cifar10: _read_cifar10,
             SourceFormat.cifar100: _read_cifar100, SourceFormat.folder: _read_folder,
             SourceFormat.npz: _read_npz_source}
+_STREAMED = {SourceFormat.idx: _read_idx_dir, SourceFormat.npz: _read_npz_source}
 
 
 def encode_png(image: np.ndarray) -> bytes:

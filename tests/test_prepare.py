@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 import subprocess
@@ -243,3 +244,52 @@ def test_images_that_would_be_misread_are_refused(tmp_path):
     for name in ("text", "broken"):
         with pytest.raises(UserError, match="cannot read"):
             read_source(tmp_path / f"{name}.npz", SourceFormat.npz)
+
+
+def _npy_bytes(header: dict, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + data
+
+
+def test_npz_is_streamed_with_limit_and_bombs_are_refused_unread(tmp_path):
+    """An npz is read member by member from its .npy headers: --limit reads only the first rows
+    (compressed or not, C or Fortran order), and a header announcing more than MAX_SOURCE_BYTES,
+    a member shorter or longer than its header, or object arrays are refused before any data is
+    inflated."""
+    import zipfile
+
+    from pipeline.sources import MAX_SOURCE_BYTES, read_npz
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 50)
+    np.savez_compressed(tmp_path / "c.npz", image=images, label=labels)
+    np.savez(tmp_path / "f.npz", image=np.asfortranarray(images), label=labels)
+    for name in ("c", "f"):
+        for limit in (0, 7, 50, 80):
+            got = read_npz(tmp_path / f"{name}.npz", limit)
+            keep = limit or 50
+            np.testing.assert_array_equal(got.images, images[:keep])
+            np.testing.assert_array_equal(got.labels, labels[:keep])
+    # two files under one root: the limit spans them in name order
+    np.savez(tmp_path / "c2.npz", image=images[:5], label=labels[:5])
+    both = read_source(tmp_path / "c.npz", SourceFormat.npz, limit=3)
+    assert len(both["train"].labels) == 3
+
+    huge = (2**20, 4096, 4096, 3)
+    assert np.prod(huge, dtype=np.float64) > MAX_SOURCE_BYTES
+    label_member = _npy_bytes({"descr": "<i8", "fortran_order": False, "shape": (2,)}, bytes(16))
+    members = {
+        "bomb": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": huge}, bytes(64)),
+        "short": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(95)),
+        "long": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(97)),
+        "object": _npy_bytes({"descr": "|O", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(8)),
+    }
+    for name, member in members.items():
+        with zipfile.ZipFile(tmp_path / f"{name}.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("image.npy", member)
+            zf.writestr("label.npy", label_member)
+        with pytest.raises(UserError, match="more than|truncated or padded|object arrays") as exc:
+            read_source(tmp_path / f"{name}.npz", SourceFormat.npz)
+        assert str(tmp_path / f"{name}.npz") in str(exc.value)
