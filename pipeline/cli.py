@@ -1,9 +1,11 @@
 """The command line: ``python -m pipeline STAGE [--flag value ...]``.
 
 Each stage command is generated from its config dataclass (one flag per field, the dataclass
-holds the default), so the CLI, ``params.yaml`` and the library cannot drift apart. A command
-only parses flags, builds the config and calls ``stages.<name>.run(cfg)``; stage modules are
-imported lazily so ``--help`` stays fast. ``UserError`` becomes one line on stderr and exit 2.
+holds the default, enum fields list their choices in ``--help``), so the CLI, ``params.yaml`` and
+the library cannot drift apart. A command only parses flags, builds the config and calls
+``stages.<name>.run(cfg)``. Stages are registered by name: running one imports only its own
+config and recipe (``_StageGroup``), so no stage's code is a dependency of another's, and
+``--help`` stays fast. ``UserError`` becomes one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -17,38 +19,36 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from pipeline import config as C
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
-# name -> (config class, stage module, help). Only stages that exist are listed.
-STAGES: dict[str, tuple[type, str, str]] = {
-    "prepare": (C.PrepareConfig, "stages.prepare",
+# name -> (config class "module:Class", stage module, one-line help). Nothing is imported here.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "prepare": ("pipeline.data.config:PrepareConfig", "stages.prepare",
                 "Raw dataset (IDX, CIFAR pickles, image folder, npz) -> webdataset shards + fingerprint."),
-    "diffusion": (C.DiffusionConfig, "stages.diffusion",
+    "diffusion": ("pipeline.diffusion.config:DiffusionConfig", "stages.diffusion",
                   "Train a small class-conditional DDPM on the real shards, or point at an existing UNet (--model)."),
-    "generate": (C.GenerateConfig, "stages.generate",
+    "generate": ("pipeline.generate.config:GenerateConfig", "stages.generate",
                  "Diffusion model -> labelled synthetic images as webdataset shards + sample grid PNG."),
-    "extract": (C.ExtractConfig, "stages.extract",
+    "extract": ("pipeline.cache.config:ExtractConfig", "stages.extract",
                 "Shards + diffusion model -> sharded Zarr feature cache (K views per sample, resumable)."),
-    "train": (C.TrainConfig, "stages.train",
+    "train": ("pipeline.train.config:TrainConfig", "stages.train",
               "Feature cache (+ the image shards it names) -> adversarially trained classifier with DRA."),
-    "evaluate": (C.EvaluateConfig, "stages.evaluate",
+    "evaluate": ("pipeline.evaluate.config:EvaluateConfig", "stages.evaluate",
                  "Checkpoint + test shards -> clean, PGD and AutoAttack accuracy (JSON, with sanity checks)."),
-    "report": (C.ReportConfig, "stages.report",
+    "report": ("pipeline.report.config:ReportConfig", "stages.report",
                "Evaluation and training results -> Markdown table + PNG plots comparing the variants."),
-    "bench": (C.BenchConfig, "stages.bench",
+    "bench": ("pipeline.bench.config:BenchConfig", "stages.bench",
               "Measure what the cache saves (extract, training steps, reader, memory, 2 processes) -> table + JSON."),
 }
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline diffusion feature cache for adversarial training with DRA.")
 
-
-@app.callback()
-def _root() -> None:
-    """Offline diffusion feature cache for adversarial training with DRA."""
+def config_class(stage: str) -> type:
+    module, _, name = STAGES[stage][0].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, Any]]:
@@ -115,8 +115,42 @@ def _make_command(cls: type, module: str) -> Callable[..., None]:
     return command
 
 
-for _name, (_cls, _module, _help) in STAGES.items():
-    app.command(_name, help=_help)(_make_command(_cls, _module))
+def stage_command(stage: str) -> click.Command:
+    """The click command of one stage, built from its config class (imported now, not before)."""
+    _cls_path, module, help_text = STAGES[stage]
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command(stage, help=help_text)(_make_command(config_class(stage), module))
+    cmd = typer.main.get_command(one)
+    cmd.name = stage
+    return cmd
+
+
+class _StageGroup(TyperGroup):
+    """Lists every stage by name and help line; builds only the command that is run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*STAGES, *super().list_commands(ctx)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in STAGES:
+            return stage_command(name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_c, _m, help_text) in STAGES.items()]
+        rows += [(name, (super(_StageGroup, self).get_command(ctx, name).get_short_help_str(80)))
+                 for name in super().list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+app = typer.Typer(cls=_StageGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Offline diffusion feature cache for adversarial training with DRA.")
+
+
+@app.callback()
+def _root() -> None:
+    """Offline diffusion feature cache for adversarial training with DRA."""
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature cache (path or fsspec URL).")
@@ -126,7 +160,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info")
 def _cache_info(store: str) -> None:
     """A readable summary: parts, N, K, D, chunks, shards, compressor, bytes, ratio, settings."""
-    from pipeline.cache import cache_info
+    from pipeline.cache.store import cache_info
 
     print(cache_info(store))
 
@@ -136,7 +170,7 @@ def _cache_verify(store: str, digest: Annotated[str, typer.Option(
         help="require this digest (from `cache info` of the sender, through a channel you trust)")] = "") -> None:
     """Every file against the manifest (metadata too), the digest, completeness, shapes, NaN/Inf:
     one line per problem, exit 2."""
-    from pipeline.cache import verify_cache
+    from pipeline.cache.store import verify_cache
 
     problems = verify_cache(store, digest=digest or None)
     for line in problems:

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import robust  # noqa: E402
-from pipeline.config import AutoAttackVersion  # noqa: E402
+from pipeline.evaluate import robust  # noqa: E402
+from pipeline.evaluate.config import AutoAttackVersion  # noqa: E402
 from stages.evaluate import load_classifier, load_test_images  # noqa: E402
 
 

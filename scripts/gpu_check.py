@@ -31,10 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.diffusion import DiffusionModel, make_scheduler  # noqa: E402
-from pipeline.features import FeatureExtractor  # noqa: E402
-from pipeline.models import ProjectionHead, build_classifier  # noqa: E402
-from pipeline.training import DRANet, Method, StepSettings, adversarial_step  # noqa: E402
+from pipeline.cache.extractor import FeatureExtractor  # noqa: E402
+from pipeline.core.classifiers import build_classifier  # noqa: E402
+from pipeline.diffusion.model import DiffusionModel, make_scheduler  # noqa: E402
+from pipeline.train.config import Method  # noqa: E402
+from pipeline.train.step import (  # noqa: E402
+    DRANet,
+    ProjectionHead,  # noqa: E402
+    StepSettings,
+    adversarial_step,
+)
 
 # google/ddpm-cifar10-32's UNet2DModel config (public model card / config.json)
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -69,7 +75,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def extract_figures(model: DiffusionModel, n: int, batch: int, device: torch.device, repeats: int) -> dict:
-    from pipeline.benchmark import bare_forward
+    from pipeline.bench.benchmark import bare_forward
 
     ext = FeatureExtractor(model, t=100, layer="mid_block", condition="none")
     x = torch.rand(n, 3, 32, 32, device=device)
@@ -94,7 +100,7 @@ def extract_figures(model: DiffusionModel, n: int, batch: int, device: torch.dev
 def step_figures(arch: str, model: DiffusionModel, batch: int, device: torch.device, repeats: int) -> dict:
     clf = build_classifier(arch, 3, 10, 32)
     ext = FeatureExtractor(model, t=100, layer="mid_block", condition="none")
-    d = ext.feature_dim(32, 3)
+    d = ext.target_spec(32, 3).size
     net = DRANet(clf, ProjectionHead(clf.feature_dim, 512, d)).to(device).train()
     plain_net = DRANet(clf, None)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

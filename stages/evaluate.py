@@ -18,85 +18,26 @@ on the start: on the test models the masks were identical for 1, 2 and 3 process
 AutoAttack seeds), but only a difference of a few images is promised.
 """
 
+
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline import robust
-from pipeline.config import AutoAttackVersion, EvaluateConfig
-from pipeline.errors import UserError, check_out, refuse_non_finite
-from pipeline.models import load_classifier
-from pipeline.runtime import Dist
-from pipeline.shards import read_split
-
-
-def check_config(cfg: EvaluateConfig) -> None:
-    refuse_non_finite(cfg)
-    if cfg.n <= 0:
-        raise UserError(f"--n must be positive, got {cfg.n}")
-    if not 0 < cfg.eps <= 1:
-        raise UserError(f"--eps must be in (0, 1] (images are in [0, 1]), got {cfg.eps}")
-    if cfg.pgd_steps < 1 or cfg.pgd_restarts < 1:
-        raise UserError("--pgd-steps and --pgd-restarts must be >= 1")
-    if cfg.pgd_step_size < 0 or min(cfg.batch_size, cfg.check_n, cfg.fast_targets, cfg.fast_iters) < 1:
-        raise UserError("--pgd-step-size must be >= 0; --batch-size, --check-n, --fast-targets, "
-                        "--fast-iters >= 1")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    check_out(cfg.out, folder=False)
-    check_out(str(metrics_path(cfg)), folder=False, flag="--metrics")
-
-
-def metrics_path(cfg: EvaluateConfig) -> Path:
-    out = Path(cfg.out)
-    return Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")
-
-
-def load_test_images(shards: str, n: int, image_shape: tuple, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images as float (N,C,H,W) in [0,1], refusing a shape/class mismatch."""
-    split = read_split(shards, limit=n)
-    h, w, c = split.images.shape[1:]
-    if (c, h, w) != tuple(image_shape):
-        raise UserError(f"{shards}: images are {c}x{h}x{w}, the checkpoint expects "
-                        f"{'x'.join(map(str, image_shape))}")
-    if split.labels.max() >= num_classes:
-        raise UserError(f"{shards}: label {split.labels.max()} but the checkpoint has {num_classes} classes")
-    x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255.0
-    return x.contiguous(), torch.from_numpy(split.labels)
-
-
-def read_train_metrics(folder: Path) -> dict:
-    """The training stage's final metrics (train time etc.), if it wrote them; {} otherwise."""
-    try:
-        data = json.loads((folder / "metrics.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def pick_device(requested: str, dist: Dist) -> str:
-    """--device resolved for this process; with several processes each uses its own GPU."""
-    # important: accelerate's CPU device is "cpu:0", which safetensors refuses
-    local = str(dist.device) if dist.device.type == "cuda" else "cpu"
-    if requested == "auto":
-        return local
-    if dist.world > 1 and requested != "cpu":
-        if dist.device.type != "cuda":
-            raise UserError(f"--device {requested}, but no CUDA device is available")
-        return local
-    return requested
+from pipeline.core.classifiers import load_classifier
+from pipeline.core.runtime import Dist
+from pipeline.evaluate import robust
+from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
+from pipeline.evaluate.inputs import (
+    check_config,
+    load_test_images,
+    metrics_path,
+    pick_device,
+    read_train_metrics,
+    write_json,
+)
 
 
 def run(cfg: EvaluateConfig) -> dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import PrepareConfig
-from pipeline.errors import UserError, check_out
-from pipeline.shards import FINGERPRINT, join, make_keys, write_split
-from pipeline.sources import read_source
-from pipeline.storage import refuse_foreign
+from pipeline.core.errors import check_out
+from pipeline.core.shards import FINGERPRINT, join, make_keys, write_split
+from pipeline.core.storage import refuse_foreign
+from pipeline.data.config import PrepareConfig
+from pipeline.data.sources import read_source
 
 
 def default_name(source: str) -> str:
@@ -17,10 +17,7 @@ def default_name(source: str) -> str:
 
 
 def run(cfg: PrepareConfig) -> dict[str, dict]:
-    if cfg.limit < 0:
-        raise UserError(f"--limit must be >= 0, got {cfg.limit}")
-    if cfg.shard_size <= 0:  # before the source is read
-        raise UserError(f"--shard-size must be positive, got {cfg.shard_size}")
+    cfg.validate()  # before the source is read
     check_out(cfg.out, folder=True)
     splits = read_source(cfg.source, cfg.format, limit=cfg.limit)
     for split in splits:  # before anything is written: no split folder of someone else's is replaced

@@ -1,4 +1,9 @@
-"""Shared fixtures: small slices of real Fashion-MNIST, prepared once per session."""
+"""Shared fixtures, built once per session: small slices of real Fashion-MNIST, a tiny UNet, a small
+complete feature cache made from both (``store``) and a classifier trained on it (``checkpoint``).
+
+A module may define its own ``model_dir``, ``store`` or ``checkpoint`` (another model, a bigger
+cache, a plainly trained CNN); pytest then uses that one in the module.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import pytest
 import torch
 from repro import set_suite_threads  # tests/ is on sys.path (rootdir conftest)
 
-from pipeline.config import PrepareConfig
+from pipeline.data.config import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion-mnist"
@@ -32,8 +37,7 @@ def fmnist_shards(tmp_path_factory, fmnist_dir) -> Path:
     prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), name="fmnist", limit=512,
                               shard_size=200))
     # the test split gets the same limit; keep the first 256 for speed
-    from pipeline.shards import read_split, write_split
-    from pipeline.sources import Split
+    from pipeline.core.shards import Split, read_split, write_split
 
     test = read_split(out / "test")
     write_split(out / "test", Split(test.images[:256], test.labels[:256], test.fingerprint["classes"]),
@@ -45,9 +49,39 @@ def fmnist_shards(tmp_path_factory, fmnist_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny class-conditional UNet (28 px, 1 channel, 10 classes) saved in our model layout."""
-    from pipeline.diffusion import make_scheduler, save_model, tiny_unet
+    from pipeline.diffusion.model import make_scheduler, save_model, tiny_unet
 
     out = tmp_path_factory.mktemp("tiny-unet") / "model"
     torch.manual_seed(0)
     save_model(out, tiny_unet(28, 1, 10), make_scheduler(), {"trained": False})
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model_dir) -> Path:
+    """The tiny UNet, under the name the stage tests use for "the diffusion model"."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, tiny_model_dir, fmnist_shards) -> Path:
+    """A complete cache: train part 64 x 2 views in 2 zarr shards of 32 rows, test part 64 x 1."""
+    from reliability_helpers import extract_cfg  # imported here: it loads the whole CLI
+
+    from stages import extract
+
+    out = tmp_path_factory.mktemp("small-cache") / "feats.zarr"
+    extract.run(extract_cfg(tiny_model_dir, fmnist_shards, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, store) -> Path:
+    """A classifier trained 1 epoch on ``store`` by the train stage (the small TRAIN_ARGS run)."""
+    from reliability_helpers import train_cfg
+
+    from stages import train
+
+    out = tmp_path_factory.mktemp("small-ckpt") / "at"
+    train.run(train_cfg(store, out))
     return out

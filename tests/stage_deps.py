@@ -8,6 +8,7 @@ optional paths (cli's `cache` sub-commands, the trainer's `--online` mode) that 
 runs, so editing them must not re-run the stage.
 
     python tests/stage_deps.py train     # print the list for one stage
+    python tests/stage_deps.py --write   # rewrite every stage's code deps in dvc.yaml
 """
 
 from __future__ import annotations
@@ -68,7 +69,28 @@ def stage_files(stage: str) -> list[str]:
     return sorted(seen)
 
 
+def write_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> None:
+    """Replace the code lines (pipeline/, stages/) of every stage's deps with ``stage_files``."""
+    out, stage, indent = [], None, None
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
+            stage = stripped[:-1]
+        if stripped.startswith("- ") and stripped[2:].startswith(("pipeline/", "stages/")):
+            if indent is None:  # the first code line of this stage: all of them go here
+                indent = line[: len(line) - len(line.lstrip())]
+                out += [f"{indent}- {f}" for f in stage_files(stage)]
+            continue
+        if not stripped.startswith("- "):
+            indent = None
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        write_dvc_yaml()
+        sys.exit(0)
     for s in sys.argv[1:]:
         print(f"{s}:")
         print("\n".join(f"  - {f}" for f in stage_files(s)))

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.attacks import pgd
-from pipeline.models import build_classifier
-from pipeline.shards import read_split
+from pipeline.core.attacks import pgd
+from pipeline.core.classifiers import build_classifier
+from pipeline.core.shards import read_split
 
 
 @pytest.fixture(scope="module")

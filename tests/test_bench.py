@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import benchmark as B
+from pipeline.bench import benchmark as B
+from pipeline.bench.config import BenchConfig
+from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cli import main
-from pipeline.config import BenchConfig
-from pipeline.diffusion import DiffusionModel, make_scheduler, tiny_unet
-from pipeline.errors import UserError
-from pipeline.features import FeatureExtractor
+from pipeline.core.errors import UserError
+from pipeline.diffusion.model import DiffusionModel, make_scheduler, tiny_unet
 from stages import bench
 
 KEYS = ["extract_stage_over_forward", "train_cached_over_plain",
@@ -81,7 +81,7 @@ def test_interleaved_alternates_and_drops_warmup():
 def test_child_peak_rss_is_its_own():
     """ru_maxrss survives fork+exec on Linux; the child must not report the parent's size."""
     big = np.ones(300 * 2**20 // 8)  # 300 MiB resident in the parent
-    child = B.run_child("import json, pipeline.benchmark as b; print(json.dumps({'rss': b.peak_rss_mb()}))")
+    child = B.run_child("import json, pipeline.bench.benchmark as b; print(json.dumps({'rss': b.peak_rss_mb()}))")
     assert B.peak_rss_mb() > 300 and child["rss"] < B.peak_rss_mb() - 200
     del big
 
@@ -104,7 +104,7 @@ def test_bare_forward_stops_at_the_block():
 def test_whole_forward_extractor_gives_the_same_targets():
     model = _tiny_model()
     early = FeatureExtractor(model, t=100, layer="mid_block")
-    whole = bench.whole_forward(early)
+    whole = FeatureExtractor(model, stop_early=False, **early.settings())
     reached = []
     model.unet.conv_out.register_forward_hook(lambda *_: reached.append(1))
     x, seeds = torch.rand(6, 1, 28, 28), torch.arange(6)

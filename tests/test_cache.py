@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from repro import tree_bytes
 
-from pipeline.cache import CacheWriter, PartInit, cache_info, open_cache, verify_cache
-from pipeline.config import ViewSpec
-from pipeline.errors import UserError
-from pipeline.shards import read_split
-from pipeline.views import sample_views
+from pipeline.cache.store import CacheWriter, PartInit, cache_info, open_cache, verify_cache
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
+from pipeline.core.views import ViewSpec, sample_views
 
 D = 16
 
@@ -39,7 +38,7 @@ def _features(init: PartInit, seed: int) -> np.ndarray:
     return (base[:, None, :] + 0.3 * rng.normal(size=(init.n, init.k, D))).astype(np.float16)
 
 
-PLAN = {"t": 100, "layer": "mid_block", "image_size": 28, "normalisation": "x*2-1",
+PLAN = {"t": 100, "layer": "mid_block", "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
         "view_spec": ViewSpec().to_dict()}
 
 
@@ -217,14 +216,14 @@ def _edit_json(path, edit) -> None:
 
 def _reseal(url) -> None:
     """What a forger who knows the format does after editing root attributes: a fresh digest."""
-    from pipeline.cache import attrs_digest
+    from pipeline.cache.store import attrs_digest
 
     _edit_json(url / "zarr.json", lambda d: d["attributes"].update(digest=attrs_digest(d["attributes"])))
 
 
 def test_metadata_is_covered_like_data(tmp_path, real):
     """Array metadata (dtype), root attributes (t, model hash) and the manifest itself are checked."""
-    from pipeline.cache import attrs_digest
+    from pipeline.cache.store import attrs_digest
 
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
@@ -292,7 +291,7 @@ def _forge(url, edit, key: str = "train/zarr.json") -> None:
     digest to match."""
     import hashlib
 
-    from pipeline.cache import attrs_digest
+    from pipeline.cache.store import attrs_digest
 
     _edit_json(url / key, (lambda d: edit(d["attributes"])) if key == "train/zarr.json" else edit)
     root = json.loads((url / "zarr.json").read_text())
@@ -325,7 +324,7 @@ def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path
     import hashlib
     import time
 
-    from pipeline.cache import attrs_digest
+    from pipeline.cache.store import attrs_digest
 
     url = tmp_path / "c.zarr"
     write_store(str(url), real)

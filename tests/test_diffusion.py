@@ -13,11 +13,11 @@ import torch
 from diffusers import UNet2DModel
 
 from pipeline.cli import main
-from pipeline.config import DiffusionConfig
-from pipeline.diffusion import load_model, make_scheduler, tiny_unet
-from pipeline.diffusion_train import latest_checkpoint, train_ddpm
-from pipeline.errors import UserError
-from pipeline.shards import read_split
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
+from pipeline.diffusion.config import DiffusionConfig
+from pipeline.diffusion.model import load_model, make_scheduler, tiny_unet
+from pipeline.diffusion.training import latest_checkpoint, train_ddpm
 from stages import diffusion as stage
 
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import robust
-from pipeline.config import AutoAttackVersion, EvaluateConfig
-from pipeline.errors import UserError
-from pipeline.models import build_classifier, save_checkpoint
-from pipeline.shards import read_split
+from pipeline.core.classifiers import build_classifier, save_checkpoint
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
+from pipeline.evaluate import robust
+from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
 from stages import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

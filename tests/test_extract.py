@@ -18,11 +18,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from repro import assert_features_close, torch_threads, tree_bytes
 
-from pipeline.cache import open_cache, verify_cache
-from pipeline.config import ExtractConfig
-from pipeline.errors import UserError
-from pipeline.shards import read_split, write_split
-from pipeline.sources import Split
+from pipeline.cache.config import ExtractConfig
+from pipeline.cache.store import open_cache, verify_cache
+from pipeline.core.errors import UserError
+from pipeline.core.shards import Split, read_split, write_split
 from stages import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +91,7 @@ def test_store_follows_the_contract(store, fmnist_shards):
 
 def recompute_row(attrs: dict, unet, scheduler, image: np.ndarray, dx: int, dy: int, flip: int,
                   seed: int) -> torch.Tensor:
-    """The README recipe for one row: recorded facts + diffusers + numpy (no pipeline.features)."""
+    """The README recipe for one row: recorded facts + diffusers + numpy (no pipeline.cache.extractor)."""
     pad, t, draws = attrs["view_spec"]["pad"], attrs["t"], attrs["draws"]
     h, w = image.shape[:2]
     img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[dy:dy + h, dx:dx + w]  # crop of the padded image
@@ -138,8 +137,8 @@ def test_recompute_rows_with_diffusers_alone(store):
 def test_extractor_from_cache_replays_rows(store):
     """train --online rebuilds the extractor from the attrs and gets the stored rows back (within one
     float16 step: these 8 views form another batch than at extraction, see repro.py)."""
-    from pipeline.features import FeatureExtractor
-    from pipeline.views import apply_views
+    from pipeline.cache.extractor import FeatureExtractor
+    from pipeline.core.views import apply_views
 
     cache = open_cache(str(store))
     fe = FeatureExtractor.from_cache(cache)
@@ -156,7 +155,7 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
     out = tmp_path / "feats.zarr"
     cases = {"outside the schedule": dict(t=1000), "unknown layer 'mid'": dict(layer="mid"),
              "--views must be >= 1": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
-             "unknown pooling": dict(pooling="max"), "unknown condition": dict(condition="cfg"),
+             "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
              "no fingerprint.json": dict(real=str(tmp_path / "nowhere")),
              "--limit must be >= 0": dict(limit=-1), "unknown compressor": dict(compressor="gzip9")}
     for message, kw in cases.items():
@@ -252,7 +251,7 @@ def test_two_processes_equal_one(tmp_path, store, model_dir, fmnist_shards, synt
 
 def test_extractor_computes_in_float32_under_autocast(store):
     """train --online runs inside the step's autocast (bf16 on GPUs): the targets must not change."""
-    from pipeline.features import FeatureExtractor
+    from pipeline.cache.extractor import FeatureExtractor
 
     fe = FeatureExtractor.from_cache(open_cache(str(store)))
     x, seeds = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(6)

@@ -12,11 +12,11 @@ import torch
 from repro import assert_images_close, torch_threads, tree_bytes
 
 from pipeline.cli import main
-from pipeline.config import GenerateConfig
-from pipeline.diffusion import load_model, make_scheduler, tiny_unet
-from pipeline.errors import UserError
-from pipeline.sampling import class_grid, sample
-from pipeline.shards import read_split
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
+from pipeline.diffusion.model import load_model, make_scheduler, tiny_unet
+from pipeline.generate.config import GenerateConfig
+from pipeline.generate.sampling import class_grid, sample
 from stages import generate
 
 

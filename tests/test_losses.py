@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses import dra_loss, pgd_at_loss, trades_loss
+from pipeline.train.losses import dra_loss, pgd_at_loss, trades_loss
 
 
 def _log_softmax(z):
@@ -60,9 +60,10 @@ def test_trades_step_equals_two_separate_forwards():
     for DDP) must give the loss, the gradients and the running statistics of two forwards."""
     import copy
 
-    from pipeline.attacks import pgd
-    from pipeline.models import build_classifier
-    from pipeline.training import DRANet, Method, StepSettings, adversarial_step
+    from pipeline.core.attacks import pgd
+    from pipeline.core.classifiers import build_classifier
+    from pipeline.train.config import Method
+    from pipeline.train.step import DRANet, StepSettings, adversarial_step
 
     torch.manual_seed(0)
     model = build_classifier("cnn", 1, 10, 28)

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.models import CLASSIFIERS, ProjectionHead, build_classifier, load_classifier, save_checkpoint
+from pipeline.core.classifiers import CLASSIFIERS, build_classifier, load_classifier, save_checkpoint
+from pipeline.core.errors import UserError
+from pipeline.train.step import ProjectionHead
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet", "wrn-16-2"])

@@ -132,11 +132,38 @@ def test_second_repro_does_nothing_and_dra_weight_stales_only_dra_trainings(quic
     original = (quick_run / "params.yaml").read_text()
     try:
         _set_dra_weight(quick_run, 0.25)
-        status = _dvc(quick_run, "status")
-        stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line[0].isspace()}
-        assert stale == {"train@at_dra", "train@dmat_dra"}, status  # downstream of them: evaluate, report
+        assert _stale(quick_run) == {"train@at_dra", "train@dmat_dra"}  # downstream of them: evaluate, report
     finally:
         (quick_run / "params.yaml").write_text(original)
+
+
+def _stale(repo: Path) -> set[str]:
+    status = _dvc(repo, "status")
+    return {line.strip().rstrip(":") for line in status.splitlines() if line and not line[0].isspace()}
+
+
+def test_a_training_default_or_a_source_reader_never_reruns_upstream_stages(quick_run):
+    """Edit the file that holds train's defaults, then a dataset reader, in the quick repository:
+    `dvc status` (the stage deps) names only the stage that owns each file. Upstream stages (and
+    the hours of diffusion training and extraction a real user would lose) stay up to date."""
+    import inspect
+
+    from pipeline.data.sources import read_source
+    from pipeline.train.config import TrainConfig
+
+    trains = {f"train@{k}" for k in ("at", "at_dra", "dmat", "dmat_dra")}
+    for obj, owners in ((TrainConfig, trains), (read_source, {"prepare"})):
+        rel = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
+        path = quick_run / rel
+        original = path.read_text()
+        try:
+            path.write_text(original.replace("from __future__ import annotations",
+                                             "from __future__ import annotations  # edited", 1))
+            assert path.read_text() != original
+            assert _stale(quick_run) == owners, rel
+        finally:
+            path.write_text(original)
+    assert "up to date" in _dvc(quick_run, "status")
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import PrepareConfig, SourceFormat
-from pipeline.errors import UserError
-from pipeline.shards import read_split
-from pipeline.sources import read_idx, read_source
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
+from pipeline.data.config import PrepareConfig, SourceFormat
+from pipeline.data.sources import read_idx, read_source
 from stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +259,7 @@ def test_npz_is_streamed_with_limit_and_bombs_are_refused_unread(tmp_path):
     inflated."""
     import zipfile
 
-    from pipeline.sources import MAX_SOURCE_BYTES, read_npz
+    from pipeline.data.sources import MAX_SOURCE_BYTES, read_npz
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)

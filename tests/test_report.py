@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ReportConfig
-from pipeline.errors import UserError
-from pipeline.results import read_log
+from pipeline.core.errors import UserError
+from pipeline.report.config import ReportConfig
+from pipeline.report.results import read_log
 from stages import report
 
 PNG = b"\x89PNG\r\n\x1a\n"

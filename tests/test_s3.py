@@ -22,7 +22,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra
 
 from test_storage import stages_end_to_end  # noqa: E402  (tests/ is on sys.path)
 
-from pipeline.cache import open_cache, verify_cache  # noqa: E402
+from pipeline.cache.store import open_cache, verify_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "team-a"

@@ -7,11 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheWriter, PartInit, open_cache
-from pipeline.config import ViewSpec
-from pipeline.sampler import InMemoryTargets, MixedSampler, Prefetcher, StreamingTargets, permutation
-from pipeline.shards import read_split
-from pipeline.views import sample_views
+from pipeline.cache.store import CacheWriter, PartInit, open_cache
+from pipeline.core.shards import read_split
+from pipeline.core.views import ViewSpec, sample_views
+from pipeline.train.sampler import InMemoryTargets, MixedSampler, Prefetcher, StreamingTargets, permutation
 
 D = 8
 
@@ -95,7 +94,7 @@ def store(tmp_path_factory, fmnist_shards):
     feats[:, :, 0] = np.arange(n)[:, None]
     feats[:, :, 1] = np.arange(k)[None, :]
     url = str(tmp_path_factory.mktemp("sampler") / "feats.zarr")
-    plan = {"t": 100, "layer": "mid_block", "image_size": 28, "normalisation": "x*2-1",
+    plan = {"t": 100, "layer": "mid_block", "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
             "view_spec": ViewSpec().to_dict()}
     w = CacheWriter.open_or_create(url, plan=plan, parts={"train": init}, rows_per_chunk=16,
                                    chunks_per_shard=4, compressor="blosc-zstd")

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from launch import accelerate_run  # tests/ is on sys.path (rootdir conftest)
 
-from pipeline.cache import NORMALISATION, CacheWriter, PartInit
-from pipeline.config import PrepareConfig, ViewSpec
-from pipeline.sampler import MixedSampler
-from pipeline.shards import read_split
-from pipeline.trainer import WINDOW
-from pipeline.views import sample_views
+from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
+from pipeline.core.shards import read_split
+from pipeline.core.views import ViewSpec, sample_views
+from pipeline.data.config import PrepareConfig
+from pipeline.train.sampler import MixedSampler
+from pipeline.train.trainer import WINDOW
 
 VIEWS_SMALL, VIEWS_BIG = 2, 16
 UNIT_ROWS_X_VIEWS = 32  # rows per chunk x K, the same in both caches: equal chunk and shard bytes
@@ -46,7 +46,8 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
                     np.arange(n * k, dtype=np.int64).reshape(n, k), d,
                     {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
                                                                                           "image_shape")}})
-    plan = {"t": 100, "layer": "mid_block", "image_size": int(ss.images.shape[1]), "normalisation": NORMALISATION,
+    plan = {"t": 100, "layer": "mid_block", "pooling": "mean", "image_size": int(ss.images.shape[1]),
+            "normalisation": NORMALISATION,
             "view_spec": ViewSpec().to_dict()}
     w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=UNIT_ROWS_X_VIEWS // k,
                                    chunks_per_shard=CHUNKS_PER_SHARD, compressor="blosc-lz4")
@@ -113,12 +114,12 @@ def test_process_memory_does_not_follow_the_cache_size_big(fmnist_dir, tmp_path)
 
 SPLIT_CHECK = """
 import json, sys
-from pipeline.config import TrainConfig
-from pipeline import trainer
+from pipeline.train.config import TrainConfig
+from pipeline.train import trainer
 
 cfg = TrainConfig(cache=sys.argv[1], out=sys.argv[2], real_limit=0, batch_size=int(sys.argv[3]), memory_budget_mb=0,
                   verify=False, head_hidden=8)
-tr = trainer.setup(cfg)
+tr = trainer.Trainer.create(cfg)
 feed = tr.feed(0, 0)
 mine = [(b.real_rows.tolist(), b.real_views.tolist(), len(x["target"])) for b, x in feed]
 feed.close()

@@ -7,12 +7,14 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.cache import open_cache, verify_cache
-from pipeline.config import AutoAttackVersion, EvaluateConfig, ExtractConfig, PrepareConfig, TrainConfig
-from pipeline.errors import UserError
-from pipeline.shards import read_split, write_split
-from pipeline.sources import Split
-from pipeline.storage import STAGING_MARKER, join
+from pipeline.cache.config import ExtractConfig
+from pipeline.cache.store import open_cache, verify_cache
+from pipeline.core.errors import UserError
+from pipeline.core.shards import Split, read_split, write_split
+from pipeline.core.storage import STAGING_MARKER, join
+from pipeline.data.config import PrepareConfig
+from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
+from pipeline.train.config import TrainConfig
 from stages import evaluate, extract, prepare, train
 
 
@@ -91,7 +93,7 @@ def stages_end_to_end(base: str, fmnist_dir, tiny_model_dir, tmp_path) -> str:
 def test_generate_to_memory_url(tiny_model_dir, fmnist_shards, tmp_path):
     import json
 
-    from pipeline.config import GenerateConfig
+    from pipeline.generate.config import GenerateConfig
     from stages import generate
 
     url = f"memory://{tmp_path.name}/syn"

@@ -15,27 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import trainer
+from pipeline.cache.config import ExtractConfig
 from pipeline.cli import main
-from pipeline.config import ExtractConfig, TrainConfig, ViewSpec
-from pipeline.errors import UserError
-from pipeline.models import load_classifier
-from pipeline.results import read_log
-from pipeline.runtime import Runtime
-from pipeline.shards import read_split, write_split
-from pipeline.sources import Split
-from pipeline.train_data import assemble
-from pipeline.train_state import STATE_FILE
-from pipeline.training import TargetNorm
-from pipeline.views import apply_view_reference
+from pipeline.core.classifiers import load_classifier
+from pipeline.core.errors import UserError
+from pipeline.core.runtime import Runtime
+from pipeline.core.shards import Split, read_split, write_split
+from pipeline.core.views import ViewSpec, apply_view_reference
+from pipeline.report.results import read_log
+from pipeline.train import trainer
+from pipeline.train.config import TargetNorm, TrainConfig
+from pipeline.train.data import assemble
+from pipeline.train.state import STATE_FILE
 from stages import extract, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,7 @@ def test_each_image_is_paired_with_its_own_views_target(store, fmnist_shards, sy
 def test_online_targets_equal_cached(store):
     c = cfg(store, "unused", synthetic_fraction=0.25)
     rt, data, sampler = _data(c)
-    from pipeline.features import FeatureExtractor
+    from pipeline.cache.extractor import FeatureExtractor
 
     ext = FeatureExtractor.from_cache(data.cache)
     inputs = assemble(sampler.batch(0, 1), data.real, data.synthetic, data.pad)
@@ -152,16 +146,16 @@ def _incomplete(store: Path, tmp: Path) -> Path:
 def test_refusals_before_training(store, fmnist_shards, tmp_path, case):
     out = tmp_path / "out"
     c = cfg(store, out)
-    c = {"other-data": lambda: replace(c, real_shards=str(fmnist_shards / "test")),
+    make = {"other-data": lambda: replace(c, real_shards=str(fmnist_shards / "test")),
          "image-size": lambda: replace(c, image_size=32),
          "view-spec": lambda: replace(c, view=ViewSpec(pad=4)),
          "missing-shards": lambda: replace(c, real_shards=str(tmp_path / "nowhere")),
          "incomplete": lambda: replace(c, cache=str(_incomplete(store, tmp_path))),
          "no-synthetic-part": lambda: replace(c, cache=str(store), synthetic_fraction=0.5,
                                               synthetic_shards=str(tmp_path / "nowhere")),
-         "bad-flag": lambda: replace(c, method="fgsm")}[case]()
-    with pytest.raises(UserError) as err:
-        train.run(c)
+         "bad-flag": lambda: replace(c, method="fgsm")}[case]
+    with pytest.raises(UserError) as err:  # an unknown enum value is refused when the config is built
+        train.run(make())
     assert "\n" not in str(err.value)
     assert not out.exists()  # refused before anything was written
 
@@ -201,7 +195,7 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
 
 def test_resume_refuses_another_cache_at_the_same_path(store, tmp_path):
     """--resume compares the cache's digest, not its path: a store replaced in place is another cache."""
-    from pipeline.cache import attrs_digest
+    from pipeline.cache.store import attrs_digest
 
     other = tmp_path / "feats.zarr"
     shutil.copytree(store, other)

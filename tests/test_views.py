@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import ViewSpec
-from pipeline.views import apply_view_reference, apply_views, sample_views
+from pipeline.core.views import ViewSpec, apply_view_reference, apply_views, sample_views
 
 
 def test_batched_views_equal_reference(fmnist_shards):
-    from pipeline.shards import read_split
+    from pipeline.core.shards import read_split
 
     images = read_split(fmnist_shards / "train").images[:64]
     spec = ViewSpec(pad=3, flip=True)

@@ -1,0 +1,1 @@
+"""`python -m pipeline bench`: what the cache saves, measured as ratios in one run."""

@@ -1,0 +1,44 @@
+"""Sizes of `python -m pipeline bench` (not a DVC stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.config import Arch, coerce_enums, require
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of the benchmark; the defaults run in a few minutes on 2 CPU cores."""
+
+    source: str = "data/fashion-mnist"  # real images (prepared into a temporary folder)
+    out: str = "artifacts/bench/bench.json"
+    n: int = 2048  # real images of each split (train, test) that extract and training use
+    views: int = 4  # K of the train part
+    t: int = 100
+    layer: str = "mid_block"
+    batch_size: int = 256  # extract batch, and the bare forward's
+    chunks_per_shard: int = 4  # extract's zarr shards (several per part, so 2 processes share the work)
+    repeats: int = 5  # interleaved repeats of extract vs the bare forward (memory children: 2, 2-process runs: 2)
+    train_steps: int = 40  # timed steps of each training variant, interleaved step by step
+    train_batch_size: int = 128
+    attack_steps: int = 5
+    arch: Arch = Arch.cnn
+    online_full: bool = True  # also time online DRA with the whole UNet forward (as the paper runs it)
+    memory_budget_mb: int = 64  # the reader's budget for the flat-memory check
+    stream_cache_mb: int = 400  # raw size of the synthetic store read under that budget (and one half as big)
+    two_proc: bool = True  # time extract with 2 processes vs 1 (accelerate launch)
+    workdir: str = ""  # scratch folder ("" : a temporary one, removed afterwards)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        sizes = ("n", "views", "batch_size", "chunks_per_shard", "repeats", "train_steps", "train_batch_size",
+                 "memory_budget_mb", "stream_cache_mb")
+        require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
+                       for n in sizes] + [
+            (self.n >= 2 * self.train_batch_size,
+             f"--n {self.n} must hold at least two training batches of {self.train_batch_size}")])

@@ -1,0 +1,167 @@
+"""The library behind stage `extract` (its recipe: stages/extract.py): the parts to embed, their\nrecorded views and noise seeds, the rows of one zarr shard, the linear probe file."""
+
+
+
+from __future__ import annotations
+
+import contextlib
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import pipeline
+from pipeline.cache.config import ExtractConfig
+from pipeline.cache.extractor import FeatureExtractor
+from pipeline.cache.probe import linear_probe
+from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
+from pipeline.cache.targets import TargetSpec
+from pipeline.core import storage
+from pipeline.core.errors import UserError, check_out
+from pipeline.core.runtime import Dist
+from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
+from pipeline.core.views import apply_views, sample_views, to_float01
+
+PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    cfg.validate()
+    check_out(cfg.out, folder=True)
+
+
+def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
+    """Part name -> shard folder (path or URL); checks each has a fingerprint (a complete shard set)."""
+    dirs = {"train": join(cfg.real, "train"), "test": join(cfg.real, "test")}
+    if cfg.synthetic:
+        dirs["synthetic"] = cfg.synthetic if split_exists(cfg.synthetic) else join(cfg.synthetic, "train")
+    for d in dirs.values():
+        read_fingerprint(d)
+    return {p: dirs[p] for p in PART_IDS if p in dirs}
+
+
+def part_init(name: str, ss: ShardSet, k: int, target: TargetSpec, cfg: ExtractConfig) -> PartInit:
+    """Views and noise seeds of one part, from generators seeded with (seed, part)."""
+    n = len(ss.keys)
+    view_seed = int(np.random.SeedSequence([cfg.seed, PART_IDS[name]]).generate_state(1)[0])
+    views = sample_views(n, k, cfg.view, view_seed)
+    rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
+    noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
+    fp = ss.fingerprint
+    attrs = {"shards": ss.path, "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
+                                                 "shards_digest": fp.get("shards_digest"),
+                                                 "image_shape": fp["image_shape"],
+                                                 "num_classes": fp.get("num_classes")},
+             "view_seed": view_seed}
+    return PartInit(ss.keys, ss.labels, views, noise_seed, target.shape, attrs)
+
+
+def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
+                 pad: int, batch_size: int, bar: tqdm) -> np.ndarray:
+    """(b-a, K, *target shape) float16 features of rows a..b, batched over the flattened (row, view) pairs."""
+    k = init.k
+    out = np.empty((b - a, k, *init.target_shape), np.float16)
+    flat = np.arange(a * k, b * k)
+    dev = extractor.device
+    for i in range(0, len(flat), batch_size):
+        f = flat[i:i + batch_size]
+        rows, views = f // k, f % k
+        x = to_float01(torch.from_numpy(images[rows]).to(dev))
+        x = apply_views(x, *(torch.from_numpy(init.views[n][rows, views]) for n in ("dx", "dy", "flip")), pad)
+        seeds = torch.from_numpy(init.noise_seed[rows, views])
+        labels = torch.from_numpy(init.labels[rows])
+        out[rows - a, views] = extractor(x, seeds, labels).cpu().numpy().astype(np.float16)
+        bar.update(len(f))
+    return out
+
+
+def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
+    acc = linear_probe(writer.read_identity("train"), inits["train"].labels,
+                       writer.read_identity("test"), inits["test"].labels)
+    probe = {"probe_accuracy": round(acc, 6), "t": cfg.t, "layer": cfg.layer,
+             "n_train": inits["train"].n, "n_test": inits["test"].n}
+    if "://" not in cfg.out:  # a metrics file next to a local store (DVC metric)
+        storage.atomic_write(Path(cfg.out).resolve().parent / "probe.json", json.dumps(probe, indent=2) + "\n")
+    return probe
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """The whole stage: checks, one writer per store, every missing shard, statistics, probe, manifest."""
+    check_config(cfg)
+    dist = Dist()
+    # one writer per store: rank 0 holds OUT.lock for the whole run (the other ranks are its helpers)
+    with storage.writer_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
+        return _extract(cfg, dist)
+
+
+def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
+    from pipeline.diffusion.model import load_model  # the stage's one heavy import
+
+    dirs = split_dirs(cfg)
+    model = load_model(cfg.model, device=str(dist.device))
+    extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,
+                                 condition=cfg.condition)
+    want_shape = [model.image_size, model.image_size, model.in_channels]
+    for path in dirs.values():
+        shape = read_fingerprint(path)["image_shape"]
+        if shape != want_shape:
+            raise UserError(f"{path}: images {shape} but the model takes {want_shape}")
+    target = extractor.target_spec(model.image_size, model.in_channels)
+    ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": 1}
+    inits, images = {}, {}
+    for name, path in dirs.items():
+        ss = read_split(path, limit=cfg.limit)
+        inits[name], images[name] = part_init(name, ss, ks[name], target, cfg), ss.images
+    plan = {"model": {"source": str(cfg.model), "weights_sha256": model.weights_sha256,
+                      "num_classes": model.num_classes, "null_class": model.null_class},
+            **extractor.settings(), **target.to_attrs(), "image_size": model.image_size, "in_channels": model.in_channels,
+            "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
+            "code_version": pipeline.__version__, "compressor": cfg.compressor,
+            # the data each part was computed from: a resume on other images is refused
+            "parts": {n: {"n": p.n, "k": p.k, "d": target.size, "content_hash": p.attrs["fingerprint"]["content_hash"]}
+                      for n, p in inits.items()}}
+    open_args = dict(plan=plan, parts=inits, rows_per_chunk=cfg.rows_per_chunk,
+                     chunks_per_shard=cfg.chunks_per_shard, compressor=cfg.compressor)
+    writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None
+    dist.barrier()
+    writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
+    missing = {n: writer.missing_shards(n) for n in inits}
+    # round-robin over all (part, shard) pairs, so small parts do not all land on rank 0
+    pairs = [(n, s) for n, shards in missing.items() for s in shards]
+    todo = {n: [s for i, (m, s) in enumerate(pairs) if m == n and i % dist.world == dist.rank] for n in missing}
+    total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
+                for n, ss in todo.items() for s in ss)
+    if dist.rank == 0:
+        print(f"{cfg.out}: computing {sum(map(len, missing.values()))} of "
+              f"{sum(writer.n_shards(n) for n in inits)} shards (the others are written and checked)")
+    bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="view", mininterval=2,
+               disable=dist.rank != 0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future | None = None
+        for name, shards in todo.items():
+            for s in shards:
+                a, b = writer.shard_rows(name, s)
+                block = compute_rows(extractor, images[name], inits[name], a, b, cfg.view.pad,
+                                     cfg.batch_size, bar)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight; re-raises write errors
+                pending = pool.submit(writer.write_shard, name, s, block)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    dist.barrier()
+    result = {"out": cfg.out, "written": {n: len(s) for n, s in todo.items()}}
+    if dist.rank == 0:
+        for name in inits:
+            writer.finalize_part(name)
+        probe = write_probe(cfg, writer, inits)
+        writer.finalize({"probe": probe})
+        result["probe"] = probe
+        dims = "x".join(map(str, target.shape))
+        print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}x{dims}' for n, p in inits.items())}; "
+              f"linear probe {probe['probe_accuracy']:.4f}")
+    dist.barrier()
+    return result

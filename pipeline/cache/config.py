@@ -1,0 +1,48 @@
+"""Defaults of `extract` (stage one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pipeline.cache.targets import Pooling
+from pipeline.core.config import coerce_enums, require
+from pipeline.core.views import ViewSpec
+
+
+class Condition(str, Enum):
+    null = "null"  # the null class (label dropout index): no label information leaks
+    label = "label"  # the true label (leaks the label into the embedding; for ablations)
+    none = "none"  # unconditional model: no class_labels at all
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str = "artifacts/diffusion"
+    real: str = "artifacts/shards/real"  # folder with one sub-folder of shards per split
+    synthetic: str = "artifacts/shards/synthetic"  # "" for none
+    out: str = "artifacts/feats.zarr"
+    t: int = 100
+    layer: str = "mid_block"
+    pooling: Pooling = Pooling.mean
+    views: int = 4  # K for the real train part (view 0 is the identity)
+    views_synthetic: int = 4  # K of the synthetic part: augmented like the real one (DM-AT does)
+    draws: int = 1  # noise draws averaged per view
+    condition: Condition = Condition.null  # class conditioning used while extracting
+    view: ViewSpec = field(default_factory=ViewSpec)
+    batch_size: int = 256
+    rows_per_chunk: int = 256  # samples per zarr chunk (the reader's unit of I/O)
+    chunks_per_shard: int = 16  # chunks per zarr shard (the writer's and resume unit)
+    compressor: str = "blosc-zstd"  # blosc-zstd | blosc-lz4 | zstd (see pipeline/cache.py)
+    limit: int = 0  # first N samples of each part (0: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        """Sizes and counts: refused before anything is loaded."""
+        sizes = ("views", "views_synthetic", "draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
+        require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
+                       for n in sizes] + [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")])
+        self.view.validate()

@@ -1,0 +1,617 @@
+"""The feature cache: a sharded Zarr v3 group, the contract between stage one and stage two.
+
+This is the only module that imports zarr. Layout::
+
+    STORE/zarr.json                 root attrs: model, t, layer, pooling, ..., manifest, digest, "complete"
+    STORE/{train,synthetic,test}/   one group per part
+        features   (N, K, D) float16  chunks (rows_per_chunk, K, D), zarr shards of
+                                      rows_per_chunk*chunks_per_shard rows, compressed
+        keys (N,) str, labels (N,) int64, dx, dy (N, K) int8, flip (N, K) uint8,
+        noise_seed (N, K) int64, mean, std (D,) float32
+        progress   (n_shards, 32) uint8: sha256 of each written feature shard (resume record)
+
+Invariants: a feature shard is written by exactly one ``arr[a:b] = block`` (different
+processes write different shards, never the same file); its sha256 goes into ``progress``
+afterwards, one chunk per shard (so writers never share a file either). ``complete: true`` is the
+last attribute written, and ``open_cache`` refuses a store without it.
+
+Integrity (a cache is input from a stranger): at the end, ``manifest`` records the sha256 of every
+file of the store but the root ``zarr.json`` (array metadata and part attributes included), and
+``digest`` is the sha256 of the root attributes with the manifest (all but ``digest`` and
+``complete``). ``verify_cache`` lists the files the store really holds and requires each to be in
+the manifest with its checksum and every manifest entry to exist; names from the manifest are
+only compared with listed names, never opened, so they cannot point outside the store; a local
+file that is not a regular file (a symlink to ``/dev/zero``) is refused, not read. The digest
+names the store's content: ``cache info`` prints it, training records it, and a team that got it
+through a trusted channel can require it (``cache verify --digest``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from pipeline.cache.targets import DTYPE, TargetSpec
+from pipeline.core.errors import UserError
+
+FORMAT = "dra-feature-cache/2"  # 2: manifest over every file + digest of the root attributes
+OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata"}
+ROOT_META = "zarr.json"  # holds the manifest itself; covered by the digest instead
+PARTS = ("train", "synthetic", "test")
+NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
+# Measured on float16 mid_block features of real Fashion-MNIST (6000 x 4 views x 64, default-size
+# UNet, untrained weights): blosc-zstd+bitshuffle 1.19x (96 ms/3 MB write), blosc-lz4+bitshuffle
+# 1.17x (38 ms), plain zstd 1.10x (38 ms), blosc-zstd+byte shuffle 1.12x. Half-precision
+# activations are close to incompressible; bitshuffle is what helps. Writes run in a background
+# thread, so the better ratio is free.
+COMPRESSORS: dict[str, Any] = {
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2),
+    "zstd": lambda: ZstdCodec(level=5),
+}
+SMALL_ARRAYS = ("keys", "labels", "dx", "dy", "flip", "noise_seed")
+# what zarr raises on malformed metadata (a chunk of 0 rows divides by zero while it is read)
+MALFORMED = (KeyError, ValueError, TypeError, ArithmeticError, zarr.errors.BaseZarrError)
+
+
+@dataclass
+class PartInit:
+    """Everything about a part that is known before any feature is computed."""
+
+    keys: list[str]
+    labels: np.ndarray
+    views: dict[str, np.ndarray]  # dx, dy, flip (N, K)
+    noise_seed: np.ndarray  # (N, K) int64
+    target_shape: tuple[int, ...]  # of one target (TargetSpec.shape); an int D means (D,)
+    attrs: dict = field(default_factory=dict)  # shards path, fingerprint, ...
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_shape, int):
+            self.target_shape = (self.target_shape,)
+        self.target_shape = tuple(int(s) for s in self.target_shape)
+
+    @property
+    def d(self) -> int:
+        return math.prod(self.target_shape)
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    @property
+    def k(self) -> int:
+        return int(self.noise_seed.shape[1])
+
+
+def _raw(store: Any, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _sha(data: bytes | None) -> str:
+    return "" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _list_keys(store: Any) -> list[str]:
+    """Every file the store holds (its own listing: the only names that are ever opened)."""
+    async def collect() -> list[str]:
+        return [k async for k in store.list()]
+
+    return sorted(sync(collect()))
+
+
+def _regular_file_raw(store: Any, key: str) -> bytes | None:
+    """The file's bytes; a local entry that is not a regular file (symlink, device) raises UserError."""
+    if isinstance(store, LocalStore):
+        try:
+            mode = os.lstat(Path(store.root) / key).st_mode
+        except OSError:
+            return None
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{key}: not a regular file (a symlink or device); refused, not read")
+    return _raw(store, key)
+
+
+def attrs_digest(attrs: dict) -> str:
+    """sha256 of the root attributes (manifest included), all but ``digest`` and ``complete``."""
+    body = {k: v for k, v in attrs.items() if k not in ("digest", "complete")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _location(url: str) -> str:
+    """file:// URLs become plain paths (zarr's LocalStore creates folders and writes atomically)."""
+    return url[len("file://"):] if str(url).startswith("file://") else str(url)
+
+
+def _foreign_folder(url: str, group: zarr.Group | None) -> bool:
+    """A local path that exists, is not a zarr group and is not empty: never overwrite it."""
+    path = Path(_location(url))
+    if "://" in _location(url) or group is not None or not path.exists():
+        return False
+    return not path.is_dir() or any(path.iterdir())
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(_location(url), mode=mode, zarr_format=3)
+    except (FileNotFoundError, json.JSONDecodeError, *MALFORMED) as exc:
+        raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
+
+
+def _data_keys(arr: zarr.Array) -> list[str]:
+    """Store keys of every chunk/shard file of an array, in grid order."""
+    grid = [-(-s // c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
+    keys = []
+    for idx in np.ndindex(*grid):
+        keys.append(f"{arr.path}/{arr.metadata.encode_chunk_key(idx)}")
+    return keys
+
+
+class CacheWriter:
+    """Creates a store (or reopens one for resume), writes shards, finalises.
+
+    ``plan`` is every root attribute known up front; a store on disk is resumed only if it
+    records the same plan, so a re-run can never mix two configurations in one store.
+    """
+
+    def __init__(self, url: str, group: zarr.Group, rows_per_shard: int) -> None:
+        self.url, self.group, self.rows_per_shard = url, group, rows_per_shard
+
+    # -- creation / resume ----------------------------------------------------------------------
+    @classmethod
+    def open_or_create(cls, url: str, *, plan: dict, parts: dict[str, PartInit], rows_per_chunk: int,
+                       chunks_per_shard: int, compressor: str, create: bool = True) -> CacheWriter:
+        """Resume a store with the same plan, or create it (only where ``create``: rank 0)."""
+        if compressor not in COMPRESSORS:
+            raise UserError(f"unknown compressor {compressor!r}; choose one of {sorted(COMPRESSORS)}")
+        plan = json.loads(json.dumps(plan))  # the JSON form, as it would read back
+        try:
+            group = zarr.open_group(_location(url), mode="r+", zarr_format=3)
+            old = dict(group.attrs)
+        except (OSError, KeyError, ValueError, zarr.errors.BaseZarrError):  # OSError: e.g. URL is a file
+            group, old = None, {}
+        if group is not None and old.get("created"):
+            if any(old.get(k) != v for k, v in plan.items()):
+                raise UserError(f"{url} already holds a cache made with other settings; "
+                                "delete it or choose another --out")
+            return cls(url, group, rows_per_chunk * chunks_per_shard)
+        if not create:
+            raise RuntimeError(f"{url}: store not created by rank 0")
+        if (group is not None and old.get("format") != FORMAT) or _foreign_folder(url, group):
+            raise UserError(f"{url} exists and is not a feature cache; refusing to overwrite it")
+        # the format goes in first: a store killed while being created is recognised and redone
+        group = zarr.open_group(_location(url), mode="w", zarr_format=3, attributes={"format": FORMAT})
+        writer = cls(url, group, rows_per_chunk * chunks_per_shard)
+        for name, p in parts.items():
+            writer._create_part(name, p, rows_per_chunk, compressor)
+        group.attrs.update({**plan, "created": True})
+        return writer
+
+    def _create_part(self, name: str, p: PartInit, rows_per_chunk: int, compressor: str) -> None:
+        g = self.group.create_group(name)
+        n, k, ts = p.n, p.k, p.target_shape
+        rpc = min(rows_per_chunk, n)
+        rps = min(self.rows_per_shard, -(-n // rpc) * rpc)  # a small part: one shard of whole chunks
+        g.create_array("features", shape=(n, k, *ts), dtype=DTYPE, chunks=(rpc, k, *ts), shards=(rps, k, *ts),
+                       compressors=COMPRESSORS[compressor](), fill_value=0, config={"write_empty_chunks": True})
+        small = {"keys": np.asarray(p.keys, dtype=str), "labels": np.asarray(p.labels, np.int64),
+                 "dx": p.views["dx"].astype(np.int8), "dy": p.views["dy"].astype(np.int8),
+                 "flip": p.views["flip"].astype(np.uint8), "noise_seed": p.noise_seed.astype(np.int64)}
+        for key, value in small.items():
+            arr = g.create_array(key, shape=value.shape, dtype=value.dtype if key != "keys" else str,
+                                 chunks=value.shape, config={"write_empty_chunks": True})
+            arr[...] = value
+        for key in ("mean", "std"):
+            g.create_array(key, shape=ts, dtype="float32", chunks=ts, compressors=None,
+                           config={"write_empty_chunks": True})
+        n_shards = -(-n // rps)
+        g.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
+                       fill_value=0, config={"write_empty_chunks": True})
+        g.attrs.update({**p.attrs, "n": n, "k": k, "d": p.d, "target_shape": list(ts), "rows_per_chunk": rpc, "rows_per_shard": rps,
+                        "n_shards": n_shards, "compressor": compressor})
+
+    # -- shards -----------------------------------------------------------------------------------
+    def n_shards(self, part: str) -> int:
+        return int(self.group[part].attrs["n_shards"])
+
+    def shard_rows(self, part: str, s: int) -> tuple[int, int]:
+        rps = int(self.group[part].attrs["rows_per_shard"])
+        return s * rps, min((s + 1) * rps, int(self.group[part].attrs["n"]))
+
+    def _shard_sha(self, part: str, s: int) -> str:
+        arr = self.group[part]["features"]
+        return _sha(_raw(arr.store, _data_keys(arr)[s]))
+
+    def missing_shards(self, part: str) -> list[int]:
+        """Shards not yet written, or whose file no longer matches its recorded checksum."""
+        recorded = self.group[part]["progress"][...]
+        todo = []
+        for s in range(self.n_shards(part)):
+            want = bytes(recorded[s]).hex()
+            if not recorded[s].any() or self._shard_sha(part, s) != want:
+                todo.append(s)
+        return todo
+
+    def write_shard(self, part: str, s: int, block: np.ndarray) -> None:
+        """One assignment covering exactly zarr shard ``s``, then its checksum into ``progress``."""
+        a, b = self.shard_rows(part, s)
+        if block.shape[0] != b - a:
+            raise ValueError(f"shard {s} of {part} needs {b - a} rows, got {block.shape[0]}")
+        g = self.group[part]
+        g["features"][a:b] = block.astype(np.float16)
+        digest = bytes.fromhex(self._shard_sha(part, s))
+        g["progress"][s] = np.frombuffer(digest, dtype=np.uint8)
+
+    # -- finalisation -----------------------------------------------------------------------------
+    def finalize_part(self, part: str) -> None:
+        """Per-element mean/std over all views of the part, from the stored float16 values."""
+        g = self.group[part]
+        feats = g["features"]
+        ts = feats.shape[2:]
+        d = math.prod(ts)
+        s1, s2, count = np.zeros(d), np.zeros(d), 0
+        for s in range(self.n_shards(part)):
+            a, b = self.shard_rows(part, s)
+            x = feats[a:b].astype(np.float64).reshape(-1, d)
+            s1 += x.sum(0)
+            s2 += (x * x).sum(0)
+            count += x.shape[0]
+        mean = s1 / count
+        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+        g["mean"][...] = mean.astype(np.float32).reshape(ts)
+        g["std"][...] = std.astype(np.float32).reshape(ts)
+
+    def finalize(self, extra: dict) -> None:
+        """The manifest of every file, the digest of the root attributes, then "complete", last."""
+        store = self.group.store
+        manifest = {k: _sha(_regular_file_raw(store, k)) for k in _list_keys(store) if k != ROOT_META}
+        attrs = {**dict(self.group.attrs), **extra, "manifest": manifest}
+        attrs["digest"] = attrs_digest(attrs)
+        self.group.attrs.update(attrs)
+        self.group.attrs.update({"complete": True})
+
+    def read_identity(self, part: str) -> np.ndarray:
+        """(N, size) float16 features of view 0, flattened (for the probe)."""
+        f = self.group[part]["features"][:, 0]
+        return f.reshape(len(f), -1)
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _layout_problems(name: str, g: zarr.Group) -> list[str]:
+    """The part's attributes and chunking make sense (checked before anything is read by them)."""
+    try:
+        a, f = dict(g.attrs), g["features"]
+        ints = {k: a.get(k) for k in ("n", "k", "d", "rows_per_chunk", "rows_per_shard", "n_shards")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()):
+            return [f"{name}: malformed attributes {ints} (positive integers expected)"]
+        ts = a.get("target_shape", [a.get("d")])
+        if not (isinstance(ts, list) and len(f.shape) == 2 + len(ts)) or min(f.chunks) < 1 \
+                or min(f.shards or f.chunks) < 1:
+            return [f"{name}/features: malformed shape {f.shape} or chunks {f.chunks}"]
+        if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
+            return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
+                    f"chunk/shard, the features array {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
+    except MALFORMED as exc:
+        return [f"{name}: unreadable part ({type(exc).__name__}: {exc})"]
+    return []
+
+
+def _part_problems(name: str, g: zarr.Group) -> list[str]:
+    """Layout first (attributes, chunking), then array shapes: what a part must pass before it is read."""
+    return _layout_problems(name, g) or _check_shapes(name, g)
+
+
+class CachePart:
+    """One part of a cache: metadata arrays in memory, features read on demand."""
+
+    def __init__(self, group: zarr.Group, name: str) -> None:
+        self.name, self._g = name, group
+        self._features = group["features"]
+        a = dict(group.attrs)
+        self.attrs = a
+        self.n, self.k = self._features.shape[:2]
+        self.shape: tuple[int, ...] = tuple(self._features.shape[2:])  # of one target (TargetSpec.shape)
+        self.d = math.prod(self.shape)
+        self.rows_per_chunk = int(a["rows_per_chunk"])
+        self.shards = a.get("shards", "")
+        self.fingerprint = a.get("fingerprint", {})
+
+    # the per-row arrays are read on first use: ``check_against`` first compares N with the image
+    # shards' count, so a store that claims 10^9 rows is refused before they are loaded
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._g["keys"][...]]
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        return self._g["labels"][...]
+
+    @functools.cached_property
+    def views(self) -> dict[str, np.ndarray]:
+        return {k: self._g[k][...] for k in ("dx", "dy", "flip")}
+
+    @functools.cached_property
+    def noise_seed(self) -> np.ndarray:
+        return self._g["noise_seed"][...]
+
+    @functools.cached_property
+    def mean(self) -> np.ndarray:
+        return self._g["mean"][...]
+
+    @functools.cached_property
+    def std(self) -> np.ndarray:
+        return self._g["std"][...]
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.rows_per_chunk)
+
+    def read_chunk(self, c: int) -> np.ndarray:
+        """(rows_c, K, D) float16: one chunk, the streaming reader's unit of I/O."""
+        a = c * self.rows_per_chunk
+        return self._features[a:min(a + self.rows_per_chunk, self.n)]
+
+    def read(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """(B, *shape) float16: features[rows[i], views[i]] (one orthogonal read of the unique rows)."""
+        rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+        if rows.shape != views.shape:
+            raise ValueError("rows and views must have the same length")
+        if len(rows) == 0:
+            return np.zeros((0, *self.shape), np.float16)
+        urows, inverse = np.unique(rows, return_inverse=True)
+        block = self._features.oindex[(urows,) + (slice(None),) * (1 + len(self.shape))]
+        return block[inverse, views]
+
+
+class FeatureCache:
+    """An opened, complete cache. ``attrs`` is the root attribute dict."""
+
+    def __init__(self, url: str, group: zarr.Group) -> None:
+        self.url, self._g = url, group
+        self.attrs: dict = dict(group.attrs)
+        self.parts: list[str] = [p for p in PARTS if p in group.group_keys()]
+        self._parts: dict[str, CachePart] = {}
+
+    @functools.cached_property
+    def target(self) -> TargetSpec:
+        """What every row holds (t, layer, pooling, shape): the same for every part."""
+        return TargetSpec.from_attrs(self.attrs, fallback_d=self.part(self.parts[0]).d if self.parts else None)
+
+    def part(self, name: str) -> CachePart:
+        if name not in self.parts:
+            raise UserError(f"{self.url}: no part {name!r} (has {', '.join(self.parts)})")
+        if name not in self._parts:
+            problems = _part_problems(name, self._g[name])
+            if problems:
+                raise UserError(f"{self.url}: {problems[0]}")
+            self._parts[name] = CachePart(self._g[name], name)
+        return self._parts[name]
+
+    def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
+                      image_size: int | None = None) -> None:
+        """Refuse (UserError) a cache that does not belong to these images and this training setup."""
+        part = self.part(part_name)
+        fp, theirs = part.fingerprint, shardset.fingerprint
+        where = f"{self.url} [{part_name}] vs {shardset.path}"
+        if part.n > int(theirs.get("count", 0)):
+            raise UserError(f"{where}: the cache has {part.n} rows, the image shards only {theirs.get('count')}")
+        if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count") \
+                or fp.get("shards_digest") != theirs.get("shards_digest"):
+            raise UserError(f"{where}: the cache was built from other data (fingerprint differs)")
+        if list(shardset.keys[:part.n]) != part.keys:
+            raise UserError(f"{where}: sample keys differ from the cache's keys")
+        shape = list(shardset.images.shape[1:])
+        if shape != list(fp.get("image_shape", [])):
+            raise UserError(f"{where}: image shape {shape} differs from the cache's {fp.get('image_shape')}")
+        if image_size is not None and int(image_size) != int(self.attrs["image_size"]):
+            raise UserError(f"{where}: image size {image_size} differs from the cache's {self.attrs['image_size']}")
+        if self.attrs.get("normalisation") != NORMALISATION:
+            raise UserError(f"{self.url}: unknown normalisation {self.attrs.get('normalisation')!r}")
+        if view_spec is not None and dict(view_spec) != dict(self.attrs["view_spec"]):
+            raise UserError(f"{where}: augmentation spec {view_spec} differs from the cache's "
+                            f"{self.attrs['view_spec']}")
+
+
+def _format_problem(attrs: dict) -> str | None:
+    fmt = attrs.get("format")
+    if fmt in OLD_FORMATS:
+        return (f"format {fmt} is no longer read ({OLD_FORMATS[fmt]}): rebuild the cache with "
+                "`python -m pipeline extract` (same flags, another --out)")
+    if fmt != FORMAT:
+        return f"not a feature cache of format {FORMAT} (format: {fmt!r})"
+    return None
+
+
+def open_cache(url: str) -> FeatureCache:
+    """Open a complete cache for reading; refuses unfinished, foreign, old or re-labelled stores.
+
+    The digest check is cheap (no data read): changed root attributes (t, layer, the model's
+    weights hash, the manifest) are refused here; ``verify_cache`` checks every file against the
+    manifest.
+    """
+    group = _open_group(str(url), "r")
+    attrs = dict(group.attrs)
+    problem = _format_problem(attrs)
+    if problem:
+        raise UserError(f"{url}: {problem}")
+    if attrs.get("complete") is not True:
+        raise UserError(f"{url}: incomplete cache (no \"complete\" marker); re-run extract to finish it")
+    if attrs.get("digest") != attrs_digest(attrs):
+        raise UserError(f"{url}: the root attributes were changed after extraction (digest mismatch); "
+                        "refusing the cache")
+    return FeatureCache(str(url), group)
+
+
+# -- verify and info -----------------------------------------------------------------------------
+def _check_shapes(name: str, g: zarr.Group) -> list[str]:
+    problems = []
+    try:
+        n, k, *ts = g["features"].shape
+        ts, d = tuple(ts), math.prod(ts)
+        want = {"keys": (n,), "labels": (n,), "dx": (n, k), "dy": (n, k), "flip": (n, k),
+                "noise_seed": (n, k), "mean": ts, "std": ts}
+        for key, shape in want.items():
+            if key not in g.array_keys():
+                problems.append(f"{name}/{key}: missing array")
+            elif tuple(g[key].shape) != shape:
+                problems.append(f"{name}/{key}: shape {tuple(g[key].shape)}, expected {shape}")
+        a = g.attrs
+        if (a.get("n"), a.get("k"), a.get("d")) != (n, k, d):
+            problems.append(f"{name}: attrs say N,K,D = {a.get('n')},{a.get('k')},{a.get('d')}, "
+                            f"features are {n},{k},{d}")
+    except MALFORMED as exc:
+        problems.append(f"{name}: unreadable part ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def _scan_finite(name: str, g: zarr.Group) -> list[str]:
+    """Non-finite values in features and in mean/std.
+
+    Read one chunk at a time: a whole shard decoded at once costs several times its raw size in
+    peak memory (zarr's decode threads), and this scan runs in every training process.
+    """
+    problems, unreadable = [], set()
+    feats = g["features"]
+    rows_shard, rows_chunk = (feats.shards or feats.chunks)[0], feats.chunks[0]
+    keys = _data_keys(feats)
+    for a in range(0, feats.shape[0], rows_chunk):
+        s = a // rows_shard
+        if s in unreadable:
+            continue
+        try:
+            x = feats[a:a + rows_chunk]
+        except Exception as exc:  # a corrupted shard fails in the codec, whatever its type
+            problems.append(f"{keys[s]}: unreadable ({type(exc).__name__}: {exc})")
+            unreadable.add(s)
+            continue
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])[:5] + a
+            problems.append(f"{keys[s]}: {int(bad.sum())} NaN/Inf values (rows {', '.join(map(str, rows))}...)")
+    for key in ("mean", "std"):
+        try:
+            if not np.isfinite(g[key][...]).all():
+                problems.append(f"{name}/{key}: NaN/Inf values")
+        except Exception as exc:
+            problems.append(f"{name}/{key}: unreadable ({type(exc).__name__})")
+    return problems
+
+
+def _in_scope(key: str, parts: tuple[str, ...] | None) -> bool:
+    return parts is None or "/" not in key or key.split("/", 1)[0] in parts
+
+
+def _check_manifest(group: zarr.Group, attrs: dict, parts: tuple[str, ...] | None,
+                    digest: str | None) -> list[str]:
+    """Every listed file in the manifest with its checksum, every entry present, the digest right."""
+    manifest = attrs.get("manifest")
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        return ["no manifest of the store's files (a cache must list every file's sha256)"]
+    problems = []
+    if attrs.get("digest") != attrs_digest(attrs):
+        problems.append("root attributes changed after extraction (digest mismatch)")
+    if digest is not None and attrs.get("digest") != digest:
+        problems.append(f"digest {attrs.get('digest')} is not the expected {digest}")
+    listed = [k for k in _list_keys(group.store) if k != ROOT_META]
+    for key in listed:
+        if not _in_scope(key, parts):
+            continue
+        if key not in manifest:
+            problems.append(f"{key}: file not in the manifest (added or renamed after extraction)")
+            continue
+        try:
+            got = _sha(_regular_file_raw(group.store, key))
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if got != manifest[key]:
+            problems.append(f"{key}: checksum mismatch (corrupted, truncated or edited)")
+    present = set(listed)
+    problems += [f"{key}: missing file" for key in manifest if key not in present and _in_scope(key, parts)]
+    return problems
+
+
+def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str | None = None) -> list[str]:
+    """Every problem of a store, one line each: completeness, manifest and digest, shapes, NaN/Inf.
+
+    ``parts`` limits the file, shape and NaN checks to those parts and the top-level metadata
+    (``train`` checks only what it will read); None checks the whole store. ``digest``, when
+    given, must be the store's (a digest obtained through a trusted channel).
+    """
+    try:
+        group = _open_group(str(url), "r")
+    except UserError as exc:
+        return [str(exc)]
+    attrs = dict(group.attrs)
+    problem = _format_problem(attrs)
+    if problem:
+        return [problem]
+    problems = []
+    if attrs.get("complete") is not True:
+        problems.append("incomplete: no \"complete\" marker (extract did not finish)")
+    else:
+        problems += _check_manifest(group, attrs, parts, digest)
+    if problems:  # shapes and values only of files the manifest vouches for
+        return problems
+    for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
+        shape_problems = _part_problems(name, group[name])
+        problems += shape_problems or _scan_finite(name, group[name])
+    if not any(p in group.group_keys() for p in PARTS):
+        problems.append("no parts (train, synthetic, test) in the store")
+    return problems
+
+
+def _size(store: Any, key: str) -> int:
+    try:
+        return int(sync(store.getsize(key)))
+    except FileNotFoundError:
+        return 0
+
+
+def cache_info(url: str) -> str:
+    """A readable summary of a store (complete or not)."""
+    group = _open_group(str(url), "r")
+    a = dict(group.attrs)
+    model = a.get("model", {})
+    lines = [f"store:      {url}",
+             f"complete:   {a.get('complete', False)}",
+             f"digest:     {a.get('digest', '-')} (sha256 of the attributes and the manifest of every file)",
+             f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)",
+             f"extraction: t={a.get('t')} layer={a.get('layer')} pooling={a.get('pooling')} "
+             f"draws={a.get('draws')} condition={a.get('condition')} seed={a.get('seed')}",
+             f"images:     {a.get('image_size')} px, {a.get('in_channels')} channel(s), "
+             f"normalisation {a.get('normalisation')}, views {a.get('view_spec')}"]
+    if "probe" in a:
+        lines.append(f"probe:      linear-probe accuracy {a['probe'].get('probe_accuracy')}")
+    total = 0
+    for name in [p for p in PARTS if p in group.group_keys()]:
+        g = group[name]
+        f = g["features"]
+        disk = sum(_size(group.store, k) for k in _data_keys(f))
+        other = sum(_size(group.store, k) for arr in (g[x] for x in (*SMALL_ARRAYS, "mean", "std"))
+                    for k in _data_keys(arr))
+        total += disk + other
+        raw = int(np.prod(f.shape)) * f.dtype.itemsize
+        n, k, *ts = f.shape
+        d = "x".join(map(str, ts))
+        done = int((g["progress"][...].any(axis=1)).sum()) if "progress" in g.array_keys() else 0
+        lines.append(f"part {name:9s} N={n} K={k} D={d} {f.dtype} chunks={f.chunks} shards={f.shards} "
+                     f"({done}/{g.attrs.get('n_shards')} written) compressor={g.attrs.get('compressor')}")
+        lines.append(f"               features {disk / 2**20:.2f} MiB on disk, ratio {raw / max(disk, 1):.2f}x, "
+                     f"{disk / max(n * k, 1):.1f} B/view; other arrays {other / 2**20:.2f} MiB")
+    lines.append(f"total:      {total / 2**20:.2f} MiB of data files")
+    return "\n".join(lines)

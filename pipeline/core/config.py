@@ -1,0 +1,52 @@
+"""What every stage's config shares: enum coercion and range checks in one place per config.
+
+Each stage keeps its defaults in its own area (``pipeline/<area>/config.py``): one frozen
+dataclass, whose fields the CLI turns into flags (enums become ``--help`` choices) and whose
+``validate()`` holds every range check of that stage. Nothing deeper in the library reads YAML or
+the environment. Paths are strings so that fsspec URLs (``s3://``, ``memory://``) pass through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from enum import Enum
+
+from pipeline.core.errors import UserError, refuse_non_finite
+
+
+class Arch(str, Enum):
+    """Classifier architectures (builders: ``pipeline/core/classifiers.py``)."""
+
+    cnn = "cnn"
+    resnet = "resnet"
+    preact_resnet18 = "preact-resnet18"
+    wrn_28_10 = "wrn-28-10"
+    wrn_16_2 = "wrn-16-2"  # small WideResNet for quick CIFAR trials
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce_enums(cfg: object) -> None:
+    """Turn strings given for enum-typed fields into the enum (frozen dataclasses included);
+    an unknown value is one ``UserError`` line listing the choices."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        typ, value = hints[f.name], getattr(cfg, f.name)
+        if isinstance(typ, type) and issubclass(typ, Enum) and not isinstance(value, typ):
+            try:
+                object.__setattr__(cfg, f.name, typ(value))
+            except ValueError:
+                raise UserError(f"{flag(f.name)} {value!r}: choose one of "
+                                f"{', '.join(m.value for m in typ)}") from None
+
+
+def require(cfg: object, checks: list[tuple[bool, str]]) -> None:
+    """Every float of ``cfg`` finite, then the first failed (condition, message) pair becomes one
+    ``UserError`` line."""
+    refuse_non_finite(cfg)
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)

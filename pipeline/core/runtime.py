@@ -1,0 +1,141 @@
+"""Where a stage runs: one CPU process (no accelerate), or accelerate (GPU and/or >1 process).
+
+``Dist`` is the small part every sample-parallel stage (extract, generate, evaluate) needs: rank,
+world size, device, barrier and gathering a Python object from every process. ``Runtime`` adds
+what training needs on top (DDP wrapping, autocast, backward, averaging).
+
+Under ``accelerate launch`` (WORLD_SIZE > 1) the model is wrapped for data-parallel gradient sync
+(DDP via accelerate), mixed precision is bf16 on GPUs, and per-epoch statistics are averaged over
+processes. A plain CPU run imports nothing from accelerate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pipeline.core.errors import UserError
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    Important: on Linux, ``ru_maxrss`` survives fork + exec, so a child started by a large
+    parent reports the parent's size; ``VmHWM`` belongs to the process's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """The device a ``--device`` flag names: auto (CUDA when there is one), cpu, cuda or cuda:N."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}, but no CUDA device is available")
+        return torch.device(device)
+    raise UserError(f"--device {device!r}: choose auto, cpu or cuda[:N]")
+
+
+def launched_world() -> int:
+    """Processes started by ``accelerate launch`` / torchrun (1 for a plain command)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Dist:
+    """Rank, world size, device and collectives: accelerate's process group when launched with >1 process."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+        if launched_world() > 1:
+            from accelerate import PartialState  # lazy: single-process runs do not need it
+
+            # important: PartialState ignores ACCELERATE_USE_CPU; without cpu=True it silently runs
+            # every process as rank 0 of 1 on a machine without CUDA
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank = self.state.process_index if self.state else 0
+        self.world = self.state.num_processes if self.state else 1
+        self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state:
+            self.state.wait_for_everyone()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (``[obj]`` with one process)."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every process (pickled; for small things such as a classifier)."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj if self.is_main else None])[0]
+
+
+class Runtime(Dist):
+    """``Dist`` plus what training needs; an ``Accelerator`` on GPUs and with several processes."""
+
+    def __init__(self, device: str = "auto") -> None:  # not super().__init__(): one state, the Accelerator's
+        cuda = choose_device(device).type == "cuda"
+        multi = launched_world() > 1
+        self.acc: Any = None
+        self.state: Any = None
+        self.rank, self.world, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        if multi or cuda:
+            from accelerate import Accelerator  # lazy: single-process CPU runs do not need it
+
+            self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+            self.state = self.acc.state
+            self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        """The module the loss forward goes through (DDP-wrapped when there are several processes)."""
+        return self.acc.prepare_model(net) if self.acc is not None and self.world > 1 else net
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.acc is not None:
+            self.acc.backward(loss)
+        else:
+            loss.backward()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Average over processes (identity with one)."""
+        return self.acc.reduce(t.to(self.device), reduction="mean") if self.world > 1 else t
+
+    def synchronised(self, module: nn.Module) -> bool:
+        """True when every process holds bit-identical parameters (always true with one process)."""
+        if self.world == 1:
+            return True
+        flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])[None].to(self.device)
+        everyone = self.acc.gather(flat)
+        return bool((everyone == everyone[:1]).all())

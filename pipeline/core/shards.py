@@ -1,0 +1,299 @@
+"""Webdataset tar shards of (key, image, label): writing, reading, keys and fingerprints.
+
+Layout of one split folder (a local path or any fsspec URL: ``memory://``, ``file://``, ``s3://``)::
+
+    SPLIT/shard-000000.tar ...   members KEY.png (lossless image) and KEY.cls (label as text)
+    SPLIT/fingerprint.json       written last: count, image shape, classes, content hash, shards
+
+A local split is written into a temporary sibling folder and renamed into place once its
+fingerprint is written, so a folder with that name is either complete or absent. Object stores
+have no atomic rename: there the folder is cleared first and the fingerprint is written last, so a
+split without one is incomplete. Readers refuse a split without a fingerprint and check each
+shard's sha256 against it. Shards are read and written through fsspec; webdataset parses and
+writes the tar members.
+
+Shards can be written one at a time (``write_shard``, by any process that owns them) and the
+fingerprint afterwards (``finish_split``), which is how ``generate`` runs under several processes.
+Folder staging and fsspec I/O live in ``pipeline.core.storage``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.core.errors import UserError
+from pipeline.core.storage import basename, commit, join, read_bytes, start, write_bytes
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image (folder sources, shards): larger ones are refused unread
+FINGERPRINT = "fingerprint.json"
+SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # no dots (webdataset's extension separator), no slashes
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:06d}.tar"
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape a folder or confuse webdataset."""
+    if not KEY_RE.fullmatch(key):  # fullmatch: "$" alone would admit a trailing newline
+        raise UserError(f"invalid sample key {key!r}: keys are 1-128 characters of [A-Za-z0-9_-]")
+    return key
+
+
+def make_keys(prefix: str, split: str, n: int, start: int = 0) -> list[str]:
+    """Stable keys: ``{prefix}-{split}-{index:07d}``; the index is the position in the source."""
+    return [check_key(f"{prefix}-{split}-{i:07d}") for i in range(start, start + n)]
+
+
+def content_hash(keys: list[str], images: np.ndarray | Iterable[np.ndarray], labels: np.ndarray) -> str:
+    """sha256 over keys, raw pixels and labels in order: equal data gives an equal hash.
+
+    ``images`` may be one array or consecutive blocks of it (e.g. shard by shard): the bytes hashed,
+    and so the hash, are the same, whatever the sharding.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(list(keys)).encode())
+    for block in [images] if isinstance(images, np.ndarray) else images:
+        h.update(np.ascontiguousarray(block).tobytes())
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(folder: str | Path, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
+                bar: tqdm | None = None) -> dict:
+    """Shard ``s`` of a split as one tar file; returns its record (name, count, sha256)."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=0.0) as sink:
+        for key, image, label in zip(keys, images, labels, strict=True):
+            sink.write({"__key__": check_key(key), "png": encode_png(image), "cls": str(int(label)).encode()})
+            if bar is not None:
+                bar.update(1)
+    data = buf.getvalue()  # after the writer closed: the tar end-of-archive blocks are in
+    write_bytes(join(folder, shard_name(s)), data)
+    return {"name": shard_name(s), "count": len(keys), "sha256": hashlib.sha256(data).hexdigest(),
+            "content": content_hash(keys, images, labels)}
+
+
+def shards_digest(shards: list[dict]) -> str:
+    """sha256 over the shard records (name, count, file and content hashes), in order.
+
+    A reader of a prefix checks each shard it reads against its record and the records against
+    this digest, which the cache also records: so a cache is joined to exactly the data it was
+    built from even when only part of a split is read (the whole-split ``content_hash`` needs
+    every shard).
+    """
+    rows = [[r.get("name"), r.get("count"), r.get("sha256"), r.get("content")] for r in shards]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def finish_split(stage: str, fingerprint: dict) -> dict:
+    """Write the fingerprint, last: from now on the split in ``stage`` reads as complete."""
+    write_bytes(join(stage, FINGERPRINT), json.dumps(fingerprint, indent=2).encode())
+    return fingerprint
+
+
+def make_fingerprint(keys: list[str], image_shape: list[int], classes: list[str], shards: list[dict],
+                     content: str, *, source: str = "", extra: dict | None = None) -> dict:
+    if sum(r["count"] for r in shards) != len(keys):
+        raise ValueError("shard records do not add up to the keys")
+    return {"count": len(keys), "image_shape": list(image_shape), "classes": list(classes),
+            "num_classes": len(classes), "content_hash": content, "source": source, "shards": shards,
+            "shards_digest": shards_digest(shards), **(extra or {})}
+
+
+def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_size: int = 10_000,
+                source: str = "", extra: dict | None = None, progress: bool = True) -> dict:
+    """Write one split as tar shards plus fingerprint, atomically. Returns the fingerprint."""
+    if shard_size <= 0:
+        raise UserError(f"shard size must be positive, got {shard_size}")
+    if len(keys) != len(split.labels) or len(set(keys)) != len(keys):
+        raise UserError("keys must be unique and one per sample")
+    for k in keys:
+        check_key(k)
+    staging = start(out_dir, signature=(FINGERPRINT,))
+    n = len(keys)
+    name = basename(out_dir)
+    with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
+        shards = [write_shard(staging, s, keys[a:a + shard_size], split.images[a:a + shard_size],
+                              split.labels[a:a + shard_size], bar)
+                  for s, a in enumerate(range(0, n, shard_size))]
+    fp = make_fingerprint(keys, list(split.images.shape[1:]), list(split.classes), shards,
+                          content_hash(keys, split.images, split.labels), source=source, extra=extra)
+    finish_split(staging, fp)
+    commit(staging, out_dir, signature=(FINGERPRINT,))
+    return fp
+
+
+def read_fingerprint(split_dir: str | Path) -> dict:
+    url = join(split_dir, FINGERPRINT)
+    data = read_bytes(url)
+    if data is None:
+        raise UserError(f"{split_dir}: not a complete shard set (no {FINGERPRINT}); run `prepare` again")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{url}: malformed fingerprint ({exc})") from None
+
+
+def split_exists(split_dir: str | Path) -> bool:
+    """True when the folder holds a complete split (a fingerprint)."""
+    return read_bytes(join(split_dir, FINGERPRINT)) is not None
+
+
+@dataclass
+class ShardSet:
+    """A split loaded in memory, with the fingerprint it was checked against."""
+
+    keys: list[str]
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    fingerprint: dict
+    path: str
+
+    def index_of(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
+    key = check_key(sample["__key__"])
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            check_image(im, f"{path}: sample {key}")
+            image = np.asarray(im)
+        label = int(sample["cls"])
+    except (KeyError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{path}: corrupted sample {key} ({exc})") from None
+    return key, image if image.ndim == 3 else image[..., None], label
+
+
+def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = True
+                ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(keys, uint8 images (n,H,W,C), labels) of each listed shard in order, each checked against its record."""
+    for shard in shards:
+        if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
+            raise UserError(f"{split_dir}: fingerprint names a shard {str(shard.get('name'))[:80]!r}, not "
+                            "shard-NNNNNN.tar (a name must not lead outside the split folder)")
+        url = join(split_dir, shard["name"])
+        data = read_bytes(url)
+        if data is None:
+            raise UserError(f"{split_dir}: missing shard {shard['name']}")
+        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
+        keys, images, labels = [], [], []
+        try:
+            members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+            for sample in wds.tariterators.group_by_keys(members):
+                k, im, lab = _decode(sample, str(split_dir))
+                keys.append(k), images.append(im), labels.append(lab)
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
+        if len(keys) != shard["count"]:
+            raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
+        if len({im.shape for im in images}) > 1:
+            raise UserError(f"{url}: images of different sizes {sorted({im.shape for im in images})[:3]}")
+        block = np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
+        label_arr = np.asarray(labels, np.int64)
+        if verify and "content" in shard and images and content_hash(keys, block, label_arr) != shard["content"]:
+            raise UserError(f"{url}: keys, pixels or labels differ from the shard's record in the fingerprint")
+        yield keys, block, label_arr
+
+
+def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
+               progress: bool = False) -> ShardSet:
+    """Load a whole split (checked against its fingerprint) into memory.
+
+    ``limit`` keeps the first N samples (their order is the shard order, which the keys record).
+    Every process reads what it asks for; stages split the work themselves, by sample or shard.
+    """
+    fp = read_fingerprint(split_dir)
+    if verify and "shards_digest" in fp and fp["shards_digest"] != shards_digest(fp.get("shards", [])):
+        raise UserError(f"{split_dir}: the shard records differ from the fingerprint's shards_digest")
+    want = fp["count"] if limit <= 0 else min(limit, fp["count"])
+    needed, have = [], 0
+    for shard in fp["shards"]:
+        if have >= want:
+            break
+        needed.append(shard)
+        have += shard["count"]
+    keys, blocks, labels = [], [], []
+    name = basename(split_dir)
+    with tqdm(total=want, desc=f"read {name}", unit="img", mininterval=2, disable=not progress) as bar:
+        for k, im, lab in iter_shards(split_dir, needed, verify=verify):
+            keys += k
+            blocks.append(im)
+            labels.append(lab)
+            bar.update(len(k))
+    if have < want or not blocks:
+        raise UserError(f"{split_dir}: read {have} samples, fingerprint says {want}")
+    if any(list(b.shape[1:]) != list(fp["image_shape"]) for b in blocks):
+        raise UserError(f"{split_dir}: images of shape {[list(b.shape[1:]) for b in blocks][:3]}, its "
+                        f"fingerprint says {fp['image_shape']}")
+    images_arr = np.concatenate(blocks)[:want]
+    labels_arr = np.concatenate(labels)[:want]
+    keys = keys[:want]
+    if len(set(keys)) != len(keys):  # a join by key would silently take one of them
+        seen: set[str] = set()
+        repeated = next(k for k in keys if k in seen or seen.add(k))
+        raise UserError(f"{split_dir}: sample key {repeated!r} occurs more than once; keys must be unique")
+    num_classes = int(fp.get("num_classes") or len(fp.get("classes", [])) or 0)
+    if len(labels_arr) and (labels_arr.min() < 0 or (num_classes and labels_arr.max() >= num_classes)):
+        raise UserError(f"{split_dir}: labels outside [0, {num_classes}) (min {labels_arr.min()}, "
+                        f"max {labels_arr.max()})")
+    if want == fp["count"] and verify and content_hash(keys, images_arr, labels_arr) != fp["content_hash"]:
+        raise UserError(f"{split_dir}: content hash differs from its fingerprint")
+    return ShardSet(keys, images_arr, labels_arr, fp, str(split_dir))
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise UserError(f"images must be uint8 (N,H,W,C), got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise UserError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise UserError(f"labels outside 0..{len(self.classes) - 1}")
+
+
+def check_image(im: Image.Image, where: object) -> None:
+    """Before decoding: a size a dataset can have (no decompression bomb) and 8 bits per channel.
+
+    Important: PIL's convert("L") clips a 16-bit image to 255 instead of scaling it; this pipeline
+    stores uint8, so such images are refused rather than silently saturated.
+    """
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS or w == 0 or h == 0:
+        raise UserError(f"{where}: image of {w}x{h} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise UserError(f"{where}: {im.mode} image (more than 8 bits per channel); convert it to 8-bit first")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,86 @@
+"""Replayable augmentations: sample view parameters once, apply recorded parameters anywhere.
+
+A view of an image is fully described by three integers: the crop offsets ``dx, dy`` in
+``[0, 2*pad]`` into the zero-padded image and ``flip`` (0/1, horizontal, applied after the crop).
+Stage one samples and records them; stage two replays exactly the same transform, so the target
+``features[n, k]`` always belongs to the view the classifier sees. View 0 is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The augmentation family whose parameters each cached view records.
+
+    A view is a random crop of the zero-padded image (offsets dx, dy in [0, 2*pad]) followed by
+    an optional horizontal flip. dx = dy = pad, flip = 0 is the identity.
+    """
+
+    pad: int = 2
+    flip: bool = True
+
+    # the cache records dx, dy as int8 (offsets 0..2*pad): a larger pad would wrap around
+    MAX_PAD = 63
+
+    def validate(self) -> None:
+        if not 0 <= self.pad <= self.MAX_PAD:
+            raise UserError(f"--view-pad must be in [0, {self.MAX_PAD}] (crop offsets 0..2*pad are stored as "
+                            f"int8), got {self.pad}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
+
+
+def to_float01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (the classifier's and the cache's input)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    return x.permute(0, 3, 1, 2).float().div_(255)
+
+
+def sample_views(n: int, k: int, spec: ViewSpec, seed: int) -> dict[str, np.ndarray]:
+    """Draw K views for each of N samples: arrays dx, dy, flip of shape (N, K), int8/uint8.
+
+    View 0 of every sample is the identity (centre crop, no flip).
+    """
+    rng = np.random.default_rng(seed)
+    dx = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
+    dy = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
+    flip = rng.integers(0, 2, size=(n, k), dtype=np.int64) if spec.flip else np.zeros((n, k), np.int64)
+    dx[:, 0] = dy[:, 0] = spec.pad
+    flip[:, 0] = 0
+    return {"dx": dx.astype(np.int8), "dy": dy.astype(np.int8), "flip": flip.astype(np.uint8)}
+
+
+def apply_views(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor,
+                pad: int) -> torch.Tensor:
+    """Apply recorded views to a batch. images (B, C, H, W) float; dx, dy, flip (B,) integers.
+
+    Batched on the images' device: zero-pad, gather each sample's crop, flip where asked.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = dy.to(dev, torch.long)[:, None] + torch.arange(h, device=dev)[None, :]  # (B, H)
+    cols = dx.to(dev, torch.long)[:, None] + torch.arange(w, device=dev)[None, :]  # (B, W)
+    idx_b = torch.arange(b, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    out = out.permute(0, 3, 1, 2)
+    flip = flip.to(dev, torch.bool)[:, None, None, None]
+    return torch.where(flip, out.flip(-1), out).contiguous()
+
+
+def apply_view_reference(image: np.ndarray, dx: int, dy: int, flip: int, pad: int) -> np.ndarray:
+    """One image (H, W, C) with plain numpy: the readable definition ``apply_views`` must equal."""
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    crop = padded[dy:dy + h, dx:dx + w]
+    return crop[:, ::-1] if flip else crop

@@ -1,0 +1,1 @@
+"""Stage `prepare`: readers of raw datasets (IDX, CIFAR pickles, image folders, npz) and their config."""

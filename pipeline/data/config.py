@@ -1,0 +1,36 @@
+"""Defaults of `prepare` (the CLI's flags; `params.yaml` overrides them for DVC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from pipeline.core.config import coerce_enums, require
+
+
+class SourceFormat(str, Enum):
+    """Raw dataset formats that ``prepare`` reads."""
+
+    auto = "auto"
+    idx = "idx"  # MNIST/Fashion-MNIST IDX files (optionally .gz)
+    cifar10 = "cifar10"  # CIFAR-10 python pickle batches
+    cifar100 = "cifar100"  # CIFAR-100 python pickle files
+    folder = "folder"  # image-folder tree: ROOT/[split/]class/image.png
+    npz = "npz"  # generated images: arrays `image` (N,H,W,C uint8) and `label`
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = "data/fashion-mnist"
+    format: SourceFormat = SourceFormat.auto
+    out: str = "artifacts/shards/real"
+    name: str = ""  # key prefix; empty: derived from the source folder name
+    shard_size: int = 10_000  # samples per tar shard
+    limit: int = 0  # keep the first N samples of each split (0: all)
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        require(self, [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}"),
+                       (self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}")])

@@ -1,0 +1,291 @@
+"""Readers of raw datasets: IDX (Fashion-MNIST), CIFAR-10/100 pickles, image folders, npz.
+
+Every reader returns ``{split: Split}`` with images as uint8 (N, H, W, C) and int64 labels.
+Readers check what they read (magic numbers, sizes, counts) and raise ``UserError`` with one line.
+Important: CIFAR's python batches are pickles; they are read with an unpickler that only admits
+the numpy array reconstruction globals, so a crafted batch cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.errors import UserError
+from pipeline.core.shards import Split, check_image
+from pipeline.data.config import SourceFormat
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+FASHION_MNIST_HINT = ("install Debian's dataset-fashion-mnist (files in /usr/share/datasets/"
+                      "fashion-mnist) or download the IDX files from github.com/zalandoresearch/fashion-mnist")
+
+
+def detect_format(root: Path) -> SourceFormat:
+    if root.is_file() and root.suffix == ".npz":
+        return SourceFormat.npz
+    if not root.exists():
+        raise UserError(f"dataset not found: {root} ({FASHION_MNIST_HINT})")
+    if not root.is_dir():
+        raise UserError(f"{root}: a dataset folder (or an .npz file) is expected, not this file")
+    names = {p.name for p in root.iterdir()}
+    if any(n.startswith(("train-images-idx3", "t10k-images-idx3")) for n in names):
+        return SourceFormat.idx
+    if "data_batch_1" in names:
+        return SourceFormat.cifar10
+    if {"train", "test", "meta"} <= names and (root / "meta").is_file():
+        return SourceFormat.cifar100
+    if any(n.endswith(".npz") for n in names):
+        return SourceFormat.npz
+    if any(p.is_dir() for p in root.iterdir()):
+        return SourceFormat.folder
+    raise UserError(f"cannot tell the dataset format of {root}: pass --format")
+
+
+def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto, *, limit: int = 0) -> dict[str, Split]:
+    """Read a raw dataset into ``{split: Split}``; ``limit`` > 0 keeps the first N samples of each
+    split (IDX and npz files are then read only that far: a compressed file is never inflated whole)."""
+    root = Path(root)
+    fmt = detect_format(root) if fmt == SourceFormat.auto else SourceFormat(fmt)
+    if not root.exists():
+        raise UserError(f"dataset not found: {root}")
+    if fmt in (SourceFormat.idx, SourceFormat.npz):  # streamed: read only as far as `limit`
+        return _STREAMED[fmt](root, limit)
+    splits = _READERS[fmt](root)
+    if limit:
+        splits = {k: Split(v.images[:limit], v.labels[:limit], v.classes) for k, v in splits.items()}
+    return splits
+
+
+# --- IDX -------------------------------------------------------------------------------------
+MAX_SOURCE_BYTES = 8 * 2**30  # larger than any IDX dataset; a header claiming more is refused unread
+
+
+def read_idx(path: Path, expected_magic: int, limit: int = 0) -> np.ndarray:
+    """Parse one IDX file (big-endian header: magic, dims; then uint8 data), gzip or not.
+
+    Streamed: the header is read first, then exactly the bytes it announces (or, with ``limit``,
+    those of the first ``limit`` items) plus one to detect padding, so a small compressed file
+    that inflates to gigabytes is never read whole.
+    """
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4:
+                raise UserError(f"{path}: truncated IDX header")
+            magic = struct.unpack(">i", head)[0]
+            if magic != expected_magic:
+                raise UserError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+            ndim = magic & 0xFF
+            dim_bytes = fh.read(4 * ndim)
+            if len(dim_bytes) < 4 * ndim:
+                raise UserError(f"{path}: truncated IDX header")
+            dims = list(struct.unpack(f">{ndim}i", dim_bytes))
+            if min(dims) < 0 or int(np.prod(dims, dtype=np.float64)) > MAX_SOURCE_BYTES:
+                raise UserError(f"{path}: IDX header announces {dims} items, more than {MAX_SOURCE_BYTES} bytes")
+            size = int(np.prod(dims))
+            if limit and limit < dims[0]:
+                dims[0], whole = limit, False
+            else:
+                whole = True
+            want = int(np.prod(dims))
+            data = fh.read(want + 1 if whole else want)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if len(data) < want or (whole and len(data) > want):
+        raise UserError(f"{path}: truncated or padded IDX file (header says {size} data bytes)")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    raise UserError(f"missing {stem}[.gz] in {root} ({FASHION_MNIST_HINT})")
+
+
+def _read_idx_dir(root: Path, limit: int = 0) -> dict[str, Split]:
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), 2051, limit)
+        labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049, limit)
+        if len(images) != len(labels):
+            raise UserError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
+        out[split] = Split(images[..., None].copy(), labels.astype(np.int64), FASHION_MNIST_CLASSES)
+    return out
+
+
+# --- CIFAR pickles ---------------------------------------------------------------------------
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"missing CIFAR file {path} (the 'python version' archive from "
+                        "www.cs.toronto.edu/~kriz/cifar.html, extracted)")
+    try:
+        with path.open("rb") as fh:
+            obj = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a CIFAR python batch ({exc})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a CIFAR python batch")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_split(batches: list[dict], label_key: str, classes: list[str], path: Path) -> Split:
+    try:
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    except KeyError as exc:
+        raise UserError(f"{path}: CIFAR batch lacks {exc}") from None
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: CIFAR data must be (N, 3072), got {data.shape}")
+    return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, classes)
+
+
+def _names(meta: dict, key: str) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(key, [])]
+
+
+def _read_cifar10(root: Path) -> dict[str, Split]:
+    meta_path = root / "batches.meta"
+    classes = _names(load_cifar_pickle(meta_path), "label_names") if meta_path.exists() else CIFAR10_CLASSES
+    train = [load_cifar_pickle(root / f"data_batch_{i}") for i in range(1, 6)]
+    test = [load_cifar_pickle(root / "test_batch")]
+    return {"train": _cifar_split(train, "labels", classes, root),
+            "test": _cifar_split(test, "labels", classes, root)}
+
+
+def _read_cifar100(root: Path) -> dict[str, Split]:
+    classes = _names(load_cifar_pickle(root / "meta"), "fine_label_names")
+    if len(classes) != 100:
+        raise UserError(f"{root / 'meta'}: expected 100 fine_label_names, got {len(classes)}")
+    return {s: _cifar_split([load_cifar_pickle(root / s)], "fine_labels", classes, root)
+            for s in ("train", "test")}
+
+
+# --- image folders ---------------------------------------------------------------------------
+def _read_folder_split(root: Path, classes: list[str] | None = None) -> Split:
+    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    check_image(im, path)
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise UserError(f"cannot decode image {path}: {exc}") from None
+            images.append(arr[..., None] if arr.ndim == 2 else arr)
+            labels.append(label)
+    if not images:
+        raise UserError(f"no images under {root} (expected {root}/CLASS/IMAGE.png)")
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise UserError(f"{root}: images of different shapes {sorted(shapes)[:3]}; resize them first")
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+
+
+def _read_folder(root: Path) -> dict[str, Split]:
+    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+    if {"train", "test"} <= subdirs:
+        train = _read_folder_split(root / "train")
+        return {"train": train, "test": _read_folder_split(root / "test", train.classes)}
+    return {"train": _read_folder_split(root)}
+
+
+# --- npz (generated sets) --------------------------------------------------------------------
+def _npz_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int) -> np.ndarray:
+    """One ``.npy`` member of an npz, streamed: its header is read first and checked (dtype, shape,
+    at most MAX_SOURCE_BYTES), then only the bytes of the first ``limit`` rows (all with 0), so a
+    small compressed file announcing or inflating to gigabytes is refused unread."""
+    with zf.open(name + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise UserError(f"{path}: {name}: unsupported .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh, max_header_size=10_000)
+        if dtype.hasobject:
+            raise UserError(f"{path}: {name}: object arrays are refused")
+        total = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if total > MAX_SOURCE_BYTES:
+            raise UserError(f"{path}: {name} announces shape {shape} of {dtype} ({total} bytes), "
+                            f"more than {MAX_SOURCE_BYTES} bytes")
+        rows = shape[0] if shape else 1
+        keep = min(limit, rows) if limit and not fortran and shape else rows
+        want = (total // rows if rows else 0) * keep
+        data = fh.read(want + 1 if keep == rows else want)
+        if len(data) < want or (keep == rows and len(data) > want):
+            raise UserError(f"{path}: {name}: truncated or padded array (header says {total} bytes)")
+    arr = np.frombuffer(data, dtype=dtype)
+    if fortran:
+        return arr.reshape(shape[::-1]).transpose()[:limit or None]
+    return arr.reshape((keep, *shape[1:]) if shape else ())
+
+
+def read_npz(path: Path, limit: int = 0) -> Split:
+    """An npz of arrays ``image`` (N,H,W,C uint8) and ``label`` (N integers); ``limit`` > 0 reads
+    only the first N rows of each."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            files = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            if not {"image", "label"} <= files:
+                raise UserError(f"{path}: npz needs arrays 'image' and 'label', has {sorted(files)}")
+            images = _npz_member(zf, "image", path, limit)
+            labels = _npz_member(zf, "label", path, limit)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or min(images.shape[1:3], default=0) < 1 \
+            or images.shape[-1] not in (1, 3):
+        raise UserError(f"{path}: 'image' must be uint8 (N,H,W,C) with H, W >= 1 and C 1 or 3, "
+                        f"got {images.dtype} {images.shape}")
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:  # float labels would be truncated, str ones fail
+        raise UserError(f"{path}: 'label' must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)  # Split checks the counts and the label range
+    n_classes = int(labels.max()) + 1 if len(labels) else 1
+    classes = CIFAR10_CLASSES if n_classes <= 10 and images.shape[-1] == 3 else [str(i) for i in range(n_classes)]
+    return Split(images, labels, classes)
+
+
+def _read_npz_source(root: Path, limit: int = 0) -> dict[str, Split]:
+    files = [root] if root.is_file() else sorted(root.glob("*.npz"))
+    if not files:
+        raise UserError(f"no .npz files in {root}")
+    parts: list[Split] = []
+    for f in files:
+        left = limit - sum(len(p.labels) for p in parts) if limit else 0
+        if limit and left <= 0:
+            break
+        parts.append(read_npz(f, left))
+    n_classes = max(len(p.classes) for p in parts)
+    classes = next(p.classes for p in parts if len(p.classes) == n_classes)
+    return {"train": Split(np.concatenate([p.images for p in parts]),
+                           np.concatenate([p.labels for p in parts]), classes)}
+
+
+_READERS = {SourceFormat.idx: _read_idx_dir, SourceFormat.cifar10: _read_cifar10,
+            SourceFormat.cifar100: _read_cifar100, SourceFormat.folder: _read_folder,
+            SourceFormat.npz: _read_npz_source}
+_STREAMED = {SourceFormat.idx: _read_idx_dir, SourceFormat.npz: _read_npz_source}

@@ -1,0 +1,1 @@
+"""Stage `diffusion`: the DDPM (load or train) whose representations the cache holds."""

@@ -1,0 +1,41 @@
+"""Defaults of `diffusion`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.config import require
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    shards: str = "artifacts/shards/real/train"
+    out: str = "artifacts/diffusion"
+    model: str = ""  # an existing diffusers UNet2DModel (folder or hub id): use it, do not train
+    block_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    class_dropout: float = 0.1  # label dropout: the null class is index num_classes
+    steps: int = 600  # ~6.5 min on 2 CPU cores (bf16); the GPU setting: stages/diffusion.py
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 10% of lr
+    attention: bool = False  # self-attention at the lowest resolution (slow on CPU)
+    limit: int = 0  # train on the first N real images (0: all)
+    ema_decay: float = 0.999
+    bf16: bool = True  # autocast on CPUs with AMX / on GPUs
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self, [
+            (self.steps > 0 and self.batch_size > 0,
+             f"--steps and --batch-size must be positive, got {self.steps}, {self.batch_size}"),
+            (0.0 <= self.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {self.class_dropout}"),
+            (self.lr > 0 and 0.0 < self.ema_decay < 1.0,
+             f"--lr must be > 0 and --ema-decay in (0, 1), got {self.lr}, {self.ema_decay}"),
+            (bool(self.block_channels) and min(self.block_channels, default=0) > 0 and self.layers_per_block > 0,
+             f"bad UNet size: block_channels={self.block_channels}, layers_per_block={self.layers_per_block}"),
+            (min(self.warmup_steps, self.checkpoint_every, self.limit) >= 0,
+             "--warmup-steps, --checkpoint-every and --limit must be >= 0")])

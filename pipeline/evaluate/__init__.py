@@ -1,0 +1,1 @@
+"""Stage `evaluate`: clean, PGD and AutoAttack accuracy of a trained classifier."""

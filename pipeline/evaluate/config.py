@@ -1,0 +1,50 @@
+"""Defaults of `evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from pipeline.core.config import coerce_enums, require
+
+
+class AutoAttackVersion(str, Enum):
+    """Which AutoAttack runs (pipeline/robust.py documents the subsets)."""
+
+    standard = "standard"  # apgd-ce, apgd-t, fab-t, square: the reference evaluation
+    fast = "fast"  # apgd-ce (1 restart) + apgd-t (fast_targets classes): a cheaper CPU subset
+    none = "none"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    checkpoint: str = "artifacts/train/default"
+    shards: str = "artifacts/shards/real/test"
+    out: str = "artifacts/eval/default.json"  # the full result (attacks, checks, timings)
+    metrics: str = ""  # flat {clean, pgd, autoattack} JSON for `dvc metrics`; "": OUT with .metrics.json
+    name: str = ""  # variant label recorded in the result; "": the checkpoint folder's name
+    n: int = 1000  # the first N test images
+    eps: float = 0.1  # Linf budget (Fashion-MNIST convention; CIFAR: 8/255)
+    pgd_steps: int = 20
+    pgd_restarts: int = 2
+    pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry et al.)
+    autoattack: AutoAttackVersion = AutoAttackVersion.fast
+    fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
+    fast_iters: int = 100  # iterations of each APGD attack in the fast subset (standard: 100)
+    check_n: int = 100  # images used by the model checks and the large-eps check
+    batch_size: int = 250
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        require(self, [
+            (self.n > 0, f"--n must be positive, got {self.n}"),
+            (0 < self.eps <= 1, f"--eps must be in (0, 1] (images are in [0, 1]), got {self.eps}"),
+            (self.pgd_steps >= 1 and self.pgd_restarts >= 1, "--pgd-steps and --pgd-restarts must be >= 1"),
+            (self.pgd_step_size >= 0 and min(self.batch_size, self.check_n, self.fast_targets, self.fast_iters) >= 1,
+             "--pgd-step-size must be >= 0; --batch-size, --check-n, --fast-targets, --fast-iters >= 1"),
+            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+             f"--device must be auto, cpu or cuda[:N], got {self.device!r}")])

@@ -1,0 +1,68 @@
+"""The library behind stage `evaluate` (its recipe: stages/evaluate.py): settings and output checks,\ntest images checked against the checkpoint, the device, the result files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.core.errors import UserError, check_out
+from pipeline.core.runtime import Dist
+from pipeline.core.shards import read_split
+from pipeline.core.views import to_float01
+from pipeline.evaluate.config import EvaluateConfig
+
+
+def check_config(cfg: EvaluateConfig) -> None:
+    cfg.validate()
+    check_out(cfg.out, folder=False)
+    check_out(str(metrics_path(cfg)), folder=False, flag="--metrics")
+
+
+def metrics_path(cfg: EvaluateConfig) -> Path:
+    out = Path(cfg.out)
+    return Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")
+
+
+def load_test_images(shards: str, n: int, image_shape: tuple, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images as float (N,C,H,W) in [0,1], refusing a shape/class mismatch."""
+    split = read_split(shards, limit=n)
+    h, w, c = split.images.shape[1:]
+    if (c, h, w) != tuple(image_shape):
+        raise UserError(f"{shards}: images are {c}x{h}x{w}, the checkpoint expects "
+                        f"{'x'.join(map(str, image_shape))}")
+    if split.labels.max() >= num_classes:
+        raise UserError(f"{shards}: label {split.labels.max()} but the checkpoint has {num_classes} classes")
+    x = to_float01(split.images)
+    return x.contiguous(), torch.from_numpy(split.labels)
+
+
+def read_train_metrics(folder: Path) -> dict:
+    """The training stage's final metrics (train time etc.), if it wrote them; {} otherwise."""
+    try:
+        data = json.loads((folder / "metrics.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def pick_device(requested: str, dist: Dist) -> str:
+    """--device resolved for this process; with several processes each uses its own GPU."""
+    # important: accelerate's CPU device is "cpu:0", which safetensors refuses
+    local = str(dist.device) if dist.device.type == "cuda" else "cpu"
+    if requested == "auto":
+        return local
+    if dist.world > 1 and requested != "cpu":
+        if dist.device.type != "cuda":
+            raise UserError(f"--device {requested}, but no CUDA device is available")
+        return local
+    return requested

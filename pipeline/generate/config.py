@@ -1,0 +1,48 @@
+"""Defaults of `generate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from pipeline.core.config import coerce_enums, require
+
+
+class Sampler(str, Enum):
+    ddim = "ddim"
+    dpm = "dpm"  # DPM-Solver++ (multistep)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "artifacts/diffusion"
+    real: str = "artifacts/shards/real/train"  # for the pseudo-labeller of unconditional models
+    out: str = "artifacts/shards/synthetic"
+    n: int = 3000
+    sampler: Sampler = Sampler.ddim
+    sample_steps: int = 20
+    eta: float = 1.0  # DDIM noise: 1 ancestral (robust for a briefly trained model), 0 deterministic ODE
+    guidance: float = 1.0  # classifier-free guidance scale (1.0: none)
+    min_confidence: float = 0.9  # pseudo-label filter for unconditional models
+    batch_size: int = 250
+    shard_size: int = 10_000
+    bf16: bool = True  # autocast for the UNet forward (CPUs with bf16 support / GPUs)
+    check: bool = True  # agreement of a real-data classifier with the intended labels
+    real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
+    classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
+    classifier_limit: int = 20_000  # train it on the first N real images (0: all)
+    classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        require(self, [
+            (min(self.n, self.batch_size, self.shard_size, self.sample_steps) > 0,
+             "--n, --batch-size, --shard-size and --sample-steps must be positive"),
+            (0.0 <= self.eta <= 1.0, f"--eta must be in [0, 1], got {self.eta}"),
+            (self.guidance >= 0 and 0.0 <= self.min_confidence < 1.0,
+             f"--guidance must be >= 0 and --min-confidence in [0, 1), got {self.guidance}, {self.min_confidence}"),
+            (self.classifier_epochs > 0 and self.classifier_limit >= 0,
+             "--classifier-epochs must be positive and --classifier-limit >= 0")])

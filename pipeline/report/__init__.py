@@ -1,0 +1,1 @@
+"""Stage `report`: tables and plots from the evaluation and training results."""

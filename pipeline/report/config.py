@@ -1,0 +1,20 @@
+"""Defaults of `report`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.config import require
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    evals: str = "artifacts/eval"
+    train: str = "artifacts/train"
+    grid: str = "artifacts/shards/synthetic/grid.png"
+    out: str = "artifacts/report"
+    allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
+    readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
+
+    def validate(self) -> None:
+        require(self, [(bool(self.evals), "--evals is empty"), (bool(self.out), "--out is empty")])

@@ -1,0 +1,116 @@
+"""The library behind stage `report` (its recipe: stages/report.py): the Markdown table of the\nvariants (mean +- std over seeds, budgets) and the README block it fills."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core import storage
+from pipeline.core.errors import UserError
+from pipeline.report.results import (
+    budget,
+    budgets_unknown,
+    train_field,
+    train_seconds,
+)
+
+
+def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'85.30' for one value, '85.30 ± 0.41' (sample std) for several, '-' for none."""
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _budget_cell(runs: list[dict]) -> tuple[str, str]:
+    """'steps' and 'real + synthetic samples' of a variant's runs ('?' if not recorded)."""
+    seen = {None if b is None else (b["steps"], b["real_samples"], b["synthetic_samples"])
+            for b in map(budget, runs)}
+    cells = [("?", "?") if b is None else (f"{b[0]}", f"{b[1]} + {b[2]}") for b in sorted(seen, key=str)]
+    return " / ".join(c[0] for c in cells), " / ".join(c[1] for c in cells)
+
+
+def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
+    """The Markdown results table, one row per variant."""
+    first = next(iter(groups.values()))[0]
+    pgd = first.get("pgd_attack", {})
+    head = (f"| variant | seeds | DRA weight | synthetic | steps | samples (real + syn) | clean (%) "
+            f"| PGD-{pgd.get('steps', '?')}x{pgd.get('restarts', '?')} (%) "
+            f"| AutoAttack-{first.get('autoattack_version', '?')} (%) | train time (s) | checks |")
+    rows = [head, "|" + "---|" * 11]
+    for name, runs in groups.items():
+        bad = sorted({w for r in runs for w in r.get("warnings", [])})
+        setting = [", ".join(sorted({f"{train_field(r, k, '?')}" for r in runs}))
+                   for k in ("dra_weight", "synthetic_fraction")]
+        steps, samples = _budget_cell(runs)
+        flag = " UNEQUAL BUDGET" if name in unequal else ""
+        rows.append(f"| {name}{flag} | {len(runs)} | {setting[0]} | {setting[1]} | {steps} | {samples} "
+                    f"| {fmt([r['clean'] for r in runs])} "
+                    f"| {fmt([r['pgd'] for r in runs])} | {fmt([r.get('autoattack') for r in runs])} "
+                    f"| {fmt([train_seconds(r) for r in runs], scale=1.0, digits=0)} "
+                    f"| {'ok' if not bad else 'FAILED: ' + ', '.join(bad)} |")
+    return "\n".join(rows)
+
+
+def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = ()) -> str:
+    first = next(iter(groups.values()))[0]
+    ns = sorted({r["n"] for runs in groups.values() for r in runs})
+    unknown = budgets_unknown(groups)
+    fair = ("" if unequal or unknown else
+            " Every variant trained for the same optimizer steps on the same number of samples (steps x "
+            "batch; an epoch is ceil(N_real / batch) steps whatever the real:synthetic mix, the DM-AT convention).")
+    lines = [
+        "# Results", "",
+        f"Threat model {first.get('threat_model', 'Linf')}, eps = {first.get('eps')}, on the first "
+        f"{'/'.join(map(str, ns))} test images; accuracies of the EMA weights. "
+        f"Mean ± sample std over seeds where several ran.{fair}", "",
+    ]
+    if unknown:
+        lines += ["**WARNING: no run records its training budget (trained by an older version): the rows "
+                  "may not be a fair comparison.**", ""]
+    if unequal:
+        lines += [f"**WARNING: the training budgets differ ({', '.join(unequal)}): these rows are not a fair "
+                  "comparison with the others.**", ""]
+    lines += [
+        table(groups, unequal), "",
+        "Attacks: " + ", ".join(first.get("attacks", [])) + ".", "",
+    ]
+    fast = first.get("autoattack_fast")
+    if fast:
+        lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({fast.get('targets')} target classes), "
+                  f"{fast.get('iters')} iterations each, every APGD schedule set for that iteration count: a "
+                  "cheaper subset of standard AutoAttack, so its accuracy is an expected upper bound on "
+                  "standard AutoAttack's.", ""]
+    lines += [f"![{Path(p).stem}]({p})\n" for p in images]
+    return "\n".join(lines)
+
+
+def markers(spec: str) -> tuple[Path, str, str]:
+    """``FILE`` or ``FILE#NAME`` -> (file, begin marker, end marker); NAME defaults to ``report``."""
+    path, _, name = spec.partition("#")
+    name = name or "report"
+    return Path(path), f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def readme_parts(spec: str) -> tuple[str, str]:
+    """The text of the file before the begin and after the end marker (each once, in order)."""
+    path, begin, end = markers(spec)
+    if not path.is_file():
+        raise UserError(f"--readme {path}: no such file")
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise UserError(f"{path}: needs one line {begin} and, after it, one line {end} around the table")
+    head, rest = text.split(begin, 1)
+    return head, rest.split(end, 1)[1]
+
+
+def write_readme_block(spec: str, parts: tuple[str, str], table_md: str, evals: str) -> None:
+    """Replace what lies between the marker lines of the file with the results table."""
+    path, begin, end = markers(spec)
+    block = (f"{begin}\n<!-- generated by `python -m pipeline report --evals {evals} --readme {spec}` "
+             f"from {evals}/*.json: do not edit by hand -->\n{table_md}\n{end}")
+    storage.atomic_write(path, parts[0] + block + parts[1])

@@ -1,0 +1,1 @@
+"""Stage `train`: adversarial training (PGD-AT / TRADES, DM-AT mixing, DRA) from the cache."""

@@ -1,0 +1,91 @@
+"""Defaults of `train` (stage two) and its closed sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pipeline.core.config import Arch, coerce_enums, require
+from pipeline.core.views import ViewSpec
+
+
+class Method(str, Enum):
+    pgd = "pgd"  # Madry et al.: cross-entropy on PGD examples
+    trades = "trades"  # Zhang et al.: clean CE + beta * KL(clean || adv)
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    onecycle = "onecycle"
+
+
+class DRASchedule(str, Enum):
+    constant = "constant"
+    linear_warmup = "linear-warmup"  # 0 -> weight over the first quarter of training
+    cosine_decay = "cosine-decay"  # weight -> 0 over training
+
+
+class TargetNorm(str, Enum):
+    none = "none"
+    center = "center"  # subtract the cache's per-dimension mean (removes the shared direction)
+    whiten = "whiten"  # and divide by its per-dimension std
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str = "artifacts/feats.zarr"
+    out: str = "artifacts/train/default"
+    real_shards: str = ""  # "": the real train shard folder the cache records
+    synthetic_shards: str = ""  # "": the synthetic shard folder the cache records
+    arch: Arch = Arch.cnn
+    method: Method = Method.pgd
+    eps: float = 0.1
+    attack_steps: int = 5
+    step_size: float = 0.03
+    trades_beta: float = 6.0
+    dra_weight: float = 0.5  # 0: plain adversarial training
+    dra_schedule: DRASchedule = DRASchedule.constant
+    head_hidden: int = 256
+    target_norm: TargetNorm = TargetNorm.center  # with the cache's train mean/std
+    synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
+    real_limit: int = 10_000  # train on the first N real samples of the cache (0: all)
+    epochs: int = 4  # passes over the real samples
+    max_steps: int = 0  # stop after this many steps (0: epochs x steps per epoch); equal budgets across variants
+    batch_size: int = 128  # global batch (split over processes)
+    lr: float = 0.2  # measured: 0.2 beats 0.05 (62% vs 51% clean, 44% vs 36% PGD-10) after 156 steps
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: LRSchedule = LRSchedule.cosine
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.995
+    image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
+    view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
+    memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
+    online: bool = False  # compute targets with the diffusion model inside the step
+    resume: bool = False
+    verify: bool = True  # checksums + NaN/Inf scan of the cache parts read, before training (off: trust the store)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
+    def validate(self) -> None:
+        """Every range check of `train`, before any file is opened."""
+        require(self, [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 2, "--batch-size must be >= 2"),
+                       (self.eps >= 0 and self.step_size >= 0, "--eps and --step-size must be >= 0"),
+                       (self.attack_steps >= 0, "--attack-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
+                       (self.dra_weight >= 0, "--dra-weight must be >= 0"), (self.real_limit >= 0, "--real-limit must be >= 0"),
+                       (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
+                       (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+                       (self.head_hidden >= 1, "--head-hidden must be >= 1"),
+                       (self.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"),
+                       (self.image_size >= 0, "--image-size must be >= 0"),
+                       (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+                       (self.max_steps >= 0, "--max-steps must be >= 0"), (bool(self.out), "--out is empty"),
+                       (self.trades_beta >= 0, "--trades-beta must be >= 0"),
+                       (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+                       (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+                       (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")])
+        self.view.validate()

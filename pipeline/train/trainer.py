@@ -1,0 +1,266 @@
+"""Training as one unit: ``Trainer.create(cfg)`` builds a complete run, ``fit`` trains it.
+
+``create`` validates the flags, opens the cache (refusing incomplete or damaged stores and any
+mismatch with the image shards), joins the images by key, attaches the target readers (in RAM or
+streamed), builds classifier + projection head + SGD + EMA and the sampler, and restores a
+checkpoint (``--resume``), without writing anything. ``step`` runs one adversarial step: recorded
+views replayed, PGD on top, AT loss + lambda * DRA loss against the cached (or, ``--online``,
+freshly computed) targets. ``fit`` runs the epochs with checkpoints (``pipeline/train/state.py``);
+the benchmark times ``step`` directly. The parts: ``sampler`` (which (row, view) pairs a batch
+holds), ``data`` (images + targets for them), ``step`` (the loss and its schedules), ``state``
+(checkpoints and the log).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.cache.store import open_cache, verify_cache
+from pipeline.cache.targets import TargetSpec
+from pipeline.core.classifiers import build_classifier
+from pipeline.core.errors import UserError, check_out
+from pipeline.core.runtime import Runtime, peak_rss_mb
+from pipeline.train import state
+from pipeline.train.config import TargetNorm, TrainConfig
+from pipeline.train.data import PartData, assemble, feature_bytes, load_part, target_reader
+from pipeline.train.sampler import MixedSampler, Prefetcher
+from pipeline.train.state import RunState, Weights
+from pipeline.train.step import (
+    EMA,
+    DRANet,
+    ProjectionHead,
+    StepSettings,
+    adversarial_step,
+    clean_accuracy,
+    dra_weight_at,
+    lr_at,
+    normalise_targets,
+)
+
+WINDOW = 4  # chunks per shuffle window when streaming
+CLEAN_EVERY = 10  # clean accuracy (an extra eval forward) is measured on every 10th step
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every flag checked before any file is opened."""
+    cfg.validate()
+    check_out(cfg.out, folder=True)
+
+
+@dataclass
+class Data:
+    cache: Any
+    real: PartData
+    synthetic: PartData | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    pad: int
+    mode: str  # ram | stream | online | none
+    chunked: dict = field(default_factory=dict)
+
+
+def refuse_damaged(cfg: TrainConfig) -> None:
+    """Checksums of every file of the parts train reads, and a NaN/Inf scan of their features.
+
+    A flipped byte can decode to plausible numbers and a truncated zarr shard can read back as
+    fill values: without this, training would run on wrong targets without a word.
+    """
+    parts = ("train", "synthetic") if cfg.synthetic_fraction > 0 else ("train",)
+    problems = verify_cache(cfg.cache, parts=parts)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `python -m pipeline cache verify`)" if len(problems) > 1 else ""
+        first = " ".join(problems[0].split())
+        raise UserError(f"{cfg.cache}: damaged cache refused before training: {first}{more}")
+
+
+def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
+    """Cache + images, all checks done; features in RAM or streamed (or none: plain AT / online)."""
+    cache = open_cache(cfg.cache)
+    if cfg.verify:
+        refuse_damaged(cfg)
+    if "train" not in cache.parts:
+        raise UserError(f"{cfg.cache}: no real train part")
+    if cfg.synthetic_fraction > 0 and "synthetic" not in cache.parts:
+        raise UserError(f"{cfg.cache}: --synthetic-fraction {cfg.synthetic_fraction} needs a synthetic part")
+    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None)
+    real, rpart = load_part(cache, "train", shards_dir=cfg.real_shards, limit=cfg.real_limit, **kw)
+    syn = spart = None
+    if cfg.synthetic_fraction > 0:
+        syn, spart = load_part(cache, "synthetic", shards_dir=cfg.synthetic_shards, limit=0, **kw)
+    mode = "none" if cfg.dra_weight == 0 else "online" if cfg.online else "ram"
+    chunked = {}
+    if mode == "ram":
+        used = feature_bytes(rpart, real.n) + (feature_bytes(spart, syn.n) if syn else 0)
+        mode = "stream" if used > cfg.memory_budget_mb * 2**20 or cfg.memory_budget_mb == 0 else "ram"
+        real = replace(real, reader=target_reader(rpart, real.n, stream=mode == "stream", window=WINDOW))
+        chunked["train"] = rpart.rows_per_chunk if mode == "stream" else 0
+        if syn is not None:
+            syn = replace(syn, reader=target_reader(spart, syn.n, stream=mode == "stream", window=WINDOW))
+            chunked["synthetic"] = spart.rows_per_chunk if mode == "stream" else 0
+    mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
+    return Data(cache, real, syn, mean.to(rt.device), std.to(rt.device), int(cache.attrs["view_spec"]["pad"]),
+                mode, chunked)
+
+
+def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weights, dict]:
+    """Classifier (+ DRA head), SGD, EMA and the attack's generator, seeded; the run's metadata."""
+    torch.manual_seed(cfg.seed)
+    _, c, h, _ = data.real.images.shape
+    num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
+    clf = build_classifier(cfg.arch, c, num_classes, h)
+    head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.cache.target.size) if cfg.dra_weight > 0 else None
+    net = DRANet(clf, head).to(rt.device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
+    meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
+            "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
+            "cache": {k: data.cache.attrs.get(k) for k in ("model", "t", "layer", "pooling", "condition", "digest")} |
+            {"url": cfg.cache, "target_mode": data.mode}}
+    return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
+
+
+def make_sampler(cfg: TrainConfig, data: Data, rt: Runtime) -> MixedSampler:
+    syn = data.synthetic
+    try:
+        return MixedSampler(n_real=data.real.n, k_real=data.real.k, batch_size=cfg.batch_size, seed=cfg.seed,
+                            n_syn=syn.n if syn else 0, k_syn=syn.k if syn else 1,
+                            synthetic_fraction=cfg.synthetic_fraction, rank=rt.rank, world=rt.world,
+                            chunk_real=data.chunked.get("train", 0), chunk_syn=data.chunked.get("synthetic", 0),
+                            window=WINDOW)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def targets_for(inputs: dict, data: Data, extractor: Any, norm: TargetNorm, device: torch.device) -> torch.Tensor | None:
+    """The batch's targets in the loss's space, flattened to (B, size): cached rows, or recomputed
+    online from the same view and seed."""
+    if data.mode == "none":
+        return None
+    if data.mode == "online":
+        raw = extractor(inputs["x"], inputs["seed"], inputs["y"])
+    else:
+        raw = inputs["target"]
+    return TargetSpec.flat(normalise_targets(raw.to(device), data.mean, data.std, norm))
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One run, built complete by ``create``; ``fit`` trains, ``save`` checkpoints, ``step`` is one
+    optimisation step (the benchmark times it directly). ``run`` is the progress, the only part
+    that changes."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    data: Data
+    net: DRANet
+    wrapped: torch.nn.Module  # the module the loss forward goes through (DDP-wrapped with >1 process)
+    weights: Weights
+    sampler: MixedSampler
+    meta: dict
+    run: RunState
+    extractor: Any = None  # --online: the diffusion model inside the step
+
+    @classmethod
+    def create(cls, cfg: TrainConfig) -> Trainer:
+        """Checks, data, model, optimizer, a restored checkpoint (--resume): nothing written."""
+        check_config(cfg)
+        rt = Runtime(cfg.device)
+        data = open_data(cfg, rt)
+        extractor = None
+        if data.mode == "online":
+            from pipeline.cache.extractor import (
+                FeatureExtractor,  # lazy: only the online mode loads the model
+            )
+
+            extractor = FeatureExtractor.from_cache(data.cache, device=rt.device)
+        net, weights, meta = build_model(cfg, data, rt)
+        sampler = make_sampler(cfg, data, rt)
+        run = RunState()
+        if cfg.resume:  # before the DDP wrap: the restored weights are what every process starts from
+            run = state.load(Path(cfg.out), cfg=cfg, weights=weights, device=rt.device,
+                             cache_digest=meta["cache"]["digest"]) or run
+        return cls(cfg, rt, data, net, rt.prepare(net), weights, sampler, meta, run, extractor)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.cfg.epochs * self.sampler.steps_per_epoch
+        return min(full, self.cfg.max_steps) if self.cfg.max_steps else full
+
+    def feed(self, epoch: int, start: int) -> Prefetcher:
+        """Assembled inputs of the epoch's batches, prepared one or two steps ahead in a thread."""
+        d = self.data
+        return Prefetcher(self.sampler.batches(epoch, start), lambda b: assemble(b, d.real, d.synthetic, d.pad), 2)
+
+    def step(self, global_step: int, batch: Any, inputs: dict) -> tuple[dict, float, float]:
+        """One step: lr/DRA weight for this step, targets, attack, loss, update, EMA. Returns stats."""
+        cfg, rt = self.cfg, self.rt
+        lr = lr_at(global_step, self.total_steps, cfg.lr, cfg.lr_schedule)
+        for group in self.weights.opt.param_groups:
+            group["lr"] = lr
+        dra_w = dra_weight_at(global_step, self.total_steps, cfg.dra_weight, cfg.dra_schedule)
+        x, y = inputs["x"].to(rt.device), inputs["y"].to(rt.device)
+        with rt.autocast():
+            target = targets_for(inputs, self.data, self.extractor, cfg.target_norm, rt.device)
+            settings = StepSettings(cfg.method, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.trades_beta,
+                                    cfg.label_smoothing)
+            loss, terms, logits_adv = adversarial_step(self.wrapped, self.net.classifier, x, y, target, dra_w,
+                                                       settings, self.weights.gen)
+        self.weights.opt.zero_grad(set_to_none=True)
+        rt.backward(loss)
+        self.weights.opt.step()
+        self.weights.ema.update(self.net.classifier, global_step)
+        stats = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                 "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+        if batch.step % CLEAN_EVERY == 0:
+            stats["clean_acc"] = clean_accuracy(self.net.classifier, x, y)
+        return stats, lr, dra_w
+
+    def save(self) -> None:
+        state.save(Path(self.cfg.out), cfg=self.cfg, weights=self.weights, st=self.run, meta=self.meta, rt=self.rt)
+
+    def fit(self, *, stop_after_steps: int | None = None) -> dict:
+        """Epochs of sampled batches -> ``step``; a checkpoint per epoch (and every --checkpoint-every
+        steps), metrics.json at the end. ``stop_after_steps`` (tests) checkpoints and returns after
+        that many steps, like a kill."""
+        cfg, rt, st = self.cfg, self.rt, self.run
+        bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"train {Path(cfg.out).name}", unit="step",
+                   mininterval=2, disable=not rt.is_main)
+        for epoch in range(st.epoch, cfg.epochs):
+            if st.global_step >= self.total_steps:
+                break
+            feed = self.feed(epoch, st.step)
+            self.net.train()
+            t_prev = time.perf_counter()
+            try:
+                for batch, inputs in feed:
+                    stats, lr, dra_w = self.step(st.global_step, batch, inputs)
+                    now = time.perf_counter()
+                    st.add(stats, now - t_prev, lr, dra_w)
+                    t_prev = now
+                    st.step, st.global_step = batch.step + 1, st.global_step + 1
+                    bar.update(1)
+                    mid_epoch = st.step < self.sampler.steps_per_epoch
+                    if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and mid_epoch:
+                        self.save()
+                    if stop_after_steps is not None and st.global_step >= stop_after_steps:
+                        self.save()
+                        return {"stopped_at": st.global_step}
+                    if st.global_step >= self.total_steps:  # --max-steps reached mid-epoch
+                        break
+            finally:
+                feed.close()
+            st.end_epoch(epoch, rt)
+            rss = rt.gather(round(peak_rss_mb()))
+            if rt.is_main:
+                bar.set_postfix_str(f"{st.summary()} peak_rss_mb={'/'.join(map(str, rss))}")
+            self.save()
+        bar.close()
+        budget = {**self.sampler.budget(st.global_step), "steps_per_epoch": self.sampler.steps_per_epoch}
+        return state.finish(Path(cfg.out), st=st, meta=self.meta, rt=rt, budget=budget, net=self.net)
