@@ -285,11 +285,12 @@ def test_npz_is_streamed_with_limit_and_bombs_are_refused_unread(tmp_path):
         "short": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(95)),
         "long": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(97)),
         "object": _npy_bytes({"descr": "|O", "fortran_order": False, "shape": (2, 4, 4, 3)}, bytes(8)),
+        "negative": _npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (-1, 4, 4, 3)}, bytes(2**16)),
     }
     for name, member in members.items():
         with zipfile.ZipFile(tmp_path / f"{name}.npz", "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("image.npy", member)
             zf.writestr("label.npy", label_member)
-        with pytest.raises(UserError, match="more than|truncated or padded|object arrays") as exc:
+        with pytest.raises(UserError, match="more than|truncated or padded|object arrays|negative dim") as exc:
             read_source(tmp_path / f"{name}.npz", SourceFormat.npz)
         assert str(tmp_path / f"{name}.npz") in str(exc.value)

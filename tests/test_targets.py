@@ -26,11 +26,14 @@ SHAPE = (2, 3, 3)
 
 def test_spec_round_trip_and_malformed_specs_are_refused():
     spec = TargetSpec(100, "mid_block", Pooling.mean, (64,))
-    assert TargetSpec.from_attrs(spec.to_attrs()) == spec
+    assert "target_shape" not in spec.to_attrs()  # pooled: each part's "d" says it, as format 2 always did
+    assert TargetSpec.from_attrs(spec.to_attrs(), fallback_d=64) == spec
+    spatial = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
+    assert TargetSpec.from_attrs(spatial.to_attrs()) == spatial
     assert spec.size == 64 and spec.array_shape(5, 4) == (5, 4, 64) and spec.nbytes(5, 4) == 5 * 4 * 64 * 2
     old = {"t": 100, "layer": "mid_block", "pooling": "mean"}  # written before target_shape was recorded
     assert TargetSpec.from_attrs(old, fallback_d=64) == spec
-    for bad in ({**old, "target_shape": [0]}, {**old, "target_shape": "x"}, {**old, "pooling": "max"},
+    for bad in ({**old, "target_shape": [0]}, {**old, "target_shape": "512"}, {**old, "pooling": "max"},
                 {"layer": "mid_block", "pooling": "mean", "target_shape": [4]}):
         with pytest.raises(UserError, match="malformed target"):
             TargetSpec.from_attrs(bad)
@@ -48,14 +51,15 @@ def test_the_extractor_produces_what_its_spec_says(tiny_model_dir):
     assert spec.size > channels and spec.size % channels == 0  # flatten: C x H x W, mean: C
 
 
-def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_path):
+def _spatial_store(fmnist_shards, url, plan_extra=None):
     ss = read_split(fmnist_shards / "train", limit=40)
     n, k = len(ss.keys), 2
     init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.arange(n * k).reshape(n, k), SHAPE,
                     {"shards": ss.path, "fingerprint": {"content_hash": ss.fingerprint["content_hash"]}})
     spec = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
-    plan = {**spec.to_attrs(), "image_size": 28, "normalisation": NORMALISATION, "view_spec": ViewSpec().to_dict()}
-    w = CacheWriter.open_or_create(str(tmp_path / "s.zarr"), plan=plan, parts={"train": init}, rows_per_chunk=8,
+    plan = {**spec.to_attrs(), "image_size": 28, "normalisation": NORMALISATION, "view_spec": ViewSpec().to_dict(),
+            **(plan_extra or {})}
+    w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=8,
                                    chunks_per_shard=2, compressor="blosc-zstd")
     feats = np.random.default_rng(0).normal(size=(n, k, *SHAPE)).astype(np.float16)
     for s in range(w.n_shards("train")):
@@ -63,6 +67,11 @@ def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_
         w.write_shard("train", s, feats[a:b])
     w.finalize_part("train")
     w.finalize({})
+    return spec, feats, n
+
+
+def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_path):
+    spec, feats, n = _spatial_store(fmnist_shards, tmp_path / "s.zarr")
     assert verify_cache(str(tmp_path / "s.zarr")) == []
     cache = open_cache(str(tmp_path / "s.zarr"))
     assert cache.target == spec
@@ -77,3 +86,10 @@ def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_
     assert part.std.shape == SHAPE
     centred = torch.from_numpy(want).float() - torch.from_numpy(part.mean)
     assert TargetSpec.flat(centred).shape == (4, 18)
+
+
+def test_a_spec_that_disagrees_with_the_features_is_refused(fmnist_shards, tmp_path):
+    """The head is sized from the spec: a root spec other than the parts' feature shape is one line."""
+    _spatial_store(fmnist_shards, tmp_path / "lie.zarr", {"target_shape": [18]})
+    with pytest.raises(UserError, match="holds targets of shape"):
+        _ = open_cache(str(tmp_path / "lie.zarr")).target

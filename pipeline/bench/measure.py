@@ -1,4 +1,5 @@
-"""What `python -m pipeline bench` measures, one function per figure group (the recipe and the\nclaims: stages/bench.py)."""
+"""What `python -m pipeline bench` measures, one function per figure group (the recipe and the
+claims: stages/bench.py)."""
 
 from __future__ import annotations
 

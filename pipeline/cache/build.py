@@ -1,6 +1,5 @@
-"""The library behind stage `extract` (its recipe: stages/extract.py): the parts to embed, their\nrecorded views and noise seeds, the rows of one zarr shard, the linear probe file."""
-
-
+"""The library behind stage `extract` (its recipe: stages/extract.py): the parts to embed, their
+recorded views and noise seeds, the rows of one zarr shard, the linear probe file."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
 from pipeline.core.views import apply_views, sample_views, to_float01
+from pipeline.diffusion.model import load_model
 
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
@@ -98,8 +98,6 @@ def extract(cfg: ExtractConfig) -> dict:
 
 
 def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
-    from pipeline.diffusion.model import load_model  # the stage's one heavy import
-
     dirs = split_dirs(cfg)
     model = load_model(cfg.model, device=str(dist.device))
     extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,

@@ -221,7 +221,8 @@ class CacheWriter:
         n_shards = -(-n // rps)
         g.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
                        fill_value=0, config={"write_empty_chunks": True})
-        g.attrs.update({**p.attrs, "n": n, "k": k, "d": p.d, "target_shape": list(ts), "rows_per_chunk": rpc, "rows_per_shard": rps,
+        shape_attr = {"target_shape": list(ts)} if len(ts) != 1 else {}  # (D,): "d" says it (format 2 as before)
+        g.attrs.update({**p.attrs, "n": n, "k": k, "d": p.d, **shape_attr, "rows_per_chunk": rpc, "rows_per_shard": rps,
                         "n_shards": n_shards, "compressor": compressor})
 
     # -- shards -----------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def _layout_problems(name: str, g: zarr.Group) -> list[str]:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()):
             return [f"{name}: malformed attributes {ints} (positive integers expected)"]
         ts = a.get("target_shape", [a.get("d")])
-        if not (isinstance(ts, list) and len(f.shape) == 2 + len(ts)) or min(f.chunks) < 1 \
+        if not (isinstance(ts, list) and list(f.shape[2:]) == ts) or min(f.chunks) < 1 \
                 or min(f.shards or f.chunks) < 1:
             return [f"{name}/features: malformed shape {f.shape} or chunks {f.chunks}"]
         if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
@@ -388,8 +389,13 @@ class FeatureCache:
 
     @functools.cached_property
     def target(self) -> TargetSpec:
-        """What every row holds (t, layer, pooling, shape): the same for every part."""
-        return TargetSpec.from_attrs(self.attrs, fallback_d=self.part(self.parts[0]).d if self.parts else None)
+        """What every row holds (t, layer, pooling, shape); every part's features must hold it."""
+        spec = TargetSpec.from_attrs(self.attrs, fallback_d=self.part(self.parts[0]).d if self.parts else None)
+        for name in self.parts:
+            if self.part(name).shape != spec.shape:
+                raise UserError(f"{self.url}: part {name!r} holds targets of shape {list(self.part(name).shape)}, "
+                                f"the cache's target specification says {list(spec.shape)}")
+        return spec
 
     def part(self, name: str) -> CachePart:
         if name not in self.parts:

@@ -71,14 +71,22 @@ class TargetSpec:
         return x.reshape(len(x), -1)
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"t": self.t, "layer": self.layer, "pooling": self.pooling.value, "target_shape": list(self.shape)}
+        """Root attributes; ``target_shape`` only for targets of more than one axis (a pooled (D,)
+        target is what format 2 has always held: its D is each part's ``d``), so pooled stores stay
+        byte-identical to those written before the spec existed."""
+        attrs: dict[str, Any] = {"t": self.t, "layer": self.layer, "pooling": self.pooling.value}
+        if len(self.shape) != 1:
+            attrs["target_shape"] = list(self.shape)
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict, *, fallback_d: int | None = None) -> TargetSpec:
-        """The spec a store records; a store written before ``target_shape`` was recorded holds
-        pooled (D,) rows (``fallback_d``: its parts' D). Malformed values are one UserError line."""
+        """The spec a store records; without ``target_shape`` the rows are pooled (D,) vectors
+        (``fallback_d``: the parts' D). Malformed values are one UserError line."""
         shape = attrs.get("target_shape", [fallback_d] if fallback_d is not None else None)
         try:
+            if not isinstance(shape, list):
+                raise TypeError
             spec = cls(int(attrs["t"]), str(attrs["layer"]), Pooling(attrs["pooling"]), tuple(int(s) for s in shape))
         except (KeyError, TypeError, ValueError):
             raise UserError(f"malformed target specification in the cache: t={attrs.get('t')!r}, "

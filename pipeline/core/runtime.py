@@ -54,6 +54,19 @@ def choose_device(device: str = "auto") -> torch.device:
     raise UserError(f"--device {device!r}: choose auto, cpu or cuda[:N]")
 
 
+def bf16_autocast(device: str | torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: always on CUDA; on a CPU only with native bf16
+    instructions (AVX512-BF16 / AMX, as oneDNN reports them). Without them oneDNN emulates bf16:
+    measured on a 2-core AVX2-only AMD EPYC, a default diffusion step took 18.5 s under bf16
+    autocast and 2.3 s in fp32."""
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probe: stay in fp32
+        return False
+
+
 def launched_world() -> int:
     """Processes started by ``accelerate launch`` / torchrun (1 for a plain command)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,6 +116,8 @@ class Runtime(Dist):
     """``Dist`` plus what training needs; an ``Accelerator`` on GPUs and with several processes."""
 
     def __init__(self, device: str = "auto") -> None:  # not super().__init__(): one state, the Accelerator's
+        if device not in ("auto", "cpu", "cuda"):  # the Accelerator picks the GPU: no index here
+            raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
         cuda = choose_device(device).type == "cuda"
         multi = launched_world() > 1
         self.acc: Any = None

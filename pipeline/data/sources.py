@@ -229,6 +229,8 @@ def _npz_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int) -> np.nd
         shape, fortran, dtype = read_header(fh, max_header_size=10_000)
         if dtype.hasobject:
             raise UserError(f"{path}: {name}: object arrays are refused")
+        if any(d < 0 for d in shape):
+            raise UserError(f"{path}: {name}: negative dimension in shape {shape}")
         total = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
         if total > MAX_SOURCE_BYTES:
             raise UserError(f"{path}: {name} announces shape {shape} of {dtype} ({total} bytes), "
@@ -240,7 +242,7 @@ def _npz_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int) -> np.nd
         if len(data) < want or (keep == rows and len(data) > want):
             raise UserError(f"{path}: {name}: truncated or padded array (header says {total} bytes)")
     arr = np.frombuffer(data, dtype=dtype)
-    if fortran:
+    if fortran and shape:
         return arr.reshape(shape[::-1]).transpose()[:limit or None]
     return arr.reshape((keep, *shape[1:]) if shape else ())
 

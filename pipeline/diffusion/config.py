@@ -24,7 +24,7 @@ class DiffusionConfig:
     attention: bool = False  # self-attention at the lowest resolution (slow on CPU)
     limit: int = 0  # train on the first N real images (0: all)
     ema_decay: float = 0.999
-    bf16: bool = True  # autocast on CPUs with AMX / on GPUs
+    bf16: bool = True  # autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere
     checkpoint_every: int = 100
     seed: int = 0
 

@@ -1,4 +1,5 @@
-"""The library behind stage `diffusion` (its recipe: stages/diffusion.py): settings checks, the\ncheckpoint folder, an existing model used as it is, the loss plot."""
+"""The library behind stage `diffusion` (its recipe: stages/diffusion.py): settings checks, the
+checkpoint folder, an existing model used as it is, the loss plot."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pipeline.core.config import coerce_enums, require
 
 
 class AutoAttackVersion(str, Enum):
-    """Which AutoAttack runs (pipeline/robust.py documents the subsets)."""
+    """Which AutoAttack runs (pipeline/evaluate/robust.py documents the subsets)."""
 
     standard = "standard"  # apgd-ce, apgd-t, fab-t, square: the reference evaluation
     fast = "fast"  # apgd-ce (1 restart) + apgd-t (fast_targets classes): a cheaper CPU subset

@@ -1,4 +1,5 @@
-"""The library behind stage `evaluate` (its recipe: stages/evaluate.py): settings and output checks,\ntest images checked against the checkpoint, the device, the result files."""
+"""The library behind stage `evaluate` (its recipe: stages/evaluate.py): settings and output checks,
+test images checked against the checkpoint, the device, the result files."""
 
 from __future__ import annotations
 

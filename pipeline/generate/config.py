@@ -26,7 +26,7 @@ class GenerateConfig:
     min_confidence: float = 0.9  # pseudo-label filter for unconditional models
     batch_size: int = 250
     shard_size: int = 10_000
-    bf16: bool = True  # autocast for the UNet forward (CPUs with bf16 support / GPUs)
+    bf16: bool = True  # autocast for the UNet forward on GPUs and on CPUs with native bf16; fp32 elsewhere
     check: bool = True  # agreement of a real-data classifier with the intended labels
     real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
     classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)

@@ -22,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from pipeline.core.errors import UserError
+from pipeline.core.runtime import bf16_autocast
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.generate.config import Sampler
 
@@ -90,7 +91,7 @@ def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor |
         labels = labels.to(device)
         if guidance != 1.0:
             labels = torch.cat([labels, torch.full_like(labels, int(model.null_class))])
-    amp = bf16 and (device != "cpu" or torch.backends.mkldnn.is_available())
+    amp = bf16 and bf16_autocast(device)
     for t in sched.timesteps:
         x_in = sched.scale_model_input(torch.cat([x, x]) if guidance != 1.0 else x, t)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp):

@@ -1,4 +1,6 @@
-"""The library behind stage `generate` (its recipe: stages/generate.py): sampling shards of labelled\nimages, rejection sampling of an unconditional model's candidates, the real-data classifier's\nagreement check, the sample grid."""
+"""The library behind stage `generate` (its recipe: stages/generate.py): sampling shards of labelled
+images, rejection sampling of an unconditional model's candidates, the real-data classifier's
+agreement check, the sample grid."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pipeline.core.shards import (
 )
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.generate.config import GenerateConfig
+from pipeline.generate.labeller import accuracy, predict, train_classifier
 from pipeline.generate.sampling import class_grid, sample
 
 SIGNATURE = ("generate.json",)  # the file that marks a finished output folder of this stage
@@ -60,7 +63,6 @@ def shard_counts(n: int, shard_size: int) -> list[int]:
 
 
 def real_classifier(cfg: GenerateConfig, num_classes: int):
-    from pipeline.generate.labeller import train_classifier
 
     real = read_split(cfg.real, limit=cfg.classifier_limit, progress=True)
     if int(real.fingerprint["num_classes"]) != num_classes:
@@ -76,7 +78,6 @@ def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, c
     if model.conditional:
         labels = np.arange(start, start + count, dtype=np.int64) % model.num_classes
         return generate_range(model, cfg, start, start + count, labels, device), labels, count
-    from pipeline.generate.labeller import predict
 
     base, tried, kept_x, kept_y = start * MAX_TRIES, 0, [], []
     while sum(map(len, kept_y)) < count:
@@ -154,7 +155,6 @@ def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list
 
 def agreement_counts(clf, images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(2, K): per intended class, how many the real-data classifier agrees with, and how many there are."""
-    from pipeline.generate.labeller import predict
 
     pred, _ = predict(clf, images)
     return np.stack([np.bincount(labels[pred == labels], minlength=num_classes),
@@ -164,7 +164,6 @@ def agreement_counts(clf, images: np.ndarray, labels: np.ndarray, num_classes: i
 def _label_check(cfg: GenerateConfig, clf, agree: np.ndarray, conditional: bool) -> dict:
     if clf is None:
         return {}
-    from pipeline.generate.labeller import accuracy
 
     out: dict = {"classifier": "cnn, plain CE on real train" + (", background/noise nuisance augmentation"
                                                              if cfg.classifier_nuisance else "")}

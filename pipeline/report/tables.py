@@ -1,4 +1,5 @@
-"""The library behind stage `report` (its recipe: stages/report.py): the Markdown table of the\nvariants (mean +- std over seeds, budgets) and the README block it fills."""
+"""The library behind stage `report` (its recipe: stages/report.py): the Markdown table of the
+variants (mean +- std over seeds, budgets) and the README block it fills."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt:
 
     Important: the state file is the commit point. Written first (as it once was), a run killed
     between it and the model resumed into "nothing left to do" and finished with the previous
-    epoch's model.safetensors and log (tests/test_reliability.py). Written last, an interrupted
+    epoch's model.safetensors and log (tests/test_output_safety.py). Written last, an interrupted
     save leaves the old state, and resuming redoes the epoch, rewriting every file.
     """
     st.seconds = st.elapsed()

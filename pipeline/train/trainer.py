@@ -230,6 +230,7 @@ class Trainer:
         steps), metrics.json at the end. ``stop_after_steps`` (tests) checkpoints and returns after
         that many steps, like a kill."""
         cfg, rt, st = self.cfg, self.rt, self.run
+        st.resume_clock()  # wall time counts from here (plus a resumed run's earlier seconds)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"train {Path(cfg.out).name}", unit="step",
                    mininterval=2, disable=not rt.is_main)
         for epoch in range(st.epoch, cfg.epochs):
