@@ -154,7 +154,7 @@ def test_extractor_from_cache_replays_rows(store):
 def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_dir):
     out = tmp_path / "feats.zarr"
     cases = {"outside the schedule": dict(t=1000), "unknown layer 'mid'": dict(layer="mid"),
-             "--views must be >= 1": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
+             "--views must be a count >= 1 or .all.": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
              "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
              "no fingerprint.json": dict(real=str(tmp_path / "nowhere")),
              "--limit must be >= 0": dict(limit=-1), "unknown compressor": dict(compressor="gzip9")}
@@ -293,3 +293,33 @@ def test_one_writer_per_store_and_a_dead_writer_does_not_block(tmp_path, model_d
         holder.wait()
     extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=64))  # the dead holder's lock is gone
     assert verify_cache(str(out)) == []
+
+
+def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path, model_dir, fmnist_shards,
+                                                                       synthetic_dir):
+    """--views all at pad 1 (18 views): every row holds each (dx, dy, flip) once, the identity
+    first (the probe's view), and random rows pass the diffusers-only recipe."""
+    from pipeline.core.views import ViewSpec
+
+    spec = ViewSpec(pad=1)
+    out = tmp_path / "all.zarr"
+    extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, views="all", view=spec, synthetic="",
+                       limit=24))
+    cache = open_cache(str(out))
+    part = cache.part("train")
+    assert part.k == spec.n_views == 18 and part.attrs["views"] == "all"
+    combos = {tuple(int(part.views[key][n, k]) for key in ("dx", "dy", "flip")) for n in (0, 23) for k in range(18)}
+    assert len(combos) == 18  # every distinct view, in each row
+    assert [int(part.views[key][5, 0]) for key in ("dx", "dy", "flip")] == [1, 1, 0]  # view 0: the identity
+    a = cache.attrs
+    unet = UNet2DModel.from_pretrained(Path(a["model"]["source"]) / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(Path(a["model"]["source"]) / "scheduler")
+    ss = read_split(part.shards, limit=part.n)
+    for n, k in ((3, 17), (20, 9), (11, 0)):
+        v = {key: int(part.views[key][n, k]) for key in ("dx", "dy", "flip")}
+        row = recompute_row(a, unet, scheduler, ss.images[n], **v, seed=int(part.noise_seed[n, k]))
+        stored = torch.tensor(part.read(np.array([n]), np.array([k]))[0].astype(np.float32))
+        mean = torch.tensor(part.mean)
+        assert torch.nn.functional.cosine_similarity(row - mean, stored - mean, dim=0) >= 0.995, (n, k)
+    with pytest.raises(UserError, match="count >= 1 or 'all'"):
+        config(model_dir, fmnist_shards, synthetic_dir, out, views="some").validate()

@@ -35,3 +35,60 @@ def test_view_zero_is_identity_and_draws_are_seeded():
                        torch.from_numpy(a["flip"][:, 0]), 2)
     assert torch.equal(same, x)
     assert (sample_views(10, 3, ViewSpec(pad=2, flip=False), 0)["flip"] == 0).all()
+
+
+def test_all_views_enumerate_the_view_space_once_identity_first():
+    from pipeline.core.views import ViewSpec, all_views
+
+    for spec, count in ((ViewSpec(pad=2), 50), (ViewSpec(pad=4), 162), (ViewSpec(pad=2, flip=False), 25),
+                        (ViewSpec(pad=0), 2)):
+        v = all_views(3, spec)
+        assert spec.n_views == count and v["dx"].shape == (3, count)
+        combos = list(zip(v["dx"][1], v["dy"][1], v["flip"][1]))
+        assert len(set(combos)) == count and combos[0] == (spec.pad, spec.pad, 0)
+        assert all((v[key][0] == v[key][2]).all() for key in ("dx", "dy", "flip"))  # one order for every row
+
+
+def test_training_draws_under_all_views_follow_the_standard_augmentation():
+    """The sampler draws view indices uniformly among K recorded views; with K = every view, the
+    (dx, dy, flip) it serves is uniform over the view space, as random crop + flip is: counted
+    over 40 epochs of 200 samples (8000 draws, 160 per view expected), every view appears and
+    each count is within 5 standard deviations; so is the flip rate and each offset's marginal."""
+    import numpy as np
+
+    from pipeline.core.views import ViewSpec, all_views
+    from pipeline.train.sampler import MixedSampler
+
+    spec, n = ViewSpec(pad=2), 200
+    v = all_views(n, spec)
+    sampler = MixedSampler(n_real=n, k_real=spec.n_views, batch_size=50, seed=3)
+    counts = np.zeros((5, 5, 2), np.int64)
+    for epoch in range(40):
+        for b in sampler.batches(epoch):
+            np.add.at(counts, (v["dx"][b.real_rows, b.real_views], v["dy"][b.real_rows, b.real_views],
+                               v["flip"][b.real_rows, b.real_views]), 1)
+    total = counts.sum()
+    expected = total / 50
+    assert total == 8000 and counts.min() > 0
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)
+    assert abs(counts[..., 1].sum() / total - 0.5) < 5 * np.sqrt(0.25 / total)
+    for axis in ((1, 2), (0, 2)):  # dx and dy marginals: uniform over 0..4
+        assert np.abs(counts.sum(axis=axis) - total / 5).max() < 5 * np.sqrt(total / 5)
+
+
+def test_fresh_views_are_the_standard_draw_and_only_for_plain_at():
+    import numpy as np
+    import pytest
+
+    from pipeline.core.errors import UserError
+    from pipeline.core.views import ViewSpec, fresh_views
+    from pipeline.train.config import TrainConfig
+
+    dx, dy, flip = fresh_views(20000, ViewSpec(pad=2), np.random.default_rng(0))
+    assert set(dx.tolist()) == set(dy.tolist()) == set(range(5)) and set(flip.tolist()) == {0, 1}
+    assert abs(float(flip.float().mean()) - 0.5) < 0.02
+    again = fresh_views(20000, ViewSpec(pad=2), np.random.default_rng(0))
+    assert all((a == b).all() for a, b in zip((dx, dy, flip), again))  # seeded: a resume draws the same
+    TrainConfig(fresh_views=True, dra_weight=0.0).validate()
+    with pytest.raises(UserError, match="--fresh-views"):
+        TrainConfig(fresh_views=True, dra_weight=0.5).validate()

@@ -22,7 +22,7 @@ from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
-from pipeline.core.views import apply_views, sample_views, to_float01
+from pipeline.core.views import all_views, apply_views, sample_views, to_float01
 from pipeline.diffusion.model import load_model
 
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
@@ -43,11 +43,12 @@ def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
     return {p: dirs[p] for p in PART_IDS if p in dirs}
 
 
-def part_init(name: str, ss: ShardSet, k: int, target: TargetSpec, cfg: ExtractConfig) -> PartInit:
-    """Views and noise seeds of one part, from generators seeded with (seed, part)."""
-    n = len(ss.keys)
+def part_init(name: str, ss: ShardSet, mode: str, target: TargetSpec, cfg: ExtractConfig) -> PartInit:
+    """Views and noise seeds of one part, from generators seeded with (seed, part). ``views``: a
+    count K of random views, or "all" (every distinct view, in ``all_views``' order)."""
+    n, k = len(ss.keys), cfg.k_of(mode)
     view_seed = int(np.random.SeedSequence([cfg.seed, PART_IDS[name]]).generate_state(1)[0])
-    views = sample_views(n, k, cfg.view, view_seed)
+    views = all_views(n, cfg.view) if mode == "all" else sample_views(n, k, cfg.view, view_seed)
     rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
     noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
@@ -55,7 +56,7 @@ def part_init(name: str, ss: ShardSet, k: int, target: TargetSpec, cfg: ExtractC
                                                  "shards_digest": fp.get("shards_digest"),
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
-             "view_seed": view_seed}
+             "view_seed": view_seed, **({"views": "all"} if mode == "all" else {})}
     return PartInit(ss.keys, ss.labels, views, noise_seed, target.shape, attrs)
 
 
@@ -108,7 +109,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         if shape != want_shape:
             raise UserError(f"{path}: images {shape} but the model takes {want_shape}")
     target = extractor.target_spec(model.image_size, model.in_channels)
-    ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": 1}
+    ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": "1"}
     inits, images = {}, {}
     for name, path in dirs.items():
         ss = read_split(path, limit=cfg.limit)

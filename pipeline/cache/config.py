@@ -25,8 +25,10 @@ class ExtractConfig:
     t: int = 100
     layer: str = "mid_block"
     pooling: Pooling = Pooling.mean
-    views: int = 4  # K for the real train part (view 0 is the identity)
-    views_synthetic: int = 4  # K of the synthetic part: augmented like the real one (DM-AT does)
+    # K random views per image (view 0 is the identity), or "all": every distinct view of the view
+    # spec in a fixed order (core/views.py:all_views), i.e. exact targets for standard augmentation
+    views: str = "4"  # the real train part
+    views_synthetic: str = "4"  # the synthetic part: augmented like the real one (DM-AT does)
     draws: int = 1  # noise draws averaged per view
     condition: Condition = Condition.null  # class conditioning used while extracting
     view: ViewSpec = field(default_factory=ViewSpec)
@@ -39,10 +41,18 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         coerce_enums(self)
+        for name in ("views", "views_synthetic"):  # ints given in code or YAML: the same setting
+            object.__setattr__(self, name, str(getattr(self, name)).strip())
+
+    def k_of(self, views: str) -> int:
+        """K of a part: a count, or every distinct view of the view spec ("all")."""
+        return self.view.n_views if views == "all" else int(views)
 
     def validate(self) -> None:
         """Sizes and counts: refused before anything is loaded."""
-        sizes = ("views", "views_synthetic", "draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
-        require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
-                       for n in sizes] + [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")])
         self.view.validate()
+        sizes = ("draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
+        views = [(v == "all" or (v.isdigit() and int(v) >= 1), f"--{n.replace('_', '-')} must be a count >= 1 or "
+                  f"'all', got {v!r}") for n, v in (("views", self.views), ("views_synthetic", self.views_synthetic))]
+        require(self, views + [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
+                               for n in sizes] + [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")])

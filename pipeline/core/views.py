@@ -36,6 +36,11 @@ class ViewSpec:
             raise UserError(f"--view-pad must be in [0, {self.MAX_PAD}] (crop offsets 0..2*pad are stored as "
                             f"int8), got {self.pad}")
 
+    @property
+    def n_views(self) -> int:
+        """Distinct views: (2 pad + 1)^2 crop offsets, times 2 with flips (50 at pad 2, 162 at 4)."""
+        return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
+
     def to_dict(self) -> dict:
         return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
 
@@ -58,6 +63,30 @@ def sample_views(n: int, k: int, spec: ViewSpec, seed: int) -> dict[str, np.ndar
     dx[:, 0] = dy[:, 0] = spec.pad
     flip[:, 0] = 0
     return {"dx": dx.astype(np.int8), "dy": dy.astype(np.int8), "flip": flip.astype(np.uint8)}
+
+
+def all_views(n: int, spec: ViewSpec) -> dict[str, np.ndarray]:
+    """Every distinct view of ``spec`` for each of N samples: arrays dx, dy, flip of shape (N, V).
+
+    One fixed order for every sample: the identity (dx = dy = pad, no flip) first, then all others
+    in lexicographic (flip, dy, dx) order. Drawing a view index uniformly from these is exactly
+    the standard augmentation: offsets uniform in [0, 2 pad], an independent fair flip.
+    """
+    side = range(2 * spec.pad + 1)
+    identity = (spec.pad, spec.pad, 0)
+    rest = [(dx, dy, f) for f in ((0, 1) if spec.flip else (0,)) for dy in side for dx in side
+            if (dx, dy, f) != identity]
+    table = np.array([identity, *rest], dtype=np.int64)  # (V, 3)
+    return {key: np.ascontiguousarray(np.broadcast_to(table[:, i].astype(dt), (n, len(table))))
+            for i, (key, dt) in enumerate((("dx", np.int8), ("dy", np.int8), ("flip", np.uint8)))}
+
+
+def fresh_views(b: int, spec: ViewSpec, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B freshly drawn views (dx, dy, flip) of the standard augmentation (not from a cache)."""
+    dx = rng.integers(0, 2 * spec.pad + 1, b)
+    dy = rng.integers(0, 2 * spec.pad + 1, b)
+    flip = rng.integers(0, 2, b) if spec.flip else np.zeros(b, np.int64)
+    return torch.from_numpy(dx), torch.from_numpy(dy), torch.from_numpy(flip)
 
 
 def apply_views(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor,

@@ -60,6 +60,9 @@ class TrainConfig:
     ema_decay: float = 0.995
     image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
     view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
+    # a new random crop + flip per sample and step (standard on-the-fly augmentation) instead of the
+    # cache's recorded views; plain AT only (no cached target belongs to an unrecorded view)
+    fresh_views: bool = False
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
@@ -87,5 +90,7 @@ class TrainConfig:
                        (self.trades_beta >= 0, "--trades-beta must be >= 0"),
                        (self.weight_decay >= 0, "--weight-decay must be >= 0"),
                        (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
-                       (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")])
+                       (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+                       (not self.fresh_views or self.dra_weight == 0,
+                        "--fresh-views draws views the cache holds no targets for: use it with --dra-weight 0")])
         self.view.validate()

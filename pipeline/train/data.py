@@ -20,7 +20,7 @@ import torch
 
 from pipeline.core.errors import UserError
 from pipeline.core.shards import ShardSet, read_split
-from pipeline.core.views import apply_views
+from pipeline.core.views import ViewSpec, apply_views, fresh_views
 from pipeline.train.sampler import Batch, InMemoryTargets, StreamingTargets
 
 
@@ -83,21 +83,31 @@ def target_reader(part: Any, rows: int, *, stream: bool, window: int) -> InMemor
     return StreamingTargets(part, capacity=2 * window + 2) if stream else InMemoryTargets(part, rows=rows)
 
 
-def _views(data: PartData, rows: np.ndarray, views: np.ndarray, pad: int) -> dict[str, torch.Tensor]:
+def _views(data: PartData, rows: np.ndarray, views: np.ndarray, pad: int,
+           fresh: tuple[ViewSpec, np.random.Generator] | None = None) -> dict[str, torch.Tensor]:
     r, v = torch.from_numpy(rows), torch.from_numpy(views)
     x = data.images[r].float().div_(255)
-    x = apply_views(x, data.dx[r, v], data.dy[r, v], data.flip[r, v], pad)
+    if fresh is None:
+        x = apply_views(x, data.dx[r, v], data.dy[r, v], data.flip[r, v], pad)
+    else:  # on-the-fly augmentation: views no cache holds (no target belongs to them)
+        x = apply_views(x, *fresh_views(len(rows), fresh[0], fresh[1]), pad)
     out = {"x": x, "y": data.labels[r], "seed": data.noise_seed[r, v]}
     if data.reader is not None:
         out["target"] = torch.from_numpy(data.reader.get(rows, views))
     return out
 
 
-def assemble(batch: Batch, real: PartData, synthetic: PartData | None, pad: int) -> dict[str, torch.Tensor]:
-    """Inputs of one step: x (B,C,H,W) augmented views, y, noise seed, and (cached) target float16."""
-    parts = [_views(real, batch.real_rows, batch.real_views, pad)]
+def assemble(batch: Batch, real: PartData, synthetic: PartData | None, pad: int,
+             fresh: tuple[ViewSpec, int] | None = None) -> dict[str, torch.Tensor]:
+    """Inputs of one step: x (B,C,H,W) augmented views, y, noise seed, and (cached) target float16.
+
+    ``fresh`` = (view spec, seed): draw a new random view per sample instead of a recorded one,
+    from a generator seeded by (seed, epoch, step), so a resumed run draws the same views.
+    """
+    draw = (fresh[0], np.random.default_rng([fresh[1], batch.epoch, batch.step])) if fresh else None
+    parts = [_views(real, batch.real_rows, batch.real_views, pad, draw)]
     if synthetic is not None and len(batch.syn_rows):
-        parts.append(_views(synthetic, batch.syn_rows, batch.syn_views, pad))
+        parts.append(_views(synthetic, batch.syn_rows, batch.syn_views, pad, draw))
     if len(parts) == 1:
         return parts[0]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

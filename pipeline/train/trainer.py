@@ -196,7 +196,9 @@ class Trainer:
     def feed(self, epoch: int, start: int) -> Prefetcher:
         """Assembled inputs of the epoch's batches, prepared one or two steps ahead in a thread."""
         d = self.data
-        return Prefetcher(self.sampler.batches(epoch, start), lambda b: assemble(b, d.real, d.synthetic, d.pad), 2)
+        fresh = (self.cfg.view, self.cfg.seed * 1000003 + self.rt.rank) if self.cfg.fresh_views else None
+        return Prefetcher(self.sampler.batches(epoch, start),
+                          lambda b: assemble(b, d.real, d.synthetic, d.pad, fresh), 2)
 
     def step(self, global_step: int, batch: Any, inputs: dict) -> tuple[dict, float, float]:
         """One step: lr/DRA weight for this step, targets, attack, loss, update, EMA. Returns stats."""
