@@ -7,7 +7,10 @@ into the table, so a number from a masked-gradient model cannot pass unnoticed.
 
 Variants are compared only at one training budget: every row shows its optimizer steps and the
 samples seen (real + synthetic), and rows whose budgets differ are refused (``--allow-unequal-budgets``
-shows them, each marked UNEQUAL BUDGET, under a warning).
+shows them, each marked UNEQUAL BUDGET, under a warning). Where variants share two or more training
+seeds, a second table gives each variant minus the baseline (``--baseline``, default the first row),
+paired by seed: the mean difference with its 95% Student-t interval, marked "within noise" when the
+interval contains 0.
 
 ``--readme FILE`` also writes the table into FILE between the lines ``<!-- report:begin -->`` and
 ``<!-- report:end -->``; ``--readme FILE#NAME`` between ``<!-- NAME:begin -->`` and
@@ -37,7 +40,7 @@ from pipeline.report.results import (
 from pipeline.report.tables import (
     markdown,
     readme_parts,
-    table,
+    results_block,
     write_readme_block,
 )
 
@@ -54,6 +57,9 @@ def run(cfg: ReportConfig) -> dict:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
+    if cfg.baseline and cfg.baseline not in groups:
+        raise UserError(f"--baseline {cfg.baseline!r}: no such variant (there are: {', '.join(groups)})")
+    baseline = cfg.baseline or next(iter(groups))
     unequal = unequal_budgets(groups)
     if unequal and not cfg.allow_unequal_budgets:
         raise UserError(f"training budgets (steps, real and synthetic samples) differ between variants "
@@ -70,14 +76,15 @@ def run(cfg: ReportConfig) -> dict:
     if cfg.grid and Path(cfg.grid).is_file():
         shutil.copyfile(cfg.grid, tmp / "samples.png")
         images.append(tmp / "samples.png")
-    (tmp / "report.md").write_text(markdown(groups, [p.name for p in images], unequal))
+    (tmp / "report.md").write_text(markdown(groups, [p.name for p in images], unequal, baseline))
     summary = {name: [{k: r.get(k) for k in ("clean", "pgd", "autoattack", "seed", "checkpoint")}
                       | {"train_seconds": train_seconds(r), "budget": (r.get("train_metrics") or {}).get("budget")}
                       for r in rs] for name, rs in groups.items()}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     storage.commit(str(tmp), out, signature=SIGNATURE)
     if readme is not None:
-        write_readme_block(cfg.readme, readme, table(groups, unequal), cfg.evals)
-    print(table(groups, unequal))
+        write_readme_block(cfg.readme, readme, results_block(groups, unequal, baseline), cfg.evals,
+                           cfg.baseline)
+    print(results_block(groups, unequal, baseline))
     print(f"report: {out / 'report.md'}")
     return summary

@@ -10,6 +10,7 @@ import pytest
 from pipeline.core.errors import UserError
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import read_log
+from pipeline.report.tables import paired_difference, t975
 from stages import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,3 +144,37 @@ def test_readme_table_is_generated_between_markers(results, tmp_path):
         report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r3"),
                                 readme=str(readme)))
     assert not (tmp_path / "r3").exists() and readme.read_text() == "no markers\n"
+
+
+def test_paired_difference_equals_a_direct_computation():
+    # differences 0.02, 0.05, -0.01 -> mean 0.02, sample sd 0.03, t_0.975(2) = 4.303
+    mean, lo, hi = paired_difference([0.52, 0.55, 0.49], [0.50, 0.50, 0.50])
+    half = 4.303 * 0.03 / 3 ** 0.5
+    assert mean == pytest.approx(0.02) and lo == pytest.approx(0.02 - half) and hi == pytest.approx(0.02 + half)
+    assert t975(1) == 12.706 and t975(10) == 2.228 and t975(200) == 1.96
+    with pytest.raises(ValueError):  # unpaired lists are an error, not a silent truncation
+        paired_difference([0.1, 0.2], [0.1])
+
+
+def test_report_pairs_variants_by_seed_and_says_when_a_difference_is_noise(tmp_path):
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    rows = [("base", 0, 0.50, 0.40), ("base", 1, 0.52, 0.41), ("base", 2, 0.48, 0.42),
+            ("better", 2, 0.58, 0.47), ("better", 0, 0.60, 0.45), ("better", 1, 0.62, 0.46),  # +10 points, sd 0
+            ("noisy", 0, 0.55, 0.40), ("noisy", 1, 0.47, 0.44), ("noisy", 2, 0.49, 0.40),
+            ("single", 0, 0.90, 0.90)]
+    for variant, seed, clean, pgd in rows:
+        r = _result(variant, seed, clean, pgd, None, tmp_path / "none")
+        (evals / f"{variant}-s{seed}.json").write_text(json.dumps(r))
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r"), baseline="base"))
+    md = (tmp_path / "r" / "report.md").read_text()
+    diffs = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if " − base " in line}
+    assert set(diffs) == {"better − base", "noisy − base"}  # one seed gives no interval: no row
+    assert diffs["better − base"][0] == "3"
+    assert diffs["better − base"][1] == "+10.00 [+10.00, +10.00]"  # paired by seed, not by file order
+    assert diffs["better − base"][2].startswith("+5.00 [") and "noise" not in diffs["better − base"][2]
+    assert diffs["noisy − base"][1].endswith("(within noise)")
+    assert "AutoAttack" not in md.split("Paired by training seed")[1].split("\n\n")[1]  # no AA numbers: no column
+    with pytest.raises(UserError, match="--baseline 'nope': no such variant"):
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2"), baseline="nope"))

@@ -14,6 +14,7 @@ class ReportConfig:
     grid: str = "artifacts/shards/synthetic/grid.png"
     out: str = "artifacts/report"
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
+    baseline: str = ""  # the variant the others are compared with, paired by seed (default: the first row)
     readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
 
     def validate(self) -> None:

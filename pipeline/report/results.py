@@ -28,14 +28,14 @@ def load_evals(folder: str | Path) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             print(f"note: skipping unreadable {path}")
             continue
-        if isinstance(data, dict) and _num(data.get("clean")) and _num(data.get("pgd")):
+        if isinstance(data, dict) and is_number(data.get("clean")) and is_number(data.get("pgd")):
             data.setdefault("variant", path.stem)
             data["_path"] = str(path)
             runs.append(data)
     return runs
 
 
-def _num(v: object) -> bool:
+def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -66,7 +66,7 @@ def train_seconds(run: dict) -> float | None:
     """Wall time of training, from the metrics.json the train stage wrote (None if unknown)."""
     metrics = run.get("train_metrics") or {}
     for key in TRAIN_TIME_KEYS:
-        if _num(metrics.get(key)):
+        if is_number(metrics.get(key)):
             return float(metrics[key])
     return None
 
@@ -75,7 +75,7 @@ def budget(run: dict) -> dict | None:
     """The run's training budget (steps, samples, real_samples, synthetic_samples); None if not recorded."""
     b = (run.get("train_metrics") or {}).get("budget")
     keys = ("steps", "samples", "real_samples", "synthetic_samples")
-    if not isinstance(b, dict) or not all(_num(b.get(k)) for k in keys):
+    if not isinstance(b, dict) or not all(is_number(b.get(k)) for k in keys):
         return None
     return {k: int(b[k]) for k in keys}
 
