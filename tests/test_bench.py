@@ -104,7 +104,7 @@ def test_bare_forward_stops_at_the_block():
 def test_whole_forward_extractor_gives_the_same_targets():
     model = _tiny_model()
     early = FeatureExtractor(model, t=100, layer="mid_block")
-    whole = FeatureExtractor(model, stop_early=False, **early.settings())
+    whole = FeatureExtractor(model, stop_early=False, **early.options())
     reached = []
     model.unet.conv_out.register_forward_hook(lambda *_: reached.append(1))
     x, seeds = torch.rand(6, 1, 28, 28), torch.arange(6)

@@ -9,11 +9,14 @@ import pytest
 from repro import tree_bytes
 
 from pipeline.cache.store import CacheWriter, PartInit, cache_info, open_cache, verify_cache
+from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.core.views import ViewSpec, sample_views
 
 D = 16
+SPEC = TargetSpec(100, "mid_block", Pooling.mean, (D,))
+FEATURES = f"targets/{SPEC.name}/features"  # a part's features array, relative to the part
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def _init(ss, k: int, seed: int) -> PartInit:
     views = sample_views(n, k, ViewSpec(), seed)
     seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
-    return PartInit(ss.keys, ss.labels, views, seeds, D,
+    return PartInit(ss.keys, ss.labels, views, seeds, [SPEC],
                     {"shards": ss.path, "fingerprint": {k: fp[k] for k in ("content_hash", "count", "image_shape", "shards_digest")}})
 
 
@@ -38,7 +41,7 @@ def _features(init: PartInit, seed: int) -> np.ndarray:
     return (base[:, None, :] + 0.3 * rng.normal(size=(init.n, init.k, D))).astype(np.float16)
 
 
-PLAN = {"t": 100, "layer": "mid_block", "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
+PLAN = {**targets_attrs([SPEC]), "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
         "view_spec": ViewSpec().to_dict()}
 
 
@@ -60,7 +63,7 @@ def write_store(url: str, real, *, stop_after: int | None = None, finalize: bool
             if stop_after is not None and done >= stop_after:
                 return w, feats
             a, b = w.shard_rows(name, s)
-            w.write_shard(name, s, feats[name][a:b])
+            w.write_shard(name, s, {SPEC.name: feats[name][a:b]})
             done += 1
     if finalize:
         for name in inits:
@@ -73,7 +76,7 @@ def test_round_trip_and_stats(tmp_path, real):
     url = str(tmp_path / "c.zarr")
     _, feats = write_store(url, real)
     cache = open_cache(url)
-    assert cache.parts == ["train", "test"] and cache.attrs["t"] == 100 and cache.attrs["complete"] is True
+    assert cache.parts == ["train", "test"] and cache.default_target == SPEC and cache.attrs["complete"] is True
     part = cache.part("train")
     assert (part.n, part.k, part.d) == (200, 3, D) and part.keys == real["train"].keys
     np.testing.assert_array_equal(part.labels, real["train"].labels)
@@ -86,22 +89,23 @@ def test_round_trip_and_stats(tmp_path, real):
     np.testing.assert_allclose(part.std, flat.std(0), rtol=1e-4)
     assert part.mean.dtype == np.float32 and part.views["flip"].dtype == np.uint8
     assert verify_cache(url) == []
-    assert "N=200 K=3 D=16" in cache_info(url) and "blosc-zstd" in cache_info(url)
+    info = cache_info(url)
+    assert "N=200 K=3" in info and f"{SPEC.name}" in info and "D=16 float16" in info and "blosc-zstd" in info
 
 
 def test_progress_record_drives_resume(tmp_path, real):
     url = str(tmp_path / "c.zarr")
     w, _ = write_store(url, real, stop_after=3, finalize=False)
-    assert w.missing_shards("train") == [3, 4, 5, 6]
+    assert list(w.missing_shards("train")) == [3, 4, 5, 6]
     with pytest.raises(UserError, match="incomplete"):
         open_cache(url)
-    shard = tmp_path / "c.zarr" / "train" / "features" / "c" / "1" / "0" / "0"
+    shard = tmp_path / "c.zarr" / "train" / "targets" / SPEC.name / "features" / "c" / "1" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
     w2 = CacheWriter.open_or_create(url, plan=PLAN, parts={}, rows_per_chunk=16, chunks_per_shard=2,
                                     compressor="blosc-zstd")
-    assert w2.missing_shards("train") == [1, 3, 4, 5, 6]  # the damaged shard is redone
+    assert list(w2.missing_shards("train")) == [1, 3, 4, 5, 6]  # the damaged shard is redone
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, real):
@@ -116,7 +120,7 @@ def test_other_settings_refused(tmp_path, real):
     url = str(tmp_path / "c.zarr")
     write_store(url, real, stop_after=1, finalize=False)
     with pytest.raises(UserError, match="other settings"):
-        CacheWriter.open_or_create(url, plan={**PLAN, "t": 10}, parts={}, rows_per_chunk=16,
+        CacheWriter.open_or_create(url, plan={**PLAN, "seed": 10}, parts={}, rows_per_chunk=16,
                                    chunks_per_shard=2, compressor="blosc-zstd")
     folder = tmp_path / "not-a-store"
     folder.mkdir()
@@ -135,21 +139,21 @@ def _only(problems: list[str], needle: str) -> None:
 def test_verify_names_each_problem(tmp_path, real):
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
-    shard = url / "train" / "features" / "c" / "2" / "0" / "0"
+    shard = url / "train" / "targets" / SPEC.name / "features" / "c" / "2" / "0" / "0"
     original = shard.read_bytes()
 
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0x01
     shard.write_bytes(bytes(flipped))
     problems = verify_cache(str(url))
-    assert any("train/features/c/2/0/0: checksum mismatch" in p for p in problems), problems
+    assert any(f"train/{FEATURES}/c/2/0/0: checksum mismatch" in p for p in problems), problems
 
     shard.write_bytes(original[: len(original) // 2])
     problems = verify_cache(str(url))
-    assert any("train/features/c/2/0/0: checksum mismatch" in p for p in problems), problems
+    assert any(f"train/{FEATURES}/c/2/0/0: checksum mismatch" in p for p in problems), problems
 
     shard.unlink()
-    assert any("train/features/c/2/0/0: missing file" in p for p in verify_cache(str(url)))
+    assert any(f"train/{FEATURES}/c/2/0/0: missing file" in p for p in verify_cache(str(url)))
     shard.write_bytes(original)
     assert verify_cache(str(url)) == []
 
@@ -166,8 +170,8 @@ def test_verify_finds_nan(tmp_path, real):
     url = str(tmp_path / "c.zarr")
     write_store(url, real, nan_row=37)
     problems = verify_cache(url)
-    assert any("train/features/c/1/0/0: 1 NaN/Inf values (rows 37" in p for p in problems), problems
-    assert any("train/mean: NaN/Inf" in p for p in problems)
+    assert any(f"train/{FEATURES}/c/1/0/0: 1 NaN/Inf values (rows 37" in p for p in problems), problems
+    assert any(f"train/targets/{SPEC.name}/mean: NaN/Inf" in p for p in problems), problems
 
 
 def test_check_against(tmp_path, real, fmnist_shards):
@@ -232,17 +236,17 @@ def test_metadata_is_covered_like_data(tmp_path, real):
     original = {p: p.read_bytes() for p in url.rglob("zarr.json")}
 
     # float16 -> int16 reads the same bytes as numbers near 14000: the array's zarr.json is in the manifest
-    _edit_json(url / "train" / "features" / "zarr.json", lambda d: d.update(data_type="int16"))
-    _only(verify_cache(str(url)), "train/features/zarr.json: checksum mismatch")
+    _edit_json(url / "train" / "targets" / SPEC.name / "features" / "zarr.json", lambda d: d.update(data_type="int16"))
+    _only(verify_cache(str(url)), f"train/{FEATURES}/zarr.json: checksum mismatch")
 
     for p, b in original.items():
         p.write_bytes(b)
-    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(t=500))  # a forged timestep
+    _edit_json(url / "zarr.json", lambda d: d["attributes"]["targets"][0].update(t=500))  # a forged timestep
     _only(verify_cache(str(url)), "digest mismatch")
     with pytest.raises(UserError, match="digest mismatch"):
         open_cache(str(url))
     _reseal(url)  # consistent again, but it is another cache: its digest tells
-    assert open_cache(str(url)).attrs["t"] == 500
+    assert open_cache(str(url)).attrs["targets"][0]["t"] == 500
     _only(verify_cache(str(url), digest=digest), f"is not the expected {digest}")
 
     for p, b in original.items():
@@ -268,13 +272,13 @@ def test_manifest_names_never_leave_the_store(tmp_path, real):
     assert sorted(problems) == ["../../../../etc/hostname: missing file", "/etc/hostname: missing file"]
 
     write_store(str(tmp_path / "d.zarr"), real)
-    shard = tmp_path / "d.zarr" / "train" / "features" / "c" / "2" / "0" / "0"
+    shard = tmp_path / "d.zarr" / "train" / "targets" / SPEC.name / "features" / "c" / "2" / "0" / "0"
     shard.unlink()
     os.symlink("/etc/hostname", shard)  # a file outside the store, through a link: refused unread
-    _only(verify_cache(str(tmp_path / "d.zarr")), "train/features/c/2/0/0: not a regular file")
+    _only(verify_cache(str(tmp_path / "d.zarr")), f"train/{FEATURES}/c/2/0/0: not a regular file")
     shard.unlink()
     os.symlink("/dev/zero", shard)  # not even listed as a file: missing, and never read
-    _only(verify_cache(str(tmp_path / "d.zarr")), "train/features/c/2/0/0: missing file")
+    _only(verify_cache(str(tmp_path / "d.zarr")), f"train/{FEATURES}/c/2/0/0: missing file")
 
 
 def test_old_format_refused_with_how_to_rebuild(tmp_path, real):
@@ -284,6 +288,11 @@ def test_old_format_refused_with_how_to_rebuild(tmp_path, real):
     with pytest.raises(UserError, match=r"format dra-feature-cache/1 is no longer read .*rebuild .*extract"):
         open_cache(str(url))
     _only(verify_cache(str(url)), "no longer read")
+    # format 2 (one target set, features directly under each part): refused in one line, not misread
+    _edit_json(url / "zarr.json", lambda d: d["attributes"].update(format="dra-feature-cache/2"))
+    with pytest.raises(UserError, match=r"format dra-feature-cache/2 is no longer read \(it holds one target set "
+                                        r"in another layout\): rebuild the cache with `python -m pipeline extract`"):
+        open_cache(str(url))
 
 
 def _forge(url, edit, key: str = "train/zarr.json") -> None:
@@ -329,7 +338,7 @@ def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
     big = 10**9
-    for name in ("features", "keys", "labels", "dx", "dy", "flip", "noise_seed"):
+    for name in (FEATURES, "keys", "labels", "dx", "dy", "flip", "noise_seed"):
         _edit_json(url / "train" / name / "zarr.json", lambda d: d.update(shape=[big, *d["shape"][1:]]))
     _edit_json(url / "train" / "zarr.json", lambda d: d["attributes"].update(n=big))
     root = json.loads((url / "zarr.json").read_text())
@@ -353,5 +362,5 @@ def test_zero_chunks_are_refused_in_one_line(tmp_path, real):
 
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
-    _forge(url, zero, key="train/features/zarr.json")
+    _forge(url, zero, key=f"train/{FEATURES}/zarr.json")
     _check_one_line(url)

@@ -24,8 +24,10 @@ from pipeline.train import trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _feature_file(url: Path, part: str = "train", array: str = "features") -> Path:
+def _feature_file(url: Path, part: str = "train", array: str = "") -> Path:
+    """A data file of an array of the part (default: the default target set's features)."""
     attrs = json.loads((url / "zarr.json").read_text())["attributes"]
+    array = array or f"targets/{attrs['default_target']}/features"
     key = next(k for k in attrs["manifest"] if k.startswith(f"{part}/{array}/c/"))
     return url / key
 
@@ -56,7 +58,7 @@ def _delete(url: Path) -> None:
 def _nan(url: Path) -> None:
     """NaNs written as a diverged model would produce them: checksums recorded after the fact."""
     group = cache_mod._open_group(str(url), "r+")
-    feats = group["train"]["features"]
+    feats = group[f"train/targets/{group.attrs['default_target']}/features"]
     block = feats[0:32]
     block[3, 1, :5] = np.nan
     feats[0:32] = block
@@ -118,7 +120,7 @@ def test_damage_in_an_unused_part_does_not_block_training(store, tmp_path):
     shutil.copytree(store, bad)
     path = _feature_file(bad, part="test")
     path.write_bytes(path.read_bytes()[:-10])
-    assert any("test/features" in p for p in verify_cache(str(bad)))
+    assert any(p.startswith("test/targets/") and "/features/" in p for p in verify_cache(str(bad)))
     trainer.refuse_damaged(train_cfg(bad, tmp_path / "x"))  # no exception
 
 

@@ -1,8 +1,10 @@
 """Stage `extract` end to end on real Fashion-MNIST with a tiny UNet: contract, recipe, refusals,
-determinism, and SIGKILL + resume."""
+determinism, and SIGKILL + resume. The store holds 2 timesteps x 2 layers (4 target sets), so every
+property is checked on a multi-target store; the recipe is checked on every set."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -53,7 +55,7 @@ def synthetic_dir(tmp_path_factory, fmnist_shards) -> Path:
 
 def config(model_dir, fmnist_shards, synthetic_dir, out, **kw) -> ExtractConfig:
     base = ExtractConfig(model=str(model_dir), real=str(fmnist_shards), synthetic=str(synthetic_dir),
-                         out=str(out), t=100, layer="mid_block", views=3, views_synthetic=2, batch_size=64,
+                         out=str(out), t="100,30", layer="mid_block,up_blocks.0", views=3, views_synthetic=2, batch_size=64,
                          rows_per_chunk=32, chunks_per_shard=2, limit=200)
     return replace(base, **kw)
 
@@ -70,7 +72,12 @@ def test_store_follows_the_contract(store, fmnist_shards):
     cache = open_cache(str(store))
     a = cache.attrs
     assert cache.parts == ["train", "synthetic", "test"]
-    assert (a["t"], a["layer"], a["pooling"], a["draws"], a["condition"]) == (100, "mid_block", "mean", 1, "null")
+    assert (a["timesteps"], a["layers"], a["pooling"], a["draws"], a["condition"]) == \
+        ([100, 30], ["mid_block", "up_blocks.0"], "mean", 1, "null")
+    assert [s.name for s in cache.targets] == ["t100-mid_block", "t100-up_blocks.0", "t30-mid_block", "t30-up_blocks.0"]
+    assert cache.default_target.name == "t100-mid_block" and a["noise"] == "shared-across-timesteps"
+    assert cache.target(30).name == "t30-mid_block" and cache.target(layer="up_blocks.0").name == "t100-up_blocks.0"
+    assert {s.layer: s.shape for s in cache.targets} == {"mid_block": (16,), "up_blocks.0": (16,)}
     assert a["model"]["num_classes"] == 10 and len(a["model"]["weights_sha256"]) == 64
     assert a["normalisation"] == "x*2-1" and a["view_spec"]["pad"] == 2 and a["complete"] is True
     train = cache.part("train")
@@ -81,18 +88,23 @@ def test_store_follows_the_contract(store, fmnist_shards):
     ss = read_split(fmnist_shards / "train", limit=200)
     assert train.keys == ss.keys
     cache.check_against("train", read_split(fmnist_shards / "train"))
-    probe = a["probe"]["probe_accuracy"]
-    assert 0.3 < probe <= 1.0  # 10 classes: chance is 0.1
-    assert (store.parent / "probe.json").is_file()
+    probe = a["probe"]
+    assert [(r["t"], r["layer"]) for r in probe["sets"]] == [(s.t, s.layer) for s in cache.targets]
+    assert all(0.3 < r["probe_accuracy"] <= 1.0 for r in probe["sets"])  # 10 classes: chance is 0.1
+    assert probe["probe_accuracy"] == probe["sets"][0]["probe_accuracy"]  # the default set's
+    assert json.loads((store.parent / "probe.json").read_text()) == probe
     f = train.read_chunk(0).astype(np.float32)
     assert np.isfinite(f).all() and f.std() > 0
     assert not np.allclose(f[:, 0], f[:, 1])  # different views give different targets
+    sets = {s.name: cache.part("train", s).read_chunk(0).astype(np.float32) for s in cache.targets}
+    assert len({v.tobytes() for v in sets.values()}) == 4  # four different target sets
 
 
-def recompute_row(attrs: dict, unet, scheduler, image: np.ndarray, dx: int, dy: int, flip: int,
+def recompute_row(attrs: dict, target: dict, unet, scheduler, image: np.ndarray, dx: int, dy: int, flip: int,
                   seed: int) -> torch.Tensor:
-    """The README recipe for one row: recorded facts + diffusers + numpy (no pipeline.cache.extractor)."""
-    pad, t, draws = attrs["view_spec"]["pad"], attrs["t"], attrs["draws"]
+    """The README recipe for one row of target set ``target`` (an entry of the root ``targets``):
+    recorded facts + diffusers + numpy (no pipeline.cache.extractor)."""
+    pad, t, draws = attrs["view_spec"]["pad"], target["t"], attrs["draws"]
     h, w = image.shape[:2]
     img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[dy:dy + h, dx:dx + w]  # crop of the padded image
     if flip:
@@ -103,7 +115,7 @@ def recompute_row(attrs: dict, unet, scheduler, image: np.ndarray, dx: int, dy: 
     x_t = scheduler.add_noise(x0.expand(draws, -1, -1, -1), noise, ts)
     labels = torch.full((draws,), attrs["model"]["null_class"]) if attrs["condition"] == "null" else None
     captured = []
-    block = dict(unet.named_modules())[attrs["layer"]]
+    block = dict(unet.named_modules())[target["layer"]]
     handle = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
         unet(x_t, ts, class_labels=labels)
@@ -112,26 +124,27 @@ def recompute_row(attrs: dict, unet, scheduler, image: np.ndarray, dx: int, dy: 
 
 
 def test_recompute_rows_with_diffusers_alone(store):
+    """Every target set: the same noise seed at each timestep (the noise is shared across t)."""
     cache = open_cache(str(store))
     a = cache.attrs
     root = Path(a["model"]["source"])
     unet = UNet2DModel.from_pretrained(root / "unet").eval()
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     rng = np.random.default_rng(7)
-    for name in ("train", "synthetic"):
-        part = cache.part(name)
+    for name, target in [(name, target) for name in ("train", "synthetic") for target in a["targets"]]:
+        part = cache.part(name, cache.target(target["t"], target["layer"]))
         ss = read_split(part.shards, limit=part.n)
-        for n, k in zip(rng.integers(0, part.n, 6), rng.integers(0, part.k, 6)):
+        for n, k in zip(rng.integers(0, part.n, 3), rng.integers(0, part.k, 3)):
             v = {key: int(part.views[key][n, k]) for key in ("dx", "dy", "flip")}
-            row = recompute_row(a, unet, scheduler, ss.images[n], **v, seed=int(part.noise_seed[n, k]))
+            row = recompute_row(a, target, unet, scheduler, ss.images[n], **v, seed=int(part.noise_seed[n, k]))
             stored = torch.tensor(part.read(np.array([n]), np.array([k]))[0].astype(np.float32))
             cos = torch.nn.functional.cosine_similarity(row, stored, dim=0)
-            assert cos >= 0.999, (name, n, k, float(cos))
+            assert cos >= 0.999, (name, target["name"], n, k, float(cos))
             # raw embeddings share one dominant direction: also compare them centred, which a wrong
             # seed or view fails by far (measured: 0.996 raw but 0.82 centred)
             mean = torch.tensor(part.mean)
             centred = torch.nn.functional.cosine_similarity(row - mean, stored - mean, dim=0)
-            assert centred >= 0.995, (name, n, k, float(centred))
+            assert centred >= 0.995, (name, target["name"], n, k, float(centred))
 
 
 def test_extractor_from_cache_replays_rows(store):
@@ -141,8 +154,9 @@ def test_extractor_from_cache_replays_rows(store):
     from pipeline.core.views import apply_views
 
     cache = open_cache(str(store))
-    fe = FeatureExtractor.from_cache(cache)
-    part = cache.part("train")
+    target = cache.target(30, "up_blocks.0")
+    fe = FeatureExtractor.from_cache(cache, target)
+    part = cache.part("train", target)
     ss = read_split(part.shards, limit=part.n)
     rows, views = np.arange(0, 200, 25), np.arange(8) % 3
     x = torch.from_numpy(ss.images[rows]).permute(0, 3, 1, 2).float() / 255
@@ -157,7 +171,11 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
              "--views must be a count >= 1 or .all.": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
              "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
              "no fingerprint.json": dict(real=str(tmp_path / "nowhere")),
-             "--limit must be >= 0": dict(limit=-1), "unknown compressor": dict(compressor="gzip9")}
+             "--limit must be >= 0": dict(limit=-1), "unknown compressor": dict(compressor="gzip9"),
+             "--t must be one timestep or a comma list of distinct": dict(t="100,100"),
+             "--t must be one timestep or a comma list": dict(t="1e2"),
+             "--layer must be one block or a comma list of distinct": dict(layer="mid_block,mid_block"),
+             "t=2000 is outside the schedule": dict(t="100,2000"), "unknown layer 'up'": dict(layer="mid_block,up")}
     for message, kw in cases.items():
         with pytest.raises(UserError, match=message):
             extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, **kw))
@@ -182,13 +200,28 @@ def test_same_store_twice_byte_for_byte(tmp_path, store, model_dir, fmnist_shard
     assert sum(result["written"].values()) == 0 and tree_bytes(again) == tree_bytes(store)
 
 
+def _recorded(store: Path) -> list[Path]:
+    """Progress chunks present: one per (part, target set, shard) written."""
+    return list(store.glob("*/targets/*/progress/c/*/0"))
+
+
+def _shards_done(store: Path, n_sets: int = 4) -> int:
+    """(part, shard) pairs written in every target set (a kill can land between two sets' writes)."""
+    seen: dict[tuple[str, str], int] = {}
+    for p in _recorded(store):
+        key = (p.relative_to(store).parts[0], p.parts[-2])
+        seen[key] = seen.get(key, 0) + 1
+    return sum(count == n_sets for count in seen.values())
+
+
 def _kill_when(cmd: list[str], store: Path, shards_done: int) -> None:
-    """Start the CLI, SIGKILL it once `shards_done` feature shards are recorded."""
+    """Start the CLI, SIGKILL it once `shards_done` feature shards of some target set are recorded
+    (with 4 sets a kill often lands between the sets of one shard: resume computes only those lacking)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
         while proc.poll() is None and time.time() < deadline:
-            if len(list(store.glob("*/progress/c/*/0"))) >= shards_done:
+            if len(_recorded(store)) >= shards_done:
                 break
             time.sleep(0.01)
     finally:
@@ -200,7 +233,7 @@ def _cli(cfg: ExtractConfig) -> list[str]:
     return [sys.executable, "-m", "pipeline", "extract", "--model", cfg.model, "--real", cfg.real,
             "--synthetic", cfg.synthetic, "--out", cfg.out, "--views", str(cfg.views),
             "--views-synthetic", str(cfg.views_synthetic), "--batch-size", str(cfg.batch_size),
-            "--rows-per-chunk", str(cfg.rows_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
+            "--t", cfg.t, "--layer", cfg.layer, "--rows-per-chunk", str(cfg.rows_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
             "--limit", str(cfg.limit)]
 
 
@@ -215,7 +248,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, store, model_dir, fmn
     _kill_when(_cli(cfg), out, kill_after)
     with pytest.raises(UserError):
         open_cache(str(out))  # killed: no "complete" marker (or no store at all)
-    done_before = len(list(out.glob("*/progress/c/*/0")))
+    done_before = _shards_done(out)
     proc = subprocess.run(_cli(cfg), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     total = 4 + 2 + 4  # shards of 64 rows: train 200, synthetic 96, test 200
@@ -241,19 +274,21 @@ def test_two_processes_equal_one(tmp_path, store, model_dir, fmnist_shards, synt
     a, b = open_cache(str(two)), open_cache(str(store))
     assert a.parts == b.parts == ["train", "synthetic", "test"]
     for name in a.parts:
-        p, q = a.part(name), b.part(name)
-        assert p.keys == q.keys and np.array_equal(p.labels, q.labels)
-        assert np.array_equal(p.noise_seed, q.noise_seed)
-        assert all(np.array_equal(p.views[v], q.views[v]) for v in ("dx", "dy", "flip"))
-        assert_features_close(np.concatenate([p.read_chunk(c) for c in range(p.n_chunks)]),
-                              np.concatenate([q.read_chunk(c) for c in range(q.n_chunks)]))
+        for target in a.targets:
+            p, q = a.part(name, target), b.part(name, target)
+            assert p.keys == q.keys and np.array_equal(p.labels, q.labels)
+            assert np.array_equal(p.noise_seed, q.noise_seed)
+            assert all(np.array_equal(p.views[v], q.views[v]) for v in ("dx", "dy", "flip"))
+            assert_features_close(np.concatenate([p.read_chunk(c) for c in range(p.n_chunks)]),
+                                  np.concatenate([q.read_chunk(c) for c in range(q.n_chunks)]))
 
 
 def test_extractor_computes_in_float32_under_autocast(store):
     """train --online runs inside the step's autocast (bf16 on GPUs): the targets must not change."""
     from pipeline.cache.extractor import FeatureExtractor
 
-    fe = FeatureExtractor.from_cache(open_cache(str(store)))
+    cache = open_cache(str(store))
+    fe = FeatureExtractor.from_cache(cache, cache.default_target)
     x, seeds = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(6)
     plain = fe(x, seeds, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -304,7 +339,7 @@ def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path,
     spec = ViewSpec(pad=1)
     out = tmp_path / "all.zarr"
     extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, views="all", view=spec, synthetic="",
-                       limit=24))
+                       limit=24, t="100", layer="mid_block"))
     cache = open_cache(str(out))
     part = cache.part("train")
     assert part.k == spec.n_views == 18 and part.attrs["views"] == "all"
@@ -317,7 +352,7 @@ def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path,
     ss = read_split(part.shards, limit=part.n)
     for n, k in ((3, 17), (20, 9), (11, 0)):
         v = {key: int(part.views[key][n, k]) for key in ("dx", "dy", "flip")}
-        row = recompute_row(a, unet, scheduler, ss.images[n], **v, seed=int(part.noise_seed[n, k]))
+        row = recompute_row(a, a["targets"][0], unet, scheduler, ss.images[n], **v, seed=int(part.noise_seed[n, k]))
         stored = torch.tensor(part.read(np.array([n]), np.array([k]))[0].astype(np.float32))
         mean = torch.tensor(part.mean)
         assert torch.nn.functional.cosine_similarity(row - mean, stored - mean, dim=0) >= 0.995, (n, k)

@@ -23,6 +23,7 @@ import pytest
 from launch import accelerate_run  # tests/ is on sys.path (rootdir conftest)
 
 from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
+from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
 from pipeline.core.shards import read_split
 from pipeline.core.views import ViewSpec, sample_views
 from pipeline.data.config import PrepareConfig
@@ -42,11 +43,12 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
     checks against the image shards (fingerprint, keys, labels, view spec) all pass.
     """
     ss = read_split(shards, limit=n)
+    spec = TargetSpec(100, "mid_block", Pooling.mean, (d,))
     init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), seed),
-                    np.arange(n * k, dtype=np.int64).reshape(n, k), d,
+                    np.arange(n * k, dtype=np.int64).reshape(n, k), [spec],
                     {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
                                                                                           "image_shape")}})
-    plan = {"t": 100, "layer": "mid_block", "pooling": "mean", "image_size": int(ss.images.shape[1]),
+    plan = {**targets_attrs([spec]), "pooling": "mean", "image_size": int(ss.images.shape[1]),
             "normalisation": NORMALISATION,
             "view_spec": ViewSpec().to_dict()}
     w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=UNIT_ROWS_X_VIEWS // k,
@@ -55,7 +57,7 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
     for s in w.missing_shards("train"):
         a, b = w.shard_rows("train", s)
         bits = rng.integers(0, 2**16, size=(b - a, k, d), dtype=np.uint16) & 0xBFFF  # exponent < max: |x| < 2
-        w.write_shard("train", s, bits.view(np.float16))
+        w.write_shard("train", s, {spec.name: bits.view(np.float16)})
     w.finalize_part("train")
     w.finalize({})
     return n * k * d * 2

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit, open_cache, verify_cache
-from pipeline.cache.targets import Pooling, TargetSpec
+from pipeline.cache.targets import Pooling, TargetSpec, select, targets_attrs, targets_from_attrs
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.core.views import ViewSpec, sample_views
@@ -26,17 +26,33 @@ SHAPE = (2, 3, 3)
 
 def test_spec_round_trip_and_malformed_specs_are_refused():
     spec = TargetSpec(100, "mid_block", Pooling.mean, (64,))
-    assert "target_shape" not in spec.to_attrs()  # pooled: each part's "d" says it, as format 2 always did
-    assert TargetSpec.from_attrs(spec.to_attrs(), fallback_d=64) == spec
+    assert spec.name == "t100-mid_block" and TargetSpec.from_attrs(spec.to_attrs()) == spec
     spatial = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
     assert TargetSpec.from_attrs(spatial.to_attrs()) == spatial
     assert spec.size == 64 and spec.array_shape(5, 4) == (5, 4, 64) and spec.nbytes(5, 4) == 5 * 4 * 64 * 2
-    old = {"t": 100, "layer": "mid_block", "pooling": "mean"}  # written before target_shape was recorded
-    assert TargetSpec.from_attrs(old, fallback_d=64) == spec
-    for bad in ({**old, "target_shape": [0]}, {**old, "target_shape": "512"}, {**old, "pooling": "max"},
-                {"layer": "mid_block", "pooling": "mean", "target_shape": [4]}):
+    good = spec.to_attrs()
+    for bad in ({**good, "shape": [0]}, {**good, "shape": "512"}, {**good, "pooling": "max"}, {**good, "t": "100"},
+                {**good, "name": "t100-up_blocks.0"}, {k: v for k, v in good.items() if k != "layer"}, "t100"):
         with pytest.raises(UserError, match="malformed target"):
             TargetSpec.from_attrs(bad)
+
+
+def test_a_target_list_names_its_default_and_selection_refuses_absent_sets():
+    specs = [TargetSpec(t, layer, Pooling.mean, (8,)) for t in (100, 10) for layer in ("mid_block", "up_blocks.0")]
+    attrs = targets_attrs(specs)
+    assert attrs["default_target"] == "t100-mid_block"
+    got, default = targets_from_attrs(attrs)
+    assert got == specs and default == specs[0]
+    assert select(specs, default) == specs[0] and select(specs, default, -1, "") == specs[0]
+    assert select(specs, default, 10) == specs[2] and select(specs, default, layer="up_blocks.0") == specs[1]
+    assert select(specs, default, 10, "up_blocks.0") == specs[3]
+    with pytest.raises(UserError, match=r"no target set t=50 layer=mid_block; it holds: t=100 layer=mid_block, "
+                                        r"t=100 layer=up_blocks.0, t=10 layer=mid_block, t=10 layer=up_blocks.0"):
+        select(specs, default, 50)
+    for bad in ({**attrs, "default_target": "t5-x"}, {**attrs, "targets": []}, {**attrs, "targets": attrs["targets"] * 2},
+                {"default_target": "t100-mid_block"}):
+        with pytest.raises(UserError, match="malformed target specification"):
+            targets_from_attrs(bad)
 
 
 def test_the_extractor_produces_what_its_spec_says(tiny_model_dir):
@@ -44,27 +60,50 @@ def test_the_extractor_produces_what_its_spec_says(tiny_model_dir):
     x, seeds = torch.rand(3, 1, 28, 28), torch.arange(3)
     for pooling in Pooling:
         ext = FeatureExtractor(model, t=50, layer="mid_block", pooling=pooling.value)
-        spec = ext.target_spec(28, 1)
+        (spec,) = ext.target_specs(28, 1)
         out = ext(x, seeds, None)
         assert tuple(out.shape) == (3, *spec.shape) and spec.pooling is pooling
-    channels = FeatureExtractor(model, t=50, layer="mid_block", pooling="mean").target_spec(28, 1).size
+    channels = FeatureExtractor(model, t=50, layer="mid_block", pooling="mean").target_specs(28, 1)[0].size
     assert spec.size > channels and spec.size % channels == 0  # flatten: C x H x W, mean: C
+
+
+def test_several_layers_cost_one_forward_that_stops_after_the_last(tiny_model_dir):
+    """Hooks on every requested block; the forward ends right after the last of them has run, so
+    nothing after it runs, and each set equals a single-set extractor's."""
+    model = load_model(str(tiny_model_dir))
+    x, seeds = torch.rand(3, 1, 28, 28), torch.arange(3)
+    ran = []
+    blocks = dict(model.unet.named_modules())
+    handles = [blocks[name].register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+               for name in ("down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1")]
+    multi = FeatureExtractor(model, t=[50, 7], layer=["mid_block", "down_blocks.1"])
+    out = multi.embed(x, seeds, None)
+    for h in handles:
+        h.remove()
+    assert ran == ["down_blocks.1", "mid_block"] * 2  # two timesteps; up_blocks never ran
+    assert list(out) == [(50, "mid_block"), (50, "down_blocks.1"), (7, "mid_block"), (7, "down_blocks.1")]
+    for (t, layer), value in out.items():
+        torch.testing.assert_close(value, FeatureExtractor(model, t=t, layer=layer)(x, seeds, None))
+    with pytest.raises(ValueError, match="use embed"):
+        multi(x, seeds, None)
+    with pytest.raises(UserError, match="given twice"):
+        FeatureExtractor(model, t=[50, 50], layer="mid_block")
 
 
 def _spatial_store(fmnist_shards, url, plan_extra=None):
     ss = read_split(fmnist_shards / "train", limit=40)
     n, k = len(ss.keys), 2
-    init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.arange(n * k).reshape(n, k), SHAPE,
-                    {"shards": ss.path, "fingerprint": {"content_hash": ss.fingerprint["content_hash"]}})
     spec = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
-    plan = {**spec.to_attrs(), "image_size": 28, "normalisation": NORMALISATION, "view_spec": ViewSpec().to_dict(),
+    init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.arange(n * k).reshape(n, k), [spec],
+                    {"shards": ss.path, "fingerprint": {"content_hash": ss.fingerprint["content_hash"]}})
+    plan = {**targets_attrs([spec]), "image_size": 28, "normalisation": NORMALISATION, "view_spec": ViewSpec().to_dict(),
             **(plan_extra or {})}
     w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=8,
                                    chunks_per_shard=2, compressor="blosc-zstd")
     feats = np.random.default_rng(0).normal(size=(n, k, *SHAPE)).astype(np.float16)
     for s in range(w.n_shards("train")):
         a, b = w.shard_rows("train", s)
-        w.write_shard("train", s, feats[a:b])
+        w.write_shard("train", s, {spec.name: feats[a:b]})
     w.finalize_part("train")
     w.finalize({})
     return spec, feats, n
@@ -74,7 +113,7 @@ def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_
     spec, feats, n = _spatial_store(fmnist_shards, tmp_path / "s.zarr")
     assert verify_cache(str(tmp_path / "s.zarr")) == []
     cache = open_cache(str(tmp_path / "s.zarr"))
-    assert cache.target == spec
+    assert cache.targets == [spec] and cache.target() == spec
     part = cache.part("train")
     assert part.shape == SHAPE and part.d == 18
     rows, views = np.array([3, 17, 3, 39]), np.array([1, 0, 0, 1])
@@ -90,6 +129,9 @@ def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_
 
 def test_a_spec_that_disagrees_with_the_features_is_refused(fmnist_shards, tmp_path):
     """The head is sized from the spec: a root spec other than the parts' feature shape is one line."""
-    _spatial_store(fmnist_shards, tmp_path / "lie.zarr", {"target_shape": [18]})
-    with pytest.raises(UserError, match="holds targets of shape"):
-        _ = open_cache(str(tmp_path / "lie.zarr")).target
+    lie = TargetSpec(100, "mid_block", Pooling.flatten, (18,))
+    _spatial_store(fmnist_shards, tmp_path / "lie.zarr", targets_attrs([lie]))
+    with pytest.raises(UserError, match=r"train/targets/t100-mid_block/features: shape \(40, 2, 2, 3, 3\) .*"
+                                        r"target shape \[18\]"):
+        open_cache(str(tmp_path / "lie.zarr")).part("train")
+    assert any("target shape [18]" in p for p in verify_cache(str(tmp_path / "lie.zarr")))

@@ -47,7 +47,7 @@ def store(tmp_path_factory, model_dir, fmnist_shards, synthetic_dir) -> Path:
     out = tmp_path_factory.mktemp("cache") / "feats.zarr"
     extract.run(ExtractConfig(model=str(model_dir), real=str(fmnist_shards), synthetic=str(synthetic_dir),
                               out=str(out), views=3, views_synthetic=2, batch_size=128, rows_per_chunk=32,
-                              chunks_per_shard=4, limit=256))
+                              chunks_per_shard=4, limit=256, t="100,40", layer="mid_block,up_blocks.0"))
     return out
 
 
@@ -88,12 +88,41 @@ def test_each_image_is_paired_with_its_own_views_target(store, fmnist_shards, sy
             assert all(not np.array_equal(row, part.read(np.array([n]), np.array([o]))[0]) for o in others)
 
 
+def test_train_reads_the_target_set_it_asks_for_and_refuses_absent_ones(store, tmp_path, capsys):
+    """--t / --layer pick one of the cache's sets (the default: the cache's default set): the batch's
+    targets, the cache statistics and the head's width are that set's, and the run records it."""
+    _, data, sampler = _data(cfg(store, "unused", t=40, layer="up_blocks.0", synthetic_fraction=0.25))
+    assert data.target.name == "t40-up_blocks.0"
+    batch = sampler.batch(0, 2)
+    inputs = assemble(batch, data.real, data.synthetic, data.pad)
+    part = data.cache.part("train", data.target)
+    n_real = len(batch.real_rows)
+    np.testing.assert_array_equal(inputs["target"][:n_real].numpy(), part.read(batch.real_rows, batch.real_views))
+    assert not np.array_equal(part.read(batch.real_rows, batch.real_views),
+                              data.cache.part("train").read(batch.real_rows, batch.real_views))
+    np.testing.assert_array_equal(data.mean.numpy(), part.mean)
+    assert _data(cfg(store, "unused"))[1].target.name == "t100-mid_block"  # the cache's default
+    assert _data(cfg(store, "unused", t=40))[1].target.name == "t40-mid_block"  # the default layer at t=40
+    m = train.run(cfg(store, tmp_path / "run", t=40, layer="up_blocks.0", max_steps=1))
+    _, meta = load_classifier(tmp_path / "run")
+    assert meta["cache"]["target_set"] == "t40-up_blocks.0" and (meta["cache"]["t"], meta["cache"]["layer"]) == (40, "up_blocks.0")
+    assert m["budget"]["steps"] == 1
+    with pytest.raises(UserError, match=r"no target set t=50 layer=mid_block; it holds: t=100 layer=mid_block, "
+                                        r"t=100 layer=up_blocks.0, t=40 layer=mid_block, t=40 layer=up_blocks.0"):
+        train.run(cfg(store, tmp_path / "absent", t=50))
+    assert not (tmp_path / "absent").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--cache", str(store), "--out", str(tmp_path / "cli"), "--layer", "down_blocks.0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: the cache holds no target set t=100 "
+                                                                        "layer=down_blocks.0")
+
+
 def test_online_targets_equal_cached(store):
     c = cfg(store, "unused", synthetic_fraction=0.25)
     rt, data, sampler = _data(c)
     from pipeline.cache.extractor import FeatureExtractor
 
-    ext = FeatureExtractor.from_cache(data.cache)
+    ext = FeatureExtractor.from_cache(data.cache, data.target)
     inputs = assemble(sampler.batch(0, 1), data.real, data.synthetic, data.pad)
     cached = trainer.targets_for(inputs, data, None, TargetNorm.none, rt.device)
     data.mode = "online"

@@ -124,7 +124,7 @@ def storage(store: Path) -> dict:
     disk = raw = views = 0
     for name in cache.parts:
         p = cache.part(name)
-        disk += B.dir_bytes(store / name / "features")
+        disk += B.dir_bytes(store / name / "targets" / p.target.name / "features")
         raw += p.n * p.k * p.d * 2
         views += p.n * p.k
     d = cache.part("train").d
@@ -182,7 +182,7 @@ def bench_train(cfg: BenchConfig, work: Path, store: Path) -> dict:
     if cfg.online_full:  # the same targets, the UNet run to its end (as online DRA is usually written)
         tr = trainers["online_full"]
         trainers["online_full"] = replace(tr, extractor=FeatureExtractor(tr.extractor.model, stop_early=False,
-                                                                         **tr.extractor.settings()))
+                                                                         **tr.extractor.options()))
     device = trainers["plain"].rt.device
     feeds = {name: _steps(tr) for name, tr in trainers.items()}
     def step(name: str) -> Any:
@@ -218,21 +218,21 @@ def bench_train(cfg: BenchConfig, work: Path, store: Path) -> dict:
 def build_store(url: Path, raw_mb: int, *, d: int = 512, k: int = 4, seed: int = 0) -> None:
     """A complete store of random float16 features, ``raw_mb`` MiB raw, written shard by shard."""
     from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
-    from pipeline.cache.targets import Pooling, TargetSpec
+    from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
     from pipeline.core.views import ViewSpec, sample_views
 
     n = raw_mb * 2**20 // (k * d * 2)
     target = TargetSpec(100, "mid_block", Pooling.mean, (d,))  # stand-in values of this shape
     init = PartInit([f"bench-{i:08d}" for i in range(n)], np.zeros(n, np.int64), sample_views(n, k, ViewSpec(), seed),
-                    np.zeros((n, k), np.int64), d, {"shards": "", "fingerprint": {}})
-    plan = {"model": {"source": "synthetic benchmark store"}, **target.to_attrs(), "normalisation": NORMALISATION,
+                    np.zeros((n, k), np.int64), [target], {"shards": "", "fingerprint": {}})
+    plan = {"model": {"source": "synthetic benchmark store"}, **targets_attrs([target]), "normalisation": NORMALISATION,
             "view_spec": ViewSpec().to_dict(), "seed": seed}
     w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=256,
                                    chunks_per_shard=16, compressor="blosc-zstd")
     rng = np.random.default_rng(seed)
     for s in range(w.n_shards("train")):
         a, b = w.shard_rows("train", s)
-        w.write_shard("train", s, rng.standard_normal((b - a, k, d), np.float32).astype(np.float16))
+        w.write_shard("train", s, {target.name: rng.standard_normal((b - a, k, d), np.float32).astype(np.float16)})
     w.finalize_part("train")
     w.finalize({})
 

@@ -1,5 +1,6 @@
 """The library behind stage `extract` (its recipe: stages/extract.py): the parts to embed, their
-recorded views and noise seeds, the rows of one zarr shard, the linear probe file."""
+recorded views and noise seeds, the rows of one zarr shard (every target set that lacks it), the
+linear probe of every target set."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import pipeline
 from pipeline.cache.config import ExtractConfig
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
-from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
-from pipeline.cache.targets import TargetSpec
+from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit, probe_table
+from pipeline.cache.targets import TargetSpec, targets_attrs
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
@@ -43,7 +44,7 @@ def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
     return {p: dirs[p] for p in PART_IDS if p in dirs}
 
 
-def part_init(name: str, ss: ShardSet, mode: str, target: TargetSpec, cfg: ExtractConfig) -> PartInit:
+def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg: ExtractConfig) -> PartInit:
     """Views and noise seeds of one part, from generators seeded with (seed, part). ``views``: a
     count K of random views, or "all" (every distinct view, in ``all_views``' order)."""
     n, k = len(ss.keys), cfg.k_of(mode)
@@ -57,14 +58,16 @@ def part_init(name: str, ss: ShardSet, mode: str, target: TargetSpec, cfg: Extra
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
              "view_seed": view_seed, **({"views": "all"} if mode == "all" else {})}
-    return PartInit(ss.keys, ss.labels, views, noise_seed, target.shape, attrs)
+    return PartInit(ss.keys, ss.labels, views, noise_seed, targets, attrs)
 
 
 def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
-                 pad: int, batch_size: int, bar: tqdm) -> np.ndarray:
-    """(b-a, K, *target shape) float16 features of rows a..b, batched over the flattened (row, view) pairs."""
+                 pad: int, batch_size: int, bar: tqdm) -> dict[str, np.ndarray]:
+    """Target set name -> (b-a, K, *shape) float16 features of rows a..b, for every (t, layer) of
+    ``extractor``, batched over the flattened (row, view) pairs."""
     k = init.k
-    out = np.empty((b - a, k, *init.target_shape), np.float16)
+    specs = {(s.t, s.layer): s for s in init.targets}
+    out = {specs[key].name: np.empty((b - a, k, *specs[key].shape), np.float16) for key in extractor.sets}
     flat = np.arange(a * k, b * k)
     dev = extractor.device
     for i in range(0, len(flat), batch_size):
@@ -74,16 +77,22 @@ def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit
         x = apply_views(x, *(torch.from_numpy(init.views[n][rows, views]) for n in ("dx", "dy", "flip")), pad)
         seeds = torch.from_numpy(init.noise_seed[rows, views])
         labels = torch.from_numpy(init.labels[rows])
-        out[rows - a, views] = extractor(x, seeds, labels).cpu().numpy().astype(np.float16)
-        bar.update(len(f))
+        for key, feats in extractor.embed(x, seeds, labels).items():
+            out[specs[key].name][rows - a, views] = feats.cpu().numpy().astype(np.float16)
+        bar.update(len(f) * len(extractor.timesteps))
     return out
 
 
 def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
-    acc = linear_probe(writer.read_identity("train"), inits["train"].labels,
-                       writer.read_identity("test"), inits["test"].labels)
-    probe = {"probe_accuracy": round(acc, 6), "t": cfg.t, "layer": cfg.layer,
-             "n_train": inits["train"].n, "n_test": inits["test"].n}
+    """A linear probe on the identity view (train -> test) of every target set: the cheap proxy
+    for choosing t and layer. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
+    targets = inits["train"].targets
+    sets = [{"t": s.t, "layer": s.layer,
+             "probe_accuracy": round(linear_probe(writer.read_identity("train", s.name), inits["train"].labels,
+                                                  writer.read_identity("test", s.name), inits["test"].labels), 6)}
+            for s in targets]
+    probe = {"probe_accuracy": sets[0]["probe_accuracy"], "t": targets[0].t, "layer": targets[0].layer,
+             "n_train": inits["train"].n, "n_test": inits["test"].n, "sets": sets}
     if "://" not in cfg.out:  # a metrics file next to a local store (DVC metric)
         storage.atomic_write(Path(cfg.out).resolve().parent / "probe.json", json.dumps(probe, indent=2) + "\n")
     return probe
@@ -101,53 +110,68 @@ def extract(cfg: ExtractConfig) -> dict:
 def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     dirs = split_dirs(cfg)
     model = load_model(cfg.model, device=str(dist.device))
-    extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,
+    extractor = FeatureExtractor(model, t=cfg.timesteps, layer=cfg.layers, pooling=cfg.pooling, draws=cfg.draws,
                                  condition=cfg.condition)
     want_shape = [model.image_size, model.image_size, model.in_channels]
     for path in dirs.values():
         shape = read_fingerprint(path)["image_shape"]
         if shape != want_shape:
             raise UserError(f"{path}: images {shape} but the model takes {want_shape}")
-    target = extractor.target_spec(model.image_size, model.in_channels)
+    targets = extractor.target_specs(model.image_size, model.in_channels)
     ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": "1"}
     inits, images = {}, {}
     for name, path in dirs.items():
         ss = read_split(path, limit=cfg.limit)
-        inits[name], images[name] = part_init(name, ss, ks[name], target, cfg), ss.images
+        inits[name], images[name] = part_init(name, ss, ks[name], targets, cfg), ss.images
     plan = {"model": {"source": str(cfg.model), "weights_sha256": model.weights_sha256,
                       "num_classes": model.num_classes, "null_class": model.null_class},
-            **extractor.settings(), **target.to_attrs(), "image_size": model.image_size, "in_channels": model.in_channels,
+            **extractor.settings(), **targets_attrs(targets), "image_size": model.image_size, "in_channels": model.in_channels,
             "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
             "code_version": pipeline.__version__, "compressor": cfg.compressor,
             # the data each part was computed from: a resume on other images is refused
-            "parts": {n: {"n": p.n, "k": p.k, "d": target.size, "content_hash": p.attrs["fingerprint"]["content_hash"]}
+            "parts": {n: {"n": p.n, "k": p.k, "content_hash": p.attrs["fingerprint"]["content_hash"]}
                       for n, p in inits.items()}}
     open_args = dict(plan=plan, parts=inits, rows_per_chunk=cfg.rows_per_chunk,
                      chunks_per_shard=cfg.chunks_per_shard, compressor=cfg.compressor)
     writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None
     dist.barrier()
     writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
-    missing = {n: writer.missing_shards(n) for n in inits}
+    missing = {n: writer.missing_shards(n) for n in inits}  # part -> shard -> target sets lacking it
     # round-robin over all (part, shard) pairs, so small parts do not all land on rank 0
     pairs = [(n, s) for n, shards in missing.items() for s in shards]
     todo = {n: [s for i, (m, s) in enumerate(pairs) if m == n and i % dist.world == dist.rank] for n in missing}
+    extractors = {tuple(extractor.sets): extractor}  # one per combination of sets a shard lacks
+    by_name = {s.name: s for s in targets}
+
+    def extractor_for(names: list[str]) -> FeatureExtractor:
+        """Every timestep and layer some lacking set needs (a shard lacks all sets but when resumed)."""
+        ts = [t for t in extractor.timesteps if any(by_name[n].t == t for n in names)]
+        layers = [x for x in extractor.layers if any(by_name[n].layer == x for n in names)]
+        key = tuple((t, x) for t in ts for x in layers)
+        if key not in extractors:
+            extractors[key] = FeatureExtractor(model, t=ts, layer=layers, pooling=cfg.pooling, draws=cfg.draws,
+                                               condition=cfg.condition)
+        return extractors[key]
+
     total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
-                for n, ss in todo.items() for s in ss)
+                * len(extractor_for(missing[n][s]).timesteps) for n, ss in todo.items() for s in ss)
     if dist.rank == 0:
         print(f"{cfg.out}: computing {sum(map(len, missing.values()))} of "
-              f"{sum(writer.n_shards(n) for n in inits)} shards (the others are written and checked)")
-    bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="view", mininterval=2,
+              f"{sum(writer.n_shards(n) for n in inits)} shards of {len(targets)} target set(s) "
+              "(the others are written and checked)")
+    bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="forward", mininterval=2,
                disable=dist.rank != 0)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future | None = None
         for name, shards in todo.items():
             for s in shards:
                 a, b = writer.shard_rows(name, s)
-                block = compute_rows(extractor, images[name], inits[name], a, b, cfg.view.pad,
-                                     cfg.batch_size, bar)
+                blocks = compute_rows(extractor_for(missing[name][s]), images[name], inits[name], a, b,
+                                      cfg.view.pad, cfg.batch_size, bar)
+                blocks = {n: block for n, block in blocks.items() if n in missing[name][s]}
                 if pending is not None:
                     pending.result()  # at most one shard in flight; re-raises write errors
-                pending = pool.submit(writer.write_shard, name, s, block)
+                pending = pool.submit(writer.write_shard, name, s, blocks)
         if pending is not None:
             pending.result()
     bar.close()
@@ -159,8 +183,8 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         probe = write_probe(cfg, writer, inits)
         writer.finalize({"probe": probe})
         result["probe"] = probe
-        dims = "x".join(map(str, target.shape))
-        print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}x{dims}' for n, p in inits.items())}; "
-              f"linear probe {probe['probe_accuracy']:.4f}")
+        print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}' for n, p in inits.items())} (rows x views) x "
+              f"{len(targets)} target set(s) ({', '.join(s.name for s in targets)}); linear probe:")
+        print("\n".join(probe_table(probe)))
     dist.barrier()
     return result

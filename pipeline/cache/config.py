@@ -22,7 +22,9 @@ class ExtractConfig:
     real: str = "artifacts/shards/real"  # folder with one sub-folder of shards per split
     synthetic: str = "artifacts/shards/synthetic"  # "" for none
     out: str = "artifacts/feats.zarr"
-    t: int = 100
+    # one target set per (t, layer): comma lists ("10,100,200", "mid_block,up_blocks.0") cost one
+    # forward per timestep (every layer hooked in it); the first t and the first layer are the default set
+    t: str = "100"
     layer: str = "mid_block"
     pooling: Pooling = Pooling.mean
     # K random views per image (view 0 is the identity), or "all": every distinct view of the view
@@ -41,8 +43,19 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         coerce_enums(self)
-        for name in ("views", "views_synthetic"):  # ints given in code or YAML: the same setting
-            object.__setattr__(self, name, str(getattr(self, name)).strip())
+        for name in ("views", "views_synthetic", "t", "layer"):  # ints given in code or YAML: the same setting
+            value = getattr(self, name)
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            object.__setattr__(self, name, value.replace(" ", ""))
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The timesteps of ``--t`` (validate() has checked they are integers)."""
+        return [int(x) for x in self.t.split(",")]
+
+    @property
+    def layers(self) -> list[str]:
+        return self.layer.split(",")
 
     def k_of(self, views: str) -> int:
         """K of a part: a count, or every distinct view of the view spec ("all")."""
@@ -54,5 +67,10 @@ class ExtractConfig:
         sizes = ("draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
         views = [(v == "all" or (v.isdigit() and int(v) >= 1), f"--{n.replace('_', '-')} must be a count >= 1 or "
                   f"'all', got {v!r}") for n, v in (("views", self.views), ("views_synthetic", self.views_synthetic))]
+        ts = self.t.split(",")
+        views.append((all(x.isdigit() for x in ts) and len(set(map(int, ts))) == len(ts),
+                      f"--t must be one timestep or a comma list of distinct ones (10,100,200), got {self.t!r}"))
+        views.append((all(self.layers) and len(set(self.layers)) == len(self.layers),
+                      f"--layer must be one block or a comma list of distinct ones, got {self.layer!r}"))
         require(self, views + [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
                                for n in sizes] + [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")])

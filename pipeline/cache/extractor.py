@@ -1,21 +1,24 @@
-"""Diffusion features of (already augmented) images: the target that DRA aligns to.
+"""Diffusion features of (already augmented) images: the targets that DRA aligns to.
 
 One embedding = noise the image to timestep ``t`` through the scheduler with a recorded seed,
-run the UNet, take the output of one named block, pool it. Nothing after that block affects the
-result, so the forward stops right there (a private exception raised by the hook): at the
-default ``mid_block`` this costs about a fifth of a full forward.
+run the UNet, take the output of one named block, pool it. Several blocks cost one forward: every
+requested block is hooked, and the forward stops right after the last of them has run (a
+private exception raised by the hook; nothing later affects a target). Several timesteps cost one
+forward each, all from the **same noise draw** (the noise of a (sample, view) is shared across
+timesteps, so the sets differ only in t and layer).
 
 The recipe, for one row with noise seed ``s`` (the README repeats it with diffusers alone)::
 
     x0    = images01 * 2 - 1                                   # (C, H, W) in [-1, 1]
     noise = torch.randn((draws, C, H, W), generator=torch.Generator().manual_seed(s))  # on CPU
-    x_t   = scheduler.add_noise(x0.expand(draws, ...), noise, torch.full((draws,), t))
+    x_t   = scheduler.add_noise(x0.expand(draws, ...), noise, torch.full((draws,), t))  # same noise for every t
     h     = output of block `layer` in unet(x_t, t, class_labels)  (first element if a tuple)
     row   = mean over draws of pool(h)        # mean: over H, W -> (C,);  flatten: (C*H*W,)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,19 +46,31 @@ def block_names(unet: torch.nn.Module) -> list[str]:
     return names
 
 
-def check_settings(model: DiffusionModel, *, t: int, layer: str, pooling: str, draws: int,
-                   condition: str) -> tuple[Pooling, Condition]:
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_settings(model: DiffusionModel, *, t: int | Sequence[int], layer: str | Sequence[str], pooling: str,
+                   draws: int, condition: str) -> tuple[Pooling, Condition]:
     """Refuse bad settings before any work; returns the parsed enums.
 
     ``condition=null`` on an unconditional model means the same thing as ``none`` (no label
     information) and is recorded as ``none``.
     """
     steps = int(model.scheduler.config.num_train_timesteps)
-    if not 0 <= int(t) < steps:
-        raise UserError(f"timestep t={t} is outside the schedule [0, {steps - 1}] of this model")
+    ts, layers = _as_list(t), _as_list(layer)
+    if not ts or not layers:
+        raise UserError("at least one timestep and one layer are needed")
+    for name, values in (("timestep", ts), ("layer", layers)):
+        if len(set(values)) != len(values):
+            raise UserError(f"a {name} is given twice: {values}")
+    for one in ts:
+        if not 0 <= int(one) < steps:
+            raise UserError(f"timestep t={one} is outside the schedule [0, {steps - 1}] of this model")
     modules = dict(model.unet.named_modules())
-    if not layer or layer not in modules:
-        raise UserError(f"unknown layer {layer!r}; blocks of this UNet: {', '.join(block_names(model.unet))}")
+    for one in layers:
+        if not one or one not in modules:
+            raise UserError(f"unknown layer {one!r}; blocks of this UNet: {', '.join(block_names(model.unet))}")
     try:
         pool = Pooling(pooling)
     except ValueError:
@@ -76,26 +91,43 @@ def check_settings(model: DiffusionModel, *, t: int, layer: str, pooling: str, d
 
 
 class FeatureExtractor:
-    """Callable: (images01 (B,C,H,W) augmented, seeds (B,) int64, labels (B,)) -> float32 (B, D)."""
+    """Callable on (images01 (B,C,H,W) augmented, seeds (B,) int64, labels (B,)).
 
-    def __init__(self, model: DiffusionModel, *, t: int, layer: str, pooling: str = "mean",
-                 draws: int = 1, condition: str = "null", stop_early: bool = True) -> None:
+    ``embed`` returns every requested (t, layer) target as float32 (B, *shape); calling the
+    extractor returns the one target of a single-set extractor (``train --online``).
+    """
+
+    def __init__(self, model: DiffusionModel, *, t: int | Sequence[int], layer: str | Sequence[str],
+                 pooling: str = "mean", draws: int = 1, condition: str = "null", stop_early: bool = True) -> None:
         self.pooling, self.condition = check_settings(model, t=t, layer=layer, pooling=pooling,
                                                       draws=draws, condition=condition)
-        self.model, self.t, self.layer, self.draws = model, int(t), layer, int(draws)
+        self.model, self.draws = model, int(draws)
+        self.timesteps = [int(x) for x in _as_list(t)]
+        self.layers = [str(x) for x in _as_list(layer)]
         self.stop_early = stop_early  # False: the UNet runs to its end (same targets, the full cost)
         self.unet, self.scheduler = model.unet, model.scheduler
-        self._block = dict(self.unet.named_modules())[layer]
-        self._captured: torch.Tensor | None = None
+        modules = dict(self.unet.named_modules())
+        self._blocks = {name: modules[name] for name in self.layers}
+        self._captured: dict[str, torch.Tensor] = {}
         self._gen = torch.Generator()
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def sets(self) -> list[tuple[int, str]]:
+        """Every (t, layer), t-major: the order of the store's target sets (the first is the default)."""
+        return [(t, layer) for t in self.timesteps for layer in self.layers]
+
     def settings(self) -> dict[str, Any]:
         """What a cache records about the extraction (the condition as actually used)."""
-        return {"t": self.t, "layer": self.layer, "pooling": self.pooling.value, "draws": self.draws,
+        return {"timesteps": self.timesteps, "layers": self.layers, "pooling": self.pooling.value,
+                "draws": self.draws, "condition": self.condition.value, "noise": "shared-across-timesteps"}
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments that give this extractor again (another ``stop_early``, say)."""
+        return {"t": self.timesteps, "layer": self.layers, "pooling": self.pooling.value, "draws": self.draws,
                 "condition": self.condition.value}
 
     def noise(self, seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -106,10 +138,12 @@ class FeatureExtractor:
             torch.randn((self.draws, *shape), generator=self._gen, out=out[i])
         return out
 
-    def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        self._captured = output[0] if isinstance(output, tuple) else output
-        if self.stop_early:
-            raise _StopForward
+    def _hook(self, name: str) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            self._captured[name] = output[0] if isinstance(output, tuple) else output
+            if self.stop_early and len(self._captured) == len(self._blocks):
+                raise _StopForward  # the last requested block has run
+        return hook
 
     def _class_labels(self, labels: torch.Tensor | None, b: int) -> torch.Tensor | None:
         if self.condition is Condition.none:
@@ -121,43 +155,55 @@ class FeatureExtractor:
         return labels.to(self.device, torch.long)
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, seeds: torch.Tensor,
-                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, images01: torch.Tensor, seeds: torch.Tensor,
+              labels: torch.Tensor | None = None) -> dict[tuple[int, str], torch.Tensor]:
+        """(t, layer) -> float32 (B, *shape): one forward per timestep, one noise draw for all of them."""
         b, c, h, w = images01.shape
         dev = self.device
         x0 = (images01.to(dev, torch.float32) * 2 - 1).repeat_interleave(self.draws, dim=0)
         noise = self.noise(seeds, (c, h, w)).reshape(b * self.draws, c, h, w).to(dev)
-        ts = torch.full((b * self.draws,), self.t, dtype=torch.long, device=dev)
-        x_t = self.scheduler.add_noise(x0, noise, ts)
         cls = self._class_labels(labels, b)
         if cls is not None:
             cls = cls.repeat_interleave(self.draws)
-        handle = self._block.register_forward_hook(self._hook)
-        self._captured = None
-        try:
-            # important: float32 whatever autocast surrounds the call (train --online on a GPU runs
-            # under bf16 autocast), so online targets equal the cached ones
-            with torch.autocast(device_type=dev.type, enabled=False):
-                self.unet(x_t, ts, class_labels=cls)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if self._captured is None:
-            raise RuntimeError(f"layer {self.layer!r} did not run in the UNet forward")
-        feats = reduce(self.pooling, self._captured)
-        self._captured = None
-        return feats.reshape(b, self.draws, *feats.shape[1:]).mean(dim=1)
+        out = {}
+        for t in self.timesteps:
+            ts = torch.full((b * self.draws,), t, dtype=torch.long, device=dev)
+            x_t = self.scheduler.add_noise(x0, noise, ts)
+            handles = [blk.register_forward_hook(self._hook(name)) for name, blk in self._blocks.items()]
+            self._captured = {}
+            try:
+                # important: float32 whatever autocast surrounds the call (train --online on a GPU runs
+                # under bf16 autocast), so online targets equal the cached ones
+                with torch.autocast(device_type=dev.type, enabled=False):
+                    self.unet(x_t, ts, class_labels=cls)
+            except _StopForward:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for layer in self.layers:
+                if layer not in self._captured:
+                    raise RuntimeError(f"layer {layer!r} did not run in the UNet forward")
+                feats = reduce(self.pooling, self._captured[layer])
+                out[(t, layer)] = feats.reshape(b, self.draws, *feats.shape[1:]).mean(dim=1)
+            self._captured = {}
+        return out
 
-    def target_spec(self, image_size: int, in_channels: int) -> TargetSpec:
-        """What each row will hold (its shape found by running one blank image)."""
+    def __call__(self, images01: torch.Tensor, seeds: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        if len(self.sets) != 1:
+            raise ValueError(f"this extractor computes {len(self.sets)} target sets: use embed()")
+        return self.embed(images01, seeds, labels)[self.sets[0]]
+
+    def target_specs(self, image_size: int, in_channels: int) -> list[TargetSpec]:
+        """What each set's rows will hold (shapes found by running one blank image), in ``sets`` order."""
         x = torch.zeros((1, in_channels, image_size, image_size))
-        out = self(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        return TargetSpec(self.t, self.layer, self.pooling, tuple(out.shape[1:]))
+        out = self.embed(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        return [TargetSpec(t, layer, self.pooling, tuple(out[(t, layer)].shape[1:])) for t, layer in self.sets]
 
     @classmethod
-    def from_cache(cls, cache: Any, device: str | torch.device = "cpu") -> FeatureExtractor:
-        """Rebuild the extractor a cache was made with (train --online); refuses other weights."""
+    def from_cache(cls, cache: Any, target: TargetSpec, device: str | torch.device = "cpu") -> FeatureExtractor:
+        """Rebuild the extractor of one of a cache's target sets (train --online); refuses other weights."""
         from pipeline.diffusion.model import load_model  # lazy: only the online mode needs the model
 
         a = cache.attrs
@@ -167,5 +213,5 @@ class FeatureExtractor:
         cond = a["condition"]
         if cond == "none" and model.num_classes is not None:
             raise UserError("the cache was built unconditionally but the model is class-conditional")
-        return cls(model, t=a["t"], layer=a["layer"], pooling=a["pooling"], draws=a["draws"],
+        return cls(model, t=target.t, layer=target.layer, pooling=a["pooling"], draws=a["draws"],
                    condition=cond if model.num_classes is not None else "null")

@@ -2,18 +2,22 @@
 
 This is the only module that imports zarr. Layout::
 
-    STORE/zarr.json                 root attrs: model, t, layer, pooling, ..., manifest, digest, "complete"
+    STORE/zarr.json                 root attrs: model, timesteps, layers, pooling, targets (the spec of
+                                    every target set), default_target, ..., manifest, digest, "complete"
     STORE/{train,synthetic,test}/   one group per part
-        features   (N, K, D) float16  chunks (rows_per_chunk, K, D), zarr shards of
-                                      rows_per_chunk*chunks_per_shard rows, compressed
         keys (N,) str, labels (N,) int64, dx, dy (N, K) int8, flip (N, K) uint8,
-        noise_seed (N, K) int64, mean, std (D,) float32
-        progress   (n_shards, 32) uint8: sha256 of each written feature shard (resume record)
+        noise_seed (N, K) int64                       shared by every target set
+        targets/t{t}-{layer}/       one group per target set (pipeline/cache/targets.py)
+            features   (N, K, *shape) float16  chunks (rows_per_chunk, K, *shape), zarr shards of
+                                      rows_per_chunk*chunks_per_shard rows, compressed
+            mean, std  (*shape) float32
+            progress   (n_shards, 32) uint8: sha256 of each written feature shard (resume record)
 
 Invariants: a feature shard is written by exactly one ``arr[a:b] = block`` (different
 processes write different shards, never the same file); its sha256 goes into ``progress``
-afterwards, one chunk per shard (so writers never share a file either). ``complete: true`` is the
-last attribute written, and ``open_cache`` refuses a store without it.
+afterwards, one chunk per shard (so writers never share a file either). Every target set of a
+part has the same rows per shard, so one job computes shard ``s`` of every set that lacks it.
+``complete: true`` is the last attribute written, and ``open_cache`` refuses a store without it.
 
 Integrity (a cache is input from a stranger): at the end, ``manifest`` records the sha256 of every
 file of the store but the root ``zarr.json`` (array metadata and part attributes included), and
@@ -45,11 +49,12 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from pipeline.cache.targets import DTYPE, TargetSpec
+from pipeline.cache.targets import DTYPE, TargetSpec, select, targets_from_attrs
 from pipeline.core.errors import UserError
 
-FORMAT = "dra-feature-cache/2"  # 2: manifest over every file + digest of the root attributes
-OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata"}
+FORMAT = "dra-feature-cache/3"  # 3: several (t, layer) target sets; 2: manifest + digest
+OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata",
+               "dra-feature-cache/2": "it holds one target set in another layout"}
 ROOT_META = "zarr.json"  # holds the manifest itself; covered by the digest instead
 PARTS = ("train", "synthetic", "test")
 NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
@@ -76,17 +81,8 @@ class PartInit:
     labels: np.ndarray
     views: dict[str, np.ndarray]  # dx, dy, flip (N, K)
     noise_seed: np.ndarray  # (N, K) int64
-    target_shape: tuple[int, ...]  # of one target (TargetSpec.shape); an int D means (D,)
+    targets: list[TargetSpec]  # the target sets every part holds
     attrs: dict = field(default_factory=dict)  # shards path, fingerprint, ...
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_shape, int):
-            self.target_shape = (self.target_shape,)
-        self.target_shape = tuple(int(s) for s in self.target_shape)
-
-    @property
-    def d(self) -> int:
-        return math.prod(self.target_shape)
 
     @property
     def n(self) -> int:
@@ -152,6 +148,11 @@ def _open_group(url: str, mode: str) -> zarr.Group:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
 
 
+def set_path(part: str, target: TargetSpec | str) -> str:
+    """The group of one target set of a part: ``PART/targets/t{t}-{layer}``."""
+    return f"{part}/targets/{target if isinstance(target, str) else target.name}"
+
+
 def _data_keys(arr: zarr.Array) -> list[str]:
     """Store keys of every chunk/shard file of an array, in grid order."""
     grid = [-(-s // c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
@@ -203,11 +204,10 @@ class CacheWriter:
 
     def _create_part(self, name: str, p: PartInit, rows_per_chunk: int, compressor: str) -> None:
         g = self.group.create_group(name)
-        n, k, ts = p.n, p.k, p.target_shape
+        n, k = p.n, p.k
         rpc = min(rows_per_chunk, n)
         rps = min(self.rows_per_shard, -(-n // rpc) * rpc)  # a small part: one shard of whole chunks
-        g.create_array("features", shape=(n, k, *ts), dtype=DTYPE, chunks=(rpc, k, *ts), shards=(rps, k, *ts),
-                       compressors=COMPRESSORS[compressor](), fill_value=0, config={"write_empty_chunks": True})
+        n_shards = -(-n // rps)
         small = {"keys": np.asarray(p.keys, dtype=str), "labels": np.asarray(p.labels, np.int64),
                  "dx": p.views["dx"].astype(np.int8), "dy": p.views["dy"].astype(np.int8),
                  "flip": p.views["flip"].astype(np.uint8), "noise_seed": p.noise_seed.astype(np.int64)}
@@ -215,14 +215,18 @@ class CacheWriter:
             arr = g.create_array(key, shape=value.shape, dtype=value.dtype if key != "keys" else str,
                                  chunks=value.shape, config={"write_empty_chunks": True})
             arr[...] = value
-        for key in ("mean", "std"):
-            g.create_array(key, shape=ts, dtype="float32", chunks=ts, compressors=None,
-                           config={"write_empty_chunks": True})
-        n_shards = -(-n // rps)
-        g.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
-                       fill_value=0, config={"write_empty_chunks": True})
-        shape_attr = {"target_shape": list(ts)} if len(ts) != 1 else {}  # (D,): "d" says it (format 2 as before)
-        g.attrs.update({**p.attrs, "n": n, "k": k, "d": p.d, **shape_attr, "rows_per_chunk": rpc, "rows_per_shard": rps,
+        for spec in p.targets:
+            ts = spec.shape
+            sg = self.group.create_group(set_path(name, spec))
+            sg.create_array("features", shape=spec.array_shape(n, k), dtype=DTYPE, chunks=(rpc, k, *ts),
+                            shards=(rps, k, *ts), compressors=COMPRESSORS[compressor](), fill_value=0,
+                            config={"write_empty_chunks": True})
+            for key in ("mean", "std"):
+                sg.create_array(key, shape=ts, dtype="float32", chunks=ts, compressors=None,
+                                config={"write_empty_chunks": True})
+            sg.create_array("progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
+                            fill_value=0, config={"write_empty_chunks": True})
+        g.attrs.update({**p.attrs, "n": n, "k": k, "rows_per_chunk": rpc, "rows_per_shard": rps,
                         "n_shards": n_shards, "compressor": compressor})
 
     # -- shards -----------------------------------------------------------------------------------
@@ -233,48 +237,56 @@ class CacheWriter:
         rps = int(self.group[part].attrs["rows_per_shard"])
         return s * rps, min((s + 1) * rps, int(self.group[part].attrs["n"]))
 
-    def _shard_sha(self, part: str, s: int) -> str:
-        arr = self.group[part]["features"]
+    def sets(self, part: str) -> list[str]:
+        """Names of the part's target sets (the groups under PART/targets)."""
+        return sorted(self.group[part]["targets"].group_keys())
+
+    def _shard_sha(self, part: str, target: str, s: int) -> str:
+        arr = self.group[set_path(part, target)]["features"]
         return _sha(_raw(arr.store, _data_keys(arr)[s]))
 
-    def missing_shards(self, part: str) -> list[int]:
-        """Shards not yet written, or whose file no longer matches its recorded checksum."""
-        recorded = self.group[part]["progress"][...]
-        todo = []
-        for s in range(self.n_shards(part)):
-            want = bytes(recorded[s]).hex()
-            if not recorded[s].any() or self._shard_sha(part, s) != want:
-                todo.append(s)
-        return todo
+    def missing_shards(self, part: str) -> dict[int, list[str]]:
+        """Shard -> the target sets that lack it (not yet written, or whose file no longer matches
+        its recorded checksum); shards every set holds are left out."""
+        todo: dict[int, list[str]] = {}
+        for target in self.sets(part):
+            recorded = self.group[set_path(part, target)]["progress"][...]
+            for s in range(self.n_shards(part)):
+                if not recorded[s].any() or self._shard_sha(part, target, s) != bytes(recorded[s]).hex():
+                    todo.setdefault(s, []).append(target)
+        return dict(sorted(todo.items()))
 
-    def write_shard(self, part: str, s: int, block: np.ndarray) -> None:
-        """One assignment covering exactly zarr shard ``s``, then its checksum into ``progress``."""
+    def write_shard(self, part: str, s: int, blocks: dict[str, np.ndarray]) -> None:
+        """Per target set: one assignment covering exactly zarr shard ``s``, then its checksum into
+        that set's ``progress``."""
         a, b = self.shard_rows(part, s)
-        if block.shape[0] != b - a:
-            raise ValueError(f"shard {s} of {part} needs {b - a} rows, got {block.shape[0]}")
-        g = self.group[part]
-        g["features"][a:b] = block.astype(np.float16)
-        digest = bytes.fromhex(self._shard_sha(part, s))
-        g["progress"][s] = np.frombuffer(digest, dtype=np.uint8)
+        for target, block in blocks.items():
+            if block.shape[0] != b - a:
+                raise ValueError(f"shard {s} of {part} needs {b - a} rows, got {block.shape[0]}")
+            g = self.group[set_path(part, target)]
+            g["features"][a:b] = block.astype(np.float16)
+            digest = bytes.fromhex(self._shard_sha(part, target, s))
+            g["progress"][s] = np.frombuffer(digest, dtype=np.uint8)
 
     # -- finalisation -----------------------------------------------------------------------------
     def finalize_part(self, part: str) -> None:
-        """Per-element mean/std over all views of the part, from the stored float16 values."""
-        g = self.group[part]
-        feats = g["features"]
-        ts = feats.shape[2:]
-        d = math.prod(ts)
-        s1, s2, count = np.zeros(d), np.zeros(d), 0
-        for s in range(self.n_shards(part)):
-            a, b = self.shard_rows(part, s)
-            x = feats[a:b].astype(np.float64).reshape(-1, d)
-            s1 += x.sum(0)
-            s2 += (x * x).sum(0)
-            count += x.shape[0]
-        mean = s1 / count
-        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
-        g["mean"][...] = mean.astype(np.float32).reshape(ts)
-        g["std"][...] = std.astype(np.float32).reshape(ts)
+        """Per target set: per-element mean/std over all views of the part, from the stored float16 values."""
+        for target in self.sets(part):
+            g = self.group[set_path(part, target)]
+            feats = g["features"]
+            ts = feats.shape[2:]
+            d = math.prod(ts)
+            s1, s2, count = np.zeros(d), np.zeros(d), 0
+            for s in range(self.n_shards(part)):
+                a, b = self.shard_rows(part, s)
+                x = feats[a:b].astype(np.float64).reshape(-1, d)
+                s1 += x.sum(0)
+                s2 += (x * x).sum(0)
+                count += x.shape[0]
+            mean = s1 / count
+            std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+            g["mean"][...] = mean.astype(np.float32).reshape(ts)
+            g["std"][...] = std.astype(np.float32).reshape(ts)
 
     def finalize(self, extra: dict) -> None:
         """The manifest of every file, the digest of the root attributes, then "complete", last."""
@@ -285,48 +297,61 @@ class CacheWriter:
         self.group.attrs.update(attrs)
         self.group.attrs.update({"complete": True})
 
-    def read_identity(self, part: str) -> np.ndarray:
-        """(N, size) float16 features of view 0, flattened (for the probe)."""
-        f = self.group[part]["features"][:, 0]
+    def read_identity(self, part: str, target: str) -> np.ndarray:
+        """(N, size) float16 features of view 0 in one target set, flattened (for the probe)."""
+        f = self.group[set_path(part, target)]["features"][:, 0]
         return f.reshape(len(f), -1)
 
 
 # -- reading -------------------------------------------------------------------------------------
-def _layout_problems(name: str, g: zarr.Group) -> list[str]:
-    """The part's attributes and chunking make sense (checked before anything is read by them)."""
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _layout_problems(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[str]:
+    """The part's attributes, its target sets and their chunking make sense (checked before
+    anything is read by them)."""
     try:
-        a, f = dict(g.attrs), g["features"]
-        ints = {k: a.get(k) for k in ("n", "k", "d", "rows_per_chunk", "rows_per_shard", "n_shards")}
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()):
+        a = dict(g.attrs)
+        ints = {k: a.get(k) for k in ("n", "k", "rows_per_chunk", "rows_per_shard", "n_shards")}
+        if not all(map(_positive_int, ints.values())):
             return [f"{name}: malformed attributes {ints} (positive integers expected)"]
-        ts = a.get("target_shape", [a.get("d")])
-        if not (isinstance(ts, list) and list(f.shape[2:]) == ts) or min(f.chunks) < 1 \
-                or min(f.shards or f.chunks) < 1:
-            return [f"{name}/features: malformed shape {f.shape} or chunks {f.chunks}"]
-        if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
-            return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
-                    f"chunk/shard, the features array {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
+        held = sorted(g["targets"].group_keys()) if "targets" in g.group_keys() else []
+        if held != sorted(s.name for s in specs):
+            return [f"{name}: holds target sets {held}, the cache's specification lists "
+                    f"{sorted(s.name for s in specs)}"]
+        for spec in specs:
+            f = g["targets"][spec.name]["features"]
+            if tuple(f.shape) != spec.array_shape(ints["n"], ints["k"]) or min(f.chunks) < 1 \
+                    or min(f.shards or f.chunks) < 1:
+                return [f"{name}/targets/{spec.name}/features: shape {f.shape} or chunks {f.chunks} do not match "
+                        f"N={ints['n']}, K={ints['k']}, target shape {list(spec.shape)}"]
+            if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
+                return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
+                        f"chunk/shard, the features of {spec.name} {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
     except MALFORMED as exc:
         return [f"{name}: unreadable part ({type(exc).__name__}: {exc})"]
     return []
 
 
-def _part_problems(name: str, g: zarr.Group) -> list[str]:
-    """Layout first (attributes, chunking), then array shapes: what a part must pass before it is read."""
-    return _layout_problems(name, g) or _check_shapes(name, g)
+def _part_problems(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[str]:
+    """Layout first (attributes, sets, chunking), then array shapes: what a part must pass before it is read."""
+    return _layout_problems(name, g, specs) or _check_shapes(name, g, specs)
 
 
 class CachePart:
-    """One part of a cache: metadata arrays in memory, features read on demand."""
+    """One part of a cache seen through one target set: metadata arrays in memory, features read
+    on demand."""
 
-    def __init__(self, group: zarr.Group, name: str) -> None:
-        self.name, self._g = name, group
-        self._features = group["features"]
+    def __init__(self, group: zarr.Group, name: str, target: TargetSpec) -> None:
+        self.name, self._g, self.target = name, group, target
+        self._set = group["targets"][target.name]
+        self._features = self._set["features"]
         a = dict(group.attrs)
         self.attrs = a
         self.n, self.k = self._features.shape[:2]
-        self.shape: tuple[int, ...] = tuple(self._features.shape[2:])  # of one target (TargetSpec.shape)
-        self.d = math.prod(self.shape)
+        self.shape: tuple[int, ...] = target.shape  # of one target
+        self.d = target.size
         self.rows_per_chunk = int(a["rows_per_chunk"])
         self.shards = a.get("shards", "")
         self.fingerprint = a.get("fingerprint", {})
@@ -351,18 +376,18 @@ class CachePart:
 
     @functools.cached_property
     def mean(self) -> np.ndarray:
-        return self._g["mean"][...]
+        return self._set["mean"][...]
 
     @functools.cached_property
     def std(self) -> np.ndarray:
-        return self._g["std"][...]
+        return self._set["std"][...]
 
     @property
     def n_chunks(self) -> int:
         return -(-self.n // self.rows_per_chunk)
 
     def read_chunk(self, c: int) -> np.ndarray:
-        """(rows_c, K, D) float16: one chunk, the streaming reader's unit of I/O."""
+        """(rows_c, K, *shape) float16: one chunk, the streaming reader's unit of I/O."""
         a = c * self.rows_per_chunk
         return self._features[a:min(a + self.rows_per_chunk, self.n)]
 
@@ -385,27 +410,39 @@ class FeatureCache:
         self.url, self._g = url, group
         self.attrs: dict = dict(group.attrs)
         self.parts: list[str] = [p for p in PARTS if p in group.group_keys()]
-        self._parts: dict[str, CachePart] = {}
+        self._parts: dict[tuple[str, str], CachePart] = {}
 
     @functools.cached_property
-    def target(self) -> TargetSpec:
-        """What every row holds (t, layer, pooling, shape); every part's features must hold it."""
-        spec = TargetSpec.from_attrs(self.attrs, fallback_d=self.part(self.parts[0]).d if self.parts else None)
-        for name in self.parts:
-            if self.part(name).shape != spec.shape:
-                raise UserError(f"{self.url}: part {name!r} holds targets of shape {list(self.part(name).shape)}, "
-                                f"the cache's target specification says {list(spec.shape)}")
-        return spec
+    def _targets(self) -> tuple[list[TargetSpec], TargetSpec]:
+        return targets_from_attrs(self.attrs)
 
-    def part(self, name: str) -> CachePart:
+    @property
+    def targets(self) -> list[TargetSpec]:
+        """Every target set the cache holds (t-major, in the order extraction was asked for)."""
+        return self._targets[0]
+
+    @property
+    def default_target(self) -> TargetSpec:
+        return self._targets[1]
+
+    def target(self, t: int | None = None, layer: str | None = None) -> TargetSpec:
+        """The set at (t, layer) (either left out: the default's); an absent one is refused with
+        the list of those the cache holds."""
+        return select(self.targets, self.default_target, t, layer)
+
+    def part(self, name: str, target: TargetSpec | None = None) -> CachePart:
+        """A part seen through one target set (default: the cache's default set)."""
         if name not in self.parts:
             raise UserError(f"{self.url}: no part {name!r} (has {', '.join(self.parts)})")
-        if name not in self._parts:
-            problems = _part_problems(name, self._g[name])
+        target = target or self.default_target
+        if target not in self.targets:
+            raise UserError(f"{self.url}: no target set {target.name!r}")
+        if (name, target.name) not in self._parts:
+            problems = _part_problems(name, self._g[name], self.targets)
             if problems:
                 raise UserError(f"{self.url}: {problems[0]}")
-            self._parts[name] = CachePart(self._g[name], name)
-        return self._parts[name]
+            self._parts[(name, target.name)] = CachePart(self._g[name], name, target)
+        return self._parts[(name, target.name)]
 
     def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
                       image_size: int | None = None) -> None:
@@ -463,29 +500,32 @@ def open_cache(url: str) -> FeatureCache:
 
 
 # -- verify and info -----------------------------------------------------------------------------
-def _check_shapes(name: str, g: zarr.Group) -> list[str]:
+def _check_shapes(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[str]:
+    """Shapes of the per-row arrays and of every set's statistics and resume record (the layout,
+    N and K, already checked)."""
     problems = []
     try:
-        n, k, *ts = g["features"].shape
-        ts, d = tuple(ts), math.prod(ts)
-        want = {"keys": (n,), "labels": (n,), "dx": (n, k), "dy": (n, k), "flip": (n, k),
-                "noise_seed": (n, k), "mean": ts, "std": ts}
-        for key, shape in want.items():
-            if key not in g.array_keys():
-                problems.append(f"{name}/{key}: missing array")
-            elif tuple(g[key].shape) != shape:
-                problems.append(f"{name}/{key}: shape {tuple(g[key].shape)}, expected {shape}")
         a = g.attrs
-        if (a.get("n"), a.get("k"), a.get("d")) != (n, k, d):
-            problems.append(f"{name}: attrs say N,K,D = {a.get('n')},{a.get('k')},{a.get('d')}, "
-                            f"features are {n},{k},{d}")
+        n, k, n_shards = a["n"], a["k"], a["n_shards"]
+        want = {"keys": (n,), "labels": (n,), "dx": (n, k), "dy": (n, k), "flip": (n, k), "noise_seed": (n, k)}
+        arrays = {key: g for key in want}
+        for spec in specs:
+            sg = g["targets"][spec.name]
+            for key, shape in (("mean", spec.shape), ("std", spec.shape), ("progress", (n_shards, 32))):
+                want[f"targets/{spec.name}/{key}"], arrays[f"targets/{spec.name}/{key}"] = shape, sg
+        for key, shape in want.items():
+            holder, leaf = arrays[key], key.rsplit("/", 1)[-1]
+            if leaf not in holder.array_keys():
+                problems.append(f"{name}/{key}: missing array")
+            elif tuple(holder[leaf].shape) != shape:
+                problems.append(f"{name}/{key}: shape {tuple(holder[leaf].shape)}, expected {shape}")
     except MALFORMED as exc:
         problems.append(f"{name}: unreadable part ({type(exc).__name__}: {exc})")
     return problems
 
 
-def _scan_finite(name: str, g: zarr.Group) -> list[str]:
-    """Non-finite values in features and in mean/std.
+def _scan_finite(g: zarr.Group) -> list[str]:
+    """Non-finite values in the features and mean/std of one target set (group ``g``).
 
     Read one chunk at a time: a whole shard decoded at once costs several times its raw size in
     peak memory (zarr's decode threads), and this scan runs in every training process.
@@ -511,9 +551,9 @@ def _scan_finite(name: str, g: zarr.Group) -> list[str]:
     for key in ("mean", "std"):
         try:
             if not np.isfinite(g[key][...]).all():
-                problems.append(f"{name}/{key}: NaN/Inf values")
+                problems.append(f"{g.path}/{key}: NaN/Inf values")
         except Exception as exc:
-            problems.append(f"{name}/{key}: unreadable ({type(exc).__name__})")
+            problems.append(f"{g.path}/{key}: unreadable ({type(exc).__name__})")
     return problems
 
 
@@ -573,9 +613,14 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
         problems += _check_manifest(group, attrs, parts, digest)
     if problems:  # shapes and values only of files the manifest vouches for
         return problems
+    try:
+        specs, _ = targets_from_attrs(attrs)
+    except UserError as exc:
+        return [str(exc)]
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
-        shape_problems = _part_problems(name, group[name])
-        problems += shape_problems or _scan_finite(name, group[name])
+        shape_problems = _part_problems(name, group[name], specs)
+        problems += shape_problems or [p for spec in specs
+                                       for p in _scan_finite(group[set_path(name, spec)])]
     if not any(p in group.group_keys() for p in PARTS):
         problems.append("no parts (train, synthetic, test) in the store")
     return problems
@@ -588,36 +633,69 @@ def _size(store: Any, key: str) -> int:
         return 0
 
 
+def probe_table(probe: dict) -> list[str]:
+    """The linear-probe accuracies of a store's target sets as t x layer rows (a text table)."""
+    sets = probe.get("sets") if isinstance(probe, dict) else None
+    if not isinstance(sets, list) or not sets:
+        return []
+    try:
+        ts = list(dict.fromkeys(int(r["t"]) for r in sets))
+        layers = list(dict.fromkeys(str(r["layer"]) for r in sets))
+        acc = {(int(r["t"]), str(r["layer"])): r.get("probe_accuracy") for r in sets}
+    except (KeyError, TypeError, ValueError):
+        return ["  (malformed probe record)"]
+    width = max(12, *(len(name) + 2 for name in layers))
+    lines = ["  t \\ layer " + "".join(f"{name:>{width}}" for name in layers)]
+    for t in ts:
+        cells = (acc.get((t, name)) for name in layers)
+        lines.append(f"  {t:<10d}" + "".join(f"{c:>{width}.4f}" if isinstance(c, (int, float)) else f"{'-':>{width}}"
+                                             for c in cells))
+    return lines
+
+
 def cache_info(url: str) -> str:
     """A readable summary of a store (complete or not)."""
     group = _open_group(str(url), "r")
     a = dict(group.attrs)
     model = a.get("model", {})
+    try:
+        specs, default = targets_from_attrs(a)
+        sets = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in specs) + f" (default {default.name})"
+    except UserError as exc:
+        specs, sets = [], str(exc)
     lines = [f"store:      {url}",
              f"complete:   {a.get('complete', False)}",
              f"digest:     {a.get('digest', '-')} (sha256 of the attributes and the manifest of every file)",
              f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)",
-             f"extraction: t={a.get('t')} layer={a.get('layer')} pooling={a.get('pooling')} "
-             f"draws={a.get('draws')} condition={a.get('condition')} seed={a.get('seed')}",
+             f"extraction: timesteps={a.get('timesteps')} layers={a.get('layers')} pooling={a.get('pooling')} "
+             f"draws={a.get('draws')} condition={a.get('condition')} noise={a.get('noise')} seed={a.get('seed')}",
+             f"targets:    {sets}",
              f"images:     {a.get('image_size')} px, {a.get('in_channels')} channel(s), "
              f"normalisation {a.get('normalisation')}, views {a.get('view_spec')}"]
     if "probe" in a:
-        lines.append(f"probe:      linear-probe accuracy {a['probe'].get('probe_accuracy')}")
+        lines.append("probe:      linear-probe accuracy on the identity view (train -> test), per target set")
+        lines += probe_table(a["probe"])
     total = 0
     for name in [p for p in PARTS if p in group.group_keys()]:
         g = group[name]
-        f = g["features"]
-        disk = sum(_size(group.store, k) for k in _data_keys(f))
-        other = sum(_size(group.store, k) for arr in (g[x] for x in (*SMALL_ARRAYS, "mean", "std"))
+        other = sum(_size(group.store, k) for arr in (g[x] for x in SMALL_ARRAYS if x in g.array_keys())
                     for k in _data_keys(arr))
-        total += disk + other
-        raw = int(np.prod(f.shape)) * f.dtype.itemsize
-        n, k, *ts = f.shape
-        d = "x".join(map(str, ts))
-        done = int((g["progress"][...].any(axis=1)).sum()) if "progress" in g.array_keys() else 0
-        lines.append(f"part {name:9s} N={n} K={k} D={d} {f.dtype} chunks={f.chunks} shards={f.shards} "
-                     f"({done}/{g.attrs.get('n_shards')} written) compressor={g.attrs.get('compressor')}")
-        lines.append(f"               features {disk / 2**20:.2f} MiB on disk, ratio {raw / max(disk, 1):.2f}x, "
-                     f"{disk / max(n * k, 1):.1f} B/view; other arrays {other / 2**20:.2f} MiB")
+        total += other
+        lines.append(f"part {name:9s} N={g.attrs.get('n')} K={g.attrs.get('k')} "
+                     f"compressor={g.attrs.get('compressor')}; per-row arrays {other / 2**20:.2f} MiB")
+        for spec in specs:
+            if set_path(name, spec) not in group:
+                lines.append(f"  {spec.name}: missing")
+                continue
+            sg = group[set_path(name, spec)]
+            f = sg["features"]
+            disk = sum(_size(group.store, k) for k in _data_keys(f))
+            total += disk
+            raw = int(np.prod(f.shape)) * f.dtype.itemsize
+            n, k = f.shape[:2]
+            done = int((sg["progress"][...].any(axis=1)).sum()) if "progress" in sg.array_keys() else 0
+            lines.append(f"  {spec.name:24s} D={'x'.join(map(str, f.shape[2:]))} {f.dtype} chunks={f.chunks} "
+                         f"shards={f.shards} ({done}/{g.attrs.get('n_shards')} written): {disk / 2**20:.2f} MiB "
+                         f"on disk, ratio {raw / max(disk, 1):.2f}x, {disk / max(n * k, 1):.1f} B/view")
     lines.append(f"total:      {total / 2**20:.2f} MiB of data files")
     return "\n".join(lines)

@@ -1,23 +1,25 @@
-"""The target specification: what each (sample, view) row of a cache part holds.
+"""The target specification: what each (sample, view) row of a target set holds.
 
 A target is the diffusion model's activation of block ``layer`` at timestep ``t`` for one
-augmented view, reduced by ``pooling`` to an array of ``shape`` and stored as float16. The spec
-is recorded in the cache (root attributes ``t``, ``layer``, ``pooling``, ``target_shape``) and is
-the one place that knows a target's shape:
+augmented view, reduced by ``pooling`` to an array of ``shape`` and stored as float16. A cache
+holds one or more target sets, one per (t, layer), each named ``t{t}-{layer}``; the root
+attribute ``targets`` lists their specs and ``default_target`` names the one training uses
+unless told otherwise. The spec is the one place that knows a target's shape:
 
 - the producer (``FeatureExtractor``) reduces a block's output with ``reduce``;
-- the store (``pipeline/cache/store.py``) lays features out as ``array_shape(N, K)`` and keeps a
-  per-element mean/std of ``shape``;
+- the store (``pipeline/cache/store.py``) lays a set's features out as ``array_shape(N, K)`` and
+  keeps a per-element mean/std of ``shape``;
 - the consumers (target readers, the DRA head and loss) read ``(B, *shape)`` rows, size the head
   with ``size`` and compare ``flat`` vectors.
 
-A new target mode (a spatial map, several blocks) adds a ``Pooling`` member and its ``reduce``
-branch here, and whatever produces or consumes it; the store and the readers follow ``shape``.
+A new target mode (a spatial map) adds a ``Pooling`` member and its ``reduce`` branch here, and
+whatever produces or consumes it; the store and the readers follow ``shape``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -50,6 +52,11 @@ class TargetSpec:
     shape: tuple[int, ...]  # of one (sample, view) target
 
     @property
+    def name(self) -> str:
+        """The set's name in the store (its group under each part's ``targets``)."""
+        return f"t{self.t}-{self.layer}"
+
+    @property
     def size(self) -> int:
         """Numbers per target: the DRA head's output width."""
         return math.prod(self.shape)
@@ -71,26 +78,57 @@ class TargetSpec:
         return x.reshape(len(x), -1)
 
     def to_attrs(self) -> dict[str, Any]:
-        """Root attributes; ``target_shape`` only for targets of more than one axis (a pooled (D,)
-        target is what format 2 has always held: its D is each part's ``d``), so pooled stores stay
-        byte-identical to those written before the spec existed."""
-        attrs: dict[str, Any] = {"t": self.t, "layer": self.layer, "pooling": self.pooling.value}
-        if len(self.shape) != 1:
-            attrs["target_shape"] = list(self.shape)
-        return attrs
+        return {"name": self.name, "t": self.t, "layer": self.layer, "pooling": self.pooling.value,
+                "shape": list(self.shape)}
 
     @classmethod
-    def from_attrs(cls, attrs: dict, *, fallback_d: int | None = None) -> TargetSpec:
-        """The spec a store records; without ``target_shape`` the rows are pooled (D,) vectors
-        (``fallback_d``: the parts' D). Malformed values are one UserError line."""
-        shape = attrs.get("target_shape", [fallback_d] if fallback_d is not None else None)
+    def from_attrs(cls, attrs: Any) -> TargetSpec:
+        """The spec of one recorded target set; anything malformed is one UserError line."""
         try:
-            if not isinstance(shape, list):
+            if not isinstance(attrs, dict) or not isinstance(attrs.get("shape"), list) \
+                    or not isinstance(attrs.get("t"), int) or isinstance(attrs.get("t"), bool):
                 raise TypeError
-            spec = cls(int(attrs["t"]), str(attrs["layer"]), Pooling(attrs["pooling"]), tuple(int(s) for s in shape))
+            spec = cls(attrs["t"], str(attrs["layer"]), Pooling(attrs["pooling"]), tuple(int(s) for s in attrs["shape"]))
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"malformed target specification in the cache: t={attrs.get('t')!r}, "
-                            f"layer={attrs.get('layer')!r}, pooling={attrs.get('pooling')!r}, shape={shape!r}") from None
-        if not spec.shape or min(spec.shape) < 1:
-            raise UserError(f"malformed target shape in the cache: {list(spec.shape)}")
+            raise UserError(f"malformed target specification in the cache: {str(attrs)[:200]}") from None
+        if not spec.shape or min(spec.shape) < 1 or attrs.get("name") != spec.name:
+            raise UserError(f"malformed target specification in the cache: {str(attrs)[:200]}")
         return spec
+
+
+def targets_attrs(specs: Sequence[TargetSpec]) -> dict[str, Any]:
+    """Root attributes of a store holding ``specs``; the first is the default set."""
+    return {"targets": [s.to_attrs() for s in specs], "default_target": specs[0].name}
+
+
+def targets_from_attrs(attrs: dict) -> tuple[list[TargetSpec], TargetSpec]:
+    """(every target set, the default one) a store records; malformed lists are one UserError line."""
+    raw = attrs.get("targets")
+    if not isinstance(raw, list) or not raw:
+        raise UserError("malformed target specification in the cache: no list of target sets")
+    specs = [TargetSpec.from_attrs(a) for a in raw]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"malformed target specification in the cache: a target set is listed twice ({names})")
+    default = attrs.get("default_target")
+    if default not in names:
+        raise UserError(f"malformed target specification in the cache: default {default!r} is not one of {names}")
+    return specs, specs[names.index(default)]
+
+
+def select(specs: Sequence[TargetSpec], default: TargetSpec, t: int | None = None,
+           layer: str | None = None) -> TargetSpec:
+    """The set at (t, layer); either left out (None, or t < 0, or layer "") means the default's."""
+    want_t = default.t if t is None or t < 0 else int(t)
+    want_layer = layer or default.layer
+    for s in specs:
+        if (s.t, s.layer) == (want_t, want_layer):
+            return s
+    held = ", ".join(f"t={s.t} layer={s.layer}" for s in specs)
+    raise UserError(f"the cache holds no target set t={want_t} layer={want_layer}; it holds: {held} "
+                    f"(extract it with `python -m pipeline extract --t ... --layer ...`)")
+
+
+def grid(specs: Sequence[TargetSpec]) -> tuple[list[int], list[str]]:
+    """The timesteps and layers of a set list, in their first-seen order (the t x layer table's axes)."""
+    return list(dict.fromkeys(s.t for s in specs)), list(dict.fromkeys(s.layer for s in specs))

@@ -44,6 +44,8 @@ class TrainConfig:
     step_size: float = 0.03
     trades_beta: float = 6.0
     dra_weight: float = 0.5  # 0: plain adversarial training
+    t: int = -1  # the cache's target set at this timestep (-1: the cache's default set's)
+    layer: str = ""  # ... and this layer ("": the default set's); a set the cache lacks is refused
     dra_schedule: DRASchedule = DRASchedule.constant
     head_hidden: int = 256
     target_norm: TargetNorm = TargetNorm.center  # with the cache's train mean/std

@@ -49,9 +49,10 @@ def join_by_key(cache_keys: list[str], shards: ShardSet) -> np.ndarray:
 
 
 def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: dict,
-              image_size: int | None) -> tuple[PartData, Any]:
-    """Images and view records of one cache part, checked against the cache. No features yet."""
-    part = cache.part(name)
+              image_size: int | None, target: Any = None) -> tuple[PartData, Any]:
+    """Images and view records of one cache part, checked against the cache. No features yet
+    (``target``: the target set the returned part reads; default: the cache's default set)."""
+    part = cache.part(name, target)
     path = shards_dir or part.shards
     if not path:
         raise UserError(f"{cache.url}: part {name!r} does not record its image shards; pass the folder")

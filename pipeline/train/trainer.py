@@ -57,6 +57,7 @@ def check_config(cfg: TrainConfig) -> None:
 @dataclass
 class Data:
     cache: Any
+    target: TargetSpec  # the cache's target set this run aligns to
     real: PartData
     synthetic: PartData | None
     mean: torch.Tensor
@@ -89,7 +90,8 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
         raise UserError(f"{cfg.cache}: no real train part")
     if cfg.synthetic_fraction > 0 and "synthetic" not in cache.parts:
         raise UserError(f"{cfg.cache}: --synthetic-fraction {cfg.synthetic_fraction} needs a synthetic part")
-    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None)
+    target = cache.target(cfg.t, cfg.layer)
+    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None, target=target)
     real, rpart = load_part(cache, "train", shards_dir=cfg.real_shards, limit=cfg.real_limit, **kw)
     syn = spart = None
     if cfg.synthetic_fraction > 0:
@@ -105,7 +107,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
             syn = replace(syn, reader=target_reader(spart, syn.n, stream=mode == "stream", window=WINDOW))
             chunked["synthetic"] = spart.rows_per_chunk if mode == "stream" else 0
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
-    return Data(cache, real, syn, mean.to(rt.device), std.to(rt.device), int(cache.attrs["view_spec"]["pad"]),
+    return Data(cache, target, real, syn, mean.to(rt.device), std.to(rt.device), int(cache.attrs["view_spec"]["pad"]),
                 mode, chunked)
 
 
@@ -115,14 +117,15 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     _, c, h, _ = data.real.images.shape
     num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
     clf = build_classifier(cfg.arch, c, num_classes, h)
-    head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.cache.target.size) if cfg.dra_weight > 0 else None
+    head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.target.size) if cfg.dra_weight > 0 else None
     net = DRANet(clf, head).to(rt.device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
-            "cache": {k: data.cache.attrs.get(k) for k in ("model", "t", "layer", "pooling", "condition", "digest")} |
-            {"url": cfg.cache, "target_mode": data.mode}}
+            "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
+            {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
+             "target_mode": data.mode}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
 
 
@@ -179,7 +182,7 @@ class Trainer:
                 FeatureExtractor,  # lazy: only the online mode loads the model
             )
 
-            extractor = FeatureExtractor.from_cache(data.cache, device=rt.device)
+            extractor = FeatureExtractor.from_cache(data.cache, data.target, device=rt.device)
         net, weights, meta = build_model(cfg, data, rt)
         sampler = make_sampler(cfg, data, rt)
         run = RunState()
