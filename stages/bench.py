@@ -18,6 +18,9 @@ conditional, random weights: timing does not need trained ones):
   order / samples/s of the cached AT+DRA step.
 - ``reader_peak_rss_mb``: peak RSS of a fresh process streaming an epoch of a synthetic store larger
   than ``memory_budget_mb`` (and of one half that size, to show it is flat).
+- ``multi_over_single``: the whole `extract` stage writing T timesteps x L layers (one forward per
+  timestep, every layer hooked) / the stage writing one (t, layer) at the deepest of those layers;
+  per timestep it should be close to 1 (the extra layers nearly free); bytes per view of each set.
 - ``extract_2proc_speedup``: `extract` under ``accelerate launch`` with 2 processes vs 1, each
   process with the same number of threads (``method`` says how).
 
@@ -45,6 +48,7 @@ from pipeline.bench.measure import (
     _say,
     bench_extract,
     bench_memory,
+    bench_multi,
     bench_train,
     bench_two_proc,
     check_config,
@@ -68,6 +72,8 @@ def run(cfg: BenchConfig) -> dict:
         _say(f"extract vs bare forward ({cfg.repeats} interleaved repeats)")
         ext, store = bench_extract(cfg, work, shards, model)
         res |= ext | storage(store)
+        _say(f"extract {cfg.multi_t} x {cfg.multi_layer} in one pass vs one target set")
+        res |= bench_multi(cfg, work, shards, model)
         _say(f"training steps ({cfg.train_steps} per variant, interleaved) and the target reader")
         res |= bench_train(cfg, work, store)
         _say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")

@@ -48,7 +48,8 @@ def run(cfg: EvaluateConfig) -> dict:
     model, mcfg = load_classifier(cfg.checkpoint, device=device)
     shape = (int(mcfg["in_channels"]), int(mcfg["image_size"]), int(mcfg["image_size"]))
     # every process reads and checks all N images, so bad input is refused by all of them alike
-    x, y = load_test_images(cfg.shards, cfg.n, shape, int(mcfg["num_classes"]))
+    x, y = load_test_images(cfg.shards, cfg.n, shape, int(mcfg["num_classes"]), offset=cfg.offset,
+                            trained_on=mcfg.get("trained_on"))
     n = len(y)
     lo, hi = robust.split_range(n, dist.rank, dist.world)
     xs, ys = x[lo:hi].to(device), y[lo:hi].to(device)
@@ -104,13 +105,13 @@ def run(cfg: EvaluateConfig) -> dict:
         "autoattack_fast": ({"targets": cfg.fast_targets, "iters": cfg.fast_iters}
                             if cfg.autoattack == AutoAttackVersion.fast else None),
         "checks": checks, "warnings": warnings,
-        "checkpoint": str(cfg.checkpoint), "shards": str(cfg.shards),
+        "checkpoint": str(cfg.checkpoint), "shards": str(cfg.shards), "offset": cfg.offset,
         "train_config": mcfg, "train_metrics": read_train_metrics(Path(cfg.checkpoint)),
         "device": device, "seed": cfg.seed, "timings": timings,
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_json(Path(cfg.out), result)
-    flat = {k: result[k] for k in ("clean", "pgd", "autoattack", "n", "eps", "seconds")}
+    flat = {k: result[k] for k in ("clean", "pgd", "autoattack", "n", "offset", "eps", "seconds")}
     flat["checks_passed"] = not warnings
     write_json(metrics_path(cfg), flat)
     aa_txt = "-" if aa_acc is None else f"{aa_acc:.4f}"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
+from pipeline.report import sweep
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import (
     aggregate,
@@ -47,11 +48,38 @@ from pipeline.report.tables import (
 SIGNATURE = ("report.md",)  # the file that marks a finished output folder of this stage
 
 
+def _read_json(path: str, what: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path}: not a readable JSON file ({type(exc).__name__})") from None
+
+
+def sweep_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--sweep runs.json``: the DRA sweep's table and t x lambda heatmaps (pipeline/report/sweep.py)."""
+    runs = sweep.check_runs(_read_json(cfg.sweep, "--sweep"))
+    probe = _read_json(cfg.probe, "--probe") if cfg.probe else None
+    out = Path(cfg.out)
+    tmp = Path(storage.start(out, signature=SIGNATURE))
+    image = sweep.heatmaps(runs, probe if isinstance(probe, dict) else None, tmp / "sweep.png")
+    text = sweep.markdown(runs, probe if isinstance(probe, dict) else None)
+    (tmp / "report.md").write_text(f"# DRA sweep\n\n{text}\n\n![sweep]({image.name})\n")
+    storage.commit(str(tmp), out, signature=SIGNATURE)
+    if readme is not None:
+        probe = f" --probe {cfg.probe}" if cfg.probe else ""
+        write_readme_block(cfg.readme, readme, text, f"--sweep {cfg.sweep}{probe}", cfg.sweep)
+    print(text)
+    print(f"report: {out / 'report.md'}")
+    return {"runs": len(runs)}
+
+
 def run(cfg: ReportConfig) -> dict:
     cfg.validate()
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
+    if cfg.sweep:
+        return sweep_report(cfg, readme)
     runs = load_evals(cfg.evals)
     if not runs:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "
@@ -83,8 +111,9 @@ def run(cfg: ReportConfig) -> dict:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     storage.commit(str(tmp), out, signature=SIGNATURE)
     if readme is not None:
-        write_readme_block(cfg.readme, readme, results_block(groups, unequal, baseline), cfg.evals,
-                           cfg.baseline)
+        option = f" --baseline '{cfg.baseline}'" if cfg.baseline else ""
+        write_readme_block(cfg.readme, readme, results_block(groups, unequal, baseline),
+                           f"--evals {cfg.evals}{option}", f"{cfg.evals}/*.json")
     print(results_block(groups, unequal, baseline))
     print(f"report: {out / 'report.md'}")
     return summary

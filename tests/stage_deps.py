@@ -9,6 +9,8 @@ runs, so editing them must not re-run the stage.
 
     python tests/stage_deps.py train     # print the list for one stage
     python tests/stage_deps.py --write   # rewrite every stage's code deps in dvc.yaml
+
+A stage named ``COMMAND-SUFFIX`` (``train-sweep``) runs ``python -m pipeline COMMAND``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def stage_files(stage: str) -> list[str]:
     return sorted(seen)
 
 
+def command(stage: str) -> str:
+    """The `python -m pipeline` command a dvc.yaml stage runs: its name up to the first "-"
+    (`train-sweep` runs `train`)."""
+    return stage.split("-", 1)[0]
+
+
 def write_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> None:
     """Replace the code lines (pipeline/, stages/) of every stage's deps with ``stage_files``."""
     out, stage, indent = [], None, None
@@ -79,7 +87,7 @@ def write_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> None:
         if stripped.startswith("- ") and stripped[2:].startswith(("pipeline/", "stages/")):
             if indent is None:  # the first code line of this stage: all of them go here
                 indent = line[: len(line) - len(line.lstrip())]
-                out += [f"{indent}- {f}" for f in stage_files(stage)]
+                out += [f"{indent}- {f}" for f in stage_files(command(stage))]
             continue
         if not stripped.startswith("- "):
             indent = None

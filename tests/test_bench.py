@@ -22,13 +22,15 @@ from stages import bench
 KEYS = ["extract_stage_over_forward", "train_cached_over_plain",
         "train_stream_over_plain", "train_online_over_cached", "train_online_full_over_cached",
         "reader_over_train", "reader_peak_rss_mb", "reader_peak_rss_mb_half", "reader_rss_baseline_mb",
-        "reader_budget_mb", "reader_cache_mb", "bytes_per_view", "compression_ratio"]
+        "reader_budget_mb", "reader_cache_mb", "bytes_per_view", "compression_ratio", "multi_over_single",
+        "multi_over_single_per_timestep"]
 
 
 def tiny(fmnist_dir, tmp_path, **kw) -> BenchConfig:
     base = dict(source=str(fmnist_dir), out=str(tmp_path / "bench.json"), n=128, views=2, batch_size=64,
                 chunks_per_shard=1, repeats=1, train_steps=2, train_batch_size=32, attack_steps=1,
-                memory_budget_mb=2, stream_cache_mb=8, two_proc=False, device="cpu")
+                memory_budget_mb=2, stream_cache_mb=8, two_proc=False, device="cpu", multi_t="100,20",
+                multi_repeats=1)
     return BenchConfig(**{**base, **kw})
 
 
@@ -43,6 +45,10 @@ def test_tiny_bench_reports_every_figure(fmnist_dir, tmp_path, capsys):
     assert res["reader_cache_mb"] > 2 * res["reader_budget_mb"]
     assert res["reader_chunk_reads_per_chunk"] == 1.0  # chunk-aware order: each chunk read once per pass
     assert res["raw_bytes_per_view"] == 2 * res["feature_dim"]
+    assert res["multi_timesteps"] == 2 and res["multi_layers"] == 2
+    assert sorted(res["multi_bytes_per_view_per_set"]) == ["t100-mid_block", "t100-up_blocks.0", "t20-mid_block",
+                                                           "t20-up_blocks.0"]
+    assert all(0 < b < 2 * 64 * 1.2 for b in res["multi_bytes_per_view_per_set"].values())  # float16, 64 channels
     m = res["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
     assert set(res["targets"]) >= {"extract_over_forward", "train_cached_over_plain", "reader_over_train"}

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,31 @@ def test_fast_autoattack_schedule_is_that_of_its_iteration_count(checkpoint, ite
         stale = APGDAttack(model, n_iter=100, eps=0.1)
         stale.n_iter = iters
         assert (stale.n_iter_2, stale.size_decr) != (fresh.n_iter_2, fresh.size_decr)
+
+
+def test_a_validation_slice_of_the_train_split_never_overlaps_training(store, fmnist_shards, tmp_path):
+    """--offset evaluates images [offset, offset + n): tuning reads held-out train images, and a
+    slice that reaches into the rows the checkpoint trained on is refused."""
+    from reliability_helpers import train_cfg
+
+    from stages import train
+
+    ckpt = tmp_path / "run"
+    train.run(train_cfg(store, ckpt, max_steps=2))
+    meta = evaluate.load_classifier(ckpt)[1]
+    train_hash = read_split(fmnist_shards / "train", limit=1).fingerprint["content_hash"]
+    assert meta["trained_on"] == {train_hash: 64}  # the store's train part: the first 64 images
+    def val(offset: int) -> EvaluateConfig:
+        return replace(_cfg(ckpt, fmnist_shards, tmp_path, n=96, check_n=32, autoattack=AutoAttackVersion.none,
+                            offset=offset), shards=str(fmnist_shards / "train"))
+
+    with pytest.raises(UserError, match=r"images \[10, 106\) overlap the first 64 images .*--offset 64"):
+        evaluate.run(val(10))
+    with pytest.raises(UserError, match="--offset 512 is past the 512 images"):
+        evaluate.run(val(512))
+    assert not (tmp_path / "at.json").exists()
+    res = evaluate.run(val(64))
+    x, y = _tensors(fmnist_shards / "train", 160)
+    model = evaluate.load_classifier(ckpt)[0]
+    assert res["n"] == 96 and res["offset"] == 64
+    assert res["clean"] == int(robust.clean_correct(model, x[64:], y[64:]).sum()) / 96  # exactly those images

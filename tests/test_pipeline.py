@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stage_deps import stage_files  # tests/ is on sys.path (rootdir conftest)
+from stage_deps import command, stage_files  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
@@ -35,14 +35,14 @@ def _code_deps(stage: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", list(_stages()))
 def test_dvc_deps_are_exactly_the_imported_code(name):
-    assert _code_deps(_stages()[name]) == stage_files(name), \
+    assert _code_deps(_stages()[name]) == stage_files(command(name)), \
         f"dvc.yaml stage {name}: code deps differ from `python tests/stage_deps.py {name}`"
 
 
 def test_every_stage_calls_the_one_cli_with_params():
     for name, stage in _stages().items():
         cmd = stage.get("do", stage)["cmd"]
-        assert cmd.startswith(f"python -m pipeline {name} "), name
+        assert cmd.startswith(f"python -m pipeline {command(name)} "), name
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     runs = params["runs"]
     assert [r["variant"] for r in runs.values()] == VARIANTS
@@ -88,6 +88,7 @@ def quick_repo(tmp: Path, fmnist_dir: Path) -> Path:
     (repo / ".gitignore").write_text("/artifacts\n/data\n__pycache__/\n")
     _git(repo, "init", "-q")
     _dvc(repo, "init", "-q")
+    _dvc(repo, "add", "-q", "data")  # data.dvc, as in this repository: experiments restore the data from the cache
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "quick profile")
     return repo
@@ -151,7 +152,7 @@ def test_a_training_default_or_a_source_reader_never_reruns_upstream_stages(quic
     from pipeline.data.sources import read_source
     from pipeline.train.config import TrainConfig
 
-    trains = {f"train@{k}" for k in ("at", "at_dra", "dmat", "dmat_dra")}
+    trains = {f"train@{k}" for k in ("at", "at_dra", "dmat", "dmat_dra")} | {"train-sweep"}
     for obj, owners in ((TrainConfig, trains), (read_source, {"prepare"})):
         rel = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
         path = quick_run / rel
@@ -173,3 +174,32 @@ def test_dra_weight_reruns_only_dra_training_evaluation_and_report(quick_run):
     out = _dvc(quick_run, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@at_dra", "train@dmat_dra", "evaluate@at_dra", "evaluate@dmat_dra", "report"}, out
+
+
+def test_a_sweep_point_is_a_dvc_experiment_that_reruns_only_the_sweep_stages(quick_run, tmp_path):
+    """`dvc exp run --temp -S sweep.t=... -S sweep.layer=... -S sweep.dra_weight=...` (what the queue
+    runs, in a temporary workspace): another target set and weight re-run train-sweep and
+    evaluate-sweep only (no extraction); `dvc exp show --json` gives one record per experiment
+    (pipeline/report/sweep.py: collect) and `report --sweep` renders it."""
+    from pipeline.report.sweep import collect
+
+    _git(quick_run, "add", "-A")
+    _git(quick_run, "commit", "-qm", "quick run")
+    out = _dvc(quick_run, "exp", "run", "--temp", "-n", "t20-up", "-S", "sweep.t=20", "-S", "sweep.layer=up_blocks.0",
+               "-S", "sweep.dra_weight=0.25")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train-sweep", "evaluate-sweep"}, out
+    shown = json.loads(_dvc(quick_run, "exp", "show", "--json"))
+    (runs,) = [r for r in collect(shown) if r["experiment"] == "t20-up"]
+    assert (runs["t"], runs["layer"], runs["dra_weight"], runs["seed"]) == (20, "up_blocks.0", 0.25, 0)
+    assert runs["n"] == 50 and runs["offset"] == 300 and 0 <= runs["pgd"] <= runs["clean"] <= 1
+    assert runs["budget"]["steps"] == 5 and runs["checks_passed"] is not None
+    assert "up to date" in _dvc(quick_run, "status")  # the workspace itself is untouched
+    (tmp_path / "runs.json").write_text(json.dumps(collect(shown)))
+    env = dict(os.environ, PYTHONPATH=str(quick_run))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "report", "--sweep", str(tmp_path / "runs.json"),
+                           "--probe", str(quick_run / "artifacts" / "probe.json"), "--out", str(tmp_path / "r")],
+                          cwd=quick_run, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| up_blocks.0 | 20 |" in md and "λ = 0.25" in md and (tmp_path / "r" / "sweep.png").stat().st_size > 5000

@@ -178,3 +178,37 @@ def test_report_pairs_variants_by_seed_and_says_when_a_difference_is_noise(tmp_p
     assert "AutoAttack" not in md.split("Paired by training seed")[1].split("\n\n")[1]  # no AA numbers: no column
     with pytest.raises(UserError, match="--baseline 'nope': no such variant"):
         report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2"), baseline="nope"))
+
+
+def _sweep_run(t: int, layer: str, w: float, clean: float, pgd: float, steps: int = 237) -> dict:
+    return {"experiment": f"e-{t}-{layer}-{w}", "t": t, "layer": layer, "dra_weight": w, "seed": 0, "clean": clean,
+            "pgd": pgd, "n": 1000, "offset": 50000, "checks_passed": True, "budget": {"steps": steps, "samples": steps * 128}}
+
+
+def test_sweep_report_table_heatmap_and_refusals(tmp_path):
+    runs = [_sweep_run(t, layer, w, 0.6 + t / 10000, 0.40 + w / 100 + (layer == "up_blocks.0") / 50)
+            for t in (20, 100) for layer in ("mid_block", "up_blocks.0") for w in (0.5, 1.0)]
+    runs.append(_sweep_run(100, "mid_block", 0.0, 0.61, 0.39))  # lambda = 0: plain AT
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    probe = {"sets": [{"t": t, "layer": layer, "probe_accuracy": 0.5 + t / 1000}
+                      for t in (20, 100) for layer in ("mid_block", "up_blocks.0")]}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- sweep:begin -->\n<!-- sweep:end -->\n")
+    report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), probe=str(tmp_path / "probe.json"),
+                            out=str(tmp_path / "r"), readme=f"{readme}#sweep"))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| up_blocks.0 | 100 | 60.0 | 61.0 / 42.5 | 61.0 / 43.0 |" in md  # probe, then clean / PGD per lambda
+    assert "| mid_block | 20 | 52.0 | 60.2 / 40.5 | 60.2 / 41.0 |" in md
+    assert "λ = 0 (plain AT, no target): 61.0 / 39.0" in md and "never the test set" in md
+    assert "Best validation PGD: t = 20, up_blocks.0, λ = 1 (43.0%), against 39.0% without DRA" in md
+    assert (tmp_path / "r" / "sweep.png").read_bytes()[:8] == PNG
+    assert "| up_blocks.0 | 100 |" in readme.read_text() and "--sweep" in readme.read_text()
+    runs[0]["budget"] = {"steps": 100, "samples": 12800}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    with pytest.raises(UserError, match="different budgets"):
+        report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), out=str(tmp_path / "r2")))
+    (tmp_path / "runs.json").write_text("[]")
+    with pytest.raises(UserError, match="non-empty list of records"):
+        report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), out=str(tmp_path / "r3")))
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()

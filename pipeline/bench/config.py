@@ -17,6 +17,11 @@ class BenchConfig:
     views: int = 4  # K of the train part
     t: int = 100
     layer: str = "mid_block"
+    # the multi-target extraction: every (t, layer) of these lists in one pass, timed against one
+    # pass for the first t and the *last* layer (the deepest: the forward must reach it either way)
+    multi_t: str = "100,20,400"
+    multi_layer: str = "mid_block,up_blocks.0"
+    multi_repeats: int = 2
     batch_size: int = 256  # extract batch, and the bare forward's
     chunks_per_shard: int = 4  # extract's zarr shards (several per part, so 2 processes share the work)
     repeats: int = 5  # interleaved repeats of extract vs the bare forward (memory children: 2, 2-process runs: 2)
@@ -36,7 +41,7 @@ class BenchConfig:
         coerce_enums(self)
 
     def validate(self) -> None:
-        sizes = ("n", "views", "batch_size", "chunks_per_shard", "repeats", "train_steps", "train_batch_size",
+        sizes = ("n", "views", "batch_size", "chunks_per_shard", "repeats", "multi_repeats", "train_steps", "train_batch_size",
                  "memory_budget_mb", "stream_cache_mb")
         require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
                        for n in sizes] + [

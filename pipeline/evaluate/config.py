@@ -23,7 +23,10 @@ class EvaluateConfig:
     out: str = "artifacts/eval/default.json"  # the full result (attacks, checks, timings)
     metrics: str = ""  # flat {clean, pgd, autoattack} JSON for `dvc metrics`; "": OUT with .metrics.json
     name: str = ""  # variant label recorded in the result; "": the checkpoint folder's name
-    n: int = 1000  # the first N test images
+    n: int = 1000  # N images of the shards, from ``offset`` on
+    # first image evaluated: a validation slice of the train split (for tuning) starts past every row
+    # the checkpoint trained on (an overlapping slice is refused); the test split is read from 0
+    offset: int = 0
     eps: float = 0.1  # Linf budget (Fashion-MNIST convention; CIFAR: 8/255)
     pgd_steps: int = 20
     pgd_restarts: int = 2
@@ -42,6 +45,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         require(self, [
             (self.n > 0, f"--n must be positive, got {self.n}"),
+            (self.offset >= 0, f"--offset must be >= 0, got {self.offset}"),
             (0 < self.eps <= 1, f"--eps must be in (0, 1] (images are in [0, 1]), got {self.eps}"),
             (self.pgd_steps >= 1 and self.pgd_restarts >= 1, "--pgd-steps and --pgd-restarts must be >= 1"),
             (self.pgd_step_size >= 0 and min(self.batch_size, self.check_n, self.fast_targets, self.fast_iters) >= 1,

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.core.errors import UserError, check_out
@@ -27,17 +28,27 @@ def metrics_path(cfg: EvaluateConfig) -> Path:
     return Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")
 
 
-def load_test_images(shards: str, n: int, image_shape: tuple, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images as float (N,C,H,W) in [0,1], refusing a shape/class mismatch."""
-    split = read_split(shards, limit=n)
-    h, w, c = split.images.shape[1:]
+def load_test_images(shards: str, n: int, image_shape: tuple, num_classes: int, *, offset: int = 0,
+                     trained_on: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [offset, offset + n) of the shards as float (N,C,H,W) in [0,1], refusing a shape/class
+    mismatch and any image the checkpoint trained on (``trained_on``: split content hash -> rows
+    [0, rows) of that split were training data)."""
+    split = read_split(shards, limit=offset + n)
+    if len(split.labels) <= offset:
+        raise UserError(f"{shards}: --offset {offset} is past the {len(split.labels)} images of these shards")
+    seen = (trained_on or {}).get(split.fingerprint.get("content_hash"))
+    if seen is not None and offset < int(seen):
+        raise UserError(f"{shards}: images [{offset}, {offset + n}) overlap the first {seen} images of this split, "
+                        f"which the checkpoint trained on; evaluate from --offset {seen} or later")
+    images, labels = split.images[offset:], split.labels[offset:]
+    h, w, c = images.shape[1:]
     if (c, h, w) != tuple(image_shape):
         raise UserError(f"{shards}: images are {c}x{h}x{w}, the checkpoint expects "
                         f"{'x'.join(map(str, image_shape))}")
-    if split.labels.max() >= num_classes:
-        raise UserError(f"{shards}: label {split.labels.max()} but the checkpoint has {num_classes} classes")
-    x = to_float01(split.images)
-    return x.contiguous(), torch.from_numpy(split.labels)
+    if labels.max() >= num_classes:
+        raise UserError(f"{shards}: label {labels.max()} but the checkpoint has {num_classes} classes")
+    x = to_float01(images)
+    return x.contiguous(), torch.from_numpy(np.ascontiguousarray(labels))
 
 
 def read_train_metrics(folder: Path) -> dict:

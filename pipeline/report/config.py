@@ -15,6 +15,8 @@ class ReportConfig:
     out: str = "artifacts/report"
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
     baseline: str = ""  # the variant the others are compared with, paired by seed (default: the first row)
+    sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
+    probe: str = ""  # the cache's probe.json, shown beside the sweep
     readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
 
     def validate(self) -> None:

@@ -123,6 +123,10 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
+            # content hash of each image split -> its first rows used in training (evaluate refuses them)
+            "trained_on": {part.fingerprint.get("content_hash"): d.n for d, part in
+                           ((data.real, data.cache.part("train")),
+                            (data.synthetic, data.cache.part("synthetic") if data.synthetic else None)) if d},
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
              "target_mode": data.mode}}

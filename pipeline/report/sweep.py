@@ -1,0 +1,171 @@
+"""The DRA sweep: DVC experiments over the target set (t, layer) and the weight lambda -> data -> report.
+
+Each experiment (``dvc exp run --queue -S sweep.t=... -S sweep.layer=... -S sweep.dra_weight=...``)
+re-runs only the stages ``train-sweep`` and ``evaluate-sweep``: one AT+DRA training on the chosen
+target set of the cache (no re-extraction), evaluated on held-out validation images of the train
+split. ``collect`` turns ``dvc exp show --json`` into one record per experiment (the committed
+data, ``results/sweep/runs.json``); ``markdown`` and ``heatmaps`` render it with the cache's
+linear-probe accuracy per (t, layer) beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import UserError
+
+METRICS = "artifacts/sweep/metrics.json"  # what evaluate-sweep writes (flat: clean, pgd, n, ...)
+TRAIN_METRICS = "artifacts/sweep/train/metrics.json"  # what train-sweep writes (budget, seconds)
+
+
+def _walk(node: Any, inside: bool = False) -> Any:
+    """Every dict of ``dvc exp show --json`` that is an experiment (found under an ``experiments``
+    list) and carries its params and metrics; the workspace and baseline commits are not."""
+    if isinstance(node, dict):
+        data = node.get("data")
+        if inside and isinstance(data, dict) and "params" in data and "metrics" in data:
+            yield node
+        for key, value in node.items():
+            yield from _walk(value, inside or key == "experiments")
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value, inside)
+
+
+def _file_data(section: dict, path: str) -> dict:
+    entry = (section or {}).get(path) or {}
+    return entry.get("data") or {} if isinstance(entry, dict) else {}
+
+
+def collect(exp_show: Any) -> list[dict]:
+    """One record per experiment that finished the sweep stages: its target set, weight, seed,
+    validation accuracies and training budget (experiments without sweep metrics are left out)."""
+    runs = []
+    for node in _walk(exp_show):
+        name, rev = str(node.get("name") or node.get("rev", "")), str(node.get("rev", ""))
+        data = node["data"]
+        params = _file_data(data.get("params"), "params.yaml")
+        metrics, train = _file_data(data.get("metrics"), METRICS), _file_data(data.get("metrics"), TRAIN_METRICS)
+        sweep = params.get("sweep") or {}
+        if not metrics or not all(k in sweep for k in ("t", "layer", "dra_weight")):
+            continue
+        runs.append({"experiment": name, "rev": rev, "t": int(sweep["t"]), "layer": str(sweep["layer"]),
+                     "dra_weight": float(sweep["dra_weight"]), "seed": int(sweep.get("seed", 0)),
+                     "clean": metrics.get("clean"), "pgd": metrics.get("pgd"), "n": metrics.get("n"),
+                     "offset": metrics.get("offset"), "checks_passed": metrics.get("checks_passed"),
+                     "budget": train.get("budget"), "train_seconds": train.get("train_seconds")})
+    return sorted(runs, key=lambda r: (r["dra_weight"] > 0, r["layer"], r["t"], r["dra_weight"], r["seed"]))
+
+
+def check_runs(runs: Any) -> list[dict]:
+    """The records of ``runs.json``, refusing what the report cannot read (one line)."""
+    need = ("t", "layer", "dra_weight", "clean", "pgd")
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and all(k in r for k in need)
+                                                         for r in runs):
+        raise UserError(f"sweep results need a non-empty list of records with {', '.join(need)}")
+    budgets = {((r.get("budget") or {}).get("steps"), (r.get("budget") or {}).get("samples")) for r in runs}
+    if len(budgets) > 1:
+        raise UserError(f"sweep runs trained at different budgets (steps, samples: {sorted(map(str, budgets))}): "
+                        "not comparable")
+    return runs
+
+
+def _axes(runs: list[dict]) -> tuple[list[int], list[str], list[float]]:
+    dra = [r for r in runs if r["dra_weight"] > 0]
+    return (sorted({r["t"] for r in dra}), sorted({r["layer"] for r in dra}),
+            sorted({r["dra_weight"] for r in dra}))
+
+
+def _cell(runs: list[dict], key: str, **match: Any) -> float | None:
+    vals = [r[key] for r in runs if all(r[k] == v for k, v in match.items()) and r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def probe_lookup(probe: dict | None) -> dict[tuple[int, str], float]:
+    sets = (probe or {}).get("sets") or []
+    return {(int(s["t"]), str(s["layer"])): float(s["probe_accuracy"]) for s in sets
+            if isinstance(s, dict) and {"t", "layer", "probe_accuracy"} <= set(s)}
+
+
+def markdown(runs: list[dict], probe: dict | None) -> str:
+    """The sweep table (rows: layer, t; columns: lambda, each clean / PGD on validation) and the
+    best cell next to the lambda = 0 baseline."""
+    ts, layers, weights = _axes(runs)
+    probes = probe_lookup(probe)
+    base = [r for r in runs if r["dra_weight"] == 0]
+    first = runs[0]
+    b = first.get("budget") or {}
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    lines = [f"Validation accuracy (%) of AT+DRA, clean / PGD, on {first.get('n')} held-out images of the train "
+             f"split (from image {first.get('offset')}; never the test set), one training budget for every cell "
+             f"({b.get('steps', '?')} steps, {b.get('samples', '?')} samples), seed(s) {', '.join(map(str, seeds))}.",
+             ""]
+    head = "| layer | t | probe (%) | " + " | ".join(f"λ = {w:g}" for w in weights) + " |"
+    lines += [head, "|" + "---|" * (3 + len(weights))]
+    for layer in layers:
+        for t in ts:
+            cells = [f"{_pct(_cell(runs, 'clean', t=t, layer=layer, dra_weight=w))} / "
+                     f"{_pct(_cell(runs, 'pgd', t=t, layer=layer, dra_weight=w))}" for w in weights]
+            lines.append(f"| {layer} | {t} | {_pct(probes.get((t, layer)))} | " + " | ".join(cells) + " |")
+    if base:
+        lines += ["", f"λ = 0 (plain AT, no target): {_pct(_cell(base, 'clean'))} / {_pct(_cell(base, 'pgd'))}."]
+    dra = [r for r in runs if r["dra_weight"] > 0 and r.get("pgd") is not None]
+    if dra:
+        best = max(dra, key=lambda r: r["pgd"])
+        lines += ["", f"Best validation PGD: t = {best['t']}, {best['layer']}, λ = {best['dra_weight']:g} "
+                      f"({_pct(best['pgd'])}%)" + (f", against {_pct(_cell(base, 'pgd'))}% without DRA" if base else "")
+                  + (". One seed per cell gives no confidence interval: re-run the chosen cell and its rivals "
+                     "with several seeds (report's paired differences) before trusting a gap of a few points."
+                     if len(seeds) == 1 else ".")]
+    failed = [r["experiment"] for r in runs if r.get("checks_passed") is False]
+    if failed:
+        lines += ["", f"**Evaluation checks failed for: {', '.join(failed)}.**"]
+    return "\n".join(lines)
+
+
+def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
+    """t x lambda heatmaps of validation clean and PGD accuracy, one row of panels per layer, and
+    the probe accuracy (t x layer) beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts, layers, weights = _axes(runs)
+    probes = probe_lookup(probe)
+    fig, axes = plt.subplots(len(layers), 3, figsize=(11, 3.2 * len(layers)), squeeze=False)
+    for i, layer in enumerate(layers):
+        for j, key in enumerate(("clean", "pgd")):
+            grid = [[_cell(runs, key, t=t, layer=layer, dra_weight=w) for w in weights] for t in ts]
+            values = [[math.nan if v is None else 100 * v for v in row] for row in grid]
+            ax = axes[i][j]
+            im = ax.imshow(values, cmap="viridis", aspect="auto")
+            for a, row in enumerate(values):
+                for c, v in enumerate(row):
+                    ax.text(c, a, "-" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", color="w",
+                            fontsize=9)
+            ax.set_xticks(range(len(weights)), [f"{w:g}" for w in weights])
+            ax.set_yticks(range(len(ts)), [str(t) for t in ts])
+            ax.set_xlabel("λ (DRA weight)")
+            ax.set_ylabel("t")
+            ax.set_title(f"{layer}: validation {'clean' if key == 'clean' else 'PGD'} (%)")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        ax = axes[i][2]
+        col = [[100 * probes[(t, layer)] if (t, layer) in probes else math.nan] for t in ts]
+        im = ax.imshow(col, cmap="magma", aspect="auto")
+        for a, row in enumerate(col):
+            ax.text(0, a, "-" if math.isnan(row[0]) else f"{row[0]:.1f}", ha="center", va="center", color="w")
+        ax.set_xticks([0], [layer])
+        ax.set_yticks(range(len(ts)), [str(t) for t in ts])
+        ax.set_title("linear probe (%)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
