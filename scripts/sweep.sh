@@ -12,27 +12,17 @@ LAYERS=${LAYERS:-"mid_block up_blocks.0"}
 WEIGHTS=${WEIGHTS:-"0.25 0.5 1.0"}
 dvc status extract | grep -q "up to date" || { echo "error: run dvc repro first (the cache is not up to date)"; exit 1; }
 dvc commit -f -q data.dvc  # the dataset in the DVC cache: each experiment's workspace restores it from there
-dvc exp run --queue -S sweep.dra_weight=0
-for t in $TS; do
-  for layer in $LAYERS; do
-    for w in $WEIGHTS; do
-      dvc exp run --queue -S "sweep.t=$t" -S "sweep.layer=$layer" -S "sweep.dra_weight=$w"
+# each experiment reproduces only the sweep stages (and what they need: upstream stages are up to
+# date and restored from the DVC cache); one weight's whole t x layer grid before the next weight
+dvc exp run --queue -S sweep.dra_weight=0 train-sweep evaluate-sweep
+for w in $WEIGHTS; do
+  for t in $TS; do
+    for layer in $LAYERS; do
+      dvc exp run --queue -S "sweep.t=$t" -S "sweep.layer=$layer" -S "sweep.dra_weight=$w" train-sweep evaluate-sweep
     done
   done
 done
 dvc queue start -j 1
 while dvc queue status | grep -qE "Queued|Running"; do sleep 30; done
 dvc queue status
-mkdir -p results/sweep
-dvc exp show --json > /tmp/sweep-exp-show.json
-python - <<'PYEOF'
-import json
-from pipeline.report.sweep import collect
-runs = collect(json.load(open("/tmp/sweep-exp-show.json")))
-open("results/sweep/runs.json", "w").write(json.dumps(runs, indent=2) + "\n")
-print(f"{len(runs)} experiments -> results/sweep/runs.json")
-PYEOF
-cp artifacts/probe.json results/sweep/probe.json
-python -m pipeline report --sweep results/sweep/runs.json --probe results/sweep/probe.json \
-  --out artifacts/sweep_report --readme README.md#sweep
-cp artifacts/sweep_report/sweep.png results/sweep/sweep.png
+bash scripts/sweep_collect.sh
