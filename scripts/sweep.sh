@@ -23,6 +23,7 @@ for w in $WEIGHTS; do
   done
 done
 dvc queue start -j 1
+sleep 60  # the worker needs a moment before its tasks show as Running
 while dvc queue status | grep -qE "Queued|Running"; do sleep 30; done
 dvc queue status
 bash scripts/sweep_collect.sh
