@@ -100,7 +100,7 @@ def extract_figures(model: DiffusionModel, n: int, batch: int, device: torch.dev
 def step_figures(arch: str, model: DiffusionModel, batch: int, device: torch.device, repeats: int) -> dict:
     clf = build_classifier(arch, 3, 10, 32)
     ext = FeatureExtractor(model, t=100, layer="mid_block", condition="none")
-    d = ext.target_spec(32, 3).size
+    d = ext.target_specs(32, 3)[0].size
     net = DRANet(clf, ProjectionHead(clf.feature_dim, 512, d)).to(device).train()
     plain_net = DRANet(clf, None)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

@@ -37,7 +37,8 @@ secs = {line.split()[0]: float(line.split()[1]) for line in (w / "extract_second
 out = {}
 for k in ("1", "4", "all"):
     p = open_cache(str(w / f"k{k}.zarr")).part("train")
-    disk = sum(f.stat().st_size for f in (w / f"k{k}.zarr" / "train" / "features").rglob("*") if f.is_file())
+    feats = w / f"k{k}.zarr" / "train" / "targets" / p.target.name / "features"
+    disk = sum(f.stat().st_size for f in feats.rglob("*") if f.is_file())
     out[k] = {"K": p.k, "n_images": p.n, "feature_bytes_on_disk_per_image": disk / p.n,
               "raw_bytes_per_image": p.k * p.d * 2, "extract_seconds_whole_stage": secs.get(k),
               "note": "whole extract command for the train part (K views) + the test part (1 view) of 10k images each"}
