@@ -51,7 +51,7 @@ SIGNATURE = ("report.md",)  # the file that marks a finished output folder of th
 def _read_json(path: str, what: str) -> object:
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise UserError(f"{what} {path}: not a readable JSON file ({type(exc).__name__})") from None
 
 

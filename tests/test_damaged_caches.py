@@ -137,3 +137,20 @@ def test_damaged_store_refused_by_a_real_process(store, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "checksum mismatch" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
 
+
+
+def test_a_group_where_a_feature_array_belongs_gets_a_clear_answer(store, tmp_path, capsys, monkeypatch):
+    """A hostile store: the target set's features are a group, not an array. `cache info` still
+    summarises the store, verify names the changed file, train refuses in one line."""
+    monkeypatch.setattr(trainer, "build_model", _no_training)
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    meta = bad / "train" / "targets" / "t100-mid_block" / "features" / "zarr.json"
+    meta.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    out = cache_mod.cache_info(str(bad))
+    assert "t100-mid_block: unreadable" in out and "part test" in out, out
+    code, out, _ = run_cli(capsys, ["cache", "verify", bad])
+    assert code == 2 and "train/targets/t100-mid_block/features/zarr.json" in out, out
+    code, _, err = run_cli(capsys, ["train", "--cache", bad, "--out", tmp_path / "run", *TRAIN_ARGS])
+    assert_one_error_line(code, err)
+    assert not (tmp_path / "run").exists()

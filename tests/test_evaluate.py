@@ -280,3 +280,14 @@ def test_a_validation_slice_of_the_train_split_never_overlaps_training(store, fm
     model = evaluate.load_classifier(ckpt)[0]
     assert res["n"] == 96 and res["offset"] == 64
     assert res["clean"] == int(robust.clean_correct(model, x[64:], y[64:]).sum()) / 96  # exactly those images
+
+
+@pytest.mark.parametrize("record", [["abc"], {"abc": -1}, {"abc": "64"}, {"abc": 1.5}, {"abc": True}, {1: 64}])
+def test_a_malformed_trained_on_record_is_refused(fmnist_shards, record):
+    """A checkpoint that cannot say which images it trained on cannot vouch for a held-out slice."""
+    from pipeline.evaluate.inputs import load_test_images
+
+    with pytest.raises(UserError, match="trained_on record is malformed"):
+        load_test_images(str(fmnist_shards / "train"), 8, (1, 28, 28), 10, offset=100, trained_on=record)
+    x, y = load_test_images(str(fmnist_shards / "train"), 8, (1, 28, 28), 10, offset=100, trained_on={"abc": 64})
+    assert x.shape == (8, 1, 28, 28) and y.shape == (8,)

@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from repro import assert_features_close, torch_threads, tree_bytes
 
 from pipeline.cache.config import ExtractConfig
+from pipeline.cache.probe import linear_probe
 from pipeline.cache.store import open_cache, verify_cache
 from pipeline.core.errors import UserError
 from pipeline.core.shards import Split, read_split, write_split
@@ -92,6 +93,11 @@ def test_store_follows_the_contract(store, fmnist_shards):
     assert [(r["t"], r["layer"]) for r in probe["sets"]] == [(s.t, s.layer) for s in cache.targets]
     assert all(0.3 < r["probe_accuracy"] <= 1.0 for r in probe["sets"])  # 10 classes: chance is 0.1
     assert probe["probe_accuracy"] == probe["sets"][0]["probe_accuracy"]  # the default set's
+    # the probe never sees the test part: fitted on the train part's first 160 rows, scored on its last 40
+    assert (probe["n_fit"], probe["n_held_out"]) == (160, 40)
+    x = cache.part("train", cache.targets[1]).read(np.arange(200), np.zeros(200, int)).reshape(200, -1)
+    assert probe["sets"][1]["probe_accuracy"] == round(
+        linear_probe(x[:160], train.labels[:160], x[160:], train.labels[160:]), 6)
     assert json.loads((store.parent / "probe.json").read_text()) == probe
     f = train.read_chunk(0).astype(np.float32)
     assert np.isfinite(f).all() and f.std() > 0
@@ -358,3 +364,25 @@ def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path,
         assert torch.nn.functional.cosine_similarity(row - mean, stored - mean, dim=0) >= 0.995, (n, k)
     with pytest.raises(UserError, match="count >= 1 or 'all'"):
         config(model_dir, fmnist_shards, synthetic_dir, out, views="some").validate()
+
+
+def test_a_shard_lost_in_writing_never_leaves_a_complete_store(tmp_path, model_dir, fmnist_shards, synthetic_dir,
+                                                                monkeypatch):
+    """Before finalising, rank 0 checks every shard of every set is there (another rank's write may
+    have failed): a lost write leaves an incomplete store that the next run completes."""
+    from pipeline.cache.store import CacheWriter
+
+    out = tmp_path / "feats.zarr"
+    real_write = CacheWriter.write_shard
+
+    def lossy(self, part, s, blocks):
+        if (part, s) != ("train", 1):  # this one "fails" silently, as a helper rank's could
+            real_write(self, part, s, blocks)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", lossy)
+    with pytest.raises(UserError, match=r"shards still missing after extraction \({'train': {1: "):
+        extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=128, t="100", layer="mid_block"))
+    assert json.loads((out / "zarr.json").read_text())["attributes"].get("complete") is not True
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=128, t="100", layer="mid_block"))
+    assert verify_cache(str(out)) == []

@@ -212,3 +212,34 @@ def test_sweep_report_table_heatmap_and_refusals(tmp_path):
     with pytest.raises(UserError, match="non-empty list of records"):
         report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), out=str(tmp_path / "r3")))
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda runs: [r for r in runs if r["dra_weight"] == 0], "no run with dra_weight > 0"),
+    (lambda runs: [{**runs[0], "t": "100"}] + runs[1:], "t \\(int\\)"),
+    (lambda runs: [{**runs[0], "pgd": "0.4"}] + runs[1:], "accuracy in \\[0, 1\\]"),
+    (lambda runs: [{**runs[0], "dra_weight": -1}] + runs[1:], "number >= 0"),
+    (lambda runs: [{**runs[0], "budget": [237]}] + runs[1:], "budget \\(dict or null\\)"),
+    (lambda runs: [{**runs[0], "offset": 0}] + runs[1:], "evaluated on different images"),
+])
+def test_sweep_runs_that_cannot_be_compared_are_refused(tmp_path, bad, match):
+    runs = [_sweep_run(t, "mid_block", w, 0.6, 0.4) for t in (20, 100) for w in (0.0, 0.5)]
+    (tmp_path / "runs.json").write_text(json.dumps(bad(runs)))
+    with pytest.raises(UserError, match=match):
+        report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+
+
+def test_sweep_report_survives_a_malformed_probe_and_refuses_binary_input(tmp_path):
+    runs = [_sweep_run(t, "mid_block", 0.5, 0.6, 0.4) for t in (20, 100)]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    probe = {"sets": [{"t": "x", "layer": "mid_block", "probe_accuracy": 0.5}, 7,
+                      {"t": 20, "layer": "mid_block", "probe_accuracy": 0.625}]}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    report.run(ReportConfig(sweep=str(tmp_path / "runs.json"), probe=str(tmp_path / "probe.json"),
+                            out=str(tmp_path / "r")))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| mid_block | 20 | 62.5 |" in md and "| mid_block | 100 | - |" in md  # the bad entries left out
+    (tmp_path / "runs.bin").write_bytes(b"\xff\xfe\x00[")
+    with pytest.raises(UserError, match="not a readable JSON file"):
+        report.run(ReportConfig(sweep=str(tmp_path / "runs.bin"), out=str(tmp_path / "r2")))

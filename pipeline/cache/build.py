@@ -84,15 +84,21 @@ def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit
 
 
 def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
-    """A linear probe on the identity view (train -> test) of every target set: the cheap proxy
-    for choosing t and layer. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
-    targets = inits["train"].targets
-    sets = [{"t": s.t, "layer": s.layer,
-             "probe_accuracy": round(linear_probe(writer.read_identity("train", s.name), inits["train"].labels,
-                                                  writer.read_identity("test", s.name), inits["test"].labels), 6)}
-            for s in targets]
+    """A linear probe on the identity view of every target set, fitted on the first 80% of the train
+    part's rows and scored on the other 20%: the cheap proxy for choosing t and layer, so it never
+    looks at the test set. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
+    targets, train = inits["train"].targets, inits["train"]
+    n_fit = train.n * 4 // 5
+    if n_fit < 1 or n_fit == train.n:
+        raise UserError(f"the train part has {train.n} image(s): the probe needs at least 2 (fit and held out)")
+    sets = []
+    for s in targets:
+        x = writer.read_identity("train", s.name)
+        acc = linear_probe(x[:n_fit], train.labels[:n_fit], x[n_fit:], train.labels[n_fit:])
+        sets.append({"t": s.t, "layer": s.layer, "probe_accuracy": round(acc, 6)})
     probe = {"probe_accuracy": sets[0]["probe_accuracy"], "t": targets[0].t, "layer": targets[0].layer,
-             "n_train": inits["train"].n, "n_test": inits["test"].n, "sets": sets}
+             "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)",
+             "n_fit": n_fit, "n_held_out": train.n - n_fit, "sets": sets}
     if "://" not in cfg.out:  # a metrics file next to a local store (DVC metric)
         storage.atomic_write(Path(cfg.out).resolve().parent / "probe.json", json.dumps(probe, indent=2) + "\n")
     return probe
@@ -137,6 +143,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     dist.barrier()
     writer = writer or CacheWriter.open_or_create(cfg.out, create=False, **open_args)
     missing = {n: writer.missing_shards(n) for n in inits}  # part -> shard -> target sets lacking it
+    dist.barrier()  # every rank has the same plan before any rank writes (a write would change it)
     # round-robin over all (part, shard) pairs, so small parts do not all land on rank 0
     pairs = [(n, s) for n, shards in missing.items() for s in shards]
     todo = {n: [s for i, (m, s) in enumerate(pairs) if m == n and i % dist.world == dist.rank] for n in missing}
@@ -178,6 +185,9 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     dist.barrier()
     result = {"out": cfg.out, "written": {n: len(s) for n, s in todo.items()}}
     if dist.rank == 0:
+        left = {n: m for n in inits if (m := writer.missing_shards(n))}
+        if left:  # a rank that failed to write must never leave a store that looks complete
+            raise UserError(f"{cfg.out}: shards still missing after extraction ({left}); run extract again to resume")
         for name in inits:
             writer.finalize_part(name)
         probe = write_probe(cfg, writer, inits)

@@ -65,10 +65,10 @@ class ExtractConfig:
         """Sizes and counts: refused before anything is loaded."""
         self.view.validate()
         sizes = ("draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
-        views = [(v == "all" or (v.isdigit() and int(v) >= 1), f"--{n.replace('_', '-')} must be a count >= 1 or "
+        views = [(v == "all" or (v.isdecimal() and int(v) >= 1), f"--{n.replace('_', '-')} must be a count >= 1 or "
                   f"'all', got {v!r}") for n, v in (("views", self.views), ("views_synthetic", self.views_synthetic))]
         ts = self.t.split(",")
-        views.append((all(x.isdigit() for x in ts) and len(set(map(int, ts))) == len(ts),
+        views.append((all(x.isdecimal() for x in ts) and len(set(map(int, ts))) == len(ts),
                       f"--t must be one timestep or a comma list of distinct ones (10,100,200), got {self.t!r}"))
         views.append((all(self.layers) and len(set(self.layers)) == len(self.layers),
                       f"--layer must be one block or a comma list of distinct ones, got {self.layer!r}"))

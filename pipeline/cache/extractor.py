@@ -213,5 +213,10 @@ class FeatureExtractor:
         cond = a["condition"]
         if cond == "none" and model.num_classes is not None:
             raise UserError("the cache was built unconditionally but the model is class-conditional")
-        return cls(model, t=target.t, layer=target.layer, pooling=a["pooling"], draws=a["draws"],
-                   condition=cond if model.num_classes is not None else "null")
+        ext = cls(model, t=target.t, layer=target.layer, pooling=target.pooling, draws=a["draws"],
+                  condition=cond if model.num_classes is not None else "null")
+        made = ext.target_specs(model.image_size, model.in_channels)[0]
+        if made != target:
+            raise UserError(f"model {a['model']['source']}: gives {made.name} targets of shape {made.shape}, "
+                            f"the cache holds {target.shape}")
+        return ext

@@ -1,8 +1,8 @@
 """Linear probe: how much class information a cache's features carry, as one accuracy.
 
 A team receiving a cache can judge it without training anything expensive: multinomial
-logistic regression on the standardised identity-view train features, accuracy on the test
-features. Full-batch L-BFGS on CPU, deterministic (no sampling anywhere).
+logistic regression on standardised identity-view features of most of the train part, accuracy
+on the train rows it held out (the test set stays unseen: t and layer are chosen by this number). Full-batch L-BFGS on CPU, deterministic (no sampling anywhere).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                  steps: int = 100, weight_decay: float = 1e-4) -> float:
-    """Fit on (train_x, train_y), return accuracy on (test_x, test_y). x: (N, D), y: (N,) ints."""
+    """Fit on (train_x, train_y), return accuracy on the held-out (test_x, test_y). x: (N, D), y: (N,) ints."""
     xtr = torch.as_tensor(np.asarray(train_x, np.float32))
     xte = torch.as_tensor(np.asarray(test_x, np.float32))
     ytr = torch.as_tensor(np.asarray(train_y, np.int64))

@@ -70,7 +70,8 @@ COMPRESSORS: dict[str, Any] = {
 }
 SMALL_ARRAYS = ("keys", "labels", "dx", "dy", "flip", "noise_seed")
 # what zarr raises on malformed metadata (a chunk of 0 rows divides by zero while it is read)
-MALFORMED = (KeyError, ValueError, TypeError, ArithmeticError, zarr.errors.BaseZarrError)
+# AttributeError: a group where an array belongs (a hostile or damaged store)
+MALFORMED = (KeyError, ValueError, TypeError, AttributeError, ArithmeticError, zarr.errors.BaseZarrError)
 
 
 @dataclass
@@ -673,13 +674,17 @@ def cache_info(url: str) -> str:
              f"images:     {a.get('image_size')} px, {a.get('in_channels')} channel(s), "
              f"normalisation {a.get('normalisation')}, views {a.get('view_spec')}"]
     if "probe" in a:
-        lines.append("probe:      linear-probe accuracy on the identity view (train -> test), per target set")
+        lines.append("probe:      linear-probe accuracy on the identity view (train rows fit -> held-out train rows), per target set")
         lines += probe_table(a["probe"])
     total = 0
     for name in [p for p in PARTS if p in group.group_keys()]:
-        g = group[name]
-        other = sum(_size(group.store, k) for arr in (g[x] for x in SMALL_ARRAYS if x in g.array_keys())
-                    for k in _data_keys(arr))
+        try:
+            g = group[name]
+            other = sum(_size(group.store, k) for arr in (g[x] for x in SMALL_ARRAYS if x in g.array_keys())
+                        for k in _data_keys(arr))
+        except MALFORMED as exc:
+            lines.append(f"part {name:9s} unreadable ({type(exc).__name__}: {exc})")
+            continue
         total += other
         lines.append(f"part {name:9s} N={g.attrs.get('n')} K={g.attrs.get('k')} "
                      f"compressor={g.attrs.get('compressor')}; per-row arrays {other / 2**20:.2f} MiB")
@@ -687,13 +692,17 @@ def cache_info(url: str) -> str:
             if set_path(name, spec) not in group:
                 lines.append(f"  {spec.name}: missing")
                 continue
-            sg = group[set_path(name, spec)]
-            f = sg["features"]
-            disk = sum(_size(group.store, k) for k in _data_keys(f))
+            try:
+                sg = group[set_path(name, spec)]
+                f = sg["features"]
+                disk = sum(_size(group.store, k) for k in _data_keys(f))
+                raw = int(np.prod(f.shape)) * f.dtype.itemsize
+                n, k = f.shape[:2]
+                done = int((sg["progress"][...].any(axis=1)).sum()) if "progress" in sg.array_keys() else 0
+            except MALFORMED as exc:
+                lines.append(f"  {spec.name}: unreadable ({type(exc).__name__}: {exc})")
+                continue
             total += disk
-            raw = int(np.prod(f.shape)) * f.dtype.itemsize
-            n, k = f.shape[:2]
-            done = int((sg["progress"][...].any(axis=1)).sum()) if "progress" in sg.array_keys() else 0
             lines.append(f"  {spec.name:24s} D={'x'.join(map(str, f.shape[2:]))} {f.dtype} chunks={f.chunks} "
                          f"shards={f.shards} ({done}/{g.attrs.get('n_shards')} written): {disk / 2**20:.2f} MiB "
                          f"on disk, ratio {raw / max(disk, 1):.2f}x, {disk / max(n * k, 1):.1f} B/view")

@@ -36,8 +36,13 @@ def load_test_images(shards: str, n: int, image_shape: tuple, num_classes: int, 
     split = read_split(shards, limit=offset + n)
     if len(split.labels) <= offset:
         raise UserError(f"{shards}: --offset {offset} is past the {len(split.labels)} images of these shards")
-    seen = (trained_on or {}).get(split.fingerprint.get("content_hash"))
-    if seen is not None and offset < int(seen):
+    trained_on = trained_on or {}
+    if not isinstance(trained_on, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in trained_on.items()):
+        raise UserError("the checkpoint's trained_on record is malformed (want content hash -> non-negative row "
+                        "count); it cannot tell which images it trained on")
+    seen = trained_on.get(split.fingerprint.get("content_hash"))
+    if seen is not None and offset < seen:
         raise UserError(f"{shards}: images [{offset}, {offset + n}) overlap the first {seen} images of this split, "
                         f"which the checkpoint trained on; evaluate from --offset {seen} or later")
     images, labels = split.images[offset:], split.labels[offset:]

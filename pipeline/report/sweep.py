@@ -59,15 +59,32 @@ def collect(exp_show: Any) -> list[dict]:
     return sorted(runs, key=lambda r: (r["dra_weight"] > 0, r["layer"], r["t"], r["dra_weight"], r["seed"]))
 
 
+def _valid_run(r: Any) -> bool:
+    """One record as ``collect`` writes it: the types the table and heatmaps rely on."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    return (isinstance(r, dict) and type(r.get("t")) is int and isinstance(r.get("layer"), str)
+            and num(r.get("dra_weight")) and r["dra_weight"] >= 0 and type(r.get("seed", 0)) is int
+            and all(r.get(k) is None or (num(r[k]) and 0 <= r[k] <= 1) for k in ("clean", "pgd"))
+            and all(k in r for k in ("clean", "pgd"))
+            and (r.get("budget") is None or isinstance(r["budget"], dict)))
+
+
 def check_runs(runs: Any) -> list[dict]:
-    """The records of ``runs.json``, refusing what the report cannot read (one line)."""
-    need = ("t", "layer", "dra_weight", "clean", "pgd")
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and all(k in r for k in need)
-                                                         for r in runs):
-        raise UserError(f"sweep results need a non-empty list of records with {', '.join(need)}")
+    """The records of ``runs.json``, refusing what the report cannot read or compare (one line)."""
+    if not isinstance(runs, list) or not runs or not all(map(_valid_run, runs)):
+        raise UserError("sweep results need a non-empty list of records with t (int), layer (str), dra_weight "
+                        "(number >= 0), seed (int), clean and pgd (accuracy in [0, 1] or null), budget (dict or null)")
+    if not any(r["dra_weight"] > 0 for r in runs):
+        raise UserError("sweep results hold no run with dra_weight > 0: nothing to tabulate over t x lambda")
     budgets = {((r.get("budget") or {}).get("steps"), (r.get("budget") or {}).get("samples")) for r in runs}
     if len(budgets) > 1:
         raise UserError(f"sweep runs trained at different budgets (steps, samples: {sorted(map(str, budgets))}): "
+                        "not comparable")
+    evals = {(r.get("n"), r.get("offset")) for r in runs}
+    if len(evals) > 1:
+        raise UserError(f"sweep runs were evaluated on different images (n, offset: {sorted(map(str, evals))}): "
                         "not comparable")
     return runs
 
@@ -88,9 +105,15 @@ def _pct(v: float | None) -> str:
 
 
 def probe_lookup(probe: dict | None) -> dict[tuple[int, str], float]:
-    sets = (probe or {}).get("sets") or []
-    return {(int(s["t"]), str(s["layer"])): float(s["probe_accuracy"]) for s in sets
-            if isinstance(s, dict) and {"t", "layer", "probe_accuracy"} <= set(s)}
+    """(t, layer) -> probe accuracy from ``probe.json``; malformed entries are left out (the probe
+    is shown beside the sweep, never used to compute it)."""
+    sets = (probe or {}).get("sets") if isinstance(probe, dict) else None
+    out = {}
+    for s in sets if isinstance(sets, list) else []:
+        if (isinstance(s, dict) and type(s.get("t")) is int and isinstance(s.get("layer"), str)
+                and isinstance(s.get("probe_accuracy"), (int, float)) and not isinstance(s["probe_accuracy"], bool)):
+            out[(s["t"], s["layer"])] = float(s["probe_accuracy"])
+    return out
 
 
 def markdown(runs: list[dict], probe: dict | None) -> str:

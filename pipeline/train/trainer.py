@@ -124,13 +124,22 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
             # content hash of each image split -> its first rows used in training (evaluate refuses them)
-            "trained_on": {part.fingerprint.get("content_hash"): d.n for d, part in
-                           ((data.real, data.cache.part("train")),
-                            (data.synthetic, data.cache.part("synthetic") if data.synthetic else None)) if d},
+            "trained_on": trained_on(data),
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
              "target_mode": data.mode}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
+
+
+def trained_on(data: Data) -> dict[str, int]:
+    """Content hash of each image split -> how many of its first rows training used (evaluate refuses
+    them). A part without a content hash is left out; two parts of the same images keep the larger."""
+    out: dict[str, int] = {}
+    for d, name in ((data.real, "train"), (data.synthetic, "synthetic")):
+        h = data.cache.part(name).fingerprint.get("content_hash") if d else None
+        if isinstance(h, str):
+            out[h] = max(out.get(h, 0), int(d.n))
+    return out
 
 
 def make_sampler(cfg: TrainConfig, data: Data, rt: Runtime) -> MixedSampler:
