@@ -184,10 +184,12 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     bar.close()
     dist.barrier()
     result = {"out": cfg.out, "written": {n: len(s) for n, s in todo.items()}}
+    # every rank checks (so none waits at a barrier for a rank that gave up): a write that failed
+    # on any rank must never leave a store that looks complete
+    left = {n: m for n in inits if (m := writer.missing_shards(n))}
+    if left:
+        raise UserError(f"{cfg.out}: shards still missing after extraction ({left}); run extract again to resume")
     if dist.rank == 0:
-        left = {n: m for n in inits if (m := writer.missing_shards(n))}
-        if left:  # a rank that failed to write must never leave a store that looks complete
-            raise UserError(f"{cfg.out}: shards still missing after extraction ({left}); run extract again to resume")
         for name in inits:
             writer.finalize_part(name)
         probe = write_probe(cfg, writer, inits)
