@@ -116,6 +116,19 @@ def probe_lookup(probe: dict | None) -> dict[tuple[int, str], float]:
     return out
 
 
+def best_cell(runs: list[dict]) -> dict | None:
+    """The (t, layer, lambda > 0) cell with the highest mean validation PGD accuracy over its seeds
+    (runs whose evaluation checks failed, or without a PGD figure, left out): what the study adopts."""
+    cells: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r["dra_weight"] > 0 and r.get("pgd") is not None and r.get("checks_passed") is not False:
+            cells.setdefault((r["t"], r["layer"], r["dra_weight"]), []).append(r["pgd"])
+    if not cells:
+        return None
+    (t, layer, w), pgd = max(cells.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
+    return {"t": t, "layer": layer, "dra_weight": w, "pgd": sum(pgd) / len(pgd), "seeds": len(pgd)}
+
+
 def markdown(runs: list[dict], probe: dict | None) -> str:
     """The sweep table (rows: layer, t; columns: lambda, each clean / PGD on validation) and the
     best cell next to the lambda = 0 baseline."""
@@ -138,9 +151,8 @@ def markdown(runs: list[dict], probe: dict | None) -> str:
             lines.append(f"| {layer} | {t} | {_pct(probes.get((t, layer)))} | " + " | ".join(cells) + " |")
     if base:
         lines += ["", f"λ = 0 (plain AT, no target): {_pct(_cell(base, 'clean'))} / {_pct(_cell(base, 'pgd'))}."]
-    dra = [r for r in runs if r["dra_weight"] > 0 and r.get("pgd") is not None]
-    if dra:
-        best = max(dra, key=lambda r: r["pgd"])
+    best = best_cell(runs)
+    if best:
         lines += ["", f"Best validation PGD: t = {best['t']}, {best['layer']}, λ = {best['dra_weight']:g} "
                       f"({_pct(best['pgd'])}%)" + (f", against {_pct(_cell(base, 'pgd'))}% without DRA" if base else "")
                   + (". One seed per cell gives no confidence interval: re-run the chosen cell and its rivals "
@@ -150,6 +162,11 @@ def markdown(runs: list[dict], probe: dict | None) -> str:
     if failed:
         lines += ["", f"**Evaluation checks failed for: {', '.join(failed)}.**"]
     return "\n".join(lines)
+
+
+def _ink(im: Any, value: float) -> str:
+    """Black on the bright end of the colour map, white on the dark end (both maps run dark -> bright)."""
+    return "k" if not math.isnan(value) and im.norm(value) > 0.6 else "w"
 
 
 def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
@@ -171,8 +188,8 @@ def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
             im = ax.imshow(values, cmap="viridis", aspect="auto")
             for a, row in enumerate(values):
                 for c, v in enumerate(row):
-                    ax.text(c, a, "-" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", color="w",
-                            fontsize=9)
+                    ax.text(c, a, "-" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                            color=_ink(im, v), fontsize=9)
             ax.set_xticks(range(len(weights)), [f"{w:g}" for w in weights])
             ax.set_yticks(range(len(ts)), [str(t) for t in ts])
             ax.set_xlabel("λ (DRA weight)")
@@ -183,7 +200,8 @@ def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
         col = [[100 * probes[(t, layer)] if (t, layer) in probes else math.nan] for t in ts]
         im = ax.imshow(col, cmap="magma", aspect="auto")
         for a, row in enumerate(col):
-            ax.text(0, a, "-" if math.isnan(row[0]) else f"{row[0]:.1f}", ha="center", va="center", color="w")
+            ax.text(0, a, "-" if math.isnan(row[0]) else f"{row[0]:.1f}", ha="center", va="center",
+                    color=_ink(im, row[0]))
         ax.set_xticks([0], [layer])
         ax.set_yticks(range(len(ts)), [str(t) for t in ts])
         ax.set_title("linear probe (%)")
