@@ -43,8 +43,8 @@ import torch
 
 from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
+from pipeline.bench.figures import TARGETS, table
 from pipeline.bench.measure import (
-    TARGETS,
     _say,
     bench_extract,
     bench_memory,
@@ -54,7 +54,6 @@ from pipeline.bench.measure import (
     check_config,
     make_inputs,
     storage,
-    table,
 )
 
 

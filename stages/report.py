@@ -8,9 +8,13 @@ into the table, so a number from a masked-gradient model cannot pass unnoticed.
 Variants are compared only at one training budget: every row shows its optimizer steps and the
 samples seen (real + synthetic), and rows whose budgets differ are refused (``--allow-unequal-budgets``
 shows them, each marked UNEQUAL BUDGET, under a warning). Where variants share two or more training
-seeds, a second table gives each variant minus the baseline (``--baseline``, default the first row),
-paired by seed: the mean difference with its 95% Student-t interval, marked "within noise" when the
-interval contains 0.
+seeds, a second table gives each variant minus the baseline (``--baseline``, default the first row;
+or ``--baseline AT+DRA:AT,DM-AT+DRA:DM-AT``, each variant minus its own base), paired by seed:
+the mean difference with its 95% Student-t interval, marked "within noise" when the interval
+contains 0, and the seeds where the variant is higher.
+
+``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py) and ``--bench
+bench.json`` the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py).
 
 ``--readme FILE`` also writes the table into FILE between the lines ``<!-- report:begin -->`` and
 ``<!-- report:end -->``; ``--readme FILE#NAME`` between ``<!-- NAME:begin -->`` and
@@ -25,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline.bench import figures
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.report import sweep
@@ -39,6 +44,7 @@ from pipeline.report.results import (
     variant_order,
 )
 from pipeline.report.tables import (
+    comparisons,
     markdown,
     readme_parts,
     results_block,
@@ -67,10 +73,24 @@ def sweep_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     storage.commit(str(tmp), out, signature=SIGNATURE)
     if readme is not None:
         probe = f" --probe {cfg.probe}" if cfg.probe else ""
-        write_readme_block(cfg.readme, readme, text, f"--sweep {cfg.sweep}{probe}", cfg.sweep)
+        write_readme_block(cfg.readme, readme, text, f"--sweep {cfg.sweep}{probe} --out {cfg.out}", cfg.sweep)
     print(text)
     print(f"report: {out / 'report.md'}")
     return {"runs": len(runs)}
+
+
+def bench_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--bench bench.json``: the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py)."""
+    res = figures.check(_read_json(cfg.bench, "--bench"))
+    text = figures.markdown(res)
+    out = Path(cfg.out)
+    tmp = Path(storage.start(out, signature=SIGNATURE))
+    (tmp / "report.md").write_text(f"# Benchmark\n\n{text}\n")
+    storage.commit(str(tmp), out, signature=SIGNATURE)
+    if readme is not None:
+        write_readme_block(cfg.readme, readme, text, f"--bench {cfg.bench} --out {cfg.out}", cfg.bench)
+    print(text)
+    return {"figures": sum(key in res for _, key in figures.ROWS)}
 
 
 def run(cfg: ReportConfig) -> dict:
@@ -78,15 +98,20 @@ def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
+    if cfg.sweep and cfg.bench:
+        raise UserError("--sweep and --bench are two different reports: give one")
+    if (cfg.sweep or cfg.bench) and cfg.out == ReportConfig.out:
+        raise UserError(f"--sweep/--bench: give --out (the default, {ReportConfig.out}, is the report stage's output)")
     if cfg.sweep:
         return sweep_report(cfg, readme)
+    if cfg.bench:
+        return bench_report(cfg, readme)
     runs = load_evals(cfg.evals)
     if not runs:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
-    if cfg.baseline and cfg.baseline not in groups:
-        raise UserError(f"--baseline {cfg.baseline!r}: no such variant (there are: {', '.join(groups)})")
+    comparisons(groups, cfg.baseline)  # refuses a variant that did not run, before any work
     baseline = cfg.baseline or next(iter(groups))
     unequal = unequal_budgets(groups)
     if unequal and not cfg.allow_unequal_budgets:

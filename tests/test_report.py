@@ -172,12 +172,24 @@ def test_report_pairs_variants_by_seed_and_says_when_a_difference_is_noise(tmp_p
              for line in md.splitlines() if " − base " in line}
     assert set(diffs) == {"better − base", "noisy − base"}  # one seed gives no interval: no row
     assert diffs["better − base"][0] == "3"
-    assert diffs["better − base"][1] == "+10.00 [+10.00, +10.00]"  # paired by seed, not by file order
+    assert diffs["better − base"][1] == "+10.00 [+10.00, +10.00], wins 3/3"  # paired by seed, not by file order
     assert diffs["better − base"][2].startswith("+5.00 [") and "noise" not in diffs["better − base"][2]
-    assert diffs["noisy − base"][1].endswith("(within noise)")
+    assert diffs["noisy − base"][1].endswith("(within noise), wins 2/3")  # +5, -5, +1 points
     assert "AutoAttack" not in md.split("Paired by training seed")[1].split("\n\n")[1]  # no AA numbers: no column
     with pytest.raises(UserError, match="--baseline 'nope': no such variant"):
         report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2"), baseline="nope"))
+    # pairs, each variant against its own base (the study: AT+DRA:AT, DM-AT+DRA:DM-AT)
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r3"),
+                            baseline="better:base,noisy:better"))
+    md = (tmp_path / "r3" / "report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if " − " in line and line.startswith("|")]
+    assert rows == ["better − base", "noisy − better"] and "each variant minus its base" in md
+    with pytest.raises(UserError, match="no such variant 'single2'"):
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r4"),
+                                baseline="better:base,single2:base"))
+    with pytest.raises(UserError, match="VARIANT:BASE pairs"):
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r5"),
+                                baseline="better:base,noisy"))
 
 
 def _sweep_run(t: int, layer: str, w: float, clean: float, pgd: float, steps: int = 237) -> dict:
@@ -243,3 +255,34 @@ def test_sweep_report_survives_a_malformed_probe_and_refuses_binary_input(tmp_pa
     (tmp_path / "runs.bin").write_bytes(b"\xff\xfe\x00[")
     with pytest.raises(UserError, match="not a readable JSON file"):
         report.run(ReportConfig(sweep=str(tmp_path / "runs.bin"), out=str(tmp_path / "r2")))
+
+
+def _bench_result() -> dict:
+    return {"machine": {"cpu": "AMD EPYC", "cores": 2, "torch_threads": 2, "gpu": None, "load_avg_1m": 0.5},
+            "load_avg_1m_end": 1.2, "seconds": 330.0, "extract_over_forward": 0.93,
+            "train_cached_over_plain": 1.04, "multi_over_single": 3.15, "multi_over_single_per_timestep": 1.05,
+            "bytes_per_view": 107.1}
+
+
+def test_bench_report_renders_the_figures_from_the_json(tmp_path):
+    """report --bench: the README's benchmark table comes from a committed bench.json, targets checked."""
+    (tmp_path / "bench.json").write_text(json.dumps(_bench_result()))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nrest\n")
+    report.run(ReportConfig(bench=str(tmp_path / "bench.json"), out=str(tmp_path / "r"), readme=f"{readme}#bench"))
+    text = readme.read_text()
+    assert "| extract pass / bare forward | `extract_over_forward` | 0.930 | <= 1.05: met |" in text
+    assert "| AT+DRA cached / plain AT (RAM) | `train_cached_over_plain` | 1.040 | <= 1.03: **MISSED** |" in text
+    assert "| per timestep | `multi_over_single_per_timestep` | 1.050 | <= 1.1: met |" in text
+    assert "AMD EPYC, 2 cores, 2 torch threads, no GPU" in text and "5.5 min" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert (tmp_path / "r" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("doc", [[], {"extract_over_forward": 1.0}, {"machine": {}, "extract_over_forward": "1.0"},
+                                 {"machine": {}}])
+def test_bench_report_refuses_what_is_not_a_bench_result(tmp_path, doc):
+    (tmp_path / "bench.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="bench result"):
+        report.run(ReportConfig(bench=str(tmp_path / "bench.json"), out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()

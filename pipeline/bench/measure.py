@@ -24,16 +24,6 @@ from pipeline.core.errors import UserError
 from pipeline.diffusion.config import DiffusionConfig
 from pipeline.train.config import TrainConfig
 
-# DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
-# with the data) and for the whole command at the bench's size, where start-up, reading shards
-# and the probe are a larger share than in a full-size extraction.
-TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": ("<=", 1.05),
-           "multi_over_single_per_timestep": ("<=", 1.1),
-           "train_cached_over_plain": ("<=", 1.03), "reader_over_train": (">=", 20.0),
-           "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
-           "extract_2proc_speedup_without_fixed": (">=", 1.7)}
-
-
 ROOT = Path(__file__).resolve().parents[2]  # the repository (children run `python -m pipeline` there)
 
 
@@ -374,38 +364,3 @@ def bench_two_proc(cfg: BenchConfig, work: Path, shards: Path, model: Path) -> d
             "extract_1proc_fixed_s": m["one_rerun"], "extract_2proc_fixed_s": m["two_rerun"],
             "extract_2proc_method": f"accelerate launch --num_processes 2 vs python -m pipeline, whole extract "
                                     f"commands, {threads} torch thread(s) per process on {cores} cores"}
-
-
-# --- the recipe --------------------------------------------------------------------------------
-def table(res: dict) -> str:
-    rows = [("extract pass / bare forward", "extract_over_forward"),
-            ("  whole stage (with fixed costs)", "extract_stage_over_forward"),
-            ("AT+DRA cached / plain AT (RAM)", "train_cached_over_plain"),
-            ("AT+DRA cached / plain AT (streamed)", "train_stream_over_plain"),
-            ("AT+DRA online / cached", "train_online_over_cached"),
-            ("AT+DRA online whole UNet / cached", "train_online_full_over_cached"),
-            ("reader / training samples/s", "reader_over_train"),
-            ("reader peak RSS MiB (cache > budget)", "reader_peak_rss_mb"),
-            ("reader peak RSS MiB (half the cache)", "reader_peak_rss_mb_half"),
-            ("  RSS growth / added cache", "reader_rss_growth_fraction"),
-            ("reader baseline RSS MiB (no reads)", "reader_rss_baseline_mb"),
-            ("reader budget MiB", "reader_budget_mb"), ("reader cache MiB", "reader_cache_mb"),
-            ("bytes per view on disk", "bytes_per_view"), ("compression ratio", "compression_ratio"),
-            ("T x L target sets in one pass / one set", "multi_over_single"),
-            ("  per timestep", "multi_over_single_per_timestep"),
-            ("extract 2 processes / 1", "extract_2proc_speedup"),
-            ("  without fixed costs", "extract_2proc_speedup_without_fixed")]
-    lines = [f"{'figure':40s} {'value':>10s}  target", "-" * 64]
-    for label, key in rows:
-        if key not in res:
-            continue
-        target = TARGETS.get(key)
-        mark = ""
-        if target:
-            met = res[key] <= target[1] if target[0] == "<=" else res[key] >= target[1]
-            mark = f"{target[0]} {target[1]:g}  {'met' if met else 'MISSED'}"
-        lines.append(f"{label:40s} {res[key]:10.3f}  {mark}")
-    m = res["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-                 f"{m['gpu'] or 'no GPU'}; load {m['load_avg_1m']} -> {res.get('load_avg_1m_end')}")
-    return "\n".join(lines)

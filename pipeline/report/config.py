@@ -14,9 +14,12 @@ class ReportConfig:
     grid: str = "artifacts/shards/synthetic/grid.png"
     out: str = "artifacts/report"
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
-    baseline: str = ""  # the variant the others are compared with, paired by seed (default: the first row)
+    # paired differences: one variant every other one is compared with (default: the first row), or
+    # VARIANT:BASE pairs, comma-separated (the study: AT+DRA:AT,DM-AT+DRA:DM-AT)
+    baseline: str = ""
     sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
     probe: str = ""  # the cache's probe.json, shown beside the sweep
+    bench: str = ""  # a `pipeline bench` result (bench.json): its figures table instead
     readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
 
     def validate(self) -> None:

@@ -59,14 +59,37 @@ def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
     return "\n".join(rows)
 
 
+def comparisons(groups: dict[str, list[dict]], spec: str) -> list[tuple[str, str]]:
+    """(variant, base) pairs to difference: ``spec`` is one variant (every other one minus it; empty:
+    the first row) or a comma list of ``VARIANT:BASE`` pairs (e.g. ``AT+DRA:AT,DM-AT+DRA:DM-AT``)."""
+    if ":" not in spec:
+        base = spec or next(iter(groups))
+        pairs = [(name, base) for name in groups if name != base]
+        names = [base]
+    else:
+        pairs = [tuple(x.strip() for x in item.split(":")) for item in spec.split(",")]
+        if not all(len(p) == 2 and all(p) for p in pairs):
+            raise UserError(f"--baseline {spec!r}: give one variant, or VARIANT:BASE pairs separated by commas")
+        names = [name for pair in pairs for name in pair]
+    unknown = sorted({n for n in names if n not in groups})
+    if unknown:
+        raise UserError(f"--baseline {spec!r}: no such variant {', '.join(map(repr, unknown))} "
+                        f"(there are: {', '.join(groups)})")
+    return pairs
+
+
 def results_block(groups: dict[str, list[dict]], unequal: list[str], baseline: str) -> str:
-    """The results table and, where variants share two or more seeds, their paired differences."""
-    diffs = paired_table(groups, baseline)
+    """The results table and, where variants share two or more seeds, their paired differences
+    (``baseline``: see ``comparisons``)."""
+    pairs = comparisons(groups, baseline)
+    diffs = paired_table(groups, pairs)
     if not diffs:
         return table(groups, unequal)
-    return (f"{table(groups, unequal)}\n\nPaired by training seed, each variant minus {baseline} (mean "
-            f"difference and its 95% Student-t interval over the seeds; \"within noise\" where it contains 0):\n\n"
-            f"{diffs}")
+    bases = sorted({b for _, b in pairs})
+    against = f"each variant minus {bases[0]}" if ":" not in baseline else "each variant minus its base"
+    return (f"{table(groups, unequal)}\n\nPaired by training seed, {against} (mean difference and its 95% "
+            f"Student-t interval over the seeds, \"within noise\" where it contains 0; wins: seeds where the "
+            f"variant is higher):\n\n{diffs}")
 
 
 def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = (), baseline: str = "") -> str:
@@ -92,6 +115,10 @@ def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str
         results_block(groups, unequal, baseline or next(iter(groups))), "",
         "Attacks: " + ", ".join(first.get("attacks", [])) + ".", "",
     ]
+    if all(len(runs) == 1 for runs in groups.values()):
+        lines += ["One seed per variant: differences of a few points are within run-to-run noise here. "
+                  "Whether DRA helps is answered by the study (README, \"The study\": four variants x five "
+                  "paired seeds at one budget, `results/study/`).", ""]
     fast = first.get("autoattack_fast")
     if fast:
         lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({fast.get('targets')} target classes), "
@@ -155,21 +182,20 @@ def _by_seed(runs: list[dict], key: str) -> dict[str, float]:
     return {str(train_field(r, "seed", "?")): r[key] for r in runs if is_number(r.get(key))}
 
 
-def paired_table(groups: dict[str, list[dict]], baseline: str) -> str:
-    """Each variant minus the baseline, paired by training seed: mean and 95% CI in points.
+def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+    """Each (variant, base) pair's difference, paired by training seed: mean and 95% CI in points,
+    and the seeds where the variant is higher ("wins").
 
-    Empty when no variant shares two or more seeds with the baseline (one seed gives no interval).
-    A difference whose interval contains 0 is marked "within noise".
+    Empty when no pair shares two or more seeds (one seed gives no interval). A difference whose
+    interval contains 0 is marked "within noise".
     """
-    base = groups[baseline]
-    keys = [k for k in ("clean", "pgd", "autoattack") if any(is_number(r.get(k)) for r in base)]
+    keys = [k for k in ("clean", "pgd", "autoattack") if any(is_number(r.get(k)) for r in
+                                                             (r for _, b in pairs for r in groups[b]))]
     rows = []
-    for name, runs in groups.items():
-        if name == baseline:
-            continue
+    for name, baseline in pairs:
         cells, n_pairs = [], 0
         for key in keys:
-            mine, ref = _by_seed(runs, key), _by_seed(base, key)
+            mine, ref = _by_seed(groups[name], key), _by_seed(groups[baseline], key)
             seeds = sorted(set(mine) & set(ref))
             n_pairs = max(n_pairs, len(seeds))
             if len(seeds) < 2:
@@ -177,7 +203,8 @@ def paired_table(groups: dict[str, list[dict]], baseline: str) -> str:
                 continue
             mean, lo, hi = paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds])
             noise = " (within noise)" if lo <= 0 <= hi else ""
-            cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}")
+            wins = sum(mine[s] > ref[s] for s in seeds)
+            cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {wins}/{len(seeds)}")
         if n_pairs >= 2:
             rows.append(f"| {name} − {baseline} | {n_pairs} | " + " | ".join(cells) + " |")
     if not rows:

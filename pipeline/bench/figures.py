@@ -1,0 +1,88 @@
+"""The benchmark's figures and DESIGN.md's targets, rendered from a ``bench.json`` (no torch here:
+``report --bench`` renders a committed result without running anything)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipeline.core.errors import UserError
+
+# DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
+# with the data) and for the whole command at the bench's size, where start-up, reading shards
+# and the probe are a larger share than in a full-size extraction.
+TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": ("<=", 1.05),
+           "multi_over_single_per_timestep": ("<=", 1.1),
+           "train_cached_over_plain": ("<=", 1.03), "reader_over_train": (">=", 20.0),
+           "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
+           "extract_2proc_speedup_without_fixed": (">=", 1.7)}
+
+ROWS = [("extract pass / bare forward", "extract_over_forward"),
+        ("  whole stage (with fixed costs)", "extract_stage_over_forward"),
+        ("AT+DRA cached / plain AT (RAM)", "train_cached_over_plain"),
+        ("AT+DRA cached / plain AT (streamed)", "train_stream_over_plain"),
+        ("AT+DRA online / cached", "train_online_over_cached"),
+        ("AT+DRA online whole UNet / cached", "train_online_full_over_cached"),
+        ("reader / training samples/s", "reader_over_train"),
+        ("reader peak RSS MiB (cache > budget)", "reader_peak_rss_mb"),
+        ("reader peak RSS MiB (half the cache)", "reader_peak_rss_mb_half"),
+        ("  RSS growth / added cache", "reader_rss_growth_fraction"),
+        ("reader baseline RSS MiB (no reads)", "reader_rss_baseline_mb"),
+        ("reader budget MiB", "reader_budget_mb"), ("reader cache MiB", "reader_cache_mb"),
+        ("bytes per view on disk", "bytes_per_view"), ("compression ratio", "compression_ratio"),
+        ("T x L target sets in one pass / one set", "multi_over_single"),
+        ("  per timestep", "multi_over_single_per_timestep"),
+        ("extract 2 processes / 1", "extract_2proc_speedup"),
+        ("  without fixed costs", "extract_2proc_speedup_without_fixed")]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check(res: Any) -> dict:
+    """A ``bench.json`` the renderers can read, or one line saying why not."""
+    if not isinstance(res, dict) or not isinstance(res.get("machine"), dict):
+        raise UserError("a bench result is a JSON object with a 'machine' entry (what `pipeline bench` writes)")
+    bad = [key for _, key in ROWS if key in res and not _number(res[key])]
+    if bad or not any(key in res for _, key in ROWS):
+        raise UserError(f"bench result: no figures, or figures that are not finite numbers ({', '.join(bad)})")
+    return res
+
+
+def _mark(key: str, value: float, bold: str = "") -> str:
+    target = TARGETS.get(key)
+    if not target:
+        return ""
+    met = value <= target[1] if target[0] == "<=" else value >= target[1]
+    return f"{target[0]} {target[1]:g}: {'met' if met else f'{bold}MISSED{bold}'}"
+
+
+def machine_line(res: dict) -> str:
+    m = res["machine"]
+    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads, "
+            f"{m.get('gpu') or 'no GPU'}; 1-minute load {m.get('load_avg_1m')} -> {res.get('load_avg_1m_end')}")
+
+
+def table(res: dict) -> str:
+    """The figures as the text table `pipeline bench` prints."""
+    lines = [f"{'figure':40s} {'value':>10s}  target", "-" * 64]
+    lines += [f"{label:40s} {res[key]:10.3f}  {_mark(key, res[key])}" for label, key in ROWS if key in res]
+    return "\n".join(lines + [f"machine: {machine_line(res)}"])
+
+
+def markdown(res: dict) -> str:
+    """The figures as a Markdown table with the machine and the run's length (README block)."""
+    lines = ["| figure | key | value | target |", "|---|---|---|---|"]
+    lines += [f"| {label.strip()} | `{key}` | {res[key]:.3f} | {_mark(key, res[key], '**')} |"
+              for label, key in ROWS if key in res]
+    per_set = res.get("multi_bytes_per_view_per_set")
+    if isinstance(per_set, dict) and all(_number(v) for v in per_set.values()):
+        lines += ["", "Feature bytes per view on disk, per target set of the multi-target store: "
+                  + ", ".join(f"{name} {v:.1f}" for name, v in per_set.items()) + "."]
+    if isinstance(res.get("multi_method"), str):
+        lines += ["", f"T x L: {res['multi_method']}."]
+    seconds = res.get("seconds")
+    lines += ["", f"Machine: {machine_line(res)}"
+              + (f"; the whole benchmark took {seconds / 60:.1f} min." if _number(seconds) else ".")]
+    return "\n".join(lines)
