@@ -20,6 +20,8 @@ import pytest
 import yaml
 from stage_deps import command, stage_files  # tests/ is on sys.path (rootdir conftest)
 
+from pipeline.report.sweep import best_cell
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
 
@@ -50,16 +52,25 @@ def test_every_stage_calls_the_one_cli_with_params():
     assert not shared, "variants may differ only in dra_weight, synthetic_fraction and seed"
 
 
-def test_study_profile_has_three_seeds_per_variant(tmp_path):
+def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(tmp_path):
+    """The study: 4 variants x seeds 0-4 of one budget, at least 20k real images x 8 epochs, 5000 test
+    images; DRA's t, layer and weight are the best validation cell of the committed sweep."""
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(ROOT / "pipeline" / "params" / "study.yaml", tmp_path / "params.yaml")
     _dvc(tmp_path, "init", "-q", "--no-scm")
     names = [line.split()[0] for line in _dvc(tmp_path, "stage", "list").splitlines()]
     trains = [n for n in names if n.startswith("train@")]
-    assert len(trains) == 12 and "evaluate@dmat_dra-s2" in names
-    runs = yaml.safe_load((tmp_path / "params.yaml").read_text())["runs"]
+    assert len(trains) == 20 and "evaluate@dmat_dra-s4" in names
+    profile = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    runs = profile["runs"]
     seeds = {v: sorted(r["seed"] for r in runs.values() if r["variant"] == v) for v in VARIANTS}
-    assert seeds == {v: [0, 1, 2] for v in VARIANTS}
+    assert seeds == {v: [0, 1, 2, 3, 4] for v in VARIANTS}
+    assert profile["train"]["real_limit"] >= 20000 and profile["train"]["epochs"] >= 8
+    assert profile["evaluate"]["n"] >= 5000 and profile["extract"]["limit"] >= profile["train"]["real_limit"]
+    best = best_cell(json.loads((ROOT / "results" / "sweep" / "runs.json").read_text()))
+    dra = {r["dra_weight"] for r in runs.values()} - {0.0}
+    assert (str(profile["extract"]["t"]), profile["extract"]["layer"], dra) == \
+        (str(best["t"]), best["layer"], {best["dra_weight"]})
 
 
 # --- the quick profile through dvc repro --------------------------------------------------------

@@ -127,8 +127,18 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
             "trained_on": trained_on(data),
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
-             "target_mode": data.mode}}
+             "target_mode": data.mode, "probe_accuracy": probe_of(data.cache.attrs.get("probe"), data.target)}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
+
+
+def probe_of(probe: Any, target: Any) -> float | None:
+    """The cache's linear-probe accuracy of the target set training aligns to (None if not recorded)."""
+    sets = probe.get("sets") if isinstance(probe, dict) else None
+    for s in sets if isinstance(sets, list) else []:
+        if isinstance(s, dict) and s.get("t") == target.t and s.get("layer") == target.layer:
+            acc = s.get("probe_accuracy")
+            return float(acc) if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None
+    return None
 
 
 def trained_on(data: Data) -> dict[str, int]:

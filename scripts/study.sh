@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The study (issue 20): pipeline/params/study.yaml through the project's dvc.yaml, one run at a
+# time, in a git worktree (.study/) pinned to the commit it was created from. The worktree has its
+# own params.yaml (the study profile *of that commit*), dvc.lock, outputs and DVC cache, so the main
+# checkout and the default pipeline are untouched and every run of the study uses the same code,
+# profile, diffusion model, synthetic set and cache.
+#
+# Order: seed-major (the four variants of seed 0, then of seed 1, ...), so a stopped study leaves
+# complete pairs. Each finished run's evaluation is copied to results/study/<run key>/seed<k>.json
+# (run key: at, at_dra, dmat, dmat_dra; with the pinned commit) and committed at once. A re-run
+# first commits results a failed commit left behind, then skips runs that have a result; a run that
+# was interrupted starts again from scratch (`dvc repro` re-runs the whole stage).
+#
+#   bash scripts/study.sh                   # every run of the profile
+#   RUNS="at-s0 at_dra-s0" bash scripts/study.sh
+#   MINUTES=70 bash scripts/study.sh        # a piece: starts no new run after 70 minutes
+#   AA_STANDARD=1 bash scripts/study.sh     # then AutoAttack standard on 300 test images for seed 0
+#                                           # of each variant (results/study-aa-standard/)
+#   COMMIT=0 ...                            # write results without committing them
+#   rm -rf .study && git worktree prune     # to start over on the current commit (results kept)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PATH="$ROOT/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
+WT=$ROOT/.study
+COMMIT=${COMMIT:-1}
+DEADLINE=$(( $(date +%s) + ${MINUTES:-100000} * 60 ))
+
+if [ ! -d "$WT" ]; then
+  git diff --quiet HEAD -- pipeline/params/study.yaml || {
+    echo "error: pipeline/params/study.yaml has uncommitted changes; the study runs the committed profile"; exit 1; }
+  git worktree prune
+  git worktree add --detach "$WT" HEAD
+  mkdir -p "$WT/data" && cp -r data/fashion-mnist "$WT/data/"
+fi
+PIN=$(git -C "$WT" rev-parse HEAD)
+git -C "$WT" show "$PIN:pipeline/params/study.yaml" > "$WT/params.yaml"
+ART=$(python -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['artifacts'])" "$WT/params.yaml")
+RUNS=${RUNS:-$(python - "$WT/params.yaml" <<'PYEOF'
+import sys, yaml
+runs = yaml.safe_load(open(sys.argv[1]))["runs"]
+print(" ".join(sorted(runs, key=lambda k: (runs[k]["seed"], list(runs).index(k)))))
+PYEOF
+)}
+
+commit() {  # the given result files, alone (other staged changes stay staged)
+  [ "$COMMIT" = 1 ] || return 0
+  git add -- "$@"
+  git commit -q -m "$MSG" -- "$@" || { echo "error: could not commit $*; the next run of study.sh commits it"; exit 1; }
+  echo "committed $*"
+}
+
+# results that a failed commit left behind
+LEFT=$(git ls-files --others --modified --exclude='*.tmp' -- results/study results/study-aa-standard)
+if [ -n "$LEFT" ]; then MSG="study: results of an earlier piece" commit $LEFT; fi
+
+publish() {  # the run's evaluation + the study's commit -> results/..., committed
+  local src=$1 dst=$2
+  mkdir -p "$(dirname "$dst")"
+  python - "$src" "$dst" "$PIN" <<'PYEOF'
+import json, os, sys
+res = json.load(open(sys.argv[1]))
+res["study"] = {"code_commit": sys.argv[3], "profile": "pipeline/params/study.yaml", "driver": "scripts/study.sh"}
+open(sys.argv[2] + ".tmp", "w").write(json.dumps(res, indent=2) + "\n")
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+PYEOF
+  MSG=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(f\"study: {sys.argv[2]} ({r['variant']}): clean {r['clean']:.4f}, PGD {r['pgd']:.4f}, AutoAttack {r['autoattack']}\")" "$dst" "$(basename "$(dirname "$dst")")/$(basename "$dst" .json)") \
+    commit "$dst"
+}
+
+time_left() {
+  [ "$(date +%s)" -lt "$DEADLINE" ] || { echo "study: time is up (MINUTES=$MINUTES); the next piece resumes here"; return 1; }
+}
+
+for key in $RUNS; do
+  dst="results/study/${key%-s*}/seed${key##*-s}.json"
+  [ -f "$dst" ] && continue
+  time_left || exit 0
+  echo "study: $key ($(date +%H:%M:%S), commit ${PIN:0:10})"
+  (cd "$WT" && dvc repro -q "evaluate@$key")
+  publish "$WT/$ART/eval/$key.json" "$dst"
+done
+
+if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard: seed 0 of each variant
+  for key in $(echo "$RUNS" | tr ' ' '\n' | grep -- '-s0$' || true); do
+    dst="results/study-aa-standard/${key%-s*}.json"
+    [ -f "$dst" ] && continue
+    time_left || exit 0
+    [ -f "$WT/$ART/train/$key/metrics.json" ] || { echo "error: $key has not been trained in $WT"; exit 1; }
+    variant=$(python -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['runs'][sys.argv[2]]['variant'])" \
+      "$WT/params.yaml" "$key")
+    (cd "$WT" && python -m pipeline evaluate --checkpoint "$ART/train/$key" --shards "$ART/shards/real/test" \
+      --n 300 --autoattack standard --pgd-steps 20 --pgd-restarts 2 --eps 0.1 --name "$variant" \
+      --out "$ART/aa-standard/$key.json")
+    publish "$WT/$ART/aa-standard/$key.json" "$dst"
+  done
+fi
+echo "study: $(ls results/study/*/seed*.json 2>/dev/null | wc -l) runs with results"
