@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pipeline.core.errors import UserError
+from pipeline.report.results import is_number
 
 # DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
 # with the data) and for the whole command at the bench's size, where start-up, reading shards
@@ -36,15 +36,11 @@ ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("  without fixed costs", "extract_2proc_speedup_without_fixed")]
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check(res: Any) -> dict:
     """A ``bench.json`` the renderers can read, or one line saying why not."""
     if not isinstance(res, dict) or not isinstance(res.get("machine"), dict):
         raise UserError("a bench result is a JSON object with a 'machine' entry (what `pipeline bench` writes)")
-    bad = [key for _, key in ROWS if key in res and not _number(res[key])]
+    bad = [key for _, key in ROWS if key in res and not is_number(res[key])]
     if bad or not any(key in res for _, key in ROWS):
         raise UserError(f"bench result: no figures, or figures that are not finite numbers ({', '.join(bad)})")
     return res
@@ -77,12 +73,12 @@ def markdown(res: dict) -> str:
     lines += [f"| {label.strip()} | `{key}` | {res[key]:.3f} | {_mark(key, res[key], '**')} |"
               for label, key in ROWS if key in res]
     per_set = res.get("multi_bytes_per_view_per_set")
-    if isinstance(per_set, dict) and all(_number(v) for v in per_set.values()):
+    if isinstance(per_set, dict) and all(is_number(v) for v in per_set.values()):
         lines += ["", "Feature bytes per view on disk, per target set of the multi-target store: "
                   + ", ".join(f"{name} {v:.1f}" for name, v in per_set.items()) + "."]
     if isinstance(res.get("multi_method"), str):
         lines += ["", f"T x L: {res['multi_method']}."]
     seconds = res.get("seconds")
     lines += ["", f"Machine: {machine_line(res)}"
-              + (f"; the whole benchmark took {seconds / 60:.1f} min." if _number(seconds) else ".")]
+              + (f"; the whole benchmark took {seconds / 60:.1f} min." if is_number(seconds) else ".")]
     return "\n".join(lines)

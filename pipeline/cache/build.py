@@ -186,7 +186,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     result = {"out": cfg.out, "written": {n: len(s) for n, s in todo.items()}}
     # every rank checks (so none waits at a barrier for a rank that gave up): a write that failed
     # on any rank must never leave a store that looks complete
-    left = {n: m for n in inits if (m := writer.missing_shards(n))}
+    left = {n: m for n in inits if (m := writer.missing_shards(n, rehash=False))}
     if left:
         raise UserError(f"{cfg.out}: shards still missing after extraction ({left}); run extract again to resume")
     if dist.rank == 0:

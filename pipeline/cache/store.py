@@ -246,14 +246,15 @@ class CacheWriter:
         arr = self.group[set_path(part, target)]["features"]
         return _sha(_raw(arr.store, _data_keys(arr)[s]))
 
-    def missing_shards(self, part: str) -> dict[int, list[str]]:
+    def missing_shards(self, part: str, *, rehash: bool = True) -> dict[int, list[str]]:
         """Shard -> the target sets that lack it (not yet written, or whose file no longer matches
-        its recorded checksum); shards every set holds are left out."""
+        its recorded checksum); shards every set holds are left out. ``rehash=False`` reads only the
+        resume record (after extraction: finalize's manifest hashes every file anyway)."""
         todo: dict[int, list[str]] = {}
         for target in self.sets(part):
             recorded = self.group[set_path(part, target)]["progress"][...]
             for s in range(self.n_shards(part)):
-                if not recorded[s].any() or self._shard_sha(part, target, s) != bytes(recorded[s]).hex():
+                if not recorded[s].any() or (rehash and self._shard_sha(part, target, s) != bytes(recorded[s]).hex()):
                     todo.setdefault(s, []).append(target)
         return dict(sorted(todo.items()))
 

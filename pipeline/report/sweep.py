@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import UserError
+from pipeline.report.results import is_number
 
 METRICS = "artifacts/sweep/metrics.json"  # what evaluate-sweep writes (flat: clean, pgd, n, ...)
 TRAIN_METRICS = "artifacts/sweep/train/metrics.json"  # what train-sweep writes (budget, seconds)
@@ -61,9 +62,7 @@ def collect(exp_show: Any) -> list[dict]:
 
 def _valid_run(r: Any) -> bool:
     """One record as ``collect`` writes it: the types the table and heatmaps rely on."""
-    def num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+    num = is_number
     return (isinstance(r, dict) and type(r.get("t")) is int and isinstance(r.get("layer"), str)
             and num(r.get("dra_weight")) and r["dra_weight"] >= 0 and type(r.get("seed", 0)) is int
             and all(r.get(k) is None or (num(r[k]) and 0 <= r[k] <= 1) for k in ("clean", "pgd"))
