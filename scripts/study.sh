@@ -14,8 +14,9 @@
 #   bash scripts/study.sh                   # every run of the profile
 #   RUNS="at-s0 at_dra-s0" bash scripts/study.sh
 #   MINUTES=70 bash scripts/study.sh        # a piece: starts no new run after 70 minutes
-#   AA_STANDARD=1 bash scripts/study.sh     # then AutoAttack standard on 300 test images for seed 0
-#                                           # of each variant (results/study-aa-standard/)
+#   AA_STANDARD=1 bash scripts/study.sh     # then AutoAttack standard on 300 test images for one
+#                                           # seed of each variant (results/study-aa-standard/),
+#   AA_SEED=2 ...                           # that seed (default 0; its checkpoints must be in .study)
 #   COMMIT=0 ...                            # write results without committing them
 #   rm -rf .study && git worktree prune     # to start over on the current commit (results kept)
 set -euo pipefail
@@ -81,9 +82,10 @@ for key in $RUNS; do
   publish "$WT/$ART/eval/$key.json" "$dst"
 done
 
-if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard: seed 0 of each variant
-  for key in $(echo "$RUNS" | tr ' ' '\n' | grep -- '-s0$' || true); do
-    dst="results/study-aa-standard/${key%-s*}.json"
+if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard: one seed of each variant
+  AA_SEED=${AA_SEED:-0}
+  for key in $(echo "$RUNS" | tr ' ' '\n' | grep -- "-s$AA_SEED\$" || true); do
+    dst="results/study-aa-standard/${key%-s*}/seed$AA_SEED.json"
     [ -f "$dst" ] && continue
     time_left || exit 0
     [ -f "$WT/$ART/train/$key/metrics.json" ] || { echo "error: $key has not been trained in $WT"; exit 1; }
