@@ -21,6 +21,12 @@ conditional, random weights: timing does not need trained ones):
 - ``multi_over_single``: the whole `extract` stage writing T timesteps x L layers (one forward per
   timestep, every layer hooked) / the stage writing one (t, layer) at the deepest of those layers;
   per timestep it should be close to 1 (the extra layers nearly free); bytes per view of each set.
+- ``images_*``: images streamed with their targets from the cache, on CIFAR-sized (32x32x3) train
+  parts of random pixels (``image_rows_small``, ``image_rows_big``; no diffusion model needed):
+  peak RSS of a fresh `train` process on each (growth / added image data, target <= 5%), step
+  time with streamed / in-RAM images (interleaved, target <= 1.05), and the data pipeline's
+  samples/s (``assemble``: images, targets, views) from a dropped page cache where the machine
+  allows / training samples/s (target >= 20).
 - ``extract_2proc_speedup``: `extract` under ``accelerate launch`` with 2 processes vs 1, each
   process with the same number of threads (``method`` says how).
 
@@ -47,6 +53,7 @@ from pipeline.bench.figures import TARGETS, table
 from pipeline.bench.measure import (
     _say,
     bench_extract,
+    bench_images,
     bench_memory,
     bench_multi,
     bench_train,
@@ -65,23 +72,31 @@ def run(cfg: BenchConfig) -> dict:
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     res: dict[str, Any] = {"machine": B.machine(device), "config": json.loads(json.dumps(cfg.__dict__, default=str))}
     t0 = time.perf_counter()
+    groups = set(cfg.groups)
     try:
-        _say("preparing real Fashion-MNIST shards and a default-size UNet")
-        shards, model = make_inputs(cfg, work)
-        _say(f"extract vs bare forward ({cfg.repeats} interleaved repeats)")
-        ext, store = bench_extract(cfg, work, shards, model)
-        res |= ext | storage(store)
-        _say(f"extract {cfg.multi_t} x {cfg.multi_layer} in one pass vs one target set")
-        res |= bench_multi(cfg, work, shards, model)
-        _say(f"training steps ({cfg.train_steps} per variant, interleaved) and the target reader")
-        res |= bench_train(cfg, work, store)
-        _say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")
-        res |= bench_memory(cfg, work)
-        if cfg.two_proc and torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        if groups & {"extract", "multi", "train", "two_proc"}:
+            _say("preparing real Fashion-MNIST shards and a default-size UNet")
+            shards, model = make_inputs(cfg, work)
+        if groups & {"extract", "train"}:  # the training steps run on the store extract writes
+            _say(f"extract vs bare forward ({cfg.repeats} interleaved repeats)")
+            ext, store = bench_extract(cfg, work, shards, model)
+            res |= ext | storage(store)
+        if "multi" in groups:
+            _say(f"extract {cfg.multi_t} x {cfg.multi_layer} in one pass vs one target set")
+            res |= bench_multi(cfg, work, shards, model)
+        if "train" in groups:
+            _say(f"training steps ({cfg.train_steps} per variant, interleaved) and the target reader")
+            res |= bench_train(cfg, work, store)
+        if "memory" in groups:
+            _say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")
+            res |= bench_memory(cfg, work)
+        if "two_proc" in groups and cfg.two_proc and torch.cuda.is_available() and torch.cuda.device_count() < 2:
             res["extract_2proc_method"] = "skipped: 2 processes need 2 GPUs on a GPU machine"
-        elif cfg.two_proc:
+        elif "two_proc" in groups and cfg.two_proc:
             _say("extract with 2 processes vs 1")
             res |= bench_two_proc(cfg, work, shards, model)
+        if "images" in groups:
+            res |= bench_images(cfg, work)
     finally:
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,7 @@ def tiny(fmnist_dir, tmp_path, **kw) -> BenchConfig:
     base = dict(source=str(fmnist_dir), out=str(tmp_path / "bench.json"), n=128, views=2, batch_size=64,
                 chunks_per_shard=1, repeats=1, train_steps=2, train_batch_size=32, attack_steps=1,
                 memory_budget_mb=2, stream_cache_mb=8, two_proc=False, device="cpu", multi_t="100,20",
-                multi_repeats=1)
+                multi_repeats=1, image_rows_small=1024, image_rows_big=4096, image_steps=2, image_reader_batches=4)
     return BenchConfig(**{**base, **kw})
 
 
@@ -49,6 +49,11 @@ def test_tiny_bench_reports_every_figure(fmnist_dir, tmp_path, capsys):
     assert sorted(res["multi_bytes_per_view_per_set"]) == ["t100-mid_block", "t100-up_blocks.0", "t20-mid_block",
                                                            "t20-up_blocks.0"]
     assert all(0 < b < 2 * 64 * 1.2 for b in res["multi_bytes_per_view_per_set"].values())  # float16, 64 channels
+    # images streamed with their targets: both training children and the "stream" side of the ratio stream
+    assert res["images_child_modes"] == ["stream", "stream"] and res["images_ratio_modes"] == {"stream": "stream", "ram": "ram"}
+    assert res["images_added_mb"] == 3072 * 3 * 1024 / 2**20 and res["images_disk_mb_big"] > 0.9 * 12  # random pixels
+    assert all(res[k] > 0 for k in ("images_peak_rss_mb_big", "images_stream_over_ram", "images_reader_over_train",
+                                    "images_pipeline_over_train"))
     m = res["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
     assert set(res["targets"]) >= {"extract_over_forward", "train_cached_over_plain", "reader_over_train"}
@@ -67,6 +72,8 @@ def test_tiny_bench_two_processes(fmnist_dir, tmp_path):
 def test_bad_sizes_refused_before_work(fmnist_dir, tmp_path):
     with pytest.raises(UserError, match="two training batches"):
         bench.run(tiny(fmnist_dir, tmp_path, n=40))
+    with pytest.raises(UserError, match="--only: choose among"):
+        bench.run(tiny(fmnist_dir, tmp_path, only="images,gpu"))
     with pytest.raises(UserError, match="--repeats"):
         bench.run(tiny(fmnist_dir, tmp_path, repeats=0))
     with pytest.raises(UserError, match="not found"):

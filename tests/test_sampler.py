@@ -6,12 +6,21 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.cache.store import CacheWriter, PartInit, open_cache
 from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
 from pipeline.core.shards import read_split
 from pipeline.core.views import ViewSpec, sample_views
-from pipeline.train.sampler import InMemoryTargets, MixedSampler, Prefetcher, StreamingTargets, permutation
+from pipeline.train.sampler import (
+    InMemoryImages,
+    InMemoryTargets,
+    MixedSampler,
+    Prefetcher,
+    StreamingImages,
+    StreamingTargets,
+    permutation,
+)
 
 D = 8
 
@@ -85,13 +94,14 @@ def test_chunk_aware_permutation():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, fmnist_shards):
-    """A real Zarr cache (real Fashion-MNIST keys) whose row (n, k) holds n and k in dims 0 and 1."""
+    """A real Zarr cache (real Fashion-MNIST keys and images) whose row (n, k) holds n and k in dims 0 and 1."""
     ss = read_split(fmnist_shards / "train", limit=300)
     n, k = len(ss.keys), 3
     spec = TargetSpec(100, "mid_block", Pooling.mean, (D,))
     init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.zeros((n, k), np.int64), [spec],
                     {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
-                                                                                          "image_shape")}})
+                                                                                          "image_shape")}},
+                    image_shape=ss.images.shape[1:])
     feats = np.random.default_rng(0).normal(size=(n, k, D)).astype(np.float16)
     feats[:, :, 0] = np.arange(n)[:, None]
     feats[:, :, 1] = np.arange(k)[None, :]
@@ -102,14 +112,14 @@ def store(tmp_path_factory, fmnist_shards):
                                    chunks_per_shard=4, compressor="blosc-zstd")
     for s in w.missing_shards("train"):
         a, b = w.shard_rows("train", s)
-        w.write_shard("train", s, {spec.name: feats[a:b]})
+        w.write_shard("train", s, {spec.name: feats[a:b], "images": ss.images[a:b]})
     w.finalize_part("train")
     w.finalize({})
-    return url, feats
+    return url, feats, ss.images
 
 
 def test_readers_return_the_drawn_rows(store):
-    url, feats = store
+    url, feats, _ = store
     part = open_cache(url).part("train")
     ram, stream = InMemoryTargets(part), StreamingTargets(part, capacity=8)
     s = MixedSampler(n_real=part.n, k_real=part.k, batch_size=32, seed=5, chunk_real=part.rows_per_chunk, window=4)
@@ -121,6 +131,24 @@ def test_readers_return_the_drawn_rows(store):
         assert len(stream._chunks) <= 8  # memory stays flat
     # chunk-aware order: each of the 19 chunks read once in the pass
     assert stream.reads <= part.n_chunks
+
+
+def test_streamed_images_are_the_rows_images_read_once_per_pass(store):
+    """The image reader returns row n's image (uint8 NCHW, as the in-RAM path), reads each chunk
+    once per pass in the chunk-aware order and holds at most ``capacity`` chunks."""
+    url, _, images = store
+    part = open_cache(url).part("train")
+    assert part.has_images and part.image_shape == images.shape[1:]
+    reader = StreamingImages(part, capacity=8)
+    ram = InMemoryImages(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    assert reader.shape == ram.shape == (1, 28, 28)
+    s = MixedSampler(n_real=part.n, k_real=part.k, batch_size=32, seed=3, chunk_real=part.rows_per_chunk, window=4)
+    for b in itertools.islice(s.batches(0), part.n // 32):
+        got = reader.get(b.real_rows)
+        assert got.dtype == torch.uint8 and got.is_contiguous()
+        assert torch.equal(got, ram.get(b.real_rows))
+        assert len(reader._chunks) <= 8
+    assert reader.reads <= part.n_chunks
 
 
 def test_prefetcher_order_and_errors():

@@ -66,7 +66,7 @@ def _data(c: TrainConfig):
 @pytest.mark.parametrize("budget", [2048, 0])
 def test_each_image_is_paired_with_its_own_views_target(store, fmnist_shards, synthetic_dir, budget):
     rt, data, sampler = _data(cfg(store, "unused", synthetic_fraction=0.25, memory_budget_mb=budget))
-    assert data.mode == ("stream" if budget == 0 else "ram")
+    assert data.mode == data.images == ("stream" if budget == 0 else "ram")  # images stream with the targets
     real, syn = read_split(fmnist_shards / "train", limit=256), read_split(synthetic_dir / "train")
     cache = data.cache
     for batch in [sampler.batch(0, 0), sampler.batch(0, 3)]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from pipeline.core.config import Arch, coerce_enums, require
 
+GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -33,6 +35,13 @@ class BenchConfig:
     memory_budget_mb: int = 64  # the reader's budget for the flat-memory check
     stream_cache_mb: int = 400  # raw size of the synthetic store read under that budget (and one half as big)
     two_proc: bool = True  # time extract with 2 processes vs 1 (accelerate launch)
+    # images streamed with their targets: CIFAR-sized train parts of these sizes (the big one is
+    # ~6 GiB of random, incompressible pixels on disk), timed steps per training child, reader batches
+    image_rows_small: int = 200_000
+    image_rows_big: int = 2_000_000
+    image_steps: int = 20
+    image_reader_batches: int = 2000
+    only: str = ""  # run only these figure groups (comma list of extract,multi,train,memory,two_proc,images)
     workdir: str = ""  # scratch folder ("" : a temporary one, removed afterwards)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -42,8 +51,17 @@ class BenchConfig:
 
     def validate(self) -> None:
         sizes = ("n", "views", "batch_size", "chunks_per_shard", "repeats", "multi_repeats", "train_steps", "train_batch_size",
-                 "memory_budget_mb", "stream_cache_mb")
+                 "memory_budget_mb", "stream_cache_mb", "image_rows_small", "image_rows_big", "image_steps",
+                 "image_reader_batches")
         require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
                        for n in sizes] + [
             (self.n >= 2 * self.train_batch_size,
-             f"--n {self.n} must hold at least two training batches of {self.train_batch_size}")])
+             f"--n {self.n} must hold at least two training batches of {self.train_batch_size}"),
+            (self.image_rows_big > self.image_rows_small >= 2 * self.train_batch_size,
+             "--image-rows-big must exceed --image-rows-small, which must hold two training batches"),
+            (set(self.groups) <= set(GROUPS), f"--only: choose among {', '.join(GROUPS)}, got {self.only!r}")])
+
+    @property
+    def groups(self) -> list[str]:
+        """The figure groups this run measures (``--only``, else all of them)."""
+        return [g for g in self.only.replace(" ", "").split(",") if g] or list(GROUPS)

@@ -15,7 +15,8 @@ TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": (
            "multi_over_single_per_timestep": ("<=", 1.1),
            "train_cached_over_plain": ("<=", 1.03), "reader_over_train": (">=", 20.0),
            "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
-           "extract_2proc_speedup_without_fixed": (">=", 1.7)}
+           "extract_2proc_speedup_without_fixed": (">=", 1.7), "images_rss_growth_fraction": ("<=", 0.05),
+           "images_stream_over_ram": ("<=", 1.05), "images_reader_over_train": (">=", 20.0)}
 
 ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("  whole stage (with fixed costs)", "extract_stage_over_forward"),
@@ -33,7 +34,15 @@ ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("T x L target sets in one pass / one set", "multi_over_single"),
         ("  per timestep", "multi_over_single_per_timestep"),
         ("extract 2 processes / 1", "extract_2proc_speedup"),
-        ("  without fixed costs", "extract_2proc_speedup_without_fixed")]
+        ("  without fixed costs", "extract_2proc_speedup_without_fixed"),
+        ("train peak RSS MiB, small image part", "images_peak_rss_mb_small"),
+        ("train peak RSS MiB, 10x larger part", "images_peak_rss_mb_big"),
+        ("  RSS growth / added image data", "images_rss_growth_fraction"),
+        ("image data added MiB", "images_added_mb"),
+        ("step, images streamed / in RAM", "images_stream_over_ram"),
+        ("image + target reader / training samples/s", "images_reader_over_train"),
+        ("  with views replayed (assemble)", "images_pipeline_over_train"),
+        ("train setup s, large part (checks)", "images_setup_s_big")]
 
 
 def check(res: Any) -> dict:
@@ -78,6 +87,9 @@ def markdown(res: dict) -> str:
                   + ", ".join(f"{name} {v:.1f}" for name, v in per_set.items()) + "."]
     if isinstance(res.get("multi_method"), str):
         lines += ["", f"T x L: {res['multi_method']}."]
+    if isinstance(res.get("images_method"), str):
+        lines += ["", f"Images ({res.get('images_rows_small')} / {res.get('images_rows_big')} rows): "
+                  f"{res['images_method']}."]
     seconds = res.get("seconds")
     lines += ["", f"Machine: {machine_line(res)}"
               + (f"; the whole benchmark took {seconds / 60:.1f} min." if is_number(seconds) else ".")]

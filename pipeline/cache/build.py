@@ -17,7 +17,7 @@ import pipeline
 from pipeline.cache.config import ExtractConfig
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
-from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit, probe_table
+from pipeline.cache.store import IMAGES, NORMALISATION, CacheWriter, PartInit, probe_table
 from pipeline.cache.targets import TargetSpec, targets_attrs
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
@@ -58,7 +58,9 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
              "view_seed": view_seed, **({"views": "all"} if mode == "all" else {})}
-    return PartInit(ss.keys, ss.labels, views, noise_seed, targets, attrs)
+    # the test part is never trained on: its images stay in the shards only
+    image_shape = tuple(fp["image_shape"]) if cfg.images and name != "test" else None
+    return PartInit(ss.keys, ss.labels, views, noise_seed, targets, attrs, image_shape)
 
 
 def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
@@ -133,7 +135,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
                       "num_classes": model.num_classes, "null_class": model.null_class},
             **extractor.settings(), **targets_attrs(targets), "image_size": model.image_size, "in_channels": model.in_channels,
             "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
-            "code_version": pipeline.__version__, "compressor": cfg.compressor,
+            "code_version": pipeline.__version__, "compressor": cfg.compressor, "images": cfg.images,
             # the data each part was computed from: a resume on other images is refused
             "parts": {n: {"n": p.n, "k": p.k, "content_hash": p.attrs["fingerprint"]["content_hash"]}
                       for n, p in inits.items()}}
@@ -150,8 +152,12 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     extractors = {tuple(extractor.sets): extractor}  # one per combination of sets a shard lacks
     by_name = {s.name: s for s in targets}
 
-    def extractor_for(names: list[str]) -> FeatureExtractor:
-        """Every timestep and layer some lacking set needs (a shard lacks all sets but when resumed)."""
+    def extractor_for(names: list[str]) -> FeatureExtractor | None:
+        """Every timestep and layer some lacking set needs (a shard lacks all sets but when resumed);
+        None when the shard lacks only its images."""
+        names = [n for n in names if n != IMAGES]
+        if not names:
+            return None
         ts = [t for t in extractor.timesteps if any(by_name[n].t == t for n in names)]
         layers = [x for x in extractor.layers if any(by_name[n].layer == x for n in names)]
         key = tuple((t, x) for t in ts for x in layers)
@@ -161,7 +167,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         return extractors[key]
 
     total = sum((writer.shard_rows(n, s)[1] - writer.shard_rows(n, s)[0]) * inits[n].k
-                * len(extractor_for(missing[n][s]).timesteps) for n, ss in todo.items() for s in ss)
+                * len(getattr(extractor_for(missing[n][s]), "timesteps", [])) for n, ss in todo.items() for s in ss)
     if dist.rank == 0:
         print(f"{cfg.out}: computing {sum(map(len, missing.values()))} of "
               f"{sum(writer.n_shards(n) for n in inits)} shards of {len(targets)} target set(s) "
@@ -173,9 +179,12 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         for name, shards in todo.items():
             for s in shards:
                 a, b = writer.shard_rows(name, s)
-                blocks = compute_rows(extractor_for(missing[name][s]), images[name], inits[name], a, b,
-                                      cfg.view.pad, cfg.batch_size, bar)
+                ex = extractor_for(missing[name][s])
+                blocks = {} if ex is None else compute_rows(ex, images[name], inits[name], a, b, cfg.view.pad,
+                                                            cfg.batch_size, bar)
                 blocks = {n: block for n, block in blocks.items() if n in missing[name][s]}
+                if IMAGES in missing[name][s]:
+                    blocks[IMAGES] = images[name][a:b]
                 if pending is not None:
                     pending.result()  # at most one shard in flight; re-raises write errors
                 pending = pool.submit(writer.write_shard, name, s, blocks)

@@ -32,6 +32,9 @@ class ExtractConfig:
     views: str = "4"  # the real train part
     views_synthetic: str = "4"  # the synthetic part: augmented like the real one (DM-AT does)
     draws: int = 1  # noise draws averaged per view
+    # store the train and synthetic parts' images in the cache too (row order, chunked like the
+    # features): training then streams images with their targets, at flat memory for any set size
+    images: bool = True
     condition: Condition = Condition.null  # class conditioning used while extracting
     view: ViewSpec = field(default_factory=ViewSpec)
     batch_size: int = 256

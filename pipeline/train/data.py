@@ -1,8 +1,12 @@
 """Images + cached targets for training, joined by key, with augmentation-consistent indexing.
 
-``load_part`` reads the image shards a cache part names, refuses anything that does not match
-the cache (``cache.check_against`` plus a join by key), and keeps everything a batch needs in
-memory except the features, which a target reader serves (in RAM or streamed).
+``load_part`` opens what one cache part's rows need: the images and the per-row view records. A
+part extracted with its images (the default) serves them from the cache, after checking them
+against the image split's per-shard content hashes: in RAM, or streamed chunk by chunk with the
+targets of the same rows. A part without them reads the image shards it names into RAM, refused
+unless they match the cache (``cache.check_against`` plus a join by key). The features come from
+a target reader (in RAM or streamed). ``plan_memory`` decides what streams: everything, once
+images and features together exceed the memory budget.
 
 ``assemble`` turns a sampled batch of (row, view) pairs into classifier inputs: image n of row n,
 the recorded transform of view k replayed on it (``views.apply_views``), and ``features[n, k]`` as
@@ -19,9 +23,25 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import UserError
-from pipeline.core.shards import ShardSet, read_split
+from pipeline.core.shards import (
+    ShardSet,
+    content_hash,
+    iter_shards,
+    read_fingerprint,
+    read_split,
+    shards_digest,
+)
 from pipeline.core.views import ViewSpec, apply_views, fresh_views
-from pipeline.train.sampler import Batch, InMemoryTargets, StreamingTargets
+from pipeline.train.sampler import (
+    Batch,
+    InMemoryImages,
+    InMemoryTargets,
+    StreamingImages,
+    StreamingTargets,
+)
+
+WINDOW = 4  # chunks per shuffle window when streaming (the readers keep two windows)
+CHECK_ROWS = 4096  # rows per read while the stored images are hashed (bounded memory)
 
 
 @dataclass
@@ -29,13 +49,18 @@ class PartData:
     name: str
     n: int  # rows used (real_limit applied)
     k: int
-    images: torch.Tensor  # uint8 (n, C, H, W), row i = the image of cache row i
+    images: InMemoryImages | StreamingImages  # row i = the image of cache row i, uint8 (B, C, H, W) per get
     labels: torch.Tensor  # int64 (n,)
-    dx: torch.Tensor  # (n, K) recorded views
-    dy: torch.Tensor
-    flip: torch.Tensor
-    noise_seed: torch.Tensor  # (n, K) int64
+    dx: np.ndarray  # (n, K) recorded views, in the cache's compact dtypes (int8, int8, uint8)
+    dy: np.ndarray
+    flip: np.ndarray
+    noise_seed: np.ndarray  # (n, K) int64
     reader: Any = None  # InMemoryTargets | StreamingTargets | None (no DRA or online)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W)."""
+        return self.images.shape
 
 
 def join_by_key(cache_keys: list[str], shards: ShardSet) -> np.ndarray:
@@ -48,51 +73,125 @@ def join_by_key(cache_keys: list[str], shards: ShardSet) -> np.ndarray:
     return np.fromiter((index[k] for k in cache_keys), np.int64, len(cache_keys))
 
 
+def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
+    """The images, keys and labels a cache part stores for rows [0, n) are the split's.
+
+    The split's fingerprint lists its shards with a content hash each (keys, pixels, labels); the
+    cache's fingerprint of the split was compared already (``check_fingerprint``). Each shard
+    within [0, n) is hashed from the cache's rows, read a few thousand at a time; a shard cut by
+    ``n`` (or without a content record) is read from the split and compared row by row. Memory:
+    one shard at most.
+    """
+    records = fp.get("shards")
+    if not isinstance(records, list) or fp.get("shards_digest") != shards_digest(records):
+        raise UserError(f"{path}: the shard records differ from the fingerprint's shards_digest")
+    a = 0
+    for rec in records:
+        if a >= n:
+            break
+        b = a + int(rec.get("count", 0))
+        if b <= n and isinstance(rec.get("content"), str):
+            blocks = (part.read_images(x, min(x + CHECK_ROWS, b)) for x in range(a, b, CHECK_ROWS))
+            same = content_hash(part.read_keys(a, b), blocks, np.asarray(part.labels[a:b])) == rec["content"]
+        else:
+            keys, images, labels = next(iter_shards(path, [rec]))
+            m = min(b, n) - a
+            same = (keys[:m] == part.read_keys(a, a + m) and np.array_equal(labels[:m], part.labels[a:a + m])
+                    and np.array_equal(images[:m], part.read_images(a, a + m)))
+        if not same:
+            raise UserError(f"{part.name} rows {a}..{min(b, n)}: the images, keys or labels the cache stores differ "
+                            f"from {path}/{rec.get('name')}; refusing the cache")
+        a = b
+
+
 def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: dict,
-              image_size: int | None, target: Any = None) -> tuple[PartData, Any]:
+              image_size: int | None, target: Any = None, stream: bool = False,
+              verify: bool = True) -> tuple[PartData, Any]:
     """Images and view records of one cache part, checked against the cache. No features yet
-    (``target``: the target set the returned part reads; default: the cache's default set)."""
+    (``target``: the target set the returned part reads; default: the cache's default set).
+
+    A part that stores its images: ``verify`` hashes them against the split's records first (off:
+    trust the store), then ``stream`` reads them chunk by chunk (else all n into RAM)."""
     part = cache.part(name, target)
     path = shards_dir or part.shards
     if not path:
         raise UserError(f"{cache.url}: part {name!r} does not record its image shards; pass the folder")
+    n = part.n if limit <= 0 else min(limit, part.n)
+    v = part.views
+    views = [np.asarray(v[key][:n]) for key in ("dx", "dy", "flip")]
+    seeds = np.asarray(part.noise_seed[:n], np.int64)
+    if part.has_images:
+        try:
+            fp = read_fingerprint(path)
+        except UserError as exc:
+            raise UserError(f"image shards of cache part {name!r}: {exc}") from None
+        cache.check_fingerprint(name, fp, path, view_spec=view_spec, image_size=image_size)
+        if verify:
+            check_stored_images(part, path, fp, n)
+        labels = torch.from_numpy(np.asarray(part.labels[:n], np.int64))
+        images = StreamingImages(part, capacity=2 * WINDOW + 2) if stream else InMemoryImages(_read_all(part, n))
+        return PartData(name, n, part.k, images, labels, *views, seeds), part
     try:  # the cache covers the first part.n samples of the split (check_against proves it)
         ss = read_split(path, limit=part.n)
     except UserError as exc:
         raise UserError(f"image shards of cache part {name!r}: {exc}") from None
     cache.check_against(name, ss, view_spec=view_spec, image_size=image_size)
-    n = part.n if limit <= 0 else min(limit, part.n)
     idx = join_by_key(part.keys[:n], ss)
     labels = ss.labels[idx]
     if not np.array_equal(labels, np.asarray(part.labels[:n])):
         raise UserError(f"{path}: labels differ from the cache's labels for the same keys")
-    images = torch.from_numpy(np.ascontiguousarray(ss.images[idx].transpose(0, 3, 1, 2)))
-    v = part.views
-    data = PartData(name, n, part.k, images, torch.from_numpy(labels),
-                    *(torch.from_numpy(np.asarray(v[key][:n]).astype(np.int64)) for key in ("dx", "dy", "flip")),
-                    torch.from_numpy(np.asarray(part.noise_seed[:n], np.int64)))
-    return data, part
+    images = InMemoryImages(torch.from_numpy(np.ascontiguousarray(ss.images[idx].transpose(0, 3, 1, 2))))
+    return PartData(name, n, part.k, images, torch.from_numpy(labels), *views, seeds), part
+
+
+def _read_all(part: Any, n: int) -> torch.Tensor:
+    """The first n stored images as uint8 (n, C, H, W), filled block by block (no second copy)."""
+    h, w, c = part.image_shape
+    out = torch.empty((n, c, h, w), dtype=torch.uint8)
+    for a in range(0, n, CHECK_ROWS):
+        out[a:a + CHECK_ROWS] = torch.from_numpy(part.read_images(a, min(a + CHECK_ROWS, n))).permute(0, 3, 1, 2)
+    return out
 
 
 def feature_bytes(part: Any, n: int) -> int:
     return n * part.k * part.d * 2  # float16 rows of d = TargetSpec.size numbers
 
 
-def target_reader(part: Any, rows: int, *, stream: bool, window: int) -> InMemoryTargets | StreamingTargets:
+def image_bytes(part: Any, n: int) -> int:
+    """uint8 pixels of the first n rows (the shape the split's fingerprint records)."""
+    return n * int(np.prod(part.fingerprint.get("image_shape") or [0]))
+
+
+def target_reader(part: Any, rows: int, *, stream: bool, window: int = WINDOW) -> InMemoryTargets | StreamingTargets:
     """The first ``rows`` rows of a cache part's targets: in RAM (one float16 gather per batch) or
     streamed (an LRU of 2 shuffle windows of chunks)."""
     return StreamingTargets(part, capacity=2 * window + 2) if stream else InMemoryTargets(part, rows=rows)
 
 
+def plan_memory(parts: dict[str, tuple[Any, int]], *, features: bool, budget_mb: int) -> tuple[bool, list[str]]:
+    """Whether a run streams (images and features alike), and a note per part that cannot stream
+    its images (extracted without them: held in RAM from the shards).
+
+    ``parts``: name -> (cache part, rows used); ``features``: the run reads cached targets. In RAM
+    when images (+ features) of every part fit ``budget_mb`` (0: always stream).
+    """
+    used = sum(image_bytes(p, n) + (feature_bytes(p, n) if features else 0) for p, n in parts.values())
+    stream = budget_mb == 0 or used > budget_mb * 2**20
+    notes = [f"note: cache part {name!r} stores no images (extracted with --no-images): its "
+             f"{image_bytes(p, n) / 2**20:.0f} MiB of images are held in RAM, read from the shards"
+             for name, (p, n) in parts.items() if stream and not p.has_images]
+    return stream, notes
+
+
 def _views(data: PartData, rows: np.ndarray, views: np.ndarray, pad: int,
            fresh: tuple[ViewSpec, np.random.Generator] | None = None) -> dict[str, torch.Tensor]:
-    r, v = torch.from_numpy(rows), torch.from_numpy(views)
-    x = data.images[r].float().div_(255)
+    x = data.images.get(rows).float().div_(255)
     if fresh is None:
-        x = apply_views(x, data.dx[r, v], data.dy[r, v], data.flip[r, v], pad)
+        x = apply_views(x, *(torch.from_numpy(a[rows, views].astype(np.int64)) for a in (data.dx, data.dy, data.flip)),
+                        pad)
     else:  # on-the-fly augmentation: views no cache holds (no target belongs to them)
         x = apply_views(x, *fresh_views(len(rows), fresh[0], fresh[1]), pad)
-    out = {"x": x, "y": data.labels[r], "seed": data.noise_seed[r, v]}
+    out = {"x": x, "y": data.labels[torch.from_numpy(rows)], "seed": torch.from_numpy(data.noise_seed[rows, views])}
     if data.reader is not None:
         out["target"] = torch.from_numpy(data.reader.get(rows, views))
     return out

@@ -19,7 +19,10 @@ a data-parallel run can compute its own slice of the global batch without commun
   holds a couple of windows in memory reads every chunk once per pass.
 
 Target readers (``InMemoryTargets``, ``StreamingTargets``) turn (rows, views) into float16 rows of
-``features``; ``Prefetcher`` computes upcoming batches in a background thread.
+``features``, image readers (``InMemoryImages``, ``StreamingImages``) rows into uint8 images; the
+streaming ones read the cache chunk by chunk through an LRU (``ChunkLRU``), so with the chunk-aware
+order memory stays flat in the number of rows. ``Prefetcher`` computes upcoming batches in a
+background thread.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 _REAL, _SYN, _VIEW = 0, 1, 2
 
@@ -145,10 +149,46 @@ class _Part(Protocol):
     n: int
     k: int
     shape: tuple[int, ...]  # of one target (TargetSpec.shape)
+    image_shape: tuple[int, ...]  # (H, W, C) of the stored images
     rows_per_chunk: int
     n_chunks: int
 
     def read_chunk(self, c: int) -> np.ndarray: ...
+
+    def read_image_chunk(self, c: int) -> np.ndarray: ...
+
+
+class ChunkLRU:
+    """Chunks read on demand, at most ``capacity`` kept (least recently used dropped first).
+
+    With the chunk-aware order from ``permutation`` and capacity >= 2 * window, every chunk is
+    read once per pass. Thread-safe enough for one producer thread (the Prefetcher).
+    """
+
+    def __init__(self, read_chunk: Callable[[int], np.ndarray], capacity: int) -> None:
+        self.read_chunk, self.capacity = read_chunk, capacity
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.reads = 0
+
+    def chunk(self, c: int) -> np.ndarray:
+        if c in self._chunks:
+            self._chunks.move_to_end(c)
+            return self._chunks[c]
+        block = np.asarray(self.read_chunk(c))
+        self.reads += 1
+        self._chunks[c] = block
+        while len(self._chunks) > self.capacity:
+            self._chunks.popitem(last=False)
+        return block
+
+    def gather(self, rows: np.ndarray, rows_per_chunk: int, out: np.ndarray,
+               pick: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """``out[i] = pick(chunk of rows[i], selector)``: one chunk lookup per distinct chunk."""
+        chunk_of = rows // rows_per_chunk
+        for c in np.unique(chunk_of):
+            sel = chunk_of == c
+            out[sel] = pick(self.chunk(int(c)), sel)
+        return out
 
 
 class InMemoryTargets:
@@ -166,36 +206,46 @@ class InMemoryTargets:
         return self.features[rows, views]
 
 
-class StreamingTargets:
-    """Reads chunks on demand and keeps at most ``capacity`` of them (LRU): memory stays flat.
-
-    With the chunk-aware order from ``permutation`` and capacity >= 2 * window, every chunk is
-    read once per pass. Thread-safe enough for one producer thread (the Prefetcher).
-    """
+class StreamingTargets(ChunkLRU):
+    """Feature chunks read on demand, at most ``capacity`` kept: memory stays flat."""
 
     def __init__(self, part: _Part, capacity: int = 8) -> None:
-        self.part, self.capacity = part, capacity
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.reads = 0
-
-    def _chunk(self, c: int) -> np.ndarray:
-        if c in self._chunks:
-            self._chunks.move_to_end(c)
-            return self._chunks[c]
-        block = np.asarray(self.part.read_chunk(c))
-        self.reads += 1
-        self._chunks[c] = block
-        while len(self._chunks) > self.capacity:
-            self._chunks.popitem(last=False)
-        return block
+        super().__init__(part.read_chunk, capacity)
+        self.part = part
 
     def get(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        rpc = self.part.rows_per_chunk
         out = np.empty((len(rows), *self.part.shape), np.float16)
-        chunk_of = rows // self.part.rows_per_chunk
-        for c in np.unique(chunk_of):
-            sel = chunk_of == c
-            out[sel] = self._chunk(int(c))[rows[sel] - c * self.part.rows_per_chunk, views[sel]]
-        return out
+        return self.gather(rows, rpc, out, lambda block, sel: block[rows[sel] % rpc, views[sel]])
+
+
+class InMemoryImages:
+    """A part's images in RAM: uint8 (n, C, H, W), row i = the image of cache row i."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.shape: tuple[int, ...] = tuple(images.shape[1:])  # (C, H, W)
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        return self.images[torch.from_numpy(rows)]
+
+
+class StreamingImages(ChunkLRU):
+    """A part's images read from the cache chunk by chunk: the same chunks, in the same order, as
+    the targets of the same rows, so images and targets stream together."""
+
+    def __init__(self, part: _Part, capacity: int = 8) -> None:
+        super().__init__(part.read_image_chunk, capacity)
+        self.part = part
+        h, w, c = part.image_shape
+        self.shape = (c, h, w)
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        rpc = self.part.rows_per_chunk
+        c, h, w = self.shape
+        out = np.empty((len(rows), h, w, c), np.uint8)
+        self.gather(rows, rpc, out, lambda block, sel: block[rows[sel] % rpc])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 class Prefetcher:

@@ -188,7 +188,8 @@ def finish(out: Path, *, st: RunState, meta: dict, rt: Any, budget: dict, net: t
     last = st.log[-1] if st.log else {}
     metrics = {**{k: v for k, v in last.items() if k != "epoch"}, "epochs": st.epoch,
                "steps_per_epoch": budget["steps_per_epoch"], "budget": budget, "train_seconds": round(seconds, 3),
-               "target_mode": meta["cache"]["target_mode"], "processes": rt.world, "synchronised": True,
+               "target_mode": meta["cache"]["target_mode"],
+               "image_mode": meta["cache"].get("image_mode", "ram"), "processes": rt.world, "synchronised": True,
                # each process's own peak (MiB, rank order): flat in the cache size when streaming
                "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
     if rt.is_main:

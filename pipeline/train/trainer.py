@@ -29,7 +29,7 @@ from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Runtime, peak_rss_mb
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
-from pipeline.train.data import PartData, assemble, feature_bytes, load_part, target_reader
+from pipeline.train.data import WINDOW, PartData, assemble, load_part, plan_memory, target_reader
 from pipeline.train.sampler import MixedSampler, Prefetcher
 from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
@@ -44,7 +44,6 @@ from pipeline.train.step import (
     normalise_targets,
 )
 
-WINDOW = 4  # chunks per shuffle window when streaming
 CLEAN_EVERY = 10  # clean accuracy (an extra eval forward) is measured on every 10th step
 
 
@@ -63,8 +62,9 @@ class Data:
     mean: torch.Tensor
     std: torch.Tensor
     pad: int
-    mode: str  # ram | stream | online | none
-    chunked: dict = field(default_factory=dict)
+    mode: str  # targets: ram | stream | online | none
+    chunked: dict = field(default_factory=dict)  # part -> rows per chunk of the chunk-aware order (streaming)
+    images: str = "ram"  # ram | stream (images read from the cache with the targets)
 
 
 def refuse_damaged(cfg: TrainConfig) -> None:
@@ -91,30 +91,40 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     if cfg.synthetic_fraction > 0 and "synthetic" not in cache.parts:
         raise UserError(f"{cfg.cache}: --synthetic-fraction {cfg.synthetic_fraction} needs a synthetic part")
     target = cache.target(cfg.t, cfg.layer)
-    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None, target=target)
-    real, rpart = load_part(cache, "train", shards_dir=cfg.real_shards, limit=cfg.real_limit, **kw)
-    syn = spart = None
-    if cfg.synthetic_fraction > 0:
-        syn, spart = load_part(cache, "synthetic", shards_dir=cfg.synthetic_shards, limit=0, **kw)
     mode = "none" if cfg.dra_weight == 0 else "online" if cfg.online else "ram"
-    chunked = {}
-    if mode == "ram":
-        used = feature_bytes(rpart, real.n) + (feature_bytes(spart, syn.n) if syn else 0)
-        mode = "stream" if used > cfg.memory_budget_mb * 2**20 or cfg.memory_budget_mb == 0 else "ram"
-        real = replace(real, reader=target_reader(rpart, real.n, stream=mode == "stream", window=WINDOW))
-        chunked["train"] = rpart.rows_per_chunk if mode == "stream" else 0
-        if syn is not None:
-            syn = replace(syn, reader=target_reader(spart, syn.n, stream=mode == "stream", window=WINDOW))
-            chunked["synthetic"] = spart.rows_per_chunk if mode == "stream" else 0
+    limits = {"train": (cfg.real_limit, cfg.real_shards)}
+    if cfg.synthetic_fraction > 0:
+        limits["synthetic"] = (0, cfg.synthetic_shards)
+    used = {}
+    for name, (limit, _) in limits.items():
+        p = cache.part(name, target)
+        used[name] = (p, p.n if limit <= 0 else min(limit, p.n))
+    # over the budget, everything streams: images (from the cache) and features, in the chunk-aware order
+    stream, notes = plan_memory(used, features=mode == "ram", budget_mb=cfg.memory_budget_mb)
+    for note in notes if rt.is_main else []:
+        print(note)
+    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None, target=target, verify=cfg.verify)
+    parts: dict[str, PartData] = {}
+    for name, (limit, shards) in limits.items():
+        p = used[name][0]
+        d, _ = load_part(cache, name, shards_dir=shards, limit=limit, stream=stream, **kw)
+        if mode == "ram":
+            d = replace(d, reader=target_reader(p, d.n, stream=stream))
+        parts[name] = d
+    if mode == "ram" and stream:
+        mode = "stream"
+    chunked = {name: used[name][0].rows_per_chunk if stream else 0 for name in parts}
+    images = "stream" if stream and all(used[name][0].has_images for name in parts) else "ram"
+    rpart = used["train"][0]
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
-    return Data(cache, target, real, syn, mean.to(rt.device), std.to(rt.device), int(cache.attrs["view_spec"]["pad"]),
-                mode, chunked)
+    return Data(cache, target, parts["train"], parts.get("synthetic"), mean.to(rt.device), std.to(rt.device),
+                int(cache.attrs["view_spec"]["pad"]), mode, chunked, images)
 
 
 def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weights, dict]:
     """Classifier (+ DRA head), SGD, EMA and the attack's generator, seeded; the run's metadata."""
     torch.manual_seed(cfg.seed)
-    _, c, h, _ = data.real.images.shape
+    c, h, _ = data.real.image_shape
     num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
     clf = build_classifier(cfg.arch, c, num_classes, h)
     head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.target.size) if cfg.dra_weight > 0 else None
@@ -127,7 +137,8 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
             "trained_on": trained_on(data),
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
-             "target_mode": data.mode, "probe_accuracy": probe_of(data.cache.attrs.get("probe"), data.target)}}
+             "target_mode": data.mode, "image_mode": data.images,
+             "probe_accuracy": probe_of(data.cache.attrs.get("probe"), data.target)}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
 
 
