@@ -130,3 +130,14 @@ def test_images_of_another_shape_are_refused(store, tmp_path):
     g.attrs["fingerprint"] = {**fp, "image_shape": [28, 28, 3]}
     with pytest.raises(UserError, match="do not match uint8"):
         open_cache(str(bad)).part("train")
+
+
+def test_a_malformed_shard_record_is_one_line(store):
+    from pipeline.core.shards import shards_digest
+
+    records = [{"name": "shard-000000.tar", "count": "200", "sha256": "", "content": ""}]
+    part = open_cache(str(store)).part("train")
+    with pytest.raises(UserError, match="malformed shard record"):
+        check_stored_images(part, "x", {"shards": records, "shards_digest": shards_digest(records)}, 10)
+    with pytest.raises(UserError, match="shards_digest"):
+        check_stored_images(part, "x", {"shards": records, "shards_digest": "0" * 64}, 10)

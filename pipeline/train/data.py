@@ -89,7 +89,10 @@ def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
     for rec in records:
         if a >= n:
             break
-        b = a + int(rec.get("count", 0))
+        count = rec.get("count") if isinstance(rec, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise UserError(f"{path}: malformed shard record in the fingerprint: {str(rec)[:120]}")
+        b = a + count
         if b <= n and isinstance(rec.get("content"), str):
             blocks = (part.read_images(x, min(x + CHECK_ROWS, b)) for x in range(a, b, CHECK_ROWS))
             same = content_hash(part.read_keys(a, b), blocks, np.asarray(part.labels[a:b])) == rec["content"]

@@ -64,7 +64,7 @@ class Data:
     pad: int
     mode: str  # targets: ram | stream | online | none
     chunked: dict = field(default_factory=dict)  # part -> rows per chunk of the chunk-aware order (streaming)
-    images: str = "ram"  # ram | stream (images read from the cache with the targets)
+    images: str = "ram"  # ram | stream (read from the cache with the targets) | mixed (a part without stored images)
 
 
 def refuse_damaged(cfg: TrainConfig) -> None:
@@ -114,7 +114,8 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     if mode == "ram" and stream:
         mode = "stream"
     chunked = {name: used[name][0].rows_per_chunk if stream else 0 for name in parts}
-    images = "stream" if stream and all(used[name][0].has_images for name in parts) else "ram"
+    streamed = [stream and used[name][0].has_images for name in parts]
+    images = "stream" if all(streamed) else "mixed" if any(streamed) else "ram"
     rpart = used["train"][0]
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
     return Data(cache, target, parts["train"], parts.get("synthetic"), mean.to(rt.device), std.to(rt.device),
