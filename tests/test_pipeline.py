@@ -71,6 +71,11 @@ def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(t
     dra = {r["dra_weight"] for r in runs.values()} - {0.0}
     assert (str(profile["extract"]["t"]), profile["extract"]["layer"], dra) == \
         (str(best["t"]), best["layer"], {best["dra_weight"]})
+    # the default pipeline adopts the study's setting, and its store holds that target set
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert (default["train"]["t"], default["train"]["layer"]) == (best["t"], best["layer"])
+    assert {r["dra_weight"] for r in default["runs"].values()} - {0.0} == {best["dra_weight"]}
+    assert str(best["t"]) in str(default["extract"]["t"]).split(",") and best["layer"] in default["extract"]["layer"].split(",")
 
 
 # --- the quick profile through dvc repro --------------------------------------------------------
