@@ -72,6 +72,7 @@ def test_stage_conditional(cond_dir, fmnist_shards, tmp_path):
     assert (out / "grid.png").stat().st_size > 1000
     saved = json.loads((out / "generate.json").read_text())
     assert saved["agreement"] == report["agreement"] and 0 <= saved["agreement"] <= 1
+    assert saved["precision"] in ("bf16", "fp32") and saved["cpu"]
     assert 0.25 < saved["classifier_test_accuracy"] <= 1  # 512 real images, 6 epochs: above 10%
     again = tmp_path / "again"
     generate.run(cfg(cond_dir, fmnist_shards, again, check=False))

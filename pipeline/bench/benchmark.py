@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.runtime import peak_rss_mb  # noqa: F401 - stages/bench.py and child processes use B.peak_rss_mb
+from pipeline.core.runtime import cpu_model, peak_rss_mb  # noqa: F401 - stages/bench.py and child processes use B.peak_rss_mb
 
 
 def median(xs: list[float]) -> float:
@@ -78,16 +78,6 @@ def run_child(code: str, *, env: dict[str, str] | None = None) -> dict:
 def dir_bytes(path: str | Path, *, skip: tuple[str, ...] = ("zarr.json",)) -> int:
     """Bytes of the data files under a folder (metadata files named in ``skip`` left out)."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name not in skip)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device | str) -> dict:

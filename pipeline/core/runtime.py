@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,21 @@ import torch
 import torch.nn as nn
 
 from pipeline.core.errors import UserError
+
+
+def cpu_model() -> str:
+    """The processor as /proc/cpuinfo names it, with its family and model numbers (VMs often name
+    only the vendor line, e.g. "AMD EPYC": the numbers tell a Zen 3 from a Zen 4 with native bf16)."""
+    try:
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
