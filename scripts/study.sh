@@ -7,15 +7,17 @@
 #
 # Order: seed-major (the four variants of seed 0, then of seed 1, ...), so a stopped study leaves
 # complete pairs. Each finished run's evaluation is copied to results/study/<run key>/seed<k>.json
-# (run key: at, at_dra, dmat, dmat_dra; with the pinned commit) and committed at once. A re-run
+# (run key: at, at_dra, dmat, dmat_dra; with the pinned commit) and committed at once, together with
+# the README's study table regenerated from results/study (so commit README prose first). A re-run
 # first commits results a failed commit left behind, then skips runs that have a result; a run that
 # was interrupted starts again from scratch (`dvc repro` re-runs the whole stage).
 #
 #   bash scripts/study.sh                   # every run of the profile
 #   RUNS="at-s0 at_dra-s0" bash scripts/study.sh
 #   MINUTES=70 bash scripts/study.sh        # a piece: starts no new run after 70 minutes
-#   AA_STANDARD=1 bash scripts/study.sh     # then AutoAttack standard on 300 test images for one
-#                                           # seed of each variant (results/study-aa-standard/),
+#   AA_STANDARD=1 bash scripts/study.sh     # then AutoAttack standard and the fast subset on the same
+#                                           # 300 test images for one seed of each variant
+#                                           # (results/study-aa-{standard,fast}/VARIANT/seedK.json)
 #   AA_SEED=2 ...                           # that seed (default 0; its checkpoints must be in .study)
 #   COMMIT=0 ...                            # write results without committing them
 #   rm -rf .study && git worktree prune     # to start over on the current commit (results kept)
@@ -52,7 +54,7 @@ commit() {  # the given result files, alone (other staged changes stay staged)
 }
 
 # results that a failed commit left behind
-LEFT=$(git ls-files --others --modified --exclude='*.tmp' -- results/study results/study-aa-standard)
+LEFT=$(git ls-files --others --modified --exclude='*.tmp' -- results/study results/study-aa-standard results/study-aa-fast)
 if [ -n "$LEFT" ]; then MSG="study: results of an earlier piece" commit $LEFT; fi
 
 publish() {  # the run's evaluation + the study's commit -> results/..., committed
@@ -65,8 +67,14 @@ res["study"] = {"code_commit": sys.argv[3], "profile": "pipeline/params/study.ya
 open(sys.argv[2] + ".tmp", "w").write(json.dumps(res, indent=2) + "\n")
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PYEOF
+  local files=("$dst")
+  case "$dst" in results/study/*)  # the README's study table regenerates with every result (a test checks it)
+    python -m pipeline report --evals results/study --train "" --grid "" --baseline "AT+DRA:AT,DM-AT+DRA:DM-AT" \
+      --out artifacts/study_report --readme README.md#study > /dev/null
+    files+=(README.md) ;;
+  esac
   MSG=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(f\"study: {sys.argv[2]} ({r['variant']}): clean {r['clean']:.4f}, PGD {r['pgd']:.4f}, AutoAttack {r['autoattack']}\")" "$dst" "$(basename "$(dirname "$dst")")/$(basename "$dst" .json)") \
-    commit "$dst"
+    commit "${files[@]}"
 }
 
 time_left() {
@@ -84,17 +92,22 @@ done
 
 if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard: one seed of each variant
   AA_SEED=${AA_SEED:-0}
+  # the same 300 test images under both: standard, and the fast subset with the profile's settings
+  FAST=$(python -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1]))['evaluate']; print(e['fast_targets'], e['fast_iters'], e['eps'])" \
+    "$WT/params.yaml")
   for key in $(echo "$RUNS" | tr ' ' '\n' | grep -- "-s$AA_SEED\$" || true); do
-    dst="results/study-aa-standard/${key%-s*}/seed$AA_SEED.json"
-    [ -f "$dst" ] && continue
-    time_left || exit 0
     [ -f "$WT/$ART/train/$key/metrics.json" ] || { echo "error: $key has not been trained in $WT"; exit 1; }
     variant=$(python -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['runs'][sys.argv[2]]['variant'])" \
       "$WT/params.yaml" "$key")
-    (cd "$WT" && python -m pipeline evaluate --checkpoint "$ART/train/$key" --shards "$ART/shards/real/test" \
-      --n 300 --autoattack standard --pgd-steps 20 --pgd-restarts 2 --eps 0.1 --name "$variant" \
-      --out "$ART/aa-standard/$key.json")
-    publish "$WT/$ART/aa-standard/$key.json" "$dst"
+    for version in standard fast; do
+      dst="results/study-aa-$version/${key%-s*}/seed$AA_SEED.json"
+      [ -f "$dst" ] && continue
+      time_left || exit 0
+      (cd "$WT" && python -m pipeline evaluate --checkpoint "$ART/train/$key" --shards "$ART/shards/real/test" \
+        --n 300 --autoattack "$version" --fast-targets $(echo $FAST | cut -d' ' -f1) \
+        --fast-iters $(echo $FAST | cut -d' ' -f2) --eps $(echo $FAST | cut -d' ' -f3) --pgd-steps 20 --pgd-restarts 2 --name "$variant" --out "$ART/aa-$version/$key.json")
+      publish "$WT/$ART/aa-$version/$key.json" "$dst"
+    done
   done
 fi
 echo "study: $(ls results/study/*/seed*.json 2>/dev/null | wc -l) runs with results"
