@@ -279,11 +279,11 @@ def reader_child(url: str, budget_mb: int, batch_size: int, seed: int, read: boo
     baseline (interpreter, torch, zarr, the part's metadata) without any feature read.
     """
     from pipeline.cache.store import open_cache
-    from pipeline.train.data import WINDOW, feature_bytes, target_reader
+    from pipeline.train.data import WINDOW, feature_bytes, plan_memory, target_reader
     from pipeline.train.sampler import MixedSampler
 
     part = open_cache(url).part("train")
-    stream = budget_mb == 0 or feature_bytes(part, part.n) > budget_mb * 2**20  # the rule of train.open_data
+    stream, _ = plan_memory({"train": (part, part.n)}, features=True, budget_mb=budget_mb)  # train.open_data's rule
     reader = target_reader(part, part.n, stream=stream, window=WINDOW) if read else None
     sampler = MixedSampler(n_real=part.n, k_real=part.k, batch_size=batch_size, seed=seed,
                            chunk_real=part.rows_per_chunk if stream else 0, window=WINDOW)
@@ -480,7 +480,7 @@ def bench_images(cfg: BenchConfig, work: Path) -> dict:
     _say(f"building CIFAR-sized stores of {cfg.image_rows_small} and {cfg.image_rows_big} rows")
     small = build_image_store(work, cfg.image_rows_small, seed=cfg.seed)
     big = build_image_store(work, cfg.image_rows_big, seed=cfg.seed)
-    cfg_json = json.dumps({k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()})
+    cfg_json = json.dumps(cfg.__dict__)  # enums are str subclasses: they serialise as their values
 
     def child(url: Path, tag: str) -> dict:
         code = (f"import pipeline.bench.measure as b; b.image_train_child({cfg_json!r}, {str(url)!r}, "

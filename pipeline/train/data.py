@@ -132,7 +132,7 @@ def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: 
         if verify:
             check_stored_images(part, path, fp, n)
         labels = torch.from_numpy(np.asarray(part.labels[:n], np.int64))
-        images = StreamingImages(part, capacity=2 * WINDOW + 2) if stream else InMemoryImages(_read_all(part, n))
+        images = StreamingImages(part, capacity=reader_capacity()) if stream else InMemoryImages(_read_all(part, n))
         return PartData(name, n, part.k, images, labels, *views, seeds), part
     try:  # the cache covers the first part.n samples of the split (check_against proves it)
         ss = read_split(path, limit=part.n)
@@ -168,7 +168,13 @@ def image_bytes(part: Any, n: int) -> int:
 def target_reader(part: Any, rows: int, *, stream: bool, window: int = WINDOW) -> InMemoryTargets | StreamingTargets:
     """The first ``rows`` rows of a cache part's targets: in RAM (one float16 gather per batch) or
     streamed (an LRU of 2 shuffle windows of chunks)."""
-    return StreamingTargets(part, capacity=2 * window + 2) if stream else InMemoryTargets(part, rows=rows)
+    return StreamingTargets(part, capacity=reader_capacity(window)) if stream else InMemoryTargets(part, rows=rows)
+
+
+def reader_capacity(window: int = WINDOW) -> int:
+    """Chunks a streaming reader keeps: two shuffle windows (and one spare each side), so the
+    chunk-aware order reads every chunk once per pass."""
+    return 2 * window + 2
 
 
 def plan_memory(parts: dict[str, tuple[Any, int]], *, features: bool, budget_mb: int) -> tuple[bool, list[str]]:
