@@ -13,8 +13,10 @@ or ``--baseline AT+DRA:AT,DM-AT+DRA:DM-AT``, each variant minus its own base), p
 the mean difference with its 95% Student-t interval, marked "within noise" when the interval
 contains 0, and the seeds where the variant is higher.
 
-``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py) and ``--bench
-bench.json`` the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py).
+``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py), ``--bench
+bench.json`` the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py), and
+``--aa-standard DIR`` how far the AutoAttack-fast results in ``--evals`` are from standard
+AutoAttack on the same runs and images in DIR (pipeline/report/autoattack.py).
 
 ``--readme FILE`` also writes the table into FILE between the lines ``<!-- report:begin -->`` and
 ``<!-- report:end -->``; ``--readme FILE#NAME`` between ``<!-- NAME:begin -->`` and
@@ -32,7 +34,7 @@ from pathlib import Path
 from pipeline.bench import figures
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
-from pipeline.report import sweep
+from pipeline.report import autoattack, sweep
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import (
     aggregate,
@@ -65,32 +67,48 @@ def sweep_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--sweep runs.json``: the DRA sweep's table and t x lambda heatmaps (pipeline/report/sweep.py)."""
     runs = sweep.check_runs(_read_json(cfg.sweep, "--sweep"))
     probe = _read_json(cfg.probe, "--probe") if cfg.probe else None
-    out = Path(cfg.out)
-    tmp = Path(storage.start(out, signature=SIGNATURE))
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
     image = sweep.heatmaps(runs, probe if isinstance(probe, dict) else None, tmp / "sweep.png")
     text = sweep.markdown(runs, probe if isinstance(probe, dict) else None)
-    (tmp / "report.md").write_text(f"# DRA sweep\n\n{text}\n\n![sweep]({image.name})\n")
-    storage.commit(str(tmp), out, signature=SIGNATURE)
-    if readme is not None:
-        probe = f" --probe {cfg.probe}" if cfg.probe else ""
-        write_readme_block(cfg.readme, readme, text, f"--sweep {cfg.sweep}{probe} --out {cfg.out}", cfg.sweep)
-    print(text)
-    print(f"report: {out / 'report.md'}")
+    options = f"--sweep {cfg.sweep}{f' --probe {cfg.probe}' if cfg.probe else ''} --out {cfg.out}"
+    _finish(cfg, readme, tmp, f"# DRA sweep\n\n{text}\n\n![sweep]({image.name})\n", text, options, cfg.sweep)
     return {"runs": len(runs)}
+
+
+def _finish(cfg: ReportConfig, readme: tuple[str, str] | None, tmp: Path, page: str, text: str, options: str,
+            source: str) -> None:
+    """The report page into the started folder ``tmp``, committed to --out; ``text`` into the README
+    block (``options``: the command's flags, ``source``: the data it came from) and to stdout."""
+    (tmp / "report.md").write_text(page)
+    storage.commit(str(tmp), Path(cfg.out), signature=SIGNATURE)
+    if readme is not None:
+        write_readme_block(cfg.readme, readme, text, options, source)
+    print(text)
+    print(f"report: {Path(cfg.out) / 'report.md'}")
 
 
 def bench_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--bench bench.json``: the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py)."""
     res = figures.check(_read_json(cfg.bench, "--bench"))
     text = figures.markdown(res)
-    out = Path(cfg.out)
-    tmp = Path(storage.start(out, signature=SIGNATURE))
-    (tmp / "report.md").write_text(f"# Benchmark\n\n{text}\n")
-    storage.commit(str(tmp), out, signature=SIGNATURE)
-    if readme is not None:
-        write_readme_block(cfg.readme, readme, text, f"--bench {cfg.bench} --out {cfg.out}", cfg.bench)
-    print(text)
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
+    _finish(cfg, readme, tmp, f"# Benchmark\n\n{text}\n", text, f"--bench {cfg.bench} --out {cfg.out}", cfg.bench)
     return {"figures": sum(key in res for _, key in figures.ROWS)}
+
+
+def aa_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--aa-standard DIR``: AutoAttack-fast (--evals) against standard AutoAttack (DIR), run by run."""
+    folders = {cfg.aa_standard: load_evals(cfg.aa_standard), cfg.evals: load_evals(cfg.evals)}
+    for folder, runs in folders.items():
+        if not runs:
+            raise UserError(f"{folder}: no evaluation results (*.json with clean/pgd accuracies)")
+    pairs = autoattack.pair_runs(folders[cfg.aa_standard], folders[cfg.evals], cfg.aa_standard, cfg.evals)
+    text = autoattack.markdown(pairs)
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
+    _finish(cfg, readme, tmp, f"# AutoAttack: fast subset vs standard\n\n{text}\n", text,
+            f"--evals {cfg.evals} --aa-standard {cfg.aa_standard} --out {cfg.out}",
+            f"{cfg.aa_standard}/*.json and {cfg.evals}/*.json")
+    return {"runs": len(pairs)}
 
 
 def run(cfg: ReportConfig) -> dict:
@@ -98,14 +116,17 @@ def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
-    if cfg.sweep and cfg.bench:
-        raise UserError("--sweep and --bench are two different reports: give one")
-    if (cfg.sweep or cfg.bench) and cfg.out == ReportConfig.out:
-        raise UserError(f"--sweep/--bench: give --out (the default, {ReportConfig.out}, is the report stage's output)")
+    if sum(map(bool, (cfg.sweep, cfg.bench, cfg.aa_standard))) > 1:
+        raise UserError("--sweep, --bench and --aa-standard are different reports: give one")
+    if (cfg.sweep or cfg.bench or cfg.aa_standard) and cfg.out == ReportConfig.out:
+        raise UserError(f"--sweep/--bench/--aa-standard: give --out (the default, {ReportConfig.out}, is the "
+                        "report stage's output)")
     if cfg.sweep:
         return sweep_report(cfg, readme)
     if cfg.bench:
         return bench_report(cfg, readme)
+    if cfg.aa_standard:
+        return aa_report(cfg, readme)
     runs = load_evals(cfg.evals)
     if not runs:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "

@@ -20,6 +20,9 @@ class ReportConfig:
     sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
     probe: str = ""  # the cache's probe.json, shown beside the sweep
     bench: str = ""  # a `pipeline bench` result (bench.json): its figures table instead
+    # a folder of standard-AutoAttack results: --evals' fast-subset results of the same runs on the
+    # same images against them, run by run (pipeline/report/autoattack.py), instead
+    aa_standard: str = ""
     readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
 
     def validate(self) -> None:
