@@ -144,6 +144,8 @@ def run(cfg: ReportConfig) -> dict:
     from pipeline.report import plots  # matplotlib is slow to import; keep it out of --help
 
     images = [plots.accuracy_bars(groups, tmp / "accuracy.png")]
+    differences = plots.paired_differences(groups, comparisons(groups, baseline), tmp / "differences.png")
+    images += [differences] if differences else []
     logs = {name: [read_log(p) for r in rs if (p := find_train_log(r, cfg.train))] for name, rs in groups.items()}
     if any(logs.values()):
         images.append(plots.training_curves(logs, tmp / "curves.png"))

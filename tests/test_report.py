@@ -176,6 +176,8 @@ def test_report_pairs_variants_by_seed_and_says_when_a_difference_is_noise(tmp_p
     assert diffs["better − base"][2].startswith("+5.00 [") and "noise" not in diffs["better − base"][2]
     assert diffs["noisy − base"][1].endswith("(within noise), wins 2/3")  # +5, -5, +1 points
     assert "AutoAttack" not in md.split("Paired by training seed")[1].split("\n\n")[1]  # no AA numbers: no column
+    png = tmp_path / "r" / "differences.png"  # the same differences, drawn per seed with their intervals
+    assert png.read_bytes().startswith(PNG) and "![differences](differences.png)" in md
     with pytest.raises(UserError, match="--baseline 'nope': no such variant"):
         report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2"), baseline="nope"))
     # pairs, each variant against its own base (the study: AT+DRA:AT, DM-AT+DRA:DM-AT)

@@ -83,3 +83,41 @@ def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def paired_differences(groups: dict[str, list[dict]], pairs: list[tuple[str, str]], path: Path) -> Path | None:
+    """One panel per accuracy: each (variant, base) pair's per-seed differences (dots), their mean
+    and 95% Student-t interval (bar), and zero; None when no pair shares two seeds."""
+    from pipeline.report.tables import metric_keys, paired_difference, paired_values
+
+    keys = metric_keys(groups, pairs)
+    shown = [(n, b) for n, b in pairs if any(len(paired_values(groups, n, b, k)) >= 2 for k in keys)]
+    if not shown:
+        return None
+    version = next(iter(groups.values()))[0].get("autoattack_version")
+    labels = dict(METRICS) | ({"autoattack": f"AutoAttack-{version}"} if version else {})
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 0.9 * len(shown) + 1.6), squeeze=False,
+                             sharey=True)
+    for ax, key in zip(axes.flat, keys):
+        for i, (name, base) in enumerate(shown):
+            values = paired_values(groups, name, base, key)
+            if len(values) < 2:
+                continue
+            diffs = [100 * (a - b) for a, b in values]
+            mean, lo, hi = (100 * v for v in paired_difference(*zip(*values)))
+            ax.errorbar([mean], [i], xerr=[[mean - lo], [hi - mean]], fmt="D", color="black", capsize=4, ms=5,
+                        label="mean, 95% CI" if i == 0 else None)
+            ax.scatter(diffs, [i + 0.18] * len(diffs), s=14, alpha=0.7, color="tab:blue",
+                       label="one seed" if i == 0 else None)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"Δ {labels[key]} (points)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_yticks(range(len(shown)), [f"{n} − {b}" for n, b in shown], fontsize=8)
+    axes[0, 0].set_ylim(-0.6, len(shown) - 0.4)
+    axes[0, 0].invert_yaxis()
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Paired by training seed: variant minus its base", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -178,8 +178,17 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
-def _by_seed(runs: list[dict], key: str) -> dict[str, float]:
-    return {str(train_field(r, "seed", "?")): r[key] for r in runs if is_number(r.get(key))}
+def paired_values(groups: dict[str, list[dict]], name: str, baseline: str, key: str) -> list[tuple[float, float]]:
+    """(variant, base) values of ``key`` for every training seed both ran, in seed order."""
+    mine, ref = ({str(train_field(r, "seed", "?")): r[key] for r in groups[g] if is_number(r.get(key))}
+                 for g in (name, baseline))
+    return [(mine[s], ref[s]) for s in sorted(set(mine) & set(ref))]
+
+
+def metric_keys(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> list[str]:
+    """The accuracies (clean, pgd, autoattack) that some base of ``pairs`` has."""
+    return [k for k in ("clean", "pgd", "autoattack")
+            if any(is_number(r.get(k)) for _, b in pairs for r in groups[b])]
 
 
 def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
@@ -189,22 +198,20 @@ def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) ->
     Empty when no pair shares two or more seeds (one seed gives no interval). A difference whose
     interval contains 0 is marked "within noise".
     """
-    keys = [k for k in ("clean", "pgd", "autoattack") if any(is_number(r.get(k)) for r in
-                                                             (r for _, b in pairs for r in groups[b]))]
+    keys = metric_keys(groups, pairs)
     rows = []
     for name, baseline in pairs:
         cells, n_pairs = [], 0
         for key in keys:
-            mine, ref = _by_seed(groups[name], key), _by_seed(groups[baseline], key)
-            seeds = sorted(set(mine) & set(ref))
-            n_pairs = max(n_pairs, len(seeds))
-            if len(seeds) < 2:
+            values = paired_values(groups, name, baseline, key)
+            n_pairs = max(n_pairs, len(values))
+            if len(values) < 2:
                 cells.append("-")
                 continue
-            mean, lo, hi = paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds])
+            mean, lo, hi = paired_difference(*zip(*values))
             noise = " (within noise)" if lo <= 0 <= hi else ""
-            wins = sum(mine[s] > ref[s] for s in seeds)
-            cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {wins}/{len(seeds)}")
+            wins = sum(a > b for a, b in values)
+            cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {wins}/{len(values)}")
         if n_pairs >= 2:
             rows.append(f"| {name} − {baseline} | {n_pairs} | " + " | ".join(cells) + " |")
     if not rows:
