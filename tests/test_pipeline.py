@@ -78,6 +78,30 @@ def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(t
     assert str(best["t"]) in str(default["extract"]["t"]).split(",") and best["layer"] in default["extract"]["layer"].split(",")
 
 
+def test_the_committed_study_is_complete_and_pairs_never_cross_upstreams():
+    """results/study holds seeds 0-4 of every variant at one budget, from one code commit, evaluated
+    on 5000 test images, with the sweep's target set; each DRA variant and its base share the cache
+    (and so the diffusion model and synthetic set) of every seed: a paired difference compares like
+    with like even where pieces ran on other machines."""
+    runs = {p: json.loads(p.read_text()) for p in (ROOT / "results" / "study").glob("*/seed*.json")}
+    by = {(r["variant"], r["train_config"]["train"]["seed"]): r
+          for r in runs.values()}
+    assert len(by) == len(runs) == 20 and {s for _, s in by} == {0, 1, 2, 3, 4}
+    assert {v for v, _ in by} == set(VARIANTS)
+    assert len({(r["train_metrics"]["budget"]["steps"], r["train_metrics"]["budget"]["samples"])
+                for r in runs.values()}) == 1
+    assert {r["study"]["code_commit"] for r in runs.values()} == {next(iter(runs.values()))["study"]["code_commit"]}
+    assert {r["n"] for r in runs.values()} == {5000} and all(not r["warnings"] for r in runs.values())
+    best = best_cell(json.loads((ROOT / "results" / "sweep" / "runs.json").read_text()))
+    for (variant, seed), r in by.items():
+        cache = r["train_config"]["cache"]
+        assert (int(cache["t"]), cache["layer"]) == (best["t"], best["layer"])
+        if variant.endswith("+DRA"):
+            base = by[(variant.removesuffix("+DRA"), seed)]
+            assert cache["digest"] == base["train_config"]["cache"]["digest"], (variant, seed)
+            assert r["train_config"]["train"]["dra_weight"] == best["dra_weight"]
+
+
 # --- the quick profile through dvc repro --------------------------------------------------------
 def _dvc(repo: Path, *args: str, timeout: int = 600) -> str:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
