@@ -99,7 +99,7 @@ done
 if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard: one seed of each variant
   AA_SEED=${AA_SEED:-0}
   # the same 300 test images under both: standard, and the fast subset with the profile's settings
-  FAST=$(python -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1]))['evaluate']; print(e['fast_targets'], e['fast_iters'], e['eps'])" \
+  read -r TARGETS ITERS EPS < <(python -c "import yaml, sys; e = yaml.safe_load(open(sys.argv[1]))['evaluate']; print(e['fast_targets'], e['fast_iters'], e['eps'])" \
     "$WT/params.yaml")
   for key in $(echo "$RUNS" | tr ' ' '\n' | grep -- "-s$AA_SEED\$" || true); do
     [ -f "$WT/$ART/train/$key/metrics.json" ] || { echo "error: $key has not been trained in $WT"; exit 1; }
@@ -110,8 +110,8 @@ if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard
       [ -f "$dst" ] && continue
       time_left || exit 0
       (cd "$WT" && python -m pipeline evaluate --checkpoint "$ART/train/$key" --shards "$ART/shards/real/test" \
-        --n 300 --autoattack "$version" --fast-targets $(echo $FAST | cut -d' ' -f1) \
-        --fast-iters $(echo $FAST | cut -d' ' -f2) --eps $(echo $FAST | cut -d' ' -f3) --pgd-steps 20 --pgd-restarts 2 --name "$variant" --out "$ART/aa-$version/$key.json")
+        --n 300 --autoattack "$version" --fast-targets "$TARGETS" --fast-iters "$ITERS" --eps "$EPS" \
+        --pgd-steps 20 --pgd-restarts 2 --name "$variant" --out "$ART/aa-$version/$key.json")
       publish "$WT/$ART/aa-$version/$key.json" "$dst"
     done
   done

@@ -28,10 +28,10 @@ def _index(runs: list[dict], version: str, where: str) -> dict[tuple[str, str], 
             raise UserError(f"{r['_path']}: not a {version} AutoAttack result (autoattack_version "
                             f"{r.get('autoattack_version')!r}, autoattack {r.get('autoattack')!r}); {where} "
                             f"holds {version} AutoAttack results only")
-        if _key(r) in found:
-            raise UserError(f"{where}: two results of {_key(r)[0]} seed {_key(r)[1]} "
-                            f"({found[_key(r)]['_path']}, {r['_path']})")
-        found[_key(r)] = r
+        key = _key(r)
+        if key in found:
+            raise UserError(f"{where}: two results of {key[0]} seed {key[1]} ({found[key]['_path']}, {r['_path']})")
+        found[key] = r
     return found
 
 
@@ -55,9 +55,9 @@ def pair_runs(standard: list[dict], fast: list[dict], standard_dir: str, fast_di
     return pairs
 
 
-def _seconds(run: dict) -> str:
+def _seconds(run: dict) -> float | None:
     t = (run.get("timings") or {}).get("autoattack")
-    return f"{t:.0f}" if is_number(t) else "-"
+    return t if is_number(t) else None
 
 
 def markdown(pairs: list[tuple[dict, dict]]) -> str:
@@ -71,12 +71,12 @@ def markdown(pairs: list[tuple[dict, dict]]) -> str:
     for std, fst in pairs:
         gap = 100 * (fst["autoattack"] - std["autoattack"])
         gaps.append(gap)
-        t_std, t_fast = ((r.get("timings") or {}).get("autoattack") for r in (std, fst))
-        if is_number(t_std) and is_number(t_fast) and t_std > 0:
+        t_std, t_fast = _seconds(std), _seconds(fst)
+        if t_std and t_fast is not None:
             ratios.append(t_fast / t_std)
+        times = " | ".join("-" if t is None else f"{t:.0f}" for t in (t_std, t_fast))
         rows.append(f"| {std['variant']} | {train_field(std, 'seed', '?')} | {std['n']} | {100 * std['pgd']:.2f} "
-                    f"| {100 * std['autoattack']:.2f} | {100 * fst['autoattack']:.2f} | {gap:+.2f} "
-                    f"| {_seconds(std)} | {_seconds(fst)} |")
+                    f"| {100 * std['autoattack']:.2f} | {100 * fst['autoattack']:.2f} | {gap:+.2f} | {times} |")
     n = pairs[0][0]["n"]
     above = sum(g > 0 for g in gaps)
     text = (f"AutoAttack-fast: APGD-CE + APGD-T ({fast.get('targets', '?')} target classes), "
