@@ -31,7 +31,7 @@ import torch
 
 from pipeline.core import storage
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import bf16_autocast, choose_device, cpu_model
+from pipeline.core.runtime import choose_device, cpu_model, precision
 from pipeline.core.shards import read_split
 from pipeline.diffusion.config import DiffusionConfig
 from pipeline.diffusion.model import build_unet, make_scheduler, save_model
@@ -70,7 +70,7 @@ def run(cfg: DiffusionConfig) -> dict:
         "seconds_per_step": round(seconds / max(1, cfg.steps - res.resumed_from), 4),
         "resumed_from_step": res.resumed_from,
         # what ran, not what was asked: bf16 only where the device has it natively (weights differ)
-        "precision": "bf16" if cfg.bf16 and bf16_autocast(device) else "fp32", "cpu": cpu_model(),
+        "precision": precision(cfg.bf16, device), "cpu": cpu_model(),
         "data": {"path": str(cfg.shards), "content_hash": data.fingerprint["content_hash"],
                  "count": len(data.labels)}})
     (tmp / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in res.losses))

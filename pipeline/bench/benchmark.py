@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.runtime import cpu_model, peak_rss_mb  # noqa: F401 - stages/bench.py and child processes use B.peak_rss_mb
+from pipeline.core.runtime import cpu_model, peak_rss_mb, usable_cores  # noqa: F401 - stages/bench.py and child processes use B.peak_rss_mb
 
 
 def median(xs: list[float]) -> float:
@@ -82,7 +82,7 @@ def dir_bytes(path: str | Path, *, skip: tuple[str, ...] = ("zarr.json",)) -> in
 
 def machine(device: torch.device | str) -> dict:
     """What the figures were measured on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     dev = torch.device(device)
     return {"cpu": cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": dev.type,

@@ -22,6 +22,7 @@ from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
 from pipeline.cache.config import ExtractConfig
 from pipeline.core.errors import UserError
+from pipeline.core.runtime import usable_cores
 from pipeline.diffusion.config import DiffusionConfig
 from pipeline.train.config import TrainConfig
 
@@ -339,7 +340,7 @@ def bench_two_proc(cfg: BenchConfig, work: Path, shards: Path, model: Path) -> d
     (on a 2-core machine: 1 thread each). Fixed costs (start-up, reading shards, probe,
     checksums) are measured as re-runs over the finished stores and reported apart.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    cores = usable_cores()
     threads = max(1, cores // 2)
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     if not torch.cuda.is_available():

@@ -24,12 +24,12 @@ import torch.nn as nn
 from pipeline.core.errors import UserError
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The processor as /proc/cpuinfo names it, with its family and model numbers (VMs often name
     only the vendor line, e.g. "AMD EPYC": the numbers tell a Zen 3 from a Zen 4 with native bf16)."""
     try:
         info = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path(cpuinfo).read_text().splitlines():
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())
         if "model name" in info:
@@ -37,6 +37,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; all of them where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def peak_rss_mb() -> float:
@@ -70,17 +75,29 @@ def choose_device(device: str = "auto") -> torch.device:
     raise UserError(f"--device {device!r}: choose auto, cpu or cuda[:N]")
 
 
-def bf16_autocast(device: str | torch.device) -> bool:
-    """Whether bf16 autocast pays on ``device``: always on CUDA; on a CPU only with native bf16
-    instructions (AVX512-BF16 / AMX, as oneDNN reports them). Without them oneDNN emulates bf16:
-    measured on a 2-core AVX2-only AMD EPYC, a default diffusion step took 18.5 s under bf16
-    autocast and 2.3 s in fp32."""
-    if torch.device(device).type != "cpu":
-        return True
+def cpu_has_native_bf16() -> bool:
+    """THE probe of what the processor offers: native bf16 instructions (AVX512-BF16 / AMX), as
+    oneDNN reports them. Every capability-dependent branch asks this one function (through
+    ``bf16_autocast`` / ``precision``), so tests force it both ways with one monkeypatch."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without the probe: stay in fp32
         return False
+
+
+def bf16_autocast(device: str | torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: always on CUDA; on a CPU only with native bf16
+    instructions. Without them oneDNN emulates bf16: measured on a 2-core AVX2-only AMD EPYC, a
+    default diffusion step took 18.5 s under bf16 autocast and 2.3 s in fp32."""
+    if torch.device(device).type != "cpu":
+        return True
+    return cpu_has_native_bf16()
+
+
+def precision(bf16: bool, device: str | torch.device) -> str:
+    """What a stage asked to run in bf16 (``bf16``) actually runs in on ``device``: "bf16" or "fp32".
+    Outputs record this, not the request: weights and images differ between the two."""
+    return "bf16" if bf16 and bf16_autocast(device) else "fp32"
 
 
 def launched_world() -> int:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import bf16_autocast
+from pipeline.core.runtime import precision
 from pipeline.diffusion.config import DiffusionConfig
 
 # config fields that may change between a checkpoint and its resumption
@@ -141,7 +141,7 @@ def train_ddpm(images: np.ndarray, labels: np.ndarray, unet: UNet2DModel, schedu
     ema.to(device)
     batches = _Batches(len(x_all), cfg.batch_size, cfg.seed)
     t_max = scheduler.config.num_train_timesteps
-    amp = cfg.bf16 and bf16_autocast(device)
+    amp = precision(cfg.bf16, device) == "bf16"
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="diffusion",
                mininterval=2, disable=not progress)
     for step in bar:

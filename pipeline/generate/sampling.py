@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import bf16_autocast
+from pipeline.core.runtime import precision
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.generate.config import Sampler
 
@@ -91,7 +91,7 @@ def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor |
         labels = labels.to(device)
         if guidance != 1.0:
             labels = torch.cat([labels, torch.full_like(labels, int(model.null_class))])
-    amp = bf16 and bf16_autocast(device)
+    amp = precision(bf16, device) == "bf16"
     for t in sched.timesteps:
         x_in = sched.scale_model_input(torch.cat([x, x]) if guidance != 1.0 else x, t)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp):

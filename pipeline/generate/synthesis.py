@@ -13,7 +13,7 @@ import torch
 
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
-from pipeline.core.runtime import bf16_autocast, cpu_model
+from pipeline.core.runtime import cpu_model, precision
 from pipeline.core.shards import (
     content_hash,
     finish_split,
@@ -144,7 +144,7 @@ def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list
               "images_per_second": round(tried / max(seconds, 1e-9), 2), "processes": len(gathered),
               "model": model.source, "weights_sha256": model.weights_sha256, "conditional": model.conditional,
               # what ran, not what was asked: bf16 only where the device has it natively (images differ)
-              "precision": "bf16" if cfg.bf16 and bf16_autocast(str(next(model.unet.parameters()).device)) else "fp32",
+              "precision": precision(cfg.bf16, next(model.unet.parameters()).device),
               "cpu": cpu_model(),
               "config": asdict(cfg),
               **_label_check(cfg, clf, sum(part[1] for part in gathered), model.conditional)}
