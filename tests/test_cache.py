@@ -364,3 +364,43 @@ def test_zero_chunks_are_refused_in_one_line(tmp_path, real):
     write_store(str(url), real)
     _forge(url, zero, key=f"train/{FEATURES}/zarr.json")
     _check_one_line(url)
+
+
+def test_consolidated_metadata_cannot_bypass_the_digest(tmp_path, real):
+    """A sender adds a consolidated_metadata block to the root zarr.json (outside the manifest)
+    that retypes the features as int16 and keeps attributes, manifest and digest genuine: zarr would
+    read the array metadata from that block. The store is refused by verify (with the genuine
+    digest) and by open, and the block is never used even by a raw open."""
+    from pipeline.cache.store import _open_group
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    digest = open_cache(str(url)).attrs["digest"]
+    meta = json.loads((url / "train" / "targets" / SPEC.name / "features" / "zarr.json").read_text())
+    meta["data_type"] = "int16"
+    _edit_json(url / "zarr.json", lambda d: d.update(consolidated_metadata={
+        "kind": "inline", "must_understand": False, "metadata": {f"train/{FEATURES}": meta}}))
+    assert json.loads((url / "zarr.json").read_text())["attributes"]["digest"] == digest  # genuine
+    _only(verify_cache(str(url), digest=digest), "consolidated_metadata")
+    with pytest.raises(UserError, match="consolidated_metadata"):
+        open_cache(str(url))
+    assert str(_open_group(str(url), "r")[f"train/{FEATURES}"].dtype) == "float16"  # its own file
+    _edit_json(url / "zarr.json", lambda d: d.pop("consolidated_metadata"))
+    assert verify_cache(str(url), digest=digest) == []  # zarr refuses any other key itself
+
+
+@pytest.mark.parametrize("value", ["", " ", "0" * 63, "Z" * 64, "A" * 64])
+def test_an_empty_or_malformed_digest_is_refused_not_ignored(tmp_path, real, capsys, value):
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    with pytest.raises(UserError, match="--digest"):
+        verify_cache(str(url), digest=value)
+    code, out, err = run_cli(capsys, ["cache", "verify", str(url), "--digest", value])
+    assert "--digest" in assert_one_error_line(code, err) and code == 2 and "ok" not in out
+    digest = open_cache(str(url)).attrs["digest"]
+    from pipeline.cli import main
+
+    main(["cache", "verify", str(url), "--digest", digest])  # the genuine one: ok, exit 0
+    assert capsys.readouterr().out.strip().endswith(": ok")

@@ -154,7 +154,9 @@ def _foreign_folder(url: str, group: zarr.Group | None) -> bool:
 
 def _open_group(url: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(_location(url), mode=mode, zarr_format=3)
+        # important: never consolidated metadata. zarr would take every array's metadata from the
+        # root zarr.json (outside the manifest) instead of the array's own checksummed file
+        return zarr.open_group(_location(url), mode=mode, zarr_format=3, use_consolidated=False)
     except (FileNotFoundError, json.JSONDecodeError, *MALFORMED) as exc:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
 
@@ -543,6 +545,35 @@ class FeatureCache:
                             f"{self.attrs['view_spec']}")
 
 
+ROOT_KEYS = {"zarr_format": 3, "node_type": "group"}  # and "attributes": all a root zarr.json may hold
+
+
+def _root_problem(group: zarr.Group) -> str | None:
+    """The root zarr.json holds the attributes (covered by the digest) and zarr's two fixed fields,
+    nothing else: so the digest vouches for the whole file. A ``consolidated_metadata`` block (array
+    metadata that zarr would read instead of each array's checksummed file) is refused."""
+    try:
+        meta = json.loads(_raw(group.store, ROOT_META) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return f"{ROOT_META}: not JSON"
+    if not isinstance(meta, dict):
+        return f"{ROOT_META}: not a JSON object"
+    extra = sorted(set(meta) - set(ROOT_KEYS) - {"attributes"})
+    if extra:
+        return (f"{ROOT_META} holds {', '.join(map(repr, extra))}, which extraction never writes and the digest "
+                "does not cover (array metadata is read only from each array's own checksummed file)")
+    if any(meta.get(k) != v for k, v in ROOT_KEYS.items()):
+        return f"{ROOT_META}: not a zarr v3 group"
+    return None
+
+
+def check_digest_value(digest: str) -> str:
+    """A digest given by a user: 64 lowercase hex digits, never empty (an empty value is not "no digest")."""
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UserError(f"--digest {digest!r}: expected the 64 hex digits `cache info` prints (sha256)")
+    return digest
+
+
 def _format_problem(attrs: dict) -> str | None:
     fmt = attrs.get("format")
     if fmt in OLD_FORMATS:
@@ -562,7 +593,7 @@ def open_cache(url: str) -> FeatureCache:
     """
     group = _open_group(str(url), "r")
     attrs = dict(group.attrs)
-    problem = _format_problem(attrs)
+    problem = _format_problem(attrs) or _root_problem(group)
     if problem:
         raise UserError(f"{url}: {problem}")
     if attrs.get("complete") is not True:
@@ -674,12 +705,14 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     (``train`` checks only what it will read); None checks the whole store. ``digest``, when
     given, must be the store's (a digest obtained through a trusted channel).
     """
+    if digest is not None:
+        check_digest_value(digest)
     try:
         group = _open_group(str(url), "r")
     except UserError as exc:
         return [str(exc)]
     attrs = dict(group.attrs)
-    problem = _format_problem(attrs)
+    problem = _format_problem(attrs) or _root_problem(group)
     if problem:
         return [problem]
     problems = []
