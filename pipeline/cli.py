@@ -176,13 +176,14 @@ def _cache_info(store: str) -> None:
 
 
 @cache_app.command("verify")
-def _cache_verify(store: str, digest: Annotated[str, typer.Option(
-        help="require this digest (from `cache info` of the sender, through a channel you trust)")] = "") -> None:
+def _cache_verify(store: str, digest: Annotated[str | None, typer.Option(
+        help="require this digest (from `cache info` of the sender, through a channel you trust); "
+             "an empty or malformed value is refused")] = None) -> None:
     """Every file against the manifest (metadata too), the digest, completeness, shapes, NaN/Inf:
     one line per problem, exit 2."""
     from pipeline.cache.store import verify_cache
 
-    problems = verify_cache(store, digest=digest or None)
+    problems = verify_cache(store, digest=digest)
     for line in problems:
         print(line)
     if problems:
