@@ -381,12 +381,33 @@ def _part_problems(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[st
     return _layout_problems(name, g, specs) or _check_shapes(name, g, specs)
 
 
+class StoreChanged(UserError):
+    """A file of a verified store is gone or no longer decodes (re-extracted, replaced, checked out)."""
+
+
+def _read_rows(arr: zarr.Array, a: int, b: int, manifest: dict) -> np.ndarray:
+    """Rows a..b of a row-sharded array, refusing what changed since the store was verified: zarr
+    reads a shard file that is gone back as fill values (zero targets, black images) and fails in
+    the codec on one whose bytes changed. One existence check per shard read."""
+    rows_shard = (arr.shards or arr.chunks)[0]
+    for s in range(a // rows_shard, max(a, b - 1) // rows_shard + 1):
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
+        if key in manifest and not sync(arr.store.exists(key)):
+            raise StoreChanged(f"{key}: gone since the cache was verified (re-extracted or replaced?)")
+    try:
+        return arr[a:b]
+    except Exception as exc:  # a changed shard fails in the codec, whatever its type
+        raise StoreChanged(f"{arr.path}: rows {a}-{b} no longer decode ({type(exc).__name__}): the cache "
+                           "changed since it was verified") from None
+
+
 class CachePart:
     """One part of a cache seen through one target set: metadata arrays in memory, features read
     on demand."""
 
-    def __init__(self, group: zarr.Group, name: str, target: TargetSpec) -> None:
+    def __init__(self, group: zarr.Group, name: str, target: TargetSpec, manifest: dict | None = None) -> None:
         self.name, self._g, self.target = name, group, target
+        self._manifest = manifest or {}  # the verified files: one that disappears is refused when read
         self._set = group["targets"][target.name]
         self._features = self._set["features"]
         a = dict(group.attrs)
@@ -432,7 +453,7 @@ class CachePart:
     def read_chunk(self, c: int) -> np.ndarray:
         """(rows_c, K, *shape) float16: one chunk, the streaming reader's unit of I/O."""
         a = c * self.rows_per_chunk
-        return self._features[a:min(a + self.rows_per_chunk, self.n)]
+        return _read_rows(self._features, a, min(a + self.rows_per_chunk, self.n), self._manifest)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -448,7 +469,7 @@ class CachePart:
         """(b-a, H, W, C) uint8: the stored images of rows a..b (a part that stores them)."""
         if not self.has_images:
             raise UserError(f"part {self.name!r} stores no images (extracted with --no-images)")
-        return self._g[IMAGES][a:b]
+        return _read_rows(self._g[IMAGES], a, b, self._manifest)
 
     def read_keys(self, a: int, b: int) -> list[str]:
         """The keys of rows a..b, without loading all N of them (a streaming reader's check)."""
@@ -504,7 +525,9 @@ class FeatureCache:
             problems = _part_problems(name, self._g[name], self.targets)
             if problems:
                 raise UserError(f"{self.url}: {problems[0]}")
-            self._parts[(name, target.name)] = CachePart(self._g[name], name, target)
+            manifest = self.attrs.get("manifest")
+            self._parts[(name, target.name)] = CachePart(self._g[name], name, target,
+                                                         manifest if isinstance(manifest, dict) else None)
         return self._parts[(name, target.name)]
 
     def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
@@ -733,6 +756,20 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     if not any(p in group.group_keys() for p in PARTS):
         problems.append("no parts (train, synthetic, test) in the store")
     return problems
+
+
+def recheck_cache(url: str, *, parts: tuple[str, ...], digest: str) -> list[str]:
+    """A store verified earlier, checked again (a streaming run, at every checkpoint): the same
+    digest, and every file of ``parts`` present and with its manifest checksum. No decoding."""
+    try:
+        group = _open_group(str(url), "r")
+    except UserError as exc:
+        return [str(exc)]
+    attrs = dict(group.attrs)
+    problem = _format_problem(attrs) or _root_problem(group)
+    if problem:
+        return [problem]
+    return _check_manifest(group, attrs, parts, digest)
 
 
 def _size(store: Any, key: str) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.store import open_cache, verify_cache
+from pipeline.cache.store import StoreChanged, open_cache, recheck_cache, verify_cache
 from pipeline.cache.targets import TargetSpec
 from pipeline.core.classifiers import build_classifier
 from pipeline.core.errors import UserError, check_out
@@ -67,14 +67,18 @@ class Data:
     images: str = "ram"  # ram | stream (read from the cache with the targets) | mixed (a part without stored images)
 
 
+def parts_read(cfg: TrainConfig) -> tuple[str, ...]:
+    """The cache parts a training reads."""
+    return ("train", "synthetic") if cfg.synthetic_fraction > 0 else ("train",)
+
+
 def refuse_damaged(cfg: TrainConfig) -> None:
     """Checksums of every file of the parts train reads, and a NaN/Inf scan of their features.
 
     A flipped byte can decode to plausible numbers and a truncated zarr shard can read back as
     fill values: without this, training would run on wrong targets without a word.
     """
-    parts = ("train", "synthetic") if cfg.synthetic_fraction > 0 else ("train",)
-    problems = verify_cache(cfg.cache, parts=parts)
+    problems = verify_cache(cfg.cache, parts=parts_read(cfg))
     if problems:
         more = f" (and {len(problems) - 1} more; run `python -m pipeline cache verify`)" if len(problems) > 1 else ""
         first = " ".join(problems[0].split())
@@ -262,7 +266,19 @@ class Trainer:
             stats["clean_acc"] = clean_accuracy(self.net.classifier, x, y)
         return stats, lr, dra_w
 
+    @property
+    def streams(self) -> bool:
+        """Reads the cache during training (targets or images), not only before the first step."""
+        return self.data.mode == "stream" or self.data.images != "ram"
+
     def save(self) -> None:
+        """A checkpoint. A streaming run first checks that the store is still the one it verified
+        (digest, every file of its parts against the manifest): a checkpoint never vouches for steps
+        that read a changed store."""
+        if self.streams and self.cfg.verify:
+            problems = recheck_cache(self.cfg.cache, parts=parts_read(self.cfg), digest=self.meta["cache"]["digest"])
+            if problems:
+                raise StoreChanged(f"{self.cfg.cache}: {problems[0]} (changed since training started)")
         state.save(Path(self.cfg.out), cfg=self.cfg, weights=self.weights, st=self.run, meta=self.meta, rt=self.rt)
 
     def fit(self, *, stop_after_steps: int | None = None) -> dict:
@@ -273,6 +289,16 @@ class Trainer:
         st.resume_clock()  # wall time counts from here (plus a resumed run's earlier seconds)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"train {Path(cfg.out).name}", unit="step",
                    mininterval=2, disable=not rt.is_main)
+        try:
+            return self._fit(bar, stop_after_steps)
+        except StoreChanged as exc:
+            raise UserError(f"{exc}; training stopped, {cfg.out} keeps its last checkpoint: restore the "
+                            "cache and rerun with --resume") from None
+        finally:
+            bar.close()  # the error line starts a line of its own
+
+    def _fit(self, bar: tqdm, stop_after_steps: int | None) -> dict:
+        cfg, rt, st = self.cfg, self.rt, self.run
         for epoch in range(st.epoch, cfg.epochs):
             if st.global_step >= self.total_steps:
                 break
