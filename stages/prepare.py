@@ -18,7 +18,7 @@ def default_name(source: str) -> str:
 
 def run(cfg: PrepareConfig) -> dict[str, dict]:
     cfg.validate()  # before the source is read
-    check_out(cfg.out, folder=True)
+    check_out(cfg.out, folder=True, urls=True)
     splits = read_source(cfg.source, cfg.format, limit=cfg.limit)
     for split in splits:  # before anything is written: no split folder of someone else's is replaced
         refuse_foreign(join(cfg.out, split), (FINGERPRINT,))

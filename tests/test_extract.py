@@ -317,22 +317,26 @@ def test_resume_refuses_other_images_under_the_same_keys(tmp_path, store, model_
     assert tree_bytes(out) == tree_bytes(store)
 
 
-def test_one_writer_per_store_and_a_dead_writer_does_not_block(tmp_path, model_dir, fmnist_shards, synthetic_dir):
+@pytest.mark.parametrize("spelling", ["path", "file-url"])
+def test_one_writer_per_store_and_a_dead_writer_does_not_block(tmp_path, model_dir, fmnist_shards, synthetic_dir,
+                                                               spelling):
     """A second extract on a store another live process writes is refused in one line; the lock is
-    the kernel's (flock), so once its holder is killed the next run proceeds."""
+    the kernel's (flock), so once its holder is killed the next run proceeds. A ``file://`` URL is
+    the same local folder and takes the same lock."""
     out = tmp_path / "feats.zarr"
+    given = out if spelling == "path" else f"file://{out}"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; fh = open(sys.argv[1], 'a'); fcntl.flock(fh, fcntl.LOCK_EX); "
         "print('held', flush=True); time.sleep(60)"), f"{out}.lock"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="being written by another live process"):
-            extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=64))
+            extract.run(config(model_dir, fmnist_shards, synthetic_dir, given, limit=64))
         assert not out.exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=64))  # the dead holder's lock is gone
+    extract.run(config(model_dir, fmnist_shards, synthetic_dir, given, limit=64))  # the dead holder's lock is gone
     assert verify_cache(str(out)) == []
 
 

@@ -103,3 +103,25 @@ def test_generate_to_memory_url(tiny_model_dir, fmnist_shards, tmp_path):
     assert json.loads(fs.cat_file(f"{path}/generate.json"))["n"] == 12
     assert fs.cat_file(f"{path}/grid.png")[:4] == b"\x89PNG"
     assert read_split(f"{url}/train").labels.tolist() == [i % 10 for i in range(12)]
+
+
+@pytest.mark.parametrize("stage,args", [
+    ("train", ["--cache", "{store}"]),
+    ("evaluate", ["--checkpoint", "{ckpt}", "--shards", "{real}/test"]),
+    ("diffusion", ["--shards", "{real}/train"]),
+    ("report", ["--evals", "{tmp}"]),
+], ids=["train", "evaluate", "diffusion", "report"])
+@pytest.mark.parametrize("scheme", ["s3://bucket/run", "file://{tmp}/run"])
+def test_a_stage_that_writes_local_files_refuses_a_url_out(stage, args, scheme, store, checkpoint, fmnist_shards,
+                                                           tmp_path, capsys, monkeypatch):
+    """pathlib would fold ``s3://bucket/run`` into a local folder ``s3:/bucket/run``: refused in one
+    line before any work, nothing written anywhere (prepare, generate and extract write URLs through
+    fsspec: test_s3.py, above)."""
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    fill = {"store": store, "ckpt": checkpoint, "real": fmnist_shards, "tmp": tmp_path}
+    out = scheme.format(**fill)
+    code, _, err = run_cli(capsys, [stage, *[a.format(**fill) for a in args], "--out", out])
+    assert "writes local files only" in assert_one_error_line(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -31,7 +31,7 @@ PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
 def check_config(cfg: ExtractConfig) -> None:
     cfg.validate()
-    check_out(cfg.out, folder=True)
+    check_out(cfg.out, folder=True, urls=True)
 
 
 def split_dirs(cfg: ExtractConfig) -> dict[str, str]:

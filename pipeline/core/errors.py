@@ -30,15 +30,20 @@ def refuse_non_finite(cfg: Any, prefix: str = "") -> None:
             raise UserError(f"--{prefix}{f.name}".replace("_", "-") + f" must be a finite number, got {value}")
 
 
-def check_out(path: str, *, folder: bool, flag: str = "--out") -> None:
+def check_out(path: str, *, folder: bool, flag: str = "--out", urls: bool = False) -> None:
     """Refuse an output path that cannot be written, before any work is done.
 
     Important: without this, a stage whose ``--out`` is an existing file (or lies under one)
-    runs to the end and only then fails on the rename, with a traceback. fsspec URLs pass.
+    runs to the end and only then fails on the rename, with a traceback. fsspec URLs pass only
+    where the stage writes through fsspec (``urls``); elsewhere pathlib would write
+    ``s3://bucket/run`` into a local folder named ``s3:``, so they are refused.
     """
     if not path:
         raise UserError(f"{flag} is empty")
     if "://" in str(path):
+        if not urls:
+            raise UserError(f"{flag} {path}: this stage writes local files only; give a local path "
+                            "(and copy the result to the URL afterwards)")
         return
     p = Path(path)
     if folder and p.exists() and not p.is_dir():

@@ -34,6 +34,13 @@ def is_url(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def local_path(path: str | Path) -> str | None:
+    """The local path that a path or a ``file://`` URL names; None for any other URL."""
+    if str(path).startswith("file://"):
+        return str(path)[len("file://"):]
+    return None if is_url(path) else str(path)
+
+
 def join(base: str | Path, *names: str) -> str:
     """``base/name/...`` for a local path or a URL (``Path`` would fold ``s3://b`` into ``s3:/b``)."""
     if is_url(base):
@@ -147,12 +154,14 @@ def writer_lock(out: str | Path) -> Iterator[None]:
     """One writer per local output: an exclusive ``flock`` on the sibling file ``OUT.lock``.
 
     The kernel releases a flock when its process dies, so a crashed writer never blocks the next
-    run. On a URL (no locks on object stores) nothing is locked: one writer is the user's promise.
+    run. A ``file://`` URL is the local folder it names and is locked like it. On any other URL
+    (no locks on object stores) nothing is locked: one writer is the user's promise.
     """
-    if is_url(out):
+    local = local_path(out)
+    if local is None:
         yield
         return
-    path = Path(out).with_name(Path(out).name + ".lock")
+    path = Path(local).with_name(Path(local).name + ".lock")
     made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -42,7 +42,7 @@ GRID_PER_SHARD = 100  # samples per shard kept for the grid
 
 def check(cfg: GenerateConfig) -> None:
     cfg.validate()
-    check_out(cfg.out, folder=True)
+    check_out(cfg.out, folder=True, urls=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
 
 
