@@ -79,3 +79,54 @@ def test_a_streaming_run_stops_on_a_changed_store_and_resumes_once_restored(copy
     path.write_bytes(saved)  # restored: the run finishes from what it kept
     m = train.run(replace(cfg, resume=True))
     assert (out / "metrics.json").exists() and m["budget"]["steps"] == 4
+
+
+def _reseal_views(url: Path, key: str, value: int) -> None:
+    """A sender who rewrites one view record (row 5, view 1) and re-records manifest and digest."""
+    import hashlib
+
+    from pipeline.cache.store import _open_group, attrs_digest
+
+    g = _open_group(str(url), "r+")
+    arr = g[f"train/{key}"]
+    block = arr[...]
+    block[5, 1] = value
+    arr[...] = block
+    root = json.loads((url / "zarr.json").read_text())
+    a = root["attributes"]
+    for k in list(a["manifest"]):
+        if k.startswith(f"train/{key}/"):
+            a["manifest"][k] = hashlib.sha256((url / k).read_bytes()).hexdigest()
+    a["digest"] = attrs_digest(a)
+    (url / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("key,value", [("dy", 5), ("dx", -1), ("flip", 2)], ids=["dy-2pad+1", "dx-negative", "flip-2"])
+def test_view_records_outside_the_view_spec_are_refused(copy, tmp_path, capsys, key, value):
+    """Offsets outside [0, 2*pad] (pad 2 here) would crash a step (dy = 5) or train on wrapped crops
+    that are not the views the targets belong to (dx = -1): verify names them, train refuses them."""
+    from pipeline.cache.store import verify_cache
+
+    _reseal_views(copy, key, value)
+    problems = verify_cache(str(copy))
+    assert len(problems) == 1 and problems[0].startswith(f"train: view records: {key} values"), problems
+    code, _, err = run_cli(capsys, ["train", "--cache", copy, "--out", tmp_path / "run", "--real-limit", "0",
+                                    "--epochs", "1", "--no-verify"])
+    assert f"view records: {key} values" in assert_one_error_line(code, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec", [None, {"kind": "pad-crop-flip", "pad": "2", "flip": True, "fill": 0},
+                                  {"kind": "rotate", "pad": 2, "flip": True, "fill": 0}], ids=["missing", "pad-a-string", "other-kind"])
+def test_a_malformed_view_spec_is_one_line(copy, tmp_path, capsys, spec):
+    from pipeline.cache.store import attrs_digest, verify_cache
+
+    root = json.loads((copy / "zarr.json").read_text())
+    a = root["attributes"]
+    a.pop("view_spec") if spec is None else a.update(view_spec=spec)
+    a["digest"] = attrs_digest(a)
+    (copy / "zarr.json").write_text(json.dumps(root))
+    problems = verify_cache(str(copy))
+    assert len(problems) == 1 and "view spec" in problems[0], problems
+    code, _, err = run_cli(capsys, ["train", "--cache", copy, "--out", tmp_path / "run", "--real-limit", "0"])
+    assert "view spec" in assert_one_error_line(code, err)

@@ -55,6 +55,7 @@ from zarr.storage import LocalStore
 
 from pipeline.cache.targets import DTYPE, TargetSpec, select, targets_from_attrs
 from pipeline.core.errors import UserError
+from pipeline.core.views import record_problem, spec_from_dict
 
 FORMAT = "dra-feature-cache/3"  # 3: several (t, layer) target sets; 2: manifest + digest
 OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata",
@@ -405,8 +406,10 @@ class CachePart:
     """One part of a cache seen through one target set: metadata arrays in memory, features read
     on demand."""
 
-    def __init__(self, group: zarr.Group, name: str, target: TargetSpec, manifest: dict | None = None) -> None:
+    def __init__(self, group: zarr.Group, name: str, target: TargetSpec, manifest: dict | None = None,
+                 view_spec: dict | None = None) -> None:
         self.name, self._g, self.target = name, group, target
+        self.view_spec = spec_from_dict(view_spec)
         self._manifest = manifest or {}  # the verified files: one that disappears is refused when read
         self._set = group["targets"][target.name]
         self._features = self._set["features"]
@@ -432,7 +435,13 @@ class CachePart:
 
     @functools.cached_property
     def views(self) -> dict[str, np.ndarray]:
-        return {k: self._g[k][...] for k in ("dx", "dy", "flip")}
+        """dx, dy, flip (N, K), checked against the cache's view spec (a resealed store with an
+        offset outside [0, 2*pad] would train on crops that are not the views its targets belong to)."""
+        views = {k: self._g[k][...] for k in ("dx", "dy", "flip")}
+        problem = record_problem(views, self.view_spec)
+        if problem:
+            raise UserError(f"part {self.name!r}: view records: {problem}")
+        return views
 
     @functools.cached_property
     def noise_seed(self) -> np.ndarray:
@@ -527,7 +536,8 @@ class FeatureCache:
                 raise UserError(f"{self.url}: {problems[0]}")
             manifest = self.attrs.get("manifest")
             self._parts[(name, target.name)] = CachePart(self._g[name], name, target,
-                                                         manifest if isinstance(manifest, dict) else None)
+                                                         manifest if isinstance(manifest, dict) else None,
+                                                         self.attrs.get("view_spec"))
         return self._parts[(name, target.name)]
 
     def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
@@ -624,6 +634,10 @@ def open_cache(url: str) -> FeatureCache:
     if attrs.get("digest") != attrs_digest(attrs):
         raise UserError(f"{url}: the root attributes were changed after extraction (digest mismatch); "
                         "refusing the cache")
+    try:
+        spec_from_dict(attrs.get("view_spec"))
+    except UserError as exc:
+        raise UserError(f"{url}: {exc}") from None
     return FeatureCache(str(url), group)
 
 
@@ -749,8 +763,15 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
         specs, _ = targets_from_attrs(attrs)
     except UserError as exc:
         return [str(exc)]
+    try:
+        view_spec = spec_from_dict(attrs.get("view_spec"))
+    except UserError as exc:
+        return [str(exc)]
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
         shape_problems = _part_problems(name, group[name], specs)
+        if not shape_problems:
+            views = {k: group[name][k][...] for k in ("dx", "dy", "flip")}
+            shape_problems = [f"{name}: view records: {p}" for p in [record_problem(views, view_spec)] if p]
         problems += shape_problems or [p for spec in specs
                                        for p in _scan_finite(group[set_path(name, spec)])]
     if not any(p in group.group_keys() for p in PARTS):

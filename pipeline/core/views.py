@@ -45,6 +45,30 @@ class ViewSpec:
         return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
 
 
+def spec_from_dict(d: object) -> ViewSpec:
+    """The ViewSpec a cache records (``to_dict``); anything else is refused in one line."""
+    if (not isinstance(d, dict) or d.get("kind") != "pad-crop-flip" or type(d.get("pad")) is not int
+            or type(d.get("flip")) is not bool or d.get("fill") != 0):
+        raise UserError(f"view spec {d!r} is not a pad-crop-flip spec this version reads")
+    spec = ViewSpec(pad=d["pad"], flip=d["flip"])
+    spec.validate()
+    return spec
+
+
+def record_problem(views: dict[str, np.ndarray], spec: ViewSpec) -> str | None:
+    """Why recorded views (dx, dy, flip) are not views of ``spec``, or None. An offset outside
+    [0, 2*pad] would crop outside the padded image (wrapping around, or failing mid-step)."""
+    hi = 2 * spec.pad
+    for key in ("dx", "dy"):
+        v = views[key]
+        if v.size and (int(v.min()) < 0 or int(v.max()) > hi):
+            return f"{key} values {int(v.min())}..{int(v.max())} outside the view spec's 0..{hi} (pad {spec.pad})"
+    f = views["flip"]
+    if f.size and (int(f.min()) < 0 or int(f.max()) > (1 if spec.flip else 0)):
+        return f"flip values {int(f.min())}..{int(f.max())} where the view spec allows {'0..1' if spec.flip else '0'}"
+    return None
+
+
 def to_float01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (the classifier's and the cache's input)."""
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
