@@ -5,7 +5,8 @@ holds the default, enum fields list their choices in ``--help``), so the CLI, ``
 the library cannot drift apart. A command only parses flags, builds the config and calls
 ``stages.<name>.run(cfg)``. Stages are registered by name: running one imports only its own
 config and recipe (``_StageGroup``), so no stage's code is a dependency of another's, and
-``--help`` stays fast. ``UserError`` becomes one line on stderr and exit 2.
+``--help`` stays fast. ``UserError`` becomes one line on stderr and exit 2; SIGINT / SIGTERM one
+``error: interrupted`` line saying what the stage kept (its ``interrupted(cfg)``), exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -98,8 +101,41 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# exit status of a run stopped by a signal: 128 + its number, what a shell reports for a killed process
+INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread by the handlers ``main`` installs.
+
+    Important: not a KeyboardInterrupt. Under ``standalone_mode=False`` typer catches that and
+    *returns* ``Exit(130)`` as a value, so ``main`` never saw the interrupt and the run exited 0.
+    A BaseException also passes every ``except Exception`` of the library, like KeyboardInterrupt.
+    """
+
+    def __init__(self, signum: int, kept: str = "") -> None:
+        super().__init__(signum, kept)
+        self.signum, self.kept = signum, kept
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    for sig in INTERRUPT_EXIT:  # a second signal during the clean-up stops the process outright
+        signal.signal(sig, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def _nothing_kept(cfg: Any) -> str:
+    return f"{cfg.out} was not finished; rerun the same command"
+
+
 def run_stage(module: str, cfg: Any) -> Any:
-    return importlib.import_module(module).run(cfg)
+    """Run a stage; an interrupt leaves with the stage's own account of what it kept."""
+    recipe = importlib.import_module(module)
+    try:
+        return recipe.run(cfg)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        kept = getattr(recipe, "interrupted", _nothing_kept)(cfg)
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), kept) from None
 
 
 def _make_command(cls: type, module: str) -> Callable[..., None]:
@@ -191,15 +227,33 @@ def _cache_verify(store: str, digest: Annotated[str | None, typer.Option(
     print(f"{store}: ok")
 
 
+def _close_bars() -> None:
+    """End open progress bars with a newline, so that an error line starts a line of its own."""
+    tq = sys.modules.get("tqdm.std")
+    for bar in list(getattr(tq.tqdm, "_instances", ())) if tq else []:
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> None:
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _interrupt) for sig in INTERRUPT_EXIT}
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer's value for a KeyboardInterrupt it caught itself (no handler of ours ran)
+            raise Interrupted(signal.SIGINT)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
+        _close_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _close_bars()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        kept = getattr(exc, "kept", "") or "nothing was started; rerun the same command"
+        print(f"error: interrupted ({signal.Signals(signum).name}): {kept}", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT[signum])
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
@@ -208,3 +262,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(exc.exit_code or 2)
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

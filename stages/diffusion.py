@@ -80,3 +80,13 @@ def run(cfg: DiffusionConfig) -> dict:
     print(f"diffusion: final loss {res.final_loss:.4f}, {seconds:.0f} s "
           f"({info['seconds_per_step']} s/step) -> {cfg.out}")
     return info
+
+
+def interrupted(cfg: DiffusionConfig) -> str:
+    """What an interrupt leaves (the CLI's one line): the newest checkpoint, which a rerun resumes."""
+    from pipeline.diffusion.training import latest_checkpoint
+
+    ckpt = latest_checkpoint(ckpt_dir(cfg.out)) if not cfg.model and not storage.is_url(cfg.out) else None
+    if ckpt is None:
+        return f"no checkpoint yet, {cfg.out} not written; rerun the same command"
+    return f"checkpoint {ckpt.name} kept in {ckpt.parent}; rerun the same command to resume from it"

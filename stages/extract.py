@@ -12,6 +12,8 @@ equals a single-process one byte for byte.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.cache.build import extract
 from pipeline.cache.config import ExtractConfig
 
@@ -19,3 +21,10 @@ from pipeline.cache.config import ExtractConfig
 def run(cfg: ExtractConfig) -> dict:
     """Everything lives in ``pipeline/cache/`` (build: the recipe's steps; store: the Zarr format)."""
     return extract(cfg)
+
+
+def interrupted(cfg: ExtractConfig) -> str:
+    """What an interrupt leaves (the CLI's one line): every zarr shard written is kept and reused."""
+    if "://" not in cfg.out and not Path(cfg.out).exists():
+        return f"nothing written yet to {cfg.out}; rerun the same command"
+    return f"the zarr shards written so far are kept in {cfg.out} (incomplete); rerun the same command to resume"

@@ -15,6 +15,9 @@ Everything lives in ``pipeline/train/`` (``Trainer``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.train import state
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import Trainer
 
@@ -22,3 +25,13 @@ from pipeline.train.trainer import Trainer
 def run(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
     """Train; ``stop_after_steps`` (tests) checkpoints and returns after that many steps, like a kill."""
     return Trainer.create(cfg).fit(stop_after_steps=stop_after_steps)
+
+
+def interrupted(cfg: TrainConfig) -> str:
+    """What an interrupt leaves (the CLI's one line): the last checkpoint, never a finished-looking run."""
+    kind, step = state.status(Path(cfg.out))
+    if kind == "finished":  # stopped before this run wrote anything
+        return f"the finished run in {cfg.out} is untouched"
+    if kind == "unfinished":
+        return f"checkpoint at step {step} kept in {cfg.out}; rerun with --resume"
+    return f"no checkpoint written yet in {cfg.out}; rerun the same command"

@@ -118,6 +118,25 @@ def _comparable(cfg: Any) -> dict:
     return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
 
 
+def status(out: Path) -> tuple[str, int]:
+    """What a run folder holds: ("finished" | "unfinished" | "none", the checkpoint's global step or -1).
+
+    Finished: ``metrics.json`` or ``config.json`` marked finished (``finish`` writes both).
+    Unfinished: a checkpoint (the state file) of a run that did not finish; ``--resume`` continues it.
+    """
+    try:
+        finished = (out / METRICS_FILE).exists() or json.loads((out / CONFIG_FILE).read_text()).get("finished") is True
+    except (OSError, ValueError, AttributeError):  # no config.json yet, or not a run's
+        finished = False
+    step = -1
+    try:
+        with safe_open(str(out / STATE_FILE), framework="pt", device="cpu") as fh:
+            step = int(json.loads((fh.metadata() or {})["progress"])["global_step"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        pass
+    return ("finished" if finished else "unfinished" if (out / STATE_FILE).exists() else "none"), step
+
+
 def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt: Any) -> None:
     """Checkpoint (main process only; others wait): model + config + log first, state LAST.
 

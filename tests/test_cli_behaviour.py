@@ -1,0 +1,97 @@
+"""The command line behaves like a well-made tool: an interrupt is one line and a distinct exit
+status (never 0, nothing left looking finished)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import STAGES, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lines(err: str) -> list[str]:
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+
+
+def _one_interrupt_line(err: str) -> str:
+    """No traceback, exactly one ``error:`` line, the last one, and it says ``interrupted``."""
+    lines = _lines(err)
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
+    assert errors[0].startswith("error: interrupted"), err
+    return errors[0]
+
+
+def _signal_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 300) -> tuple[int, str]:
+    """Send ``sig`` once ``ready()`` holds (the stage has started working); (exit status, stderr)."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage ended before it could be interrupted"
+    assert ready(), "the stage did not start in time"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def _popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigint_stops_train_with_130_a_resume_hint_and_no_finished_marker(store, tmp_path):
+    out = tmp_path / "run"
+    proc = _popen("train", "--cache", store, "--out", out, "--epochs", "1000", "--batch-size", "32",
+                  "--attack-steps", "1", "--head-hidden", "16", "--real-limit", "0", "--checkpoint-every", "1")
+    code, err = _signal_when(proc, lambda: (out / "state.safetensors").exists(), signal.SIGINT)
+    assert code == 130, err
+    line = _one_interrupt_line(err)
+    assert line.startswith("error: interrupted (SIGINT): checkpoint at step ") and line.endswith(
+        f"kept in {out}; rerun with --resume"), line
+    assert not (out / "metrics.json").exists()
+    assert json.loads((out / "config.json").read_text())["finished"] is False
+
+
+def test_sigterm_stops_diffusion_with_143_keeping_its_checkpoint(fmnist_shards, tmp_path):
+    out = tmp_path / "diffusion"
+    ckpt = tmp_path / "diffusion.ckpt"
+    proc = _popen("diffusion", "--shards", fmnist_shards / "train", "--out", out, "--steps", "100000",
+                  "--batch-size", "16", "--block-channels", "8,16", "--warmup-steps", "0", "--limit", "64",
+                  "--checkpoint-every", "2", "--no-bf16")
+    code, err = _signal_when(proc, lambda: any(ckpt.glob("step-*/state.json")), signal.SIGTERM)
+    assert code == 143, err
+    line = _one_interrupt_line(err)
+    assert line.startswith("error: interrupted (SIGTERM): checkpoint step-") and f"kept in {ckpt}; rerun the same " \
+        "command to resume" in line, line
+    assert not out.exists() and not Path(f"{out}.tmp").exists()  # nothing looks like a trained model
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_every_stage_turns_a_signal_into_one_line_and_its_exit_status(stage, sig, tmp_path, monkeypatch, capsys):
+    """In process: the stage's work is replaced by a wait that the signal interrupts."""
+    import importlib
+
+    def work(cfg):
+        os.kill(os.getpid(), sig)
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("the signal did not interrupt the stage")
+
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.import_module(STAGES[stage][1]), "run", work)
+    with pytest.raises(SystemExit) as exc:
+        main([stage, "--out", str(tmp_path / "out")])
+    assert exc.value.code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    line = _one_interrupt_line(capsys.readouterr().err)
+    assert line.startswith(f"error: interrupted ({sig.name}): ") and "rerun" in line, line
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before  # main put them back
