@@ -27,6 +27,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from pipeline.core.config import field_help
 from pipeline.core.errors import UserError
 
 # name -> (config class "module:Class", stage module, one-line help). Nothing is imported here.
@@ -55,16 +56,21 @@ def config_class(stage: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, Any]]:
-    """(flag name, dotted field path, type, default) for every field, nested dataclasses flattened."""
-    hints = typing.get_type_hints(cls)
+def _flags(cls: type) -> list[tuple[str, str, Any, Any, str]]:
+    """(flag name, dotted field path, type, default, help) for every field, nested dataclasses
+    flattened. The help is the field's ``# comment`` in its config.py (``field_help``); an enum field
+    without one lists what each choice means; a nested field adds its parent's comment."""
+    hints, notes = typing.get_type_hints(cls), field_help(cls)
     out = []
     for f in dataclasses.fields(cls):
-        typ, default = hints[f.name], getattr(cls(), f.name)
+        typ, default, note = hints[f.name], getattr(cls(), f.name), notes.get(f.name, "")
         if dataclasses.is_dataclass(typ):
-            out += [(f"{f.name}_{n}", f"{f.name}.{p}", t, d) for n, p, t, d in _flags(typ)]
-        else:
-            out.append((f.name, f.name, typ, default))
+            out += [(f"{f.name}_{n}", f"{f.name}.{p}", t, d, "; ".join(filter(None, (h, note))))
+                    for n, p, t, d, h in _flags(typ)]
+            continue
+        if not note and isinstance(default, Enum):
+            note = "; ".join(f"{m.value}: {h}" for m, h in zip(type(default), field_help(type(default)).values()) if h)
+        out.append((f.name, f.name, typ, default, note))
     return out
 
 
@@ -140,10 +146,12 @@ def run_stage(module: str, cfg: Any) -> Any:
 
 def _make_command(cls: type, module: str) -> Callable[..., None]:
     params = []
-    for name, _path, typ, default in _flags(cls):
+    for name, _path, typ, default, note in _flags(cls):
         cli_typ, cli_default = _cli_type(typ, default)
+        # "N|all": a count or every distinct view (extract's --views, --views-synthetic)
+        metavar = "N|all" if name.startswith("views") and typ is str else None
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=cli_default,
-                                        annotation=Annotated[cli_typ, typer.Option()]))
+                                        annotation=Annotated[cli_typ, typer.Option(help=note, metavar=metavar)]))
 
     def command(**values: Any) -> None:
         run_stage(module, build_config(cls, values))
@@ -155,7 +163,7 @@ def _make_command(cls: type, module: str) -> Callable[..., None]:
 def stage_command(stage: str) -> click.Command:
     """The click command of one stage, built from its config class (imported now, not before)."""
     _cls_path, module, help_text = STAGES[stage]
-    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     one.command(stage, help=help_text)(_make_command(config_class(stage), module))
     cmd = typer.main.get_command(one)
     cmd.name = stage
@@ -194,8 +202,29 @@ app = typer.Typer(cls=_StageGroup, add_completion=False, no_args_is_help=True, p
                   rich_markup_mode=None, help="Offline diffusion feature cache for adversarial training with DRA.")
 
 
+def version() -> str:
+    """The installed package's version; from a source tree that is not installed, pyproject.toml's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dra-feature-cache")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dra-feature-cache {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="print the version and exit")] = False) -> None:
     """Offline diffusion feature cache for adversarial training with DRA."""
 
 

@@ -14,37 +14,37 @@ class BenchConfig:
     """Sizes of the benchmark; the defaults run in a few minutes on 2 CPU cores."""
 
     source: str = "data/fashion-mnist"  # real images (prepared into a temporary folder)
-    out: str = "artifacts/bench/bench.json"
+    out: str = "artifacts/bench/bench.json"  # the result JSON (and the table beside it, .txt)
     n: int = 2048  # real images of each split (train, test) that extract and training use
     views: int = 4  # K of the train part
-    t: int = 100
-    layer: str = "mid_block"
+    t: int = 100  # timestep of the extracted targets
+    layer: str = "mid_block"  # UNet block of the extracted targets
     # the multi-target extraction: every (t, layer) of these lists in one pass, timed against one
     # pass for the first t and the *last* layer (the deepest: the forward must reach it either way)
-    multi_t: str = "100,20,400"
-    multi_layer: str = "mid_block,up_blocks.0"
-    multi_repeats: int = 2
+    multi_t: str = "100,20,400"  # timesteps of the multi-target extraction
+    multi_layer: str = "mid_block,up_blocks.0"  # layers of the multi-target extraction
+    multi_repeats: int = 2  # interleaved repeats of the multi-target timing
     batch_size: int = 256  # extract batch, and the bare forward's
     chunks_per_shard: int = 4  # extract's zarr shards (several per part, so 2 processes share the work)
     repeats: int = 5  # interleaved repeats of extract vs the bare forward (memory children: 2, 2-process runs: 2)
     train_steps: int = 40  # timed steps of each training variant, interleaved step by step
-    train_batch_size: int = 128
-    attack_steps: int = 5
-    arch: Arch = Arch.cnn
+    train_batch_size: int = 128  # batch of the timed training steps
+    attack_steps: int = 5  # PGD steps of the timed training steps
+    arch: Arch = Arch.cnn  # classifier of the timed training steps
     online_full: bool = True  # also time online DRA with the whole UNet forward (as the paper runs it)
     memory_budget_mb: int = 64  # the reader's budget for the flat-memory check
     stream_cache_mb: int = 400  # raw size of the synthetic store read under that budget (and one half as big)
     two_proc: bool = True  # time extract with 2 processes vs 1 (accelerate launch)
     # images streamed with their targets: CIFAR-sized train parts of these sizes (the big one is
     # ~6 GiB of random, incompressible pixels on disk), timed steps per training child, reader batches
-    image_rows_small: int = 200_000
-    image_rows_big: int = 2_000_000
-    image_steps: int = 20
-    image_reader_batches: int = 2000
+    image_rows_small: int = 200_000  # rows of the small streamed train part
+    image_rows_big: int = 2_000_000  # rows of the big one
+    image_steps: int = 20  # timed steps per training child
+    image_reader_batches: int = 2000  # batches timed of the bare reader
     only: str = ""  # run only these figure groups (comma list of extract,multi,train,memory,two_proc,images)
     workdir: str = ""  # scratch folder ("" : a temporary one, removed afterwards)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # data, views and weights of every measurement
 
     def __post_init__(self) -> None:
         coerce_enums(self)

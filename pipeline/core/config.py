@@ -1,14 +1,21 @@
 """What every stage's config shares: enum coercion and range checks in one place per config.
 
 Each stage keeps its defaults in its own area (``pipeline/<area>/config.py``): one frozen
-dataclass, whose fields the CLI turns into flags (enums become ``--help`` choices) and whose
-``validate()`` holds every range check of that stage. Nothing deeper in the library reads YAML or
+dataclass, whose fields the CLI turns into flags (enums become ``--help`` choices, each field's
+``# comment`` its help line: ``field_help``) and whose ``validate()`` holds every range check of
+that stage. Nothing deeper in the library reads YAML or
 the environment. Paths are strings so that fsspec URLs (``s3://``, ``memory://``) pass through.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import typing
 from enum import Enum
 
@@ -50,3 +57,31 @@ def require(cfg: object, checks: list[tuple[bool, str]]) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's (or enum member's) description, read from the class source: its trailing
+    ``# comment``, then the ``#`` lines right above it (context for it and, often, the next ones). The config file is the one place a flag is
+    described; ``--help`` shows this text."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments, own_line = {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[:tok.start[1]].strip():
+                own_line.add(tok.start[0])
+    out = {}
+    for node in ast.parse(src).body[0].body:  # type: ignore[attr-defined]
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(
+            node, ast.Assign) and len(node.targets) == 1 else None)
+        if not isinstance(target, ast.Name):
+            continue
+        above, line = [], node.lineno - 1
+        while line in own_line:
+            above.insert(0, comments[line])
+            line -= 1
+        end = node.end_lineno or node.lineno
+        trailing = [comments[end]] if end in comments and end not in own_line else []
+        out[target.id] = "; ".join(t for t in (*trailing, " ".join(above)) if t)
+    return out

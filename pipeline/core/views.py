@@ -25,8 +25,8 @@ class ViewSpec:
     an optional horizontal flip. dx = dy = pad, flip = 0 is the identity.
     """
 
-    pad: int = 2
-    flip: bool = True
+    pad: int = 2  # crop offsets 0..2*pad into the zero-padded image
+    flip: bool = True  # random horizontal flips too
 
     # the cache records dx, dy as int8 (offsets 0..2*pad): a larger pad would wrap around
     MAX_PAD = 63

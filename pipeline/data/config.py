@@ -11,7 +11,7 @@ from pipeline.core.config import coerce_enums, require
 class SourceFormat(str, Enum):
     """Raw dataset formats that ``prepare`` reads."""
 
-    auto = "auto"
+    auto = "auto"  # told by the files found
     idx = "idx"  # MNIST/Fashion-MNIST IDX files (optionally .gz)
     cifar10 = "cifar10"  # CIFAR-10 python pickle batches
     cifar100 = "cifar100"  # CIFAR-100 python pickle files
@@ -21,9 +21,9 @@ class SourceFormat(str, Enum):
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: str = "data/fashion-mnist"
-    format: SourceFormat = SourceFormat.auto
-    out: str = "artifacts/shards/real"
+    source: str = "data/fashion-mnist"  # the raw dataset: a folder (or an .npz file) in one of the --format formats
+    format: SourceFormat = SourceFormat.auto  # the source's format (auto: told by its files)
+    out: str = "artifacts/shards/real"  # output folder: one sub-folder of shards per split (path or fsspec URL)
     name: str = ""  # key prefix; empty: derived from the source folder name
     shard_size: int = 10_000  # samples per tar shard
     limit: int = 0  # keep the first N samples of each split (0: all)

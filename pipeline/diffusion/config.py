@@ -9,24 +9,24 @@ from pipeline.core.config import require
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    shards: str = "artifacts/shards/real/train"
-    out: str = "artifacts/diffusion"
+    shards: str = "artifacts/shards/real/train"  # the real train split's shards (from `prepare`)
+    out: str = "artifacts/diffusion"  # output folder of the UNet + scheduler (checkpoints in OUT.ckpt)
     model: str = ""  # an existing diffusers UNet2DModel (folder or hub id): use it, do not train
-    block_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 1
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    block_channels: tuple[int, ...] = (32, 64, 64)  # UNet channels per resolution level (comma list)
+    layers_per_block: int = 1  # ResNet layers per UNet block
+    num_train_timesteps: int = 1000  # diffusion timesteps T of the noise schedule
+    beta_schedule: str = "squaredcos_cap_v2"  # a diffusers DDPMScheduler beta schedule (linear, scaled_linear, ...)
     class_dropout: float = 0.1  # label dropout: the null class is index num_classes
-    steps: int = 600  # ~6.5 min on 2 CPU cores (bf16); the GPU setting: stages/diffusion.py
-    batch_size: int = 128
-    lr: float = 5e-4
+    steps: int = 600  # training steps (~6.5 min on 2 CPU cores, bf16; the GPU setting: stages/diffusion.py)
+    batch_size: int = 128  # images per training step
+    lr: float = 5e-4  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 10% of lr
     attention: bool = False  # self-attention at the lowest resolution (slow on CPU)
     limit: int = 0  # train on the first N real images (0: all)
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA of the weights (the saved model)
     bf16: bool = True  # autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere
-    checkpoint_every: int = 100
-    seed: int = 0
+    checkpoint_every: int = 100  # steps between checkpoints in OUT.ckpt (0: none); a rerun resumes from the newest
+    seed: int = 0  # initial weights, batches and noise
 
     def validate(self) -> None:
         require(self, [

@@ -13,31 +13,31 @@ class AutoAttackVersion(str, Enum):
 
     standard = "standard"  # apgd-ce, apgd-t, fab-t, square: the reference evaluation
     fast = "fast"  # apgd-ce (1 restart) + apgd-t (fast_targets classes): a cheaper CPU subset
-    none = "none"
+    none = "none"  # no AutoAttack (clean and PGD only)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    checkpoint: str = "artifacts/train/default"
-    shards: str = "artifacts/shards/real/test"
+    checkpoint: str = "artifacts/train/default"  # a `train` run folder (its EMA classifier)
+    shards: str = "artifacts/shards/real/test"  # the images: a split's shard folder
     out: str = "artifacts/eval/default.json"  # the full result (attacks, checks, timings)
     metrics: str = ""  # flat {clean, pgd, autoattack} JSON for `dvc metrics`; "": OUT with .metrics.json
     name: str = ""  # variant label recorded in the result; "": the checkpoint folder's name
-    n: int = 1000  # N images of the shards, from ``offset`` on
+    n: int = 1000  # N images of the shards, from --offset on
     # first image evaluated: a validation slice of the train split (for tuning) starts past every row
     # the checkpoint trained on (an overlapping slice is refused); the test split is read from 0
     offset: int = 0
     eps: float = 0.1  # Linf budget (Fashion-MNIST convention; CIFAR: 8/255)
-    pgd_steps: int = 20
-    pgd_restarts: int = 2
-    pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry et al.)
-    autoattack: AutoAttackVersion = AutoAttackVersion.fast
+    pgd_steps: int = 20  # iterations of each PGD-CE restart
+    pgd_restarts: int = 2  # random restarts (a point counts as robust only if it survives all)
+    pgd_step_size: float = 0.0  # PGD step size (0: 2.5 * eps / steps, Madry et al.)
+    autoattack: AutoAttackVersion = AutoAttackVersion.fast  # which AutoAttack runs after PGD
     fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
     fast_iters: int = 100  # iterations of each APGD attack in the fast subset (standard: 100)
     check_n: int = 100  # images used by the model checks and the large-eps check
-    batch_size: int = 250
+    batch_size: int = 250  # images attacked at once
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # PGD random starts and AutoAttack's seed
 
     def __post_init__(self) -> None:
         coerce_enums(self)

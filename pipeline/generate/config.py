@@ -9,30 +9,30 @@ from pipeline.core.config import coerce_enums, require
 
 
 class Sampler(str, Enum):
-    ddim = "ddim"
+    ddim = "ddim"  # DDIM (--eta sets its noise)
     dpm = "dpm"  # DPM-Solver++ (multistep)
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    model: str = "artifacts/diffusion"
+    model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`)
     real: str = "artifacts/shards/real/train"  # for the pseudo-labeller of unconditional models
-    out: str = "artifacts/shards/synthetic"
-    n: int = 3000
-    sampler: Sampler = Sampler.ddim
-    sample_steps: int = 20
+    out: str = "artifacts/shards/synthetic"  # output folder (path or fsspec URL)
+    n: int = 3000  # synthetic images to generate
+    sampler: Sampler = Sampler.ddim  # the diffusion sampler
+    sample_steps: int = 20  # denoising steps per image
     eta: float = 1.0  # DDIM noise: 1 ancestral (robust for a briefly trained model), 0 deterministic ODE
     guidance: float = 1.0  # classifier-free guidance scale (1.0: none)
     min_confidence: float = 0.9  # pseudo-label filter for unconditional models
-    batch_size: int = 250
-    shard_size: int = 10_000
+    batch_size: int = 250  # images sampled at once
+    shard_size: int = 10_000  # images per tar shard
     bf16: bool = True  # autocast for the UNet forward on GPUs and on CPUs with native bf16; fp32 elsewhere
     check: bool = True  # agreement of a real-data classifier with the intended labels
     real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
     classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
     classifier_limit: int = 20_000  # train it on the first N real images (0: all)
     classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)
-    seed: int = 0
+    seed: int = 0  # noise and labels (each shard is a function of it and its index)
 
     def __post_init__(self) -> None:
         coerce_enums(self)

@@ -15,51 +15,52 @@ class Method(str, Enum):
 
 
 class LRSchedule(str, Enum):
-    cosine = "cosine"
-    onecycle = "onecycle"
+    cosine = "cosine"  # cosine decay to 0
+    onecycle = "onecycle"  # linear warm-up from lr/25 over 30% of the steps, then cosine decay to 0
 
 
 class DRASchedule(str, Enum):
-    constant = "constant"
+    constant = "constant"  # the weight throughout
     linear_warmup = "linear-warmup"  # 0 -> weight over the first quarter of training
     cosine_decay = "cosine-decay"  # weight -> 0 over training
 
 
 class TargetNorm(str, Enum):
-    none = "none"
+    none = "none"  # the cached targets as they are
     center = "center"  # subtract the cache's per-dimension mean (removes the shared direction)
     whiten = "whiten"  # and divide by its per-dimension std
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str = "artifacts/feats.zarr"
-    out: str = "artifacts/train/default"
+    cache: str = "artifacts/feats.zarr"  # the feature cache (from `extract`; path or fsspec URL)
+    out: str = "artifacts/train/default"  # run folder: checkpoints, log, model, metrics
     real_shards: str = ""  # "": the real train shard folder the cache records
     synthetic_shards: str = ""  # "": the synthetic shard folder the cache records
-    arch: Arch = Arch.cnn
-    method: Method = Method.pgd
-    eps: float = 0.1
-    attack_steps: int = 5
-    step_size: float = 0.03
-    trades_beta: float = 6.0
-    dra_weight: float = 0.5  # 0: plain adversarial training
+    arch: Arch = Arch.cnn  # classifier architecture
+    method: Method = Method.pgd  # adversarial training loss
+    eps: float = 0.1  # Linf budget of the training attack (images in [0, 1])
+    attack_steps: int = 5  # PGD steps of the training attack (0: clean training)
+    step_size: float = 0.03  # PGD step size of the training attack
+    trades_beta: float = 6.0  # TRADES: weight of the KL term
+    dra_weight: float = 0.5  # lambda, the DRA loss's weight (0: plain adversarial training)
     t: int = -1  # the cache's target set at this timestep (-1: the cache's default set's)
     layer: str = ""  # ... and this layer ("": the default set's); a set the cache lacks is refused
-    dra_schedule: DRASchedule = DRASchedule.constant
-    head_hidden: int = 256
-    target_norm: TargetNorm = TargetNorm.center  # with the cache's train mean/std
+    dra_schedule: DRASchedule = DRASchedule.constant  # how the DRA weight changes over training
+    head_hidden: int = 256  # hidden width of the DRA projection head
+    target_norm: TargetNorm = TargetNorm.center  # how DRA targets are normalised, with the cache's train mean/std
     synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
     real_limit: int = 10_000  # train on the first N real samples of the cache (0: all)
     epochs: int = 4  # passes over the real samples
     max_steps: int = 0  # stop after this many steps (0: epochs x steps per epoch); equal budgets across variants
     batch_size: int = 128  # global batch (split over processes)
-    lr: float = 0.2  # measured: 0.2 beats 0.05 (62% vs 51% clean, 44% vs 36% PGD-10) after 156 steps
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: LRSchedule = LRSchedule.cosine
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.995
+    # measured: 0.2 beats 0.05 (62% vs 51% clean, 44% vs 36% PGD-10) after 156 steps
+    lr: float = 0.2  # SGD peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
+    lr_schedule: LRSchedule = LRSchedule.cosine  # learning-rate schedule over the steps
+    label_smoothing: float = 0.1  # of the cross-entropy terms
+    ema_decay: float = 0.995  # EMA of the weights (the saved and evaluated classifier; 0: the live weights)
     image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
     view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
     # a new random crop + flip per sample and step (standard on-the-fly augmentation) instead of the
@@ -68,10 +69,10 @@ class TrainConfig:
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
-    resume: bool = False
+    resume: bool = False  # continue the unfinished run in --out from its checkpoint
     verify: bool = True  # checksums + NaN/Inf scan of the cache parts read, before training (off: trust the store)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # weights, batch order, attack starts
 
     def __post_init__(self) -> None:
         coerce_enums(self)
