@@ -59,7 +59,7 @@ def config_class(stage: str) -> type:
 def _flags(cls: type) -> list[tuple[str, str, Any, Any, str]]:
     """(flag name, dotted field path, type, default, help) for every field, nested dataclasses
     flattened. The help is the field's ``# comment`` in its config.py (``field_help``); an enum field
-    without one lists what each choice means; a nested field adds its parent's comment."""
+    adds what each choice means, a nested field its parent's comment."""
     hints, notes = typing.get_type_hints(cls), field_help(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -68,8 +68,10 @@ def _flags(cls: type) -> list[tuple[str, str, Any, Any, str]]:
             out += [(f"{f.name}_{n}", f"{f.name}.{p}", t, d, "; ".join(filter(None, (h, note))))
                     for n, p, t, d, h in _flags(typ)]
             continue
-        if not note and isinstance(default, Enum):
-            note = "; ".join(f"{m.value}: {h}" for m, h in zip(type(default), field_help(type(default)).values()) if h)
+        if isinstance(default, Enum):  # what each choice means, from the enum's own comments
+            members = field_help(type(default))
+            note = "; ".join(filter(None, [note, *(f"{m.value}: {members[m.name]}" for m in type(default)
+                                                   if members.get(m.name))]))
         out.append((f.name, f.name, typ, default, note))
     return out
 
