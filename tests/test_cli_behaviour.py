@@ -164,3 +164,24 @@ def test_version_prints_the_package_version_and_exits_0(monkeypatch, capsys):
     assert version() == want
     main(["--version"])  # returns: the CLI's exit 0
     assert capsys.readouterr().out == f"dra-feature-cache {want}\n"
+
+
+def test_defaults_are_the_recommended_settings_and_the_profiles_pass_theirs():
+    import yaml
+
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.train.config import TrainConfig
+
+    train, evaluate = TrainConfig(), EvaluateConfig()
+    assert (train.dra_weight, train.real_limit, evaluate.fast_iters) == (0.1, 0, 50)
+    assert "[default: 0.1]" in _help_records("train")["dra_weight"][1]
+    assert "[default: 50]" in _help_records("evaluate")["fast_iters"][1]
+    # every DVC profile sets these itself: a changed default never changes what `dvc repro` runs
+    dvc = (ROOT / "dvc.yaml").read_text()
+    for flag in ("--dra-weight ${item.dra_weight}", "--dra-weight ${sweep.dra_weight}", "--real-limit ${train.real_limit}",
+                 "--fast-iters ${evaluate.fast_iters}"):
+        assert flag in dvc, flag
+    for path in ("params.yaml", "tests/quick_params.yaml", "pipeline/params/study.yaml"):
+        p = yaml.safe_load((ROOT / path).read_text())
+        assert "real_limit" in p["train"] and "fast_iters" in p["evaluate"] and "dra_weight" in p["sweep"], path
+        assert all("dra_weight" in run for run in p["runs"].values()), path

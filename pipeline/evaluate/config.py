@@ -33,7 +33,7 @@ class EvaluateConfig:
     pgd_step_size: float = 0.0  # PGD step size (0: 2.5 * eps / steps, Madry et al.)
     autoattack: AutoAttackVersion = AutoAttackVersion.fast  # which AutoAttack runs after PGD
     fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
-    fast_iters: int = 100  # iterations of each APGD attack in the fast subset (standard: 100)
+    fast_iters: int = 50  # iterations of each APGD attack in the fast subset (standard: 100); the profiles' 50
     check_n: int = 100  # images used by the model checks and the large-eps check
     batch_size: int = 250  # images attacked at once
     device: str = "auto"  # auto | cpu | cuda
