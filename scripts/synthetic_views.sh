@@ -14,7 +14,7 @@ for k in 1 4; do
   for seed in 0 1 2; do
     out="$W/train/k$k-s$seed"
     [ -f "results/synthetic_views/k$k-s$seed.json" ] && continue
-    $PY -m pipeline train --cache "$cache" --out "$out" --dra-weight 0 --synthetic-fraction 0.7 --seed "$seed" \
+    $PY -m pipeline train --cache "$cache" --out "$out" --overwrite --dra-weight 0 --synthetic-fraction 0.7 --seed "$seed" \
       --arch cnn --method pgd --eps 0.1 --attack-steps 5 --step-size 0.03 --target-norm center \
       --real-limit 10000 --epochs 3 --batch-size 128 --lr 0.2
     $PY -m pipeline evaluate --checkpoint "$out" --shards artifacts/shards/real/test --n 1000 --eps 0.1 \

@@ -52,7 +52,7 @@ for mode in k1 k4 kall fresh; do
   for seed in 0 1 2; do
     [ -f "results/views/$mode-s$seed.json" ] && continue
     out="$W/train/$mode-s$seed"
-    $PY -m pipeline train --cache "$cache" --out "$out" --dra-weight 0 --synthetic-fraction 0 --seed "$seed" \
+    $PY -m pipeline train --cache "$cache" --out "$out" --overwrite --dra-weight 0 --synthetic-fraction 0 --seed "$seed" \
       --arch cnn --method pgd --eps 0.1 --attack-steps 5 --step-size 0.03 --real-limit 10000 --epochs 3 \
       --batch-size 128 --lr 0.2 $extra
     $PY -m pipeline evaluate --checkpoint "$out" --shards artifacts/shards/real/test --n 1000 --eps 0.1 \

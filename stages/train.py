@@ -7,7 +7,9 @@ or streamed) -> classifier + projection head + SGD + EMA -> resume -> per step: 
 per epoch: log row + checkpoint (safetensors + JSON) -> metrics.json, with the peak RSS of every
 process (streamed targets keep it flat however large the cache is).
 
-``--dra-weight 0`` is plain AT (no head, no targets read). ``--online`` computes the same
+An ``--out`` that already holds a run is refused: ``--resume`` continues an unfinished one,
+``--overwrite`` replaces a finished or unfinished one. ``--dra-weight 0`` is plain AT (no head, no
+targets read). ``--online`` computes the same
 targets with the diffusion model inside the step, for equivalence tests and cost comparison.
 Under ``accelerate launch`` each process trains on its own slice of every global batch.
 Everything lives in ``pipeline/train/`` (``Trainer``).

@@ -185,3 +185,67 @@ def test_defaults_are_the_recommended_settings_and_the_profiles_pass_theirs():
         p = yaml.safe_load((ROOT / path).read_text())
         assert "real_limit" in p["train"] and "fast_iters" in p["evaluate"] and "dra_weight" in p["sweep"], path
         assert all("dra_weight" in run for run in p["runs"].values()), path
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_a_run_in_out_is_replaced_only_with_overwrite_and_continued_only_with_resume(store, checkpoint, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    from reliability_helpers import TRAIN_ARGS, assert_one_error_line, run_cli, train_cfg
+
+    from stages import train
+
+    finished = tmp_path / "finished"
+    shutil.copytree(checkpoint, finished)
+    before = _files(finished)
+    argv = ["train", "--cache", store, "--out", finished, *TRAIN_ARGS]
+    code, _, err = run_cli(capsys, argv)
+    line = assert_one_error_line(code, err)
+    assert code == 2 and line == f"error: {finished} holds a finished run; pass --overwrite to replace it, or choose " \
+        "another --out", line
+    assert _files(finished) == before  # untouched, byte for byte
+    code, _, err = run_cli(capsys, [*argv, "--resume", "--overwrite"])
+    assert "choose one" in assert_one_error_line(code, err) and _files(finished) == before
+    main([*map(str, argv), "--overwrite"])  # replaced: a new, finished run
+    after = _files(finished)
+    assert set(after) == set(before) and after["metrics.json"] != before["metrics.json"]
+    assert json.loads((finished / "config.json").read_text())["finished"] is True
+
+    unfinished = tmp_path / "unfinished"
+    assert train.run(train_cfg(store, unfinished, epochs=2), stop_after_steps=1) == {"stopped_at": 1}
+    before = _files(unfinished)
+    again = ["train", "--cache", str(store), "--out", str(unfinished), *TRAIN_ARGS, "--epochs", "2", "--ema-decay", "0.9"]
+    code, _, err = run_cli(capsys, again)
+    line = assert_one_error_line(code, err)
+    assert code == 2 and line == f"error: {unfinished} holds an unfinished run (checkpoint at step 1); pass --resume " \
+        "to continue it or --overwrite to start again", line
+    assert _files(unfinished) == before and "metrics.json" not in before
+    main([*again, "--resume"])
+    assert json.loads((unfinished / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_overwrite_removes_the_old_runs_finished_markers_before_training(store, checkpoint, tmp_path, monkeypatch):
+    """An --overwrite run stopped before it finishes leaves nothing that looks finished."""
+    import shutil
+
+    from reliability_helpers import train_cfg
+
+    from pipeline.train import trainer
+    from stages import train
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpoint, out)
+    seen = []
+
+    def step(self, global_step, batch, inputs):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(train_cfg(store, out, overwrite=True))
+    assert seen == [[]] and not (out / "metrics.json").exists() and not (out / "config.json").exists()

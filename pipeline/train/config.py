@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     online: bool = False  # compute targets with the diffusion model inside the step
     resume: bool = False  # continue the unfinished run in --out from its checkpoint
+    overwrite: bool = False  # replace the run in --out, finished or not (without it, a run there is refused)
     verify: bool = True  # checksums + NaN/Inf scan of the cache parts read, before training (off: trust the store)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # weights, batch order, attack starts
@@ -95,6 +96,8 @@ class TrainConfig:
                        (self.weight_decay >= 0, "--weight-decay must be >= 0"),
                        (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
                        (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+                       (not (self.resume and self.overwrite),
+                        "--resume and --overwrite: choose one (continue the run in --out, or replace it)"),
                        (not self.fresh_views or self.dra_weight == 0,
                         "--fresh-views draws views the cache holds no targets for: use it with --dra-weight 0")])
         self.view.validate()

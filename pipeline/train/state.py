@@ -10,6 +10,9 @@ A checkpoint folder (``--out``) holds, each file written to a temporary name and
   ``evaluate`` read. ``config.json`` says ``"finished": false`` until the run ends.
 - ``log.tsv``: one row per epoch (each loss term, clean/adversarial accuracy, lr, DRA weight,
   time per step); ``metrics.json``: the final values, written only when training completes.
+
+A folder that already holds a run is refused (``refuse_replacing``): ``--resume`` continues an
+unfinished one, ``--overwrite`` replaces either.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
 METRICS_FILE = "metrics.json"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "checkpoint_every", "device", "memory_budget_mb", "online", "verify"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "device", "memory_budget_mb", "online", "verify"}
+# what a run writes into --out, its finished markers first (the order ``clear`` removes them in)
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, STATE_FILE, MODEL_FILE, LOG_FILE)
 
 
 @dataclass
@@ -135,6 +140,27 @@ def status(out: Path) -> tuple[str, int]:
     except (SafetensorError, OSError, KeyError, ValueError, TypeError):
         pass
     return ("finished" if finished else "unfinished" if (out / STATE_FILE).exists() else "none"), step
+
+
+def refuse_replacing(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """A run already in ``out`` is never replaced by accident: a finished one only with
+    ``--overwrite``, an unfinished one (a checkpoint) is continued with ``--resume`` or replaced with
+    ``--overwrite``. Checked before any file is opened; nothing in ``out`` is touched."""
+    if resume or overwrite:
+        return
+    kind, step = status(out)
+    if kind == "finished":
+        raise UserError(f"{out} holds a finished run; pass --overwrite to replace it, or choose another --out")
+    if kind == "unfinished":
+        raise UserError(f"{out} holds an unfinished run (checkpoint at step {step}); pass --resume to continue it "
+                        "or --overwrite to start again")
+
+
+def clear(out: Path) -> None:
+    """``--overwrite``: the previous run's files go (its finished markers first) before training starts,
+    so that an interrupted new run never sits beside the old one's metrics."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt: Any) -> None:

@@ -51,6 +51,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Every flag checked before any file is opened."""
     cfg.validate()
     check_out(cfg.out, folder=True)
+    state.refuse_replacing(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 @dataclass
@@ -286,6 +287,8 @@ class Trainer:
         steps), metrics.json at the end. ``stop_after_steps`` (tests) checkpoints and returns after
         that many steps, like a kill."""
         cfg, rt, st = self.cfg, self.rt, self.run
+        if cfg.overwrite and rt.is_main:
+            state.clear(Path(cfg.out))
         st.resume_clock()  # wall time counts from here (plus a resumed run's earlier seconds)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"train {Path(cfg.out).name}", unit="step",
                    mininterval=2, disable=not rt.is_main)
