@@ -98,7 +98,7 @@ def test_store_follows_the_contract(store, fmnist_shards):
     x = cache.part("train", cache.targets[1]).read(np.arange(200), np.zeros(200, int)).reshape(200, -1)
     assert probe["sets"][1]["probe_accuracy"] == round(
         linear_probe(x[:160], train.labels[:160], x[160:], train.labels[160:]), 6)
-    assert json.loads((store.parent / "probe.json").read_text()) == probe
+    assert json.loads((store.parent / f"{store.name}.probe.json").read_text()) == {"store": store.name, **probe}
     f = train.read_chunk(0).astype(np.float32)
     assert np.isfinite(f).all() and f.std() > 0
     assert not np.allclose(f[:, 0], f[:, 1])  # different views give different targets
@@ -177,7 +177,7 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
              "--views must be a count >= 1 or .all.": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
              "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
              "no fingerprint.json": dict(real=str(tmp_path / "nowhere")),
-             "--limit must be >= 0": dict(limit=-1), "unknown compressor": dict(compressor="gzip9"),
+             r"--limit must be 0 \(all\) or >= 10": dict(limit=-1), "unknown compressor": dict(compressor="gzip9"),
              "--t must be one timestep or a comma list of distinct": dict(t="100,100"),
              "--t must be one timestep or a comma list": dict(t="1e2"),
              "--layer must be one block or a comma list of distinct": dict(layer="mid_block,mid_block"),
@@ -390,3 +390,38 @@ def test_a_shard_lost_in_writing_never_leaves_a_complete_store(tmp_path, model_d
     monkeypatch.setattr(CacheWriter, "write_shard", real_write)
     extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=128, t="100", layer="mid_block"))
     assert verify_cache(str(out)) == []
+
+
+def test_each_store_keeps_its_own_probe_and_a_foreign_file_is_never_overwritten(tmp_path, model_dir, fmnist_shards,
+                                                                                capsys):
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    common = dict(synthetic="", limit=24, t="100", layer="mid_block", views=2)
+    for name in ("a.zarr", "b.zarr"):  # two stores in one folder: two probes
+        extract.run(config(model_dir, fmnist_shards, "", tmp_path / name, **common))
+    for name in ("a.zarr", "b.zarr"):
+        probe = json.loads((tmp_path / f"{name}.probe.json").read_text())
+        assert probe["store"] == name and probe["sets"] == open_cache(str(tmp_path / name)).attrs["probe"]["sets"]
+    assert not (tmp_path / "probe.json").exists()
+    extract.run(config(model_dir, fmnist_shards, "", tmp_path / "a.zarr", **common))  # its own probe: rewritten
+    mine = tmp_path / "c.zarr.probe.json"
+    mine.write_text("a user's notes\n")
+    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", fmnist_shards, "--synthetic", "",
+                                    "--out", tmp_path / "c.zarr", "--limit", "24"])
+    assert "is not this store's probe" in assert_one_error_line(code, err)
+    assert mine.read_text() == "a user's notes\n" and not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--limit", "2"], "--limit must be 0 (all) or >= 10"),
+    (["--draws", "1000000000"], "--draws must be <= 64"),
+    (["--views", "1000000000"], "only 50 distinct views"),
+    (["--views-synthetic", "1000000000"], "only 50 distinct views"),
+], ids=["limit-2", "draws-1e9", "views-1e9", "views-synthetic-1e9"])
+def test_sizes_that_would_die_late_or_allocate_tib_are_refused_first(tmp_path, model_dir, fmnist_shards, capsys,
+                                                                     flags, words):
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", fmnist_shards, "--synthetic", "",
+                                    "--out", tmp_path / "x.zarr", *flags])
+    assert words in assert_one_error_line(code, err) and not (tmp_path / "x.zarr").exists()

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.config import ExtractConfig
+from pipeline.cache.config import MIN_ROWS, ExtractConfig
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
 from pipeline.cache.store import IMAGES, NORMALISATION, CacheWriter, PartInit, probe_table
@@ -29,9 +29,29 @@ from pipeline.diffusion.model import load_model
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
 
+PROBE = ".probe.json"
+
+
+def probe_path(out: str) -> Path | None:
+    """The probe's metrics file: ``OUT.probe.json`` beside a local store (one per store, so two
+    stores in one folder keep their own; a DVC metric); None for a URL (the store's attributes
+    hold the probe either way)."""
+    local = storage.local_path(out)
+    return None if local is None else Path(local).resolve().with_name(Path(local).name + PROBE)
+
+
 def check_config(cfg: ExtractConfig) -> None:
     cfg.validate()
     check_out(cfg.out, folder=True, urls=True)
+    path = probe_path(cfg.out)
+    if path is not None and (path.is_symlink() or path.exists()):
+        try:
+            ours = path.is_file() and not path.is_symlink() and json.loads(path.read_text()).get("store") == path.name.removesuffix(PROBE)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"{path}: exists and is not this store's probe (extract writes its probe there); "
+                            "move it or choose another --out")
 
 
 def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
@@ -101,8 +121,9 @@ def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartIn
     probe = {"probe_accuracy": sets[0]["probe_accuracy"], "t": targets[0].t, "layer": targets[0].layer,
              "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)",
              "n_fit": n_fit, "n_held_out": train.n - n_fit, "sets": sets}
-    if "://" not in cfg.out:  # a metrics file next to a local store (DVC metric)
-        storage.atomic_write(Path(cfg.out).resolve().parent / "probe.json", json.dumps(probe, indent=2) + "\n")
+    path = probe_path(cfg.out)
+    if path is not None:
+        storage.atomic_write(path, json.dumps({"store": path.name.removesuffix(PROBE), **probe}, indent=2) + "\n")
     return probe
 
 
@@ -125,6 +146,10 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         shape = read_fingerprint(path)["image_shape"]
         if shape != want_shape:
             raise UserError(f"{path}: images {shape} but the model takes {want_shape}")
+    n_train = read_fingerprint(dirs["train"])["count"]
+    if min(n_train, cfg.limit or n_train) < MIN_ROWS:
+        raise UserError(f"{dirs['train']}: {n_train} image(s); the linear probe needs a train part of at least "
+                        f"{MIN_ROWS} (fit on 80%, scored on the rest)")
     targets = extractor.target_specs(model.image_size, model.in_channels)
     ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": "1"}
     inits, images = {}, {}

@@ -9,6 +9,9 @@ from pipeline.cache.targets import Pooling
 from pipeline.core.config import coerce_enums, require
 from pipeline.core.views import ViewSpec
 
+MIN_ROWS = 10  # a train part smaller than this cannot fit and score the linear probe
+MAX_DRAWS = 64  # noise draws per view (the paper uses one)
+
 
 class Condition(str, Enum):
     null = "null"  # the null class (label dropout index): no label information leaks
@@ -76,4 +79,11 @@ class ExtractConfig:
         views.append((all(self.layers) and len(set(self.layers)) == len(self.layers),
                       f"--layer must be one block or a comma list of distinct ones, got {self.layer!r}"))
         require(self, views + [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
-                               for n in sizes] + [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")])
+                               for n in sizes] + [
+            (self.limit == 0 or self.limit >= MIN_ROWS, f"--limit must be 0 (all) or >= {MIN_ROWS} (the probe fits "
+             f"on 80% of the train part and scores the rest), got {self.limit}"),
+            (self.draws <= MAX_DRAWS, f"--draws must be <= {MAX_DRAWS} (each draw is one more UNet forward), got {self.draws}")]
+            + [(v == "all" or int(v) <= self.view.n_views, f"--{n.replace('_', '-')} {v}: the view spec has only "
+                f"{self.view.n_views} distinct views; use 'all' for every one of them")
+               for n, v in (("views", self.views), ("views_synthetic", self.views_synthetic))
+               if v == "all" or v.isdecimal()])
