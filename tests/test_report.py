@@ -355,3 +355,35 @@ def test_aa_report_compares_fast_with_standard_run_by_run_and_refuses_mismatches
     refused(r"without their counterpart: AT seed 4 \(.*std\)")
     with pytest.raises(UserError, match="give one"):
         report.run(ReportConfig(evals=str(fast_dir), aa_standard=str(std_dir), bench="b.json", out=str(tmp_path / "r3")))
+
+
+def test_readme_writes_only_between_its_markers_and_keeps_the_file(results, tmp_path):
+    """CRLF outside the block, the file's mode, a symlink and a user's FILE.tmp survive; a file that
+    is not UTF-8 is refused in one line and left as it was."""
+    import os
+    import stat
+
+    real = tmp_path / "docs" / "RESULTS.md"
+    real.parent.mkdir()
+    head, tail = "# Title\r\n\r\nbefore \u00e9\r\n", "\r\nafter\r\n"
+    real.write_bytes(f"{head}<!-- report:begin -->\r\nold\r\n<!-- report:end -->{tail}".encode())
+    os.chmod(real, 0o600)
+    link = tmp_path / "README.md"
+    link.symlink_to(real)
+    user_tmp = tmp_path / "README.md.tmp"
+    user_tmp.write_text("a user's file\n")
+    report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r"),
+                            readme=str(link)))
+    data = real.read_bytes()
+    assert data.startswith(head.encode()) and data.endswith(tail.encode()) and b"| variant" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")  # every line ends as the file's lines did
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert user_tmp.read_text() == "a user's file\n"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["RESULTS.md"]  # no temporary left behind
+    latin = tmp_path / "latin.md"
+    latin.write_bytes("caf\u00e9\n<!-- report:begin -->\n<!-- report:end -->\n".encode("latin-1"))
+    before = latin.read_bytes()
+    with pytest.raises(UserError, match="not UTF-8"):
+        report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2"),
+                                readme=str(latin)))
+    assert latin.read_bytes() == before and not (tmp_path / "r2").exists()
