@@ -125,3 +125,25 @@ def test_a_stage_that_writes_local_files_refuses_a_url_out(stage, args, scheme, 
     code, _, err = run_cli(capsys, [stage, *[a.format(**fill) for a in args], "--out", out])
     assert "writes local files only" in assert_one_error_line(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/x", "nope://bucket/x"], ids=["backend-not-installed", "unknown-scheme"])
+@pytest.mark.parametrize("argv", [
+    ["prepare", "--source", "{fmnist}", "--out", "{url}"],
+    ["extract", "--model", "{model}", "--real", "{real}", "--synthetic", "", "--out", "{url}/feats.zarr"],
+    ["extract", "--model", "{model}", "--real", "{url}", "--synthetic", "", "--out", "{tmp}/f.zarr"],
+    ["train", "--cache", "{url}/feats.zarr", "--out", "{tmp}/run"],
+    ["cache", "verify", "{url}/feats.zarr"],
+], ids=["prepare-out", "extract-out", "extract-in", "train-cache", "verify"])
+def test_a_url_this_machine_cannot_open_is_one_line(url, argv, fmnist_dir, model_dir, fmnist_shards, tmp_path,
+                                                     capsys):
+    import importlib.util
+
+    if url.startswith("gs:") and importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed here: gs:// is a back-end this machine has")
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    fill = {"url": url, "fmnist": fmnist_dir, "model": model_dir, "real": fmnist_shards, "tmp": tmp_path}
+    code, _, err = run_cli(capsys, [a.format(**fill) for a in argv])
+    assert url.split("://")[0] in assert_one_error_line(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

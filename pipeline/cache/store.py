@@ -158,6 +158,8 @@ def _open_group(url: str, mode: str) -> zarr.Group:
         # important: never consolidated metadata. zarr would take every array's metadata from the
         # root zarr.json (outside the manifest) instead of the array's own checksummed file
         return zarr.open_group(_location(url), mode=mode, zarr_format=3, use_consolidated=False)
+    except ImportError as exc:
+        raise UserError(f"{url}: the back-end for this URL is not installed ({exc})") from None
     except (FileNotFoundError, json.JSONDecodeError, *MALFORMED) as exc:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
 

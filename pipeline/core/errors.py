@@ -44,6 +44,9 @@ def check_out(path: str, *, folder: bool, flag: str = "--out", urls: bool = Fals
         if not urls:
             raise UserError(f"{flag} {path}: this stage writes local files only; give a local path "
                             "(and copy the result to the URL afterwards)")
+        from pipeline.core.storage import url_fs  # lazy: storage imports this module
+
+        url_fs(path)  # an unknown scheme or a missing back-end: one line, before any work
         return
     p = Path(path)
     if folder and p.exists() and not p.is_dir():

@@ -20,14 +20,27 @@ import os
 import posixpath
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
 from pipeline.core.errors import UserError
 
 STAGING_MARKER = ".staging"  # written into every staging folder by `start`, removed by `commit`
+
+
+def url_fs(url: str | Path) -> tuple[Any, str]:
+    """(fsspec filesystem, path) for a path or URL; an unknown scheme or a back-end that is not
+    installed (``gs://`` without gcsfs) is one line, not a traceback."""
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as exc:
+        raise UserError(f"{url}: the back-end for this URL is not installed ({exc})") from None
+    except ValueError as exc:
+        raise UserError(f"{url}: not a path or URL this machine can open ({exc})") from None
 
 
 def is_url(path: str | Path) -> bool:
@@ -63,7 +76,7 @@ def read_bytes(url: str | Path) -> bytes | None:
             return None
         if not stat.S_ISREG(mode):
             raise UserError(f"{url}: not a regular file (a device, pipe or folder); refused, not read")
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_fs(str(url))
     try:
         return fs.cat_file(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -71,19 +84,36 @@ def read_bytes(url: str | Path) -> bytes | None:
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[str], None]) -> None:
-    """A local file written to ``PATH.tmp`` and renamed over ``path``: readers see the old file or
-    the new one, never a part. ``data`` is the content, or a function that writes a given path."""
+    """A local file written to a fresh temporary file beside it and renamed over ``path``: readers
+    see the old file or the new one, never a part. ``data`` is the content, or a function that
+    writes a given path. The temporary name is new (``.NAME.XXXXXXXX.tmp``: never a file a user
+    holds), an existing file keeps its permission bits, and a symlink keeps pointing where it did
+    (its target is replaced)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if callable(data):
-        data(str(tmp))
-    else:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    if path.is_symlink():
+        path = path.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(url: str | Path, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_fs(str(url))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, data)
 
@@ -98,7 +128,7 @@ def staging_path(out: str | Path) -> str:
 
 def _replaceable(url: str, signature: tuple[str, ...], marker: bool) -> bool:
     """Nothing there, an empty folder, or a folder this stage made (its signature file or marker)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_fs(url)
     if not fs.exists(path):
         return True
     if not fs.isdir(path):
@@ -128,7 +158,7 @@ def start(out: str | Path, *, signature: tuple[str, ...]) -> str:
     """
     refuse_foreign(out, signature)
     stage = staging_path(out)
-    fs, path = fsspec.core.url_to_fs(stage)
+    fs, path = url_fs(stage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -138,7 +168,7 @@ def start(out: str | Path, *, signature: tuple[str, ...]) -> str:
 
 def commit(stage: str, out: str | Path, *, signature: tuple[str, ...]) -> None:
     """Move a finished staging folder into place (on a URL it is in place: only the marker goes)."""
-    fs, path = fsspec.core.url_to_fs(str(stage))
+    fs, path = url_fs(str(stage))
     if is_url(out):
         fs.rm_file(posixpath.join(path, STAGING_MARKER))
         return
