@@ -4,7 +4,8 @@ Recipe: load the checkpoint and the first N test images, check the model (eval m
 deterministic logits, non-zero input gradients), measure clean accuracy, PGD-CE with restarts
 (worst case over restarts), AutoAttack (Linf), and a large-eps PGD that must break the model.
 Writes the full result JSON (threat model, eps, attacks, n, checks, timings) and a flat metrics
-JSON for ``dvc metrics show``, both atomically.
+JSON for ``dvc metrics show``, both atomically. Progress on stderr: a bar per attack (PGD, then
+each AutoAttack attack) with the images done, of how many, and the running robust accuracy.
 
 Under ``accelerate launch`` with P processes the N images are split into P contiguous slices in
 rank order (sizes differ by at most 1); each process runs clean, PGD and AutoAttack on its slice,
@@ -68,12 +69,12 @@ def run(cfg: EvaluateConfig) -> dict:
     clean = timed("clean", lambda: robust.clean_correct(model, xs, ys, batch_size=bs))
     pgd_ok, pgd_stats = timed("pgd", lambda: robust.pgd_correct(
         model, xs, ys, eps=cfg.eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
-        batch_size=bs, seed=cfg.seed, offset=lo))
+        batch_size=bs, seed=cfg.seed, offset=lo, progress=dist.is_main))
     aa_ok, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
     if cfg.autoattack != AutoAttackVersion.none:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
             model, xs, ys, eps=cfg.eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
-            fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed))
+            fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed, progress=dist.is_main))
         attacks += [f"autoattack-{cfg.autoattack.value}:{a}" for a in aa_attacks]
     parts = dist.gather({"clean": clean.cpu(), "pgd": pgd_ok.cpu(), "pgd_stats": pgd_stats,
                          "aa": None if aa_ok is None else aa_ok.cpu(), "aa_stats": aa_stats,

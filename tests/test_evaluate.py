@@ -291,3 +291,28 @@ def test_a_malformed_trained_on_record_is_refused(fmnist_shards, record):
         load_test_images(str(fmnist_shards / "train"), 8, (1, 28, 28), 10, offset=100, trained_on=record)
     x, y = load_test_images(str(fmnist_shards / "train"), 8, (1, 28, 28), 10, offset=100, trained_on={"abc": 64})
     assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
+
+
+def test_progress_is_a_bar_per_attack_ending_at_its_accuracy(checkpoint, fmnist_shards, tmp_path, capsys):
+    """On stderr, a bar per attack: images done / total and the running robust accuracy. The PGD bar
+    and the last AutoAttack bar end at the accuracies the result reports; each AutoAttack bar's
+    total is the images still robust when that attack began."""
+    import re
+
+    from pipeline.cli import main
+
+    out = tmp_path / "eval.json"
+    main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(fmnist_shards / "test"), "--out", str(out),
+          "--n", "64", "--eps", "0.03", "--pgd-steps", "3", "--pgd-restarts", "2", "--fast-iters", "5",
+          "--batch-size", "32", "--check-n", "16"])
+    err, res = capsys.readouterr().err, json.loads(out.read_text())
+    bars = {}  # attack -> (done, total, accuracy) at its last refresh
+    for line in err.replace("\r", "\n").splitlines():
+        if m := re.match(r"(pgd-3x2|autoattack [\w-]+):.*\| *(\d+)/(\d+) .*acc=([\d.]+)", line):
+            bars[m[1]] = (int(m[2]), int(m[3]), float(m[4]))
+    assert bars["pgd-3x2"] == (64, 64, round(res["pgd"], 3)), err
+    assert list(bars)[1:] == ["autoattack apgd-ce", "autoattack apgd-t"], err
+    assert bars["autoattack apgd-ce"][1] == round(res["clean"] * 64) > bars["autoattack apgd-t"][1], err
+    assert all(done == total for done, total, _ in bars.values()) and bars["autoattack apgd-t"][2] == round(
+        res["autoattack"], 3), err
+    assert res["clean"] > res["pgd"] > 0, res  # the bars had something to count

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.core.attacks import pgd
 from pipeline.evaluate.config import AutoAttackVersion
@@ -67,9 +68,14 @@ def _grid_generator(seed: int, start: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
 
 
+def _bar(desc: str, total: int, progress: bool) -> tqdm:
+    """A progress bar on stderr: images done / total, with the running accuracy as its postfix."""
+    return tqdm(total=total, desc=desc, unit="img", mininterval=2, disable=not progress)
+
+
 def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
                 steps: int, restarts: int, batch_size: int = 250, seed: int = 0,
-                offset: int = 0) -> tuple[torch.Tensor, dict]:
+                offset: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """Per-sample mask of points that survive every PGD-CE restart, and perturbation stats.
 
     Restarts are run here, one ``pgd`` call each, so that a point counts as broken if ANY restart
@@ -80,10 +86,13 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     from (seed, its global start), drawing a start for every grid row in every restart, so a
     sample's random start depends only on (seed, batch_size, its global index, the restart): any
     split of the set into slices gives the same masks as one pass over it.
+
+    ``progress``: a bar per grid batch (images done, robust accuracy of those so far).
     """
     robust = clean_correct(model, x, y, batch_size=batch_size)
     stats = {"max_linf": 0.0, "in_range": True}
     end = offset + len(x)
+    bar = _bar(f"pgd-{steps}x{restarts}", len(x), progress)
     for g in range(offset - offset % batch_size, end, batch_size):
         lo, hi = max(g, offset), min(g + batch_size, end)  # the part of grid batch g held here
         gen = _grid_generator(seed, g)
@@ -100,24 +109,76 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
                         start=start)
             _update(stats, x_adv, x[idx])
             robust[idx] &= predict(model, x_adv, batch_size=batch_size) == y[idx]
+        bar.update(hi - lo)
+        bar.set_postfix_str(f"acc={float(robust[:hi - offset].float().mean()):.3f}", refresh=False)
+    bar.close()
     return robust, stats
 
 
 def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                        version: AutoAttackVersion, fast_targets: int = 3, fast_iters: int = 100,
-                       batch_size: int = 250,
-                       seed: int = 0) -> tuple[torch.Tensor, dict, list[str]]:
-    """Per-sample robust mask under AutoAttack (Linf), perturbation stats, the attacks run."""
+                       batch_size: int = 250, seed: int = 0,
+                       progress: bool = False) -> tuple[torch.Tensor, dict, list[str]]:
+    """Per-sample robust mask under AutoAttack (Linf), perturbation stats, the attacks run.
+    ``progress``: a bar per attack (``AttackProgress``)."""
     logging.getLogger("auto-attack").setLevel(logging.WARNING)  # per-batch debug lines are noise
     aa = make_autoattack(model, eps=eps, version=version, fast_targets=fast_targets, fast_iters=fast_iters,
                          seed=seed, device=x.device)
     stats = {"max_linf": 0.0, "in_range": True}
     if len(x) == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device), stats, list(aa.attacks_to_run)
+    bars = AttackProgress(aa, int(clean_correct(model, x, y, batch_size=batch_size).sum()), len(x)) if progress else None
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    if bars:
+        bars.close()
     robust = predict(model, x_adv, batch_size=batch_size) == y
     _update(stats, x_adv, x)
     return robust, stats, list(aa.attacks_to_run)
+
+
+class AttackProgress:
+    """One bar per AutoAttack attack: images attacked of those still robust when it began, and the
+    running robust accuracy of the set. It hooks each attack's ``perturb`` and the ``get_logits``
+    call AutoAttack makes on every result (to drop the images it broke): no forward pass per attack
+    (only the clean one that counts ``robust`` at the start), nothing AutoAttack computes changes."""
+
+    def __init__(self, aa: Any, robust: int, n: int) -> None:
+        self.robust, self.n, self.name, self.bar, self.pending = robust, n, "", None, None
+        for attr in ("apgd", "apgd_targeted", "fab", "square"):
+            if getattr(aa, attr, None) is not None:
+                attack = getattr(aa, attr)
+                attack.perturb = self._perturb(attack, attr)
+        get_logits = aa.get_logits
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            out = get_logits(x)
+            if self.pending is not None and x is self.pending[0]:  # AutoAttack's check of a result
+                self.robust -= int((out.argmax(1) != self.pending[1]).sum())
+                self.pending = None
+                self.bar.set_postfix_str(f"acc={self.robust / max(self.n, 1):.3f}", refresh=False)
+            return out
+
+        aa.get_logits = logits
+
+    def _perturb(self, attack: Any, attr: str) -> Any:
+        perturb = attack.perturb
+
+        def run(x: torch.Tensor, y: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+            name = {"apgd": f"apgd-{attack.loss}", "apgd_targeted": "apgd-t", "square": "square"}.get(
+                attr, "fab-t" if getattr(attack, "targeted", False) else "fab")
+            if name != self.name:
+                self.close()
+                self.name, self.bar = name, _bar(f"autoattack {name}", self.robust, True)
+            adv = perturb(x, y, *args, **kw)
+            self.bar.update(len(x))
+            self.pending = (adv, y)
+            return adv
+
+        return run
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_autoattack(model: nn.Module, *, eps: float, version: AutoAttackVersion, fast_targets: int = 3,
