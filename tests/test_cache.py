@@ -404,3 +404,33 @@ def test_an_empty_or_malformed_digest_is_refused_not_ignored(tmp_path, real, cap
 
     main(["cache", "verify", str(url), "--digest", digest])  # the genuine one: ok, exit 0
     assert capsys.readouterr().out.strip().endswith(": ok")
+
+
+def test_verify_refuses_a_store_claiming_more_rows_than_its_files_before_reading_them(tmp_path, real):
+    """Shapes and attributes rewritten consistently (and resealed) to claim 10^9 rows: verify counts
+    each array's shard files against its grid (extraction writes every shard, empty or not) and
+    names the gap, without reading or allocating the claimed rows."""
+    import hashlib
+    import resource
+    import time
+
+    from pipeline.cache.store import attrs_digest
+
+    url = tmp_path / "c.zarr"
+    write_store(str(url), real)
+    big = 10**9
+    for name in (FEATURES, "keys", "labels", "dx", "dy", "flip", "noise_seed"):
+        _edit_json(url / "train" / name / "zarr.json", lambda d: d.update(shape=[big, *d["shape"][1:]]))
+    _edit_json(url / "train" / "zarr.json", lambda d: d["attributes"].update(n=big))
+    root = json.loads((url / "zarr.json").read_text())
+    a = root["attributes"]
+    for key in list(a["manifest"]):
+        if key.endswith("zarr.json"):
+            a["manifest"][key] = hashlib.sha256((url / key).read_bytes()).hexdigest()
+    a["digest"] = attrs_digest(a)
+    (url / "zarr.json").write_text(json.dumps(root))
+    t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    problems = verify_cache(str(url))
+    assert problems and all("train/" in p and "file(s)" in p for p in problems), problems
+    assert time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 * 2**10  # KiB: < 200 MiB more

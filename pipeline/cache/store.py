@@ -703,6 +703,25 @@ def _scan_finite(g: zarr.Group) -> list[str]:
     return problems
 
 
+def _grid_problems(g: zarr.Group, manifest: dict) -> list[str]:
+    """Arrays whose shape needs more (or fewer) shard files than the manifest lists: extraction
+    writes every shard (empty chunks too), so a store claiming 10^9 rows is caught here, from
+    metadata alone, before any row is read or allocated."""
+    problems = []
+    try:
+        for _, arr in g.members(max_depth=None):
+            if not isinstance(arr, zarr.Array):
+                continue
+            grid = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.shards or arr.chunks))
+            held = sum(1 for k in manifest if k.startswith(f"{arr.path}/c/"))
+            if grid != held:
+                problems.append(f"{arr.path}: shape {tuple(arr.shape)} needs {grid} shard file(s), the store "
+                                f"holds {held}")
+    except MALFORMED as exc:
+        problems.append(f"{g.path}: unreadable part ({type(exc).__name__}: {exc})")
+    return problems
+
+
 def _in_scope(key: str, parts: tuple[str, ...] | None) -> bool:
     return parts is None or "/" not in key or key.split("/", 1)[0] in parts
 
@@ -770,7 +789,7 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     except UserError as exc:
         return [str(exc)]
     for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
-        shape_problems = _part_problems(name, group[name], specs)
+        shape_problems = _grid_problems(group[name], attrs["manifest"]) or _part_problems(name, group[name], specs)
         if not shape_problems:
             views = {k: group[name][k][...] for k in ("dx", "dy", "flip")}
             shape_problems = [f"{name}: view records: {p}" for p in [record_problem(views, view_spec)] if p]
