@@ -294,3 +294,34 @@ def test_npz_is_streamed_with_limit_and_bombs_are_refused_unread(tmp_path):
         with pytest.raises(UserError, match="more than|truncated or padded|object arrays|negative dim") as exc:
             read_source(tmp_path / f"{name}.npz", SourceFormat.npz)
         assert str(tmp_path / f"{name}.npz") in str(exc.value)
+
+
+def _npz_shapes(root: Path) -> None:
+    root.mkdir()
+    np.savez(root / "a.npz", image=np.zeros((4, 8, 8, 3), np.uint8), label=np.zeros(4, np.int64))
+    np.savez(root / "b.npz", image=np.zeros((4, 9, 9, 3), np.uint8), label=np.zeros(4, np.int64))
+
+
+def _npz_huge_label(root: Path) -> None:
+    root.mkdir()
+    np.savez(root / "a.npz", image=np.zeros((4, 8, 8, 3), np.uint8), label=np.array([0, 1, 2, 10**12]))
+
+
+def _cifar_string_labels(root: Path) -> None:
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+
+
+@pytest.mark.parametrize("make,fmt,words", [
+    (_npz_shapes, "npz", "images of different shapes"),
+    (_npz_huge_label, "npz", "labels must be class indices"),  # a class list of 10^12 names: killed for memory
+    (_cifar_string_labels, "cifar10", "'labels' must be integers"),
+], ids=["npz-mismatched-shapes", "npz-label-1e12", "cifar-string-labels"])
+def test_sources_that_crashed_are_one_line(tmp_path, capsys, make, fmt, words):
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    make(tmp_path / "src")
+    code, _, err = run_cli(capsys, ["prepare", "--source", tmp_path / "src", "--format", fmt, "--out", tmp_path / "o"])
+    assert words in assert_one_error_line(code, err) and not (tmp_path / "o").exists()

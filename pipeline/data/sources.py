@@ -25,6 +25,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
+MAX_CLASSES = 100_000  # more class indices than any labelled set has (ImageNet-21k: 21,841)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 FASHION_MNIST_HINT = ("install Debian's dataset-fashion-mnist (files in /usr/share/datasets/"
                       "fashion-mnist) or download the IDX files from github.com/zalandoresearch/fashion-mnist")
@@ -154,9 +155,14 @@ def load_cifar_pickle(path: Path) -> dict:
 def _cifar_split(batches: list[dict], label_key: str, classes: list[str], path: Path) -> Split:
     try:
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
     except KeyError as exc:
         raise UserError(f"{path}: CIFAR batch lacks {exc}") from None
+    except (ValueError, TypeError) as exc:  # ragged or non-numeric data
+        raise UserError(f"{path}: CIFAR batch arrays are malformed ({exc})") from None
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:  # strings, floats, objects: never cast
+        raise UserError(f"{path}: CIFAR '{label_key}' must be integers, got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path}: CIFAR data must be (N, 3072), got {data.shape}")
     return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, classes)
@@ -266,6 +272,8 @@ def read_npz(path: Path, limit: int = 0) -> Split:
     if labels.dtype.kind not in "iu" or labels.ndim != 1:  # float labels would be truncated, str ones fail
         raise UserError(f"{path}: 'label' must be a 1-d integer array, got {labels.dtype} {labels.shape}")
     labels = labels.astype(np.int64)  # Split checks the counts and the label range
+    if len(labels) and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+        raise UserError(f"{path}: labels must be class indices 0..{MAX_CLASSES - 1}, got {labels.min()}..{labels.max()}")
     n_classes = int(labels.max()) + 1 if len(labels) else 1
     classes = CIFAR10_CLASSES if n_classes <= 10 and images.shape[-1] == 3 else [str(i) for i in range(n_classes)]
     return Split(images, labels, classes)
@@ -281,6 +289,10 @@ def _read_npz_source(root: Path, limit: int = 0) -> dict[str, Split]:
         if limit and left <= 0:
             break
         parts.append(read_npz(f, left))
+    shapes = {p.images.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise UserError(f"{root}: the npz files hold images of different shapes "
+                        f"({', '.join(str(tuple(s)) for s in sorted(shapes))}); one set has one shape")
     n_classes = max(len(p.classes) for p in parts)
     classes = next(p.classes for p in parts if len(p.classes) == n_classes)
     return {"train": Split(np.concatenate([p.images for p in parts]),
