@@ -161,3 +161,27 @@ def test_a_prefix_read_is_checked_against_the_data_it_claims(tmp_path):
     fp["shards_digest"] = shards_digest(fp["shards"])  # a full forgery reads, but under another digest
     (split / "fingerprint.json").write_text(json.dumps(fp))
     assert read_split(split, limit=4).fingerprint["shards_digest"] != original.fingerprint["shards_digest"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda fp: {**fp, "shards": [1, 2]}, lambda fp: {**fp, "shards": ["x"]}, lambda fp: {**fp, "shards": 5},
+    lambda fp: {**fp, "image_shape": 5}, lambda fp: {**fp, "count": "8"}, lambda fp: {**fp, "classes": [1, 2]},
+    lambda fp: [1, 2], lambda fp: None,
+], ids=["shards-ints", "shards-strings", "shards-int", "image-shape-int", "count-string", "classes-ints",
+        "a-list", "null"])
+def test_a_fingerprint_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, model_dir):
+    """A foreign shard set whose fingerprint lists non-objects (or is not an object at all): read
+    anywhere (read_split, extract's inputs), one line, not an AttributeError or TypeError."""
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    from pipeline.core.shards import read_split
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    split = _foreign_split(tmp_path / "real" / "train", [f"x-train-{i:07d}" for i in range(8)], images,
+                           np.arange(8) % 10)
+    (split / "fingerprint.json").write_text(json.dumps(edit(json.loads((split / "fingerprint.json").read_text()))))
+    with pytest.raises(UserError, match="malformed fingerprint"):
+        read_split(split)
+    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", tmp_path / "real", "--synthetic", "",
+                                    "--out", tmp_path / "f.zarr"])
+    assert "malformed fingerprint" in assert_one_error_line(code, err) and not (tmp_path / "f.zarr").exists()

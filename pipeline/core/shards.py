@@ -151,9 +151,37 @@ def read_fingerprint(split_dir: str | Path) -> dict:
     if data is None:
         raise UserError(f"{split_dir}: not a complete shard set (no {FINGERPRINT}); run `prepare` again")
     try:
-        return json.loads(data)
+        fp = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{url}: malformed fingerprint ({exc})") from None
+    problem = _fingerprint_problem(fp)
+    if problem:
+        raise UserError(f"{url}: malformed fingerprint ({problem})")
+    return fp
+
+
+def _is_int(v: object, low: int = 0) -> bool:
+    return type(v) is int and v >= low
+
+
+def _fingerprint_problem(fp: object) -> str | None:
+    """What makes a foreign fingerprint unusable (the fields every reader relies on), or None."""
+    if not isinstance(fp, dict):
+        return f"a JSON object is expected, got {type(fp).__name__}"
+    if not _is_int(fp.get("count")):
+        return f"count {fp.get('count')!r} is not an integer >= 0"
+    shape = fp.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
+        return f"image_shape {shape!r} is not [H, W, C] of positive integers"
+    classes = fp.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return "classes must be a non-empty list of names"
+    shards = fp.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and _is_int(r.get("count"))
+            and isinstance(r.get("sha256"), str) for r in shards):
+        return "shards must be a list of {name, count, sha256} records"
+    return None
 
 
 def split_exists(split_dir: str | Path) -> bool:
