@@ -111,6 +111,12 @@ CASES = {
     "cache-verify/missing": "cache verify {nope}",
     "bench/n-0": "bench --n 0 --out {out}/b.json",
     "cli/not-an-integer": "train --batch-size abc --out {out}/t",
+    "train/seed-negative": "train --cache {store} --seed -1 --real-limit 0 --epochs 1 --out {out}/t",
+    "train/head-hidden-1e9": "train --cache {store} --head-hidden 1000000000 --dra-weight 0.1 --out {out}/t",
+    "diffusion/seed-negative": "diffusion --shards {real}/train --seed -1 --out {out}/m",
+    "generate/seed-negative": "generate --model {model} --seed -1 --no-check --out {out}/g",
+    "extract/seed-negative": "extract --model {model} --real {real} --synthetic '' --seed -1 --out {out}/f.zarr",
+    "evaluate/seed-negative": "evaluate --checkpoint {ckpt} --shards {real}/test --seed -1 --out {out}/e.json",
 }
 
 

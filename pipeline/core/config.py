@@ -50,10 +50,16 @@ def coerce_enums(cfg: object) -> None:
                                 f"{', '.join(m.value for m in typ)}") from None
 
 
+MAX_SEED = 2**31  # seeds are combined with ranks and indices (seed * 1000003 + rank) below 2**63
+
+
 def require(cfg: object, checks: list[tuple[bool, str]]) -> None:
     """Every float of ``cfg`` finite, then the first failed (condition, message) pair becomes one
     ``UserError`` line."""
     refuse_non_finite(cfg)
+    seed = getattr(cfg, "seed", 0)
+    if type(seed) is int and not 0 <= seed < MAX_SEED:  # numpy refuses negative seeds mid-run
+        raise UserError(f"--seed must be in [0, {MAX_SEED}), got {seed}")
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)

@@ -87,7 +87,7 @@ class TrainConfig:
                        (self.dra_weight >= 0, "--dra-weight must be >= 0"), (self.real_limit >= 0, "--real-limit must be >= 0"),
                        (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
                        (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-                       (self.head_hidden >= 1, "--head-hidden must be >= 1"),
+                       (1 <= self.head_hidden <= 65536, f"--head-hidden must be in [1, 65536], got {self.head_hidden}"),
                        (self.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"),
                        (self.image_size >= 0, "--image-size must be >= 0"),
                        (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
