@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(exc.exit_code or 2)
+        from pipeline.core.storage import access_problem
+
+        if (problem := access_problem(exc)) is not None:  # no credentials for s3:// and the like
+            _close_bars()
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         raise
     finally:
         for sig, handler in handlers.items():

@@ -147,3 +147,26 @@ def test_a_url_this_machine_cannot_open_is_one_line(url, argv, fmnist_dir, model
     code, _, err = run_cli(capsys, [a.format(**fill) for a in argv])
     assert url.split("://")[0] in assert_one_error_line(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["cache", "verify", "s3://bucket/feats.zarr"],
+                                  ["train", "--cache", "s3://bucket/feats.zarr", "--out", "{tmp}/run"]],
+                         ids=["verify", "train"])
+def test_no_credentials_for_an_object_store_is_one_line(argv, tmp_path):
+    """botocore refuses to sign a request before anything is sent: one line, exit 2 (a real process,
+    an environment without any AWS credentials)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *[a.format(tmp=tmp_path) for a in argv]], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: the object store refused access: NoCredentialsError")
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,24 @@ def url_fs(url: str | Path) -> tuple[Any, str]:
         raise UserError(f"{url}: not a path or URL this machine can open ({exc})") from None
 
 
+# exception types of object-store client libraries that mean "no access", not a bug (by name: the
+# libraries are optional back-ends)
+_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                  "NoRegionError", "DefaultCredentialsError", "RefreshError"}
+
+
+def access_problem(exc: BaseException) -> str | None:
+    """One line for an object store refusing access (no credentials, denied), found anywhere in the
+    exception's chain; None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _ACCESS_ERRORS:
+            return f"the object store refused access: {type(exc).__name__}: {exc} (set its credentials, e.g. AWS_PROFILE)"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def is_url(path: str | Path) -> bool:
     return "://" in str(path)
 
