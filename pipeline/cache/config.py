@@ -21,31 +21,31 @@ class Condition(str, Enum):
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    model: str = "artifacts/diffusion"
+    model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`) or a diffusers UNet folder
     real: str = "artifacts/shards/real"  # folder with one sub-folder of shards per split
-    synthetic: str = "artifacts/shards/synthetic"  # "" for none
-    out: str = "artifacts/feats.zarr"
+    synthetic: str = "artifacts/shards/synthetic"  # the synthetic shards (from `generate`); "" for none
+    out: str = "artifacts/feats.zarr"  # the feature cache to write (path or fsspec URL); an unfinished one is resumed
     # one target set per (t, layer): comma lists ("10,100,200", "mid_block,up_blocks.0") cost one
     # forward per timestep (every layer hooked in it); the first t and the first layer are the default set
-    t: str = "100"
-    layer: str = "mid_block"
+    t: str = "100"  # diffusion timestep(s) at which each image is noised before the UNet forward
+    layer: str = "mid_block"  # UNet block(s) whose output is the target (comma list: one set per (t, layer))
     pooling: Pooling = Pooling.mean
     # K random views per image (view 0 is the identity), or "all": every distinct view of the view
     # spec in a fixed order (core/views.py:all_views), i.e. exact targets for standard augmentation
-    views: str = "4"  # the real train part
-    views_synthetic: str = "4"  # the synthetic part: augmented like the real one (DM-AT does)
+    views: str = "4"  # views of each real train image
+    views_synthetic: str = "4"  # views of each synthetic image: augmented like the real ones (as DM-AT does)
     draws: int = 1  # noise draws averaged per view
     # store the train and synthetic parts' images in the cache too (row order, chunked like the
     # features): training then streams images with their targets, at flat memory for any set size
     images: bool = True
     condition: Condition = Condition.null  # class conditioning used while extracting
     view: ViewSpec = field(default_factory=ViewSpec)
-    batch_size: int = 256
+    batch_size: int = 256  # images per UNet forward
     rows_per_chunk: int = 256  # samples per zarr chunk (the reader's unit of I/O)
     chunks_per_shard: int = 16  # chunks per zarr shard (the writer's and resume unit)
     compressor: str = "blosc-zstd"  # blosc-zstd | blosc-lz4 | zstd (see pipeline/cache/store.py)
     limit: int = 0  # first N samples of each part (0: all)
-    seed: int = 0
+    seed: int = 0  # the views drawn and each (image, view)'s noise seed
 
     def __post_init__(self) -> None:
         coerce_enums(self)

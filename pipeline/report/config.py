@@ -9,16 +9,16 @@ from pipeline.core.config import require
 
 @dataclass(frozen=True)
 class ReportConfig:
-    evals: str = "artifacts/eval"
-    train: str = "artifacts/train"
-    grid: str = "artifacts/shards/synthetic/grid.png"
-    out: str = "artifacts/report"
+    evals: str = "artifacts/eval"  # folder of `evaluate` result JSONs, one per variant
+    train: str = "artifacts/train"  # folder of `train` run folders: their curves and budgets ("": none)
+    grid: str = "artifacts/shards/synthetic/grid.png"  # the synthetic sample grid shown in the report ("": none)
+    out: str = "artifacts/report"  # output folder: report.md, plots, summary.json
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
     # paired differences: one variant every other one is compared with (default: the first row), or
     # VARIANT:BASE pairs, comma-separated (the study: AT+DRA:AT,DM-AT+DRA:DM-AT)
     baseline: str = ""
     sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
-    probe: str = ""  # the cache's probe.json, shown beside the sweep
+    probe: str = ""  # the cache's probe (OUT.probe.json beside the store), shown beside the sweep
     bench: str = ""  # a `pipeline bench` result (bench.json): its figures table instead
     # a folder of standard-AutoAttack results: --evals' fast-subset results of the same runs on the
     # same images against them, run by run (pipeline/report/autoattack.py), instead
