@@ -8,8 +8,8 @@
 # Order: seed-major (the four variants of seed 0, then of seed 1, ...), so a stopped study leaves
 # complete pairs. Each finished run's evaluation is copied to results/study/<run key>/seed<k>.json
 # (run key: at, at_dra, dmat, dmat_dra; with the pinned commit) and committed at once, together with
-# the README's study table and the plots (results/study-report/) regenerated from results/study (so
-# commit README prose first); likewise the AutoAttack comparison (results/study-aa-report/). A re-run
+# the study table in docs/results.md and the plots (results/study-report/) regenerated from results/study (so
+# commit its prose first); likewise the AutoAttack comparison (results/study-aa-report/). A re-run
 # first commits results a failed commit left behind, then skips runs that have a result; a run that
 # was interrupted starts again from scratch (`dvc repro` re-runs the whole stage).
 #
@@ -69,15 +69,15 @@ open(sys.argv[2] + ".tmp", "w").write(json.dumps(res, indent=2) + "\n")
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PYEOF
   local files=("$dst")
-  case "$dst" in  # the README's tables and the plots regenerate with every result (a test checks the tables)
+  case "$dst" in  # the tables in docs/results.md and the plots regenerate with every result (a test checks the tables)
     results/study/*)
       python -m pipeline report --evals results/study --train "" --grid "" --baseline "AT+DRA:AT,DM-AT+DRA:DM-AT" \
-        --out results/study-report --readme README.md#study > /dev/null
-      files+=(README.md results/study-report) ;;
+        --out results/study-report --readme docs/results.md#study > /dev/null
+      files+=(docs/results.md results/study-report) ;;
     results/study-aa-fast/*)  # each standard result before its fast one: every pair is complete here
       python -m pipeline report --evals results/study-aa-fast --aa-standard results/study-aa-standard \
-        --out results/study-aa-report --readme README.md#study-aa > /dev/null
-      files+=(README.md results/study-aa-report) ;;
+        --out results/study-aa-report --readme docs/results.md#study-aa > /dev/null
+      files+=(docs/results.md results/study-aa-report) ;;
   esac
   MSG=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(f\"study: {sys.argv[2]} ({r['variant']}): clean {r['clean']:.4f}, PGD {r['pgd']:.4f}, AutoAttack {r['autoattack']}\")" "$dst" "$(basename "$(dirname "$dst")")/$(basename "$dst" .json)") \
     commit "${files[@]}"

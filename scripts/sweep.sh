@@ -3,7 +3,7 @@
 # weights, plus lambda = 0, one seed each. An experiment re-runs only train-sweep and
 # evaluate-sweep (AT+DRA on that set, validation images of the train split); nothing is
 # re-extracted. Needs a finished `dvc repro` (the cache's target sets: params.yaml extract.t/layer).
-# Writes results/sweep/{runs,probe}.json and sweep.png, and the README's sweep table.
+# Writes results/sweep/{runs,probe}.json and sweep.png, and the sweep table in docs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"

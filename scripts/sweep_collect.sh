@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The finished sweep experiments (scripts/sweep.sh) -> results/sweep/{runs,probe}.json, sweep.png and
-# the README's sweep table. Safe to run while the queue still works: it takes what has finished.
+# the sweep table in docs/results.md. Safe to run while the queue still works: it takes what has finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -15,5 +15,5 @@ print(f"{len(runs)} experiments -> results/sweep/runs.json")
 PYEOF
 cp artifacts/feats.zarr.probe.json results/sweep/probe.json
 python -m pipeline report --sweep results/sweep/runs.json --probe results/sweep/probe.json \
-  --out artifacts/sweep_report --readme README.md#sweep
+  --out artifacts/sweep_report --readme docs/results.md#sweep
 cp artifacts/sweep_report/sweep.png results/sweep/sweep.png

@@ -1,4 +1,4 @@
-"""Render results/views/extract.json (scripts/views_ablation.sh) into README.md between the
+"""Render results/views/extract.json (scripts/views_ablation.sh) into docs/results.md between the
 `<!-- views-extract:begin -->` / `<!-- views-extract:end -->` lines: storage and extraction time
 per image at K = 1, 4 and all, with ratios to K = 1 (all measured in one run)."""
 
@@ -24,7 +24,7 @@ def table(res: dict) -> str:
     return "\n".join(lines) + f"\n\nMachine: {res['machine']}, 2 cores. {base['note']}."
 
 
-def main(readme: Path = ROOT / "README.md") -> None:
+def main(readme: Path = ROOT / "docs" / "results.md") -> None:
     res = json.loads((ROOT / "results" / "views" / "extract.json").read_text())
     text = readme.read_text()
     begin, end = "<!-- views-extract:begin -->", "<!-- views-extract:end -->"
@@ -34,4 +34,4 @@ def main(readme: Path = ROOT / "README.md") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "README.md")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "results.md")
