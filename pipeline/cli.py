@@ -258,6 +258,19 @@ def _cache_verify(store: str, digest: Annotated[str | None, typer.Option(
     print(f"{store}: ok")
 
 
+@cache_app.command("probe")
+def _cache_probe(store: str, out: Annotated[str, typer.Option(
+        help="the JSON file to write (a DVC metric); a file there that is not a probe is refused")]) -> None:
+    """The linear probe the store records (accuracy per (t, layer) target set) as a JSON file:
+    extract writes nothing beside a store."""
+    from pipeline.cache.probe import export_probe
+    from pipeline.cache.store import probe_table
+
+    record = export_probe(store, out)
+    print("\n".join(probe_table(record)))
+    print(f"{store}: probe -> {out}")
+
+
 def _close_bars() -> None:
     """End open progress bars with a newline, so that an error line starts a line of its own."""
     tq = sys.modules.get("tqdm.std")

@@ -13,7 +13,7 @@ runs = collect(json.load(open("/tmp/sweep-exp-show.json")))
 open("results/sweep/runs.json", "w").write(json.dumps(runs, indent=2) + "\n")
 print(f"{len(runs)} experiments -> results/sweep/runs.json")
 PYEOF
-cp artifacts/feats.zarr.probe.json results/sweep/probe.json
+python -m pipeline cache probe artifacts/feats.zarr --out results/sweep/probe.json  # the probe the store records
 python -m pipeline report --sweep results/sweep/runs.json --probe results/sweep/probe.json \
   --out artifacts/sweep_report --readme docs/results.md#sweep
 cp artifacts/sweep_report/sweep.png results/sweep/sweep.png

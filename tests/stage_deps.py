@@ -10,7 +10,10 @@ runs, so editing them must not re-run the stage.
     python tests/stage_deps.py train     # print the list for one stage
     python tests/stage_deps.py --write   # rewrite every stage's code deps in dvc.yaml
 
-A stage named ``COMMAND-SUFFIX`` (``train-sweep``) runs ``python -m pipeline COMMAND``.
+A stage named ``COMMAND-SUFFIX`` (``train-sweep``) runs ``python -m pipeline COMMAND``. A stage
+that runs a sub-command of the CLI (``probe``: ``python -m pipeline cache probe``) is listed in
+``SUBCOMMANDS``; its files are the CLI entry, the imports of that sub-command's function in cli.py
+(lazy: they are the command's code) and their module-level imports.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ["pipeline/__init__.py", "pipeline/__main__.py", "pipeline/cli.py"]
+# DVC stages that run a sub-command instead of a stage: stage name -> `python -m pipeline` words
+SUBCOMMANDS = {"probe": "cache probe"}
 
 
 def _module_file(name: str) -> str | None:
@@ -34,9 +39,9 @@ def _module_file(name: str) -> str | None:
     return None
 
 
-def _imports(path: str, *, lazy: bool) -> set[str]:
-    """Project files imported by one file (module level only unless lazy)."""
-    tree = ast.parse((ROOT / path).read_text())
+def _imports(path: str, *, lazy: bool, tree: ast.AST | None = None) -> set[str]:
+    """Project files imported by one file (module level only unless lazy), or by one node of it."""
+    tree = tree or ast.parse((ROOT / path).read_text())
     nodes = ast.walk(tree) if lazy else iter(tree.body)
     found: set[str] = set()
     for node in nodes:
@@ -56,11 +61,26 @@ def _imports(path: str, *, lazy: bool) -> set[str]:
     return found
 
 
+def _subcommand(group: str, name: str) -> ast.FunctionDef:
+    """The function in cli.py decorated with ``@{group}_app.command("{name}")``."""
+    for node in ast.walk(ast.parse((ROOT / "pipeline/cli.py").read_text())):
+        for deco in getattr(node, "decorator_list", []):
+            if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "command"
+                    and isinstance(deco.func.value, ast.Name) and deco.func.value.id == f"{group}_app"
+                    and deco.args and getattr(deco.args[0], "value", None) == name):
+                return node
+    raise KeyError(f"pipeline/cli.py has no command {group} {name}")
+
+
 def stage_files(stage: str) -> list[str]:
-    """Sorted project files that `python -m pipeline STAGE` imports."""
-    stage_file = f"stages/{stage}.py"
-    todo = list(ENTRY) + ["stages/__init__.py", stage_file]
-    todo += sorted(_imports(stage_file, lazy=True))
+    """Sorted project files that `python -m pipeline STAGE` (or a sub-command, "cache probe") imports."""
+    if " " in stage:
+        fn = _subcommand(*stage.split(" ", 1))
+        todo = list(ENTRY) + sorted(_imports("pipeline/cli.py", lazy=True, tree=fn))
+    else:
+        stage_file = f"stages/{stage}.py"
+        todo = list(ENTRY) + ["stages/__init__.py", stage_file]
+        todo += sorted(_imports(stage_file, lazy=True))
     seen: set[str] = set()
     while todo:
         f = todo.pop()
@@ -73,8 +93,9 @@ def stage_files(stage: str) -> list[str]:
 
 def command(stage: str) -> str:
     """The `python -m pipeline` command a dvc.yaml stage runs: its name up to the first "-"
-    (`train-sweep` runs `train`)."""
-    return stage.split("-", 1)[0]
+    (`train-sweep` runs `train`), or its sub-command (`probe` runs `cache probe`)."""
+    name = stage.split("-", 1)[0]
+    return SUBCOMMANDS.get(name, name)
 
 
 def write_dvc_yaml(path: Path = ROOT / "dvc.yaml") -> None:

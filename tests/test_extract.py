@@ -98,7 +98,7 @@ def test_store_follows_the_contract(store, fmnist_shards):
     x = cache.part("train", cache.targets[1]).read(np.arange(200), np.zeros(200, int)).reshape(200, -1)
     assert probe["sets"][1]["probe_accuracy"] == round(
         linear_probe(x[:160], train.labels[:160], x[160:], train.labels[160:]), 6)
-    assert json.loads((store.parent / f"{store.name}.probe.json").read_text()) == {"store": store.name, **probe}
+    assert [p.name for p in store.parent.iterdir()] == [store.name]  # nothing written beside the store
     f = train.read_chunk(0).astype(np.float32)
     assert np.isfinite(f).all() and f.std() > 0
     assert not np.allclose(f[:, 0], f[:, 1])  # different views give different targets
@@ -392,24 +392,31 @@ def test_a_shard_lost_in_writing_never_leaves_a_complete_store(tmp_path, model_d
     assert verify_cache(str(out)) == []
 
 
-def test_each_store_keeps_its_own_probe_and_a_foreign_file_is_never_overwritten(tmp_path, model_dir, fmnist_shards,
-                                                                                capsys):
+def test_nothing_beside_the_store_and_cache_probe_never_overwrites_a_foreign_file(tmp_path, model_dir, fmnist_shards,
+                                                                                 capsys):
+    """Two stores in one folder: extract writes nothing beside them; `cache probe STORE --out FILE`
+    writes each store's probe (its attributes, with the digest), replaces its own file, and refuses
+    a user's file, which stays as it was."""
     from reliability_helpers import assert_one_error_line, run_cli
 
+    from pipeline.cli import main
+
     common = dict(synthetic="", limit=24, t="100", layer="mid_block", views=2)
-    for name in ("a.zarr", "b.zarr"):  # two stores in one folder: two probes
-        extract.run(config(model_dir, fmnist_shards, "", tmp_path / name, **common))
     for name in ("a.zarr", "b.zarr"):
-        probe = json.loads((tmp_path / f"{name}.probe.json").read_text())
-        assert probe["store"] == name and probe["sets"] == open_cache(str(tmp_path / name)).attrs["probe"]["sets"]
-    assert not (tmp_path / "probe.json").exists()
-    extract.run(config(model_dir, fmnist_shards, "", tmp_path / "a.zarr", **common))  # its own probe: rewritten
-    mine = tmp_path / "c.zarr.probe.json"
+        extract.run(config(model_dir, fmnist_shards, "", tmp_path / name, **common))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
+    for name in ("a.zarr", "b.zarr"):
+        attrs = open_cache(str(tmp_path / name)).attrs
+        for _ in range(2):  # the second run replaces its own file
+            main(["cache", "probe", str(tmp_path / name), "--out", str(tmp_path / "m" / f"{name}.json")])
+            assert "t \\ layer" in capsys.readouterr().out
+        probe = json.loads((tmp_path / "m" / f"{name}.json").read_text())
+        assert probe == {"store": str(tmp_path / name), "digest": attrs["digest"], **attrs["probe"]}
+    mine = tmp_path / "notes.json"
     mine.write_text("a user's notes\n")
-    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", fmnist_shards, "--synthetic", "",
-                                    "--out", tmp_path / "c.zarr", "--limit", "24"])
-    assert "is not this store's probe" in assert_one_error_line(code, err)
-    assert mine.read_text() == "a user's notes\n" and not (tmp_path / "c.zarr").exists()
+    code, _, err = run_cli(capsys, ["cache", "probe", tmp_path / "a.zarr", "--out", mine])
+    assert "is not a probe file" in assert_one_error_line(code, err)
+    assert mine.read_text() == "a user's notes\n"
 
 
 @pytest.mark.parametrize("flags,words", [

@@ -238,7 +238,7 @@ def test_a_sweep_point_is_a_dvc_experiment_that_reruns_only_the_sweep_stages(qui
     (tmp_path / "runs.json").write_text(json.dumps(collect(shown)))
     env = dict(os.environ, PYTHONPATH=str(quick_run))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "report", "--sweep", str(tmp_path / "runs.json"),
-                           "--probe", str(quick_run / "artifacts" / "feats.zarr.probe.json"), "--out", str(tmp_path / "r")],
+                           "--probe", str(quick_run / "artifacts" / "probe.json"), "--out", str(tmp_path / "r")],
                           cwd=quick_run, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "r" / "report.md").read_text()

@@ -5,9 +5,7 @@ linear probe of every target set."""
 from __future__ import annotations
 
 import contextlib
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,29 +27,11 @@ from pipeline.diffusion.model import load_model
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
 
-PROBE = ".probe.json"
-
-
-def probe_path(out: str) -> Path | None:
-    """The probe's metrics file: ``OUT.probe.json`` beside a local store (one per store, so two
-    stores in one folder keep their own; a DVC metric); None for a URL (the store's attributes
-    hold the probe either way)."""
-    local = storage.local_path(out)
-    return None if local is None else Path(local).resolve().with_name(Path(local).name + PROBE)
-
-
 def check_config(cfg: ExtractConfig) -> None:
+    """Flags and --out; nothing is written outside --out (the probe goes into the store's attributes:
+    ``cache probe STORE --out FILE`` writes it where a user or DVC wants it)."""
     cfg.validate()
     check_out(cfg.out, folder=True, urls=True)
-    path = probe_path(cfg.out)
-    if path is not None and (path.is_symlink() or path.exists()):
-        try:
-            ours = path.is_file() and not path.is_symlink() and json.loads(path.read_text()).get("store") == path.name.removesuffix(PROBE)
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise UserError(f"{path}: exists and is not this store's probe (extract writes its probe there); "
-                            "move it or choose another --out")
 
 
 def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
@@ -105,7 +85,7 @@ def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit
     return out
 
 
-def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
+def compute_probe(writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
     """A linear probe on the identity view of every target set, fitted on the first 80% of the train
     part's rows and scored on the other 20%: the cheap proxy for choosing t and layer, so it never
     looks at the test set. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
@@ -121,9 +101,6 @@ def write_probe(cfg: ExtractConfig, writer: CacheWriter, inits: dict[str, PartIn
     probe = {"probe_accuracy": sets[0]["probe_accuracy"], "t": targets[0].t, "layer": targets[0].layer,
              "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)",
              "n_fit": n_fit, "n_held_out": train.n - n_fit, "sets": sets}
-    path = probe_path(cfg.out)
-    if path is not None:
-        storage.atomic_write(path, json.dumps({"store": path.name.removesuffix(PROBE), **probe}, indent=2) + "\n")
     return probe
 
 
@@ -226,7 +203,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     if dist.rank == 0:
         for name in inits:
             writer.finalize_part(name)
-        probe = write_probe(cfg, writer, inits)
+        probe = compute_probe(writer, inits)
         writer.finalize({"probe": probe})
         result["probe"] = probe
         print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}' for n, p in inits.items())} (rows x views) x "
