@@ -8,7 +8,7 @@ DATA := data/fashion-mnist
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup pipeline test data lint bench
+.PHONY: setup pipeline test check-results data lint bench
 
 setup: $(VENV)/.installed $(DATA)/train-images-idx3-ubyte.gz
 
@@ -33,8 +33,14 @@ pipeline: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro  # `python` in dvc.yaml cmds: the venv
 	@echo "report: artifacts/report/report.md"
 
+# the three tiers, each reported on its own (pyproject.toml: markers); all must pass
 test: setup
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m 'e2e and not slow'
+	$(MAKE) --no-print-directory check-results
+
+check-results: setup
+	$(PY) -m pytest -q -m results
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests scripts

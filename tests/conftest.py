@@ -21,6 +21,14 @@ FMNIST = ROOT / "data" / "fashion-mnist"
 set_suite_threads()  # TEST_THREADS (default 2), also for the CLI processes the tests start
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tiers (pyproject.toml): a test that needs the DVC repository of the quick profile
+    (``quick_run``: `dvc repro`, experiments) is end-to-end."""
+    for item in items:
+        if "quick_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def fmnist_dir() -> Path:
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():

@@ -34,6 +34,7 @@ def tiny(fmnist_dir, tmp_path, **kw) -> BenchConfig:
     return BenchConfig(**{**base, **kw})
 
 
+@pytest.mark.e2e
 def test_tiny_bench_reports_every_figure(fmnist_dir, tmp_path, capsys):
     res = bench.run(tiny(fmnist_dir, tmp_path))
     for key in KEYS:

@@ -62,6 +62,7 @@ def s3_env():
                 os.environ[k] = v
 
 
+@pytest.mark.e2e
 def test_stages_end_to_end_on_s3(s3_env, fmnist_dir, tiny_model_dir, tmp_path):
     store = stages_end_to_end(f"s3://{BUCKET}/{tmp_path.name}", fmnist_dir, tiny_model_dir, tmp_path)
     digest = open_cache(store).attrs["digest"]
