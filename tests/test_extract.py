@@ -133,7 +133,8 @@ def test_recompute_rows_with_diffusers_alone(store):
     """Every target set: the same noise seed at each timestep (the noise is shared across t)."""
     cache = open_cache(str(store))
     a = cache.attrs
-    root = Path(a["model"]["source"])
+    root = Path(cache.model_source)  # recorded relative to the store (a.paths), resolved
+    assert a["paths"] == "relative-to-store" and a["model"]["source"].startswith("../")
     unet = UNet2DModel.from_pretrained(root / "unet").eval()
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     rng = np.random.default_rng(7)
@@ -357,8 +358,8 @@ def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path,
     assert len(combos) == 18  # every distinct view, in each row
     assert [int(part.views[key][5, 0]) for key in ("dx", "dy", "flip")] == [1, 1, 0]  # view 0: the identity
     a = cache.attrs
-    unet = UNet2DModel.from_pretrained(Path(a["model"]["source"]) / "unet").eval()
-    scheduler = DDPMScheduler.from_pretrained(Path(a["model"]["source"]) / "scheduler")
+    unet = UNet2DModel.from_pretrained(Path(cache.model_source) / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(Path(cache.model_source) / "scheduler")
     ss = read_split(part.shards, limit=part.n)
     for n, k in ((3, 17), (20, 9), (11, 0)):
         v = {key: int(part.views[key][n, k]) for key in ("dx", "dy", "flip")}

@@ -57,8 +57,9 @@ def test_extract_stores_the_trained_parts_images_in_row_order(store, fmnist_shar
 
 
 def test_stored_images_are_checked_against_the_splits_records(store, fmnist_shards, tmp_path):
-    """Rows of a whole shard are hashed against its content record; rows of a shard cut by N are
-    compared with the shard itself. Either way a changed image is found."""
+    """Rows of a shard the cache holds whole are hashed against its content record (even when N
+    cuts it: no tar is read); rows of a shard the cache cuts are compared with the shard itself.
+    Either way a changed image is found."""
     fp_path = str(fmnist_shards / "train")
     fp = read_fingerprint(fp_path)
     part = open_cache(str(store)).part("train")
@@ -67,10 +68,12 @@ def test_stored_images_are_checked_against_the_splits_records(store, fmnist_shar
         bad = open_cache(str(_forged(store, tmp_path / str(row), row))).part("train")
         with pytest.raises(UserError, match=f"train {where}: the images, keys or labels the cache stores differ"):
             check_stored_images(bad, fp_path, fp, 256)
-        check_stored_images(bad, fp_path, fp, 4)  # rows training does not use are not its concern
+    with pytest.raises(UserError, match="train rows 0..200: the images"):  # shard 0 is hashed whole
+        check_stored_images(open_cache(str(tmp_path / "5" / "forged.zarr")).part("train"), fp_path, fp, 4)
+    check_stored_images(bad, fp_path, fp, 4)  # rows of shards training does not reach are not its concern
 
 
-def test_training_over_budget_streams_images_and_refuses_forged_ones(store, tmp_path, capsys):
+def test_training_over_budget_streams_images_and_refuses_forged_ones(store, fmnist_shards, tmp_path, capsys):
     rt = Runtime("cpu")
     data = trainer.open_data(train_cfg(store, tmp_path / "x", memory_budget_mb=0), rt)
     assert data.images == data.mode == "stream" and data.chunked == {"train": 32}
@@ -78,9 +81,9 @@ def test_training_over_budget_streams_images_and_refuses_forged_ones(store, tmp_
     assert trainer.open_data(train_cfg(store, tmp_path / "x"), rt).images == "ram"  # within the budget
     m = train.run(train_cfg(store, tmp_path / "run", memory_budget_mb=0, max_steps=3))
     assert m["image_mode"] == "stream" and m["target_mode"] == "stream" and m["budget"]["steps"] == 3
-    bad = _forged(store, tmp_path / "forged", 5)
+    bad = _forged(store, tmp_path / "forged", 5)  # a copy elsewhere: its split is named with --real-shards
     code, _, err = run_cli(capsys, ["train", "--cache", bad, "--out", tmp_path / "refused", "--memory-budget-mb", "0",
-                                    "--real-limit", "0", "--max-steps", "1"])
+                                    "--real-limit", "0", "--max-steps", "1", "--real-shards", fmnist_shards / "train"])
     assert "the images, keys or labels the cache stores differ" in assert_one_error_line(code, err)
     assert not (tmp_path / "refused").exists()
     # --no-verify trusts the store (documented): the check is part of the verification

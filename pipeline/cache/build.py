@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import pipeline
 from pipeline.cache.config import MIN_ROWS, ExtractConfig
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
-from pipeline.cache.store import IMAGES, NORMALISATION, CacheWriter, PartInit, probe_table
+from pipeline.cache.store import IMAGES, NORMALISATION, PATHS, CacheWriter, PartInit, probe_table, record_path
 from pipeline.cache.targets import TargetSpec, targets_attrs
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
@@ -53,7 +54,7 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
     rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
     noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
-    attrs = {"shards": ss.path, "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
+    attrs = {"shards": record_path(cfg.out, ss.path), "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
                                                  "shards_digest": fp.get("shards_digest"),
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
@@ -133,8 +134,10 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     for name, path in dirs.items():
         ss = read_split(path, limit=cfg.limit)
         inits[name], images[name] = part_init(name, ss, ks[name], targets, cfg), ss.images
-    plan = {"model": {"source": str(cfg.model), "weights_sha256": model.weights_sha256,
-                      "num_classes": model.num_classes, "null_class": model.null_class},
+    # paths relative to the store (a store moved with its inputs still finds them); a hub id as it is
+    source = record_path(cfg.out, cfg.model) if Path(cfg.model).expanduser().exists() else str(cfg.model)
+    plan = {"paths": PATHS, "model": {"source": source, "weights_sha256": model.weights_sha256,
+                                      "num_classes": model.num_classes, "null_class": model.null_class},
             **extractor.settings(), **targets_attrs(targets), "image_size": model.image_size, "in_channels": model.in_channels,
             "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
             "code_version": pipeline.__version__, "compressor": cfg.compressor, "images": cfg.images,

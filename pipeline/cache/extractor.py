@@ -206,10 +206,10 @@ class FeatureExtractor:
         """Rebuild the extractor of one of a cache's target sets (train --online); refuses other weights."""
         from pipeline.diffusion.model import load_model  # lazy: only the online mode needs the model
 
-        a = cache.attrs
-        model = load_model(a["model"]["source"], device=device)
+        a, source = cache.attrs, cache.model_source  # a folder relative to the store, or a hub id
+        model = load_model(source, device=device)
         if model.weights_sha256 != a["model"]["weights_sha256"]:
-            raise UserError(f"model {a['model']['source']}: weights differ from those the cache was built with")
+            raise UserError(f"model {source}: weights differ from those the cache was built with")
         cond = a["condition"]
         if cond == "none" and model.num_classes is not None:
             raise UserError("the cache was built unconditionally but the model is class-conditional")
@@ -217,6 +217,6 @@ class FeatureExtractor:
                   condition=cond if model.num_classes is not None else "null")
         made = ext.target_specs(model.image_size, model.in_channels)[0]
         if made != target:
-            raise UserError(f"model {a['model']['source']}: gives {made.name} targets of shape {made.shape}, "
+            raise UserError(f"model {source}: gives {made.name} targets of shape {made.shape}, "
                             f"the cache holds {target.shape}")
         return ext

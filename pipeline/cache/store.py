@@ -23,6 +23,14 @@ afterwards, one chunk per shard (so writers never share a file either). Every ta
 part has the same rows per shard, so one job computes shard ``s`` of every set that lacks it.
 ``complete: true`` is the last attribute written, and ``open_cache`` refuses a store without it.
 
+Paths (relocatable stores): the root attribute ``paths: "relative-to-store"`` says that every path
+the store records (each part's ``shards``, the image split it was made from; ``model.source``, the
+diffusion model folder) is relative to the store itself when it starts with ``./`` or ``../``
+(``../shards/real/train`` beside ``artifacts/feats.zarr``), so a store moved or copied together with
+them still finds them; an absolute path, a URL of another file system or a hub id (``owner/name``)
+is recorded as it is (``record_path``, ``resolve_path``). A store without the attribute (made before
+it existed, same format) records paths as given to extract: relative to the folder it ran in.
+
 Integrity (a cache is input from a stranger): at the end, ``manifest`` records the sha256 of every
 file of the store but the root ``zarr.json`` (array metadata and part attributes included), and
 ``digest`` is the sha256 of the root attributes with the manifest (all but ``digest`` and
@@ -41,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +64,14 @@ from zarr.storage import LocalStore
 
 from pipeline.cache.targets import DTYPE, TargetSpec, select, targets_from_attrs
 from pipeline.core.errors import UserError
+from pipeline.core.storage import local_path
 from pipeline.core.views import record_problem, spec_from_dict
 
 FORMAT = "dra-feature-cache/3"  # 3: several (t, layer) target sets; 2: manifest + digest
 OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata",
                "dra-feature-cache/2": "it holds one target set in another layout"}
 ROOT_META = "zarr.json"  # holds the manifest itself; covered by the digest instead
+PATHS = "relative-to-store"  # root attribute ``paths``: recorded relative paths start at the store
 PARTS = ("train", "synthetic", "test")
 NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
 # Measured on float16 mid_block features of real Fashion-MNIST (6000 x 4 views x 64, default-size
@@ -162,6 +173,38 @@ def _open_group(url: str, mode: str) -> zarr.Group:
         raise UserError(f"{url}: the back-end for this URL is not installed ({exc})") from None
     except (FileNotFoundError, json.JSONDecodeError, *MALFORMED) as exc:
         raise UserError(f"{url}: not a readable feature cache ({type(exc).__name__}: {exc})") from None
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(scheme, path after ``://``) of a URL; ("", absolute local path) of a local path or file:// URL."""
+    local = local_path(url)
+    if local is not None:
+        return "", os.path.abspath(os.path.expanduser(local))
+    scheme, rest = str(url).split("://", 1)
+    return scheme, rest
+
+
+def record_path(store: str, path: str) -> str:
+    """How a store at ``store`` records ``path`` (an image split, the model folder): relative to the
+    store, starting with ``./`` or ``../``, when both are local or on one URL scheme and bucket;
+    otherwise absolute (a local path made absolute, or the URL as it is)."""
+    (s_scheme, s_path), (p_scheme, p_path) = _split_url(store), _split_url(path)
+    if s_scheme != p_scheme or (s_scheme and s_path.split("/", 1)[0] != p_path.split("/", 1)[0]):
+        return p_path if not p_scheme else str(path)
+    rel = (os.path.relpath if not s_scheme else posixpath.relpath)(p_path, s_path)
+    return rel if rel.startswith("..") else f"./{rel}"
+
+
+def resolve_path(store: str, recorded: str, relative: bool) -> str:
+    """A path a store records, as a path or URL to open: ``./`` and ``../`` paths of a store that
+    records paths relative to itself (``relative``) start at the store; anything else as recorded."""
+    if not relative or not str(recorded).startswith(("./", "../")):
+        return str(recorded)
+    scheme, path = _split_url(store)
+    if not scheme:
+        local = str(local_path(store))  # as the user gave it: a relative store stays relative
+        return os.path.normpath(os.path.join(local, recorded))
+    return f"{scheme}://{posixpath.normpath(posixpath.join(path, recorded))}"
 
 
 def set_path(part: str, target: TargetSpec | str) -> str:
@@ -409,7 +452,7 @@ class CachePart:
     on demand."""
 
     def __init__(self, group: zarr.Group, name: str, target: TargetSpec, manifest: dict | None = None,
-                 view_spec: dict | None = None) -> None:
+                 view_spec: dict | None = None, resolve: Any = str) -> None:
         self.name, self._g, self.target = name, group, target
         self.view_spec = spec_from_dict(view_spec)
         self._manifest = manifest or {}  # the verified files: one that disappears is refused when read
@@ -421,7 +464,8 @@ class CachePart:
         self.shape: tuple[int, ...] = target.shape  # of one target
         self.d = target.size
         self.rows_per_chunk = int(a["rows_per_chunk"])
-        self.shards = a.get("shards", "")
+        # the image split this part was made from, as a path to open ("" when not recorded)
+        self.shards = resolve(a["shards"]) if isinstance(a.get("shards"), str) and a["shards"] else ""
         self.fingerprint = a.get("fingerprint", {})
         self.has_images = a.get(IMAGES) is True  # the part stores its images (layout checked by FeatureCache.part)
 
@@ -507,6 +551,19 @@ class FeatureCache:
         self.parts: list[str] = [p for p in PARTS if p in group.group_keys()]
         self._parts: dict[tuple[str, str], CachePart] = {}
 
+    def resolve(self, recorded: str) -> str:
+        """A path the store records, to open from here (relative to the store where it says so)."""
+        return resolve_path(self.url, recorded, self.attrs.get("paths") == PATHS)
+
+    @property
+    def model_source(self) -> str:
+        """The diffusion model the store was made with: a folder (resolved) or a hub id."""
+        model = self.attrs.get("model")
+        source = model.get("source") if isinstance(model, dict) else None
+        if not isinstance(source, str) or not source:
+            raise UserError(f"{self.url}: records no diffusion model (model.source)")
+        return self.resolve(source)
+
     @functools.cached_property
     def _targets(self) -> tuple[list[TargetSpec], TargetSpec]:
         return targets_from_attrs(self.attrs)
@@ -539,7 +596,7 @@ class FeatureCache:
             manifest = self.attrs.get("manifest")
             self._parts[(name, target.name)] = CachePart(self._g[name], name, target,
                                                          manifest if isinstance(manifest, dict) else None,
-                                                         self.attrs.get("view_spec"))
+                                                         self.attrs.get("view_spec"), self.resolve)
         return self._parts[(name, target.name)]
 
     def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
@@ -571,13 +628,20 @@ class FeatureCache:
         if list(theirs.get("image_shape", [])) != list(fp.get("image_shape", [])):
             raise UserError(f"{where}: image shape {theirs.get('image_shape')} differs from the cache's "
                             f"{fp.get('image_shape')}")
+        self.check_setup(view_spec=view_spec, image_size=image_size, where=where)
+
+    def check_setup(self, *, view_spec: dict | None = None, image_size: int | None = None,
+                    where: str | None = None) -> None:
+        """The training setup a user asked for is the cache's: image size, normalisation, and each
+        field of ``view_spec`` given (a field left out is the cache's, e.g. {"pad": 4})."""
+        where = where or self.url
         if image_size is not None and int(image_size) != int(self.attrs["image_size"]):
             raise UserError(f"{where}: image size {image_size} differs from the cache's {self.attrs['image_size']}")
         if self.attrs.get("normalisation") != NORMALISATION:
             raise UserError(f"{self.url}: unknown normalisation {self.attrs.get('normalisation')!r}")
-        if view_spec is not None and dict(view_spec) != dict(self.attrs["view_spec"]):
-            raise UserError(f"{where}: augmentation spec {view_spec} differs from the cache's "
-                            f"{self.attrs['view_spec']}")
+        theirs = dict(self.attrs["view_spec"])
+        if view_spec is not None and any(theirs.get(k) != v for k, v in dict(view_spec).items()):
+            raise UserError(f"{where}: augmentation spec {view_spec} differs from the cache's {theirs}")
 
 
 ROOT_KEYS = {"zarr_format": 3, "node_type": "group"}  # and "attributes": all a root zarr.json may hold
@@ -854,7 +918,8 @@ def cache_info(url: str) -> str:
     lines = [f"store:      {url}",
              f"complete:   {a.get('complete', False)}",
              f"digest:     {a.get('digest', '-')} (sha256 of the attributes and the manifest of every file)",
-             f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)",
+             f"model:      {model.get('source')} (weights sha256 {str(model.get('weights_sha256'))[:16]}...)"
+             + (" (paths relative to the store)" if a.get("paths") == PATHS else ""),
              f"extraction: timesteps={a.get('timesteps')} layers={a.get('layers')} pooling={a.get('pooling')} "
              f"draws={a.get('draws')} condition={a.get('condition')} noise={a.get('noise')} seed={a.get('seed')}",
              f"targets:    {sets}",

@@ -3,8 +3,11 @@
 ``load_part`` opens what one cache part's rows need: the images and the per-row view records. A
 part extracted with its images (the default) serves them from the cache, after checking them
 against the image split's per-shard content hashes: in RAM, or streamed chunk by chunk with the
-targets of the same rows. A part without them reads the image shards it names into RAM, refused
-unless they match the cache (``cache.check_against`` plus a join by key). The features come from
+targets of the same rows. Where the split the cache records is not reachable (a store shared or
+moved alone), the stored images are used as they are, vouched for by the store's manifest and
+digest only (``PartData.image_check`` says which check held, ``image_note`` says it in one line).
+A part without them reads the image shards it names into RAM, refused unless they match the
+cache (``cache.check_against`` plus a join by key). The features come from
 a target reader (in RAM or streamed). ``plan_memory`` decides what streams: everything, once
 images and features together exceed the memory budget.
 
@@ -30,6 +33,7 @@ from pipeline.core.shards import (
     read_fingerprint,
     read_split,
     shards_digest,
+    split_exists,
 )
 from pipeline.core.views import ViewSpec, apply_views, fresh_views
 from pipeline.train.sampler import (
@@ -42,6 +46,10 @@ from pipeline.train.sampler import (
 
 WINDOW = 4  # chunks per shuffle window when streaming (the readers keep two windows)
 CHECK_ROWS = 4096  # rows per read while the stored images are hashed (bounded memory)
+SHARDS_FLAG = {"train": "--real-shards", "synthetic": "--synthetic-shards"}  # train's flag per part
+# how a part's images were checked: against the split's per-shard records; by the store's manifest and
+# digest only (split not reachable); read from the split itself (no stored images); not at all (--no-verify)
+IMAGE_CHECKS = ("split", "store", "shards", "off")
 
 
 @dataclass
@@ -56,6 +64,8 @@ class PartData:
     flip: np.ndarray
     noise_seed: np.ndarray  # (n, K) int64
     reader: Any = None  # InMemoryTargets | StreamingTargets | None (no DRA or online)
+    image_check: str = "split"  # one of IMAGE_CHECKS
+    shards: str = ""  # the image split checked against or read ("" when not reachable)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -78,9 +88,9 @@ def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
 
     The split's fingerprint lists its shards with a content hash each (keys, pixels, labels); the
     cache's fingerprint of the split was compared already (``check_fingerprint``). Each shard
-    within [0, n) is hashed from the cache's rows, read a few thousand at a time; a shard cut by
-    ``n`` (or without a content record) is read from the split and compared row by row. Memory:
-    one shard at most.
+    that [0, n) reaches is hashed from the cache's rows, read a few thousand at a time (the whole
+    shard, when the cache holds it whole); a shard the cache cuts (or without a content record) is
+    read from the split and compared row by row. Memory: one shard at most.
     """
     records = fp.get("shards")
     if not isinstance(records, list) or fp.get("shards_digest") != shards_digest(records):
@@ -93,7 +103,10 @@ def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise UserError(f"{path}: malformed shard record in the fingerprint: {str(rec)[:120]}")
         b = a + count
-        if b <= n and isinstance(rec.get("content"), str):
+        # a shard the cache holds whole is hashed from its rows, even when n cuts it: the split's
+        # tar is read only for a shard the cache itself cuts (extract --limit)
+        whole = b <= part.n and isinstance(rec.get("content"), str)
+        if whole:
             blocks = (part.read_images(x, min(x + CHECK_ROWS, b)) for x in range(a, b, CHECK_ROWS))
             same = content_hash(part.read_keys(a, b), blocks, np.asarray(part.labels[a:b])) == rec["content"]
         else:
@@ -102,38 +115,70 @@ def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
             same = (keys[:m] == part.read_keys(a, a + m) and np.array_equal(labels[:m], part.labels[a:a + m])
                     and np.array_equal(images[:m], part.read_images(a, a + m)))
         if not same:
-            raise UserError(f"{part.name} rows {a}..{min(b, n)}: the images, keys or labels the cache stores differ "
-                            f"from {path}/{rec.get('name')}; refusing the cache")
+            raise UserError(f"{part.name} rows {a}..{b if whole else min(b, n)}: the images, keys or labels the cache "
+                            f"stores differ from {path}/{rec.get('name')}; refusing the cache")
         a = b
 
 
-def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: dict,
+def image_note(name: str, data: PartData, digest: str, flag: str = "") -> str | None:
+    """One line saying which guarantee a part's stored images have when their split was not
+    reachable (None otherwise). ``flag``: what names the split (default: train's flag)."""
+    if data.image_check != "store":
+        return None
+    flag = flag or SHARDS_FLAG.get(name, "the split's folder")
+    return (f"note: cache part {name!r}: its image split is not reachable here; using the images the cache "
+            f"stores, vouched for only by the store's manifest and digest {digest[:16]}...: compare the digest "
+            f"with one from a channel you trust (`cache verify --digest`), or pass {flag} to check them "
+            "against their split")
+
+
+def _split_fingerprint(cache: Any, name: str, path: str, *, given: bool) -> dict | None:
+    """The fingerprint of the image split at ``path``; None when the split the cache records is not
+    reachable and the part stores its images (a store shared or moved alone). A split the user
+    names (``given``) must be there."""
+    part = cache.part(name)
+    if part.has_images and not given and (not path or not split_exists(path)):
+        return None
+    if not path:
+        raise UserError(f"{cache.url}: part {name!r} does not record its image shards; pass them with "
+                        f"{SHARDS_FLAG.get(name, 'the split folder')}")
+    if not split_exists(path):
+        stored = "" if part.has_images else " and the cache stores no images of this part (extracted with --no-images)"
+        raise UserError(f"image shards of cache part {name!r}: {path} is not a complete shard set (no "
+                        f"fingerprint.json){stored}; pass the split the cache was extracted from with "
+                        f"{SHARDS_FLAG.get(name, 'its shards folder')}")
+    return read_fingerprint(path)  # a malformed one is its own error line
+
+
+def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: dict | None,
               image_size: int | None, target: Any = None, stream: bool = False,
               verify: bool = True) -> tuple[PartData, Any]:
     """Images and view records of one cache part, checked against the cache. No features yet
     (``target``: the target set the returned part reads; default: the cache's default set).
 
     A part that stores its images: ``verify`` hashes them against the split's records first (off:
-    trust the store), then ``stream`` reads them chunk by chunk (else all n into RAM)."""
+    trust the store; split not reachable and not ``shards_dir``: the store's manifest and digest
+    vouch for them), then ``stream`` reads them chunk by chunk (else all n into RAM).
+    ``view_spec``: the fields a user asked for (each must be the cache's)."""
     part = cache.part(name, target)
     path = shards_dir or part.shards
-    if not path:
-        raise UserError(f"{cache.url}: part {name!r} does not record its image shards; pass the folder")
     n = part.n if limit <= 0 else min(limit, part.n)
     v = part.views
     views = [np.asarray(v[key][:n]) for key in ("dx", "dy", "flip")]
     seeds = np.asarray(part.noise_seed[:n], np.int64)
+    fp = _split_fingerprint(cache, name, path, given=bool(shards_dir))
     if part.has_images:
-        try:
-            fp = read_fingerprint(path)
-        except UserError as exc:
-            raise UserError(f"image shards of cache part {name!r}: {exc}") from None
-        cache.check_fingerprint(name, fp, path, view_spec=view_spec, image_size=image_size)
-        if verify:
-            check_stored_images(part, path, fp, n)
+        if fp is None:  # the store's own manifest and digest are all that vouch for its images
+            cache.check_setup(view_spec=view_spec, image_size=image_size)
+            path = ""
+        else:
+            cache.check_fingerprint(name, fp, path, view_spec=view_spec, image_size=image_size)
+            if verify:
+                check_stored_images(part, path, fp, n)
+        check = "off" if not verify else "store" if fp is None else "split"
         labels = torch.from_numpy(np.asarray(part.labels[:n], np.int64))
         images = StreamingImages(part, capacity=reader_capacity()) if stream else InMemoryImages(_read_all(part, n))
-        return PartData(name, n, part.k, images, labels, *views, seeds), part
+        return PartData(name, n, part.k, images, labels, *views, seeds, image_check=check, shards=path), part
     try:  # the cache covers the first part.n samples of the split (check_against proves it)
         ss = read_split(path, limit=part.n)
     except UserError as exc:
@@ -144,7 +189,8 @@ def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: 
     if not np.array_equal(labels, np.asarray(part.labels[:n])):
         raise UserError(f"{path}: labels differ from the cache's labels for the same keys")
     images = InMemoryImages(torch.from_numpy(np.ascontiguousarray(ss.images[idx].transpose(0, 3, 1, 2))))
-    return PartData(name, n, part.k, images, torch.from_numpy(labels), *views, seeds), part
+    return PartData(name, n, part.k, images, torch.from_numpy(labels), *views, seeds, image_check="shards",
+                    shards=path), part
 
 
 def _read_all(part: Any, n: int) -> torch.Tensor:

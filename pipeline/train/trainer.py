@@ -29,7 +29,7 @@ from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Runtime, peak_rss_mb
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
-from pipeline.train.data import WINDOW, PartData, assemble, load_part, plan_memory, target_reader
+from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
 from pipeline.train.sampler import MixedSampler, Prefetcher
 from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
@@ -113,6 +113,9 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     for name, (limit, shards) in limits.items():
         p = used[name][0]
         d, _ = load_part(cache, name, shards_dir=shards, limit=limit, stream=stream, **kw)
+        note = image_note(name, d, str(cache.attrs.get("digest")))
+        if note and rt.is_main:
+            print(note)
         if mode == "ram":
             d = replace(d, reader=target_reader(p, d.n, stream=stream))
         parts[name] = d
@@ -144,6 +147,8 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
              "target_mode": data.mode, "image_mode": data.images,
+             # how each part's images were checked: split | store (manifest + digest only) | shards | off
+             "image_check": {d.name: d.image_check for d in (data.real, data.synthetic) if d is not None},
              "probe_accuracy": probe_of(data.cache.attrs.get("probe"), data.target)}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
 
