@@ -27,7 +27,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from pipeline.core.config import field_help
+from pipeline.core.config import field_help, parse_float
 from pipeline.core.errors import UserError
 
 # name -> (config class "module:Class", stage module, one-line help). Nothing is imported here.
@@ -146,14 +146,23 @@ def run_stage(module: str, cfg: Any) -> Any:
         raise Interrupted(getattr(exc, "signum", signal.SIGINT), kept) from None
 
 
+def _float_flag(value: Any) -> float:
+    """Every float flag takes a number or a fraction a/b (``--eps 8/255``); bad input is click's one line."""
+    try:
+        return parse_float(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _make_command(cls: type, module: str) -> Callable[..., None]:
     params = []
     for name, _path, typ, default, note in _flags(cls):
         cli_typ, cli_default = _cli_type(typ, default)
         # "N|all": a count or every distinct view (extract's --views, --views-synthetic)
         metavar = "N|all" if name.startswith("views") and typ is str else None
+        option = typer.Option(help=note, metavar=metavar, parser=_float_flag if cli_typ is float else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=cli_default,
-                                        annotation=Annotated[cli_typ, typer.Option(help=note, metavar=metavar)]))
+                                        annotation=Annotated[cli_typ, option]))
 
     def command(**values: Any) -> None:
         run_stage(module, build_config(cls, values))

@@ -32,6 +32,7 @@ from pipeline.core.runtime import Dist
 from pipeline.evaluate import robust
 from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
 from pipeline.evaluate.inputs import (
+    attack_budget,
     check_config,
     load_test_images,
     metrics_path,
@@ -47,6 +48,7 @@ def run(cfg: EvaluateConfig) -> dict:
     dist = Dist()
     device = pick_device(cfg.device, dist)
     model, mcfg = load_classifier(cfg.checkpoint, device=device)
+    eps, eps_source = attack_budget(cfg.eps, mcfg, cfg.checkpoint)  # --eps, or the training eps
     shape = (int(mcfg["in_channels"]), int(mcfg["image_size"]), int(mcfg["image_size"]))
     # every process reads and checks all N images, so bad input is refused by all of them alike
     x, y = load_test_images(cfg.shards, cfg.n, shape, int(mcfg["num_classes"]), offset=cfg.offset,
@@ -55,7 +57,7 @@ def run(cfg: EvaluateConfig) -> dict:
     lo, hi = robust.split_range(n, dist.rank, dist.world)
     xs, ys = x[lo:hi].to(device), y[lo:hi].to(device)
     torch.manual_seed(cfg.seed)
-    alpha = cfg.pgd_step_size or 2.5 * cfg.eps / cfg.pgd_steps
+    alpha = cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps
     bs, timings = cfg.batch_size, {}
 
     def timed(name: str, fn):  # noqa: ANN001, ANN202 - tiny local helper
@@ -68,12 +70,12 @@ def run(cfg: EvaluateConfig) -> dict:
     checks = robust.model_checks(model, xc, yc) if dist.is_main else {}
     clean = timed("clean", lambda: robust.clean_correct(model, xs, ys, batch_size=bs))
     pgd_ok, pgd_stats = timed("pgd", lambda: robust.pgd_correct(
-        model, xs, ys, eps=cfg.eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
+        model, xs, ys, eps=eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
         batch_size=bs, seed=cfg.seed, offset=lo, progress=dist.is_main))
     aa_ok, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
     if cfg.autoattack != AutoAttackVersion.none:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
-            model, xs, ys, eps=cfg.eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
+            model, xs, ys, eps=eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
             fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed, progress=dist.is_main))
         attacks += [f"autoattack-{cfg.autoattack.value}:{a}" for a in aa_attacks]
     parts = dist.gather({"clean": clean.cpu(), "pgd": pgd_ok.cpu(), "pgd_stats": pgd_stats,
@@ -93,13 +95,13 @@ def run(cfg: EvaluateConfig) -> dict:
     checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
     big = timed("large_eps", lambda: robust.large_eps_accuracy(model, xc, yc, seed=cfg.seed))
     clean_acc, pgd_acc = int(clean.sum()) / n, int(pgd_ok.sum()) / n  # exact fractions
-    checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=cfg.eps,
+    checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=eps,
                                        pgd_stats=pgd_stats, aa_stats=aa_stats, big_eps_acc=big))
     warnings = robust.failed(checks)
     result = {
         "variant": cfg.name or Path(cfg.checkpoint).name,
         "clean": clean_acc, "pgd": pgd_acc, "autoattack": aa_acc, "n": n, "processes": dist.world,
-        "threat_model": "Linf", "eps": cfg.eps, "attacks": attacks,
+        "threat_model": "Linf", "eps": eps, "eps_source": eps_source, "attacks": attacks,
         "pgd_attack": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": alpha,
                        "loss": "ce", "random_start": True},
         "autoattack_version": cfg.autoattack.value,
@@ -117,7 +119,7 @@ def run(cfg: EvaluateConfig) -> dict:
     write_json(metrics_path(cfg), flat)
     aa_txt = "-" if aa_acc is None else f"{aa_acc:.4f}"
     print(f"{result['variant']}: clean {clean_acc:.4f}  pgd {pgd_acc:.4f}  autoattack {aa_txt}  "
-          f"(n={n}{f', {dist.world} processes' if dist.world > 1 else ''}, eps={cfg.eps}, "
+          f"(n={n}{f', {dist.world} processes' if dist.world > 1 else ''}, eps={eps:.6g} from {eps_source}, "
           f"{result['seconds']:.0f} s) -> {cfg.out}")
     for w in warnings:
         print(f"warning: check failed: {w} (see 'checks' in {cfg.out})")

@@ -58,8 +58,9 @@ def checkpoint(tmp_path_factory, fmnist_shards) -> Path:
 
 
 def _cfg(checkpoint: Path, shards: Path, out: Path, **kw) -> EvaluateConfig:
+    # eps given: this checkpoint is not a `train` run's and records no training eps
     base = dict(checkpoint=str(checkpoint), shards=str(shards / "test"), out=str(out / "at.json"),
-                n=128, pgd_steps=5, pgd_restarts=2, batch_size=64, check_n=64, fast_iters=20)
+                n=128, eps=0.1, pgd_steps=5, pgd_restarts=2, batch_size=64, check_n=64, fast_iters=20)
     return EvaluateConfig(**(base | kw))
 
 

@@ -21,7 +21,7 @@ from pipeline.core.classifiers import load_classifier
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import Runtime
 from pipeline.core.shards import Split, read_split, write_split
-from pipeline.core.views import ViewSpec, apply_view_reference
+from pipeline.core.views import ViewRequest, apply_view_reference
 from pipeline.report.results import read_log
 from pipeline.train import trainer
 from pipeline.train.config import TargetNorm, TrainConfig
@@ -177,7 +177,7 @@ def test_refusals_before_training(store, fmnist_shards, tmp_path, case):
     c = cfg(store, out)
     make = {"other-data": lambda: replace(c, real_shards=str(fmnist_shards / "test")),
          "image-size": lambda: replace(c, image_size=32),
-         "view-spec": lambda: replace(c, view=ViewSpec(pad=4)),
+         "view-spec": lambda: replace(c, view=ViewRequest(pad=4)),
          "missing-shards": lambda: replace(c, real_shards=str(tmp_path / "nowhere")),
          "incomplete": lambda: replace(c, cache=str(_incomplete(store, tmp_path))),
          "no-synthetic-part": lambda: replace(c, cache=str(store), synthetic_fraction=0.5,

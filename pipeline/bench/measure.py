@@ -434,11 +434,10 @@ def build_image_store(work: Path, rows: int, *, seed: int, d: int = 64, k: int =
 
 
 def _image_train_config(cfg: BenchConfig, url: Path, out: Path, budget_mb: int, verify: bool = True) -> TrainConfig:
-    from pipeline.core.views import ViewSpec
-
+    """The store's view spec (pad 4) is read from it, as `train` does."""
     return TrainConfig(cache=str(url), out=str(out), real_limit=0, epochs=1, batch_size=cfg.train_batch_size,
                        attack_steps=cfg.attack_steps, arch=cfg.arch, dra_weight=0.5, memory_budget_mb=budget_mb,
-                       view=ViewSpec(pad=4), device=cfg.device, seed=cfg.seed, verify=verify)
+                       device=cfg.device, seed=cfg.seed, verify=verify)
 
 
 def image_train_child(cfg_json: str, url: str, out: str, budget_mb: int, steps: int) -> None:

@@ -50,6 +50,22 @@ def coerce_enums(cfg: object) -> None:
                                 f"{', '.join(m.value for m in typ)}") from None
 
 
+def parse_float(value: object) -> float:
+    """The value of a float flag: a number (``0.1``, ``1e-3``) or a fraction ``a/b`` of two numbers
+    (``--eps 8/255``, the way perturbation sizes are written). Anything else raises ValueError
+    with a message for the user; finiteness is ``require``'s check."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{value!r} is not a number or a fraction a/b (such as 0.03 or 8/255)") from None
+
+
 MAX_SEED = 2**31  # seeds are combined with ranks and indices (seed * 1000003 + rank) below 2**63
 
 

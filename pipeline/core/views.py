@@ -45,6 +45,24 @@ class ViewSpec:
         return {"kind": "pad-crop-flip", "pad": self.pad, "flip": self.flip, "fill": 0}
 
 
+@dataclass(frozen=True)
+class ViewRequest:
+    """The view spec a reader of a cache asks for (train's ``--view-pad``, ``--view-flip``): a field
+    left unset is the cache's, a field given must equal the cache's (a CIFAR cache at pad 4 trains
+    without repeating it)."""
+
+    pad: int | None = None  # crop offsets 0..2*pad into the zero-padded image (unset: the cache's)
+    flip: bool | None = None  # random horizontal flips too (unset: the cache's)
+
+    def validate(self) -> None:
+        if self.pad is not None:
+            ViewSpec(pad=self.pad).validate()
+
+    def given(self) -> dict:
+        """The fields set, as in ``ViewSpec.to_dict`` (what the cache's spec must match)."""
+        return {k: v for k, v in (("pad", self.pad), ("flip", self.flip)) if v is not None}
+
+
 def spec_from_dict(d: object) -> ViewSpec:
     """The ViewSpec a cache records (``to_dict``); anything else is refused in one line."""
     if (not isinstance(d, dict) or d.get("kind") != "pad-crop-flip" or type(d.get("pad")) is not int

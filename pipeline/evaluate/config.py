@@ -27,7 +27,7 @@ class EvaluateConfig:
     # first image evaluated: a validation slice of the train split (for tuning) starts past every row
     # the checkpoint trained on (an overlapping slice is refused); the test split is read from 0
     offset: int = 0
-    eps: float = 0.1  # Linf budget (Fashion-MNIST convention; CIFAR: 8/255)
+    eps: float = 0.0  # Linf budget, a number or a fraction (8/255); 0: the eps the checkpoint was trained at
     pgd_steps: int = 20  # iterations of each PGD-CE restart
     pgd_restarts: int = 2  # random restarts (a point counts as robust only if it survives all)
     pgd_step_size: float = 0.0  # PGD step size (0: 2.5 * eps / steps, Madry et al.)
@@ -46,7 +46,7 @@ class EvaluateConfig:
         require(self, [
             (self.n > 0, f"--n must be positive, got {self.n}"),
             (self.offset >= 0, f"--offset must be >= 0, got {self.offset}"),
-            (0 < self.eps <= 1, f"--eps must be in (0, 1] (images are in [0, 1]), got {self.eps}"),
+            (0 <= self.eps <= 1, f"--eps must be in [0, 1] (images are in [0, 1]; 0: the eps the checkpoint was trained at), got {self.eps}"),
             (self.pgd_steps >= 1 and self.pgd_restarts >= 1, "--pgd-steps and --pgd-restarts must be >= 1"),
             (self.pgd_step_size >= 0 and min(self.batch_size, self.check_n, self.fast_targets, self.fast_iters) >= 1,
              "--pgd-step-size must be >= 0; --batch-size, --check-n, --fast-targets, --fast-iters >= 1"),

@@ -23,6 +23,22 @@ def check_config(cfg: EvaluateConfig) -> None:
     check_out(str(metrics_path(cfg)), folder=False, flag="--metrics")
 
 
+def attack_budget(requested: float, mcfg: dict, checkpoint: str) -> tuple[float, str]:
+    """(eps, where it came from): ``--eps`` when given, else the eps the checkpoint was trained at
+    (its config.json: ``eps``, or ``train.eps`` of a run from before it was recorded). The threat
+    model is Linf, the only one training uses; a checkpoint recording another is refused."""
+    threat = mcfg.get("threat_model", "Linf")
+    if threat != "Linf":
+        raise UserError(f"{checkpoint}: trained under threat model {threat!r}; evaluate measures Linf robustness")
+    if requested > 0:
+        return float(requested), "--eps"
+    train = mcfg.get("train") if isinstance(mcfg.get("train"), dict) else {}
+    eps = mcfg.get("eps", train.get("eps"))
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1:
+        raise UserError(f"{checkpoint}: records no training eps in (0, 1] (got {eps!r}); pass --eps (e.g. 8/255)")
+    return float(eps), "checkpoint"
+
+
 def metrics_path(cfg: EvaluateConfig) -> Path:
     out = Path(cfg.out)
     return Path(cfg.metrics) if cfg.metrics else out.with_name(out.stem + ".metrics.json")

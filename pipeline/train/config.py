@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pipeline.core.config import Arch, coerce_enums, require
-from pipeline.core.views import ViewSpec
+from pipeline.core.views import ViewRequest
 
 
 class Method(str, Enum):
@@ -63,7 +63,9 @@ class TrainConfig:
     label_smoothing: float = 0.1  # of the cross-entropy terms
     ema_decay: float = 0.995  # EMA of the weights (the saved and evaluated classifier; 0: the live weights)
     image_size: int = 0  # 0: the cache's; otherwise a cache of another size is refused
-    view: ViewSpec = field(default_factory=ViewSpec)  # must equal the cache's augmentation spec
+    # the augmentation (crop padding, flips) and the normalisation are the cache's: a value given
+    # here must equal the cache's (a pad-4 CIFAR cache trains without --view-pad 4)
+    view: ViewRequest = field(default_factory=ViewRequest)
     # a new random crop + flip per sample and step (standard on-the-fly augmentation) instead of the
     # cache's recorded views; plain AT only (no cached target belongs to an unrecorded view)
     fresh_views: bool = False

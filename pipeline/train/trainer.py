@@ -27,6 +27,7 @@ from pipeline.cache.targets import TargetSpec
 from pipeline.core.classifiers import build_classifier
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Runtime, peak_rss_mb
+from pipeline.core.views import ViewSpec, spec_from_dict
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
 from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
@@ -66,6 +67,7 @@ class Data:
     mode: str  # targets: ram | stream | online | none
     chunked: dict = field(default_factory=dict)  # part -> rows per chunk of the chunk-aware order (streaming)
     images: str = "ram"  # ram | stream (read from the cache with the targets) | mixed (a part without stored images)
+    view: ViewSpec = field(default_factory=ViewSpec)  # the cache's augmentation (--fresh-views draws from it)
 
 
 def parts_read(cfg: TrainConfig) -> tuple[str, ...]:
@@ -108,7 +110,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     stream, notes = plan_memory(used, features=mode == "ram", budget_mb=cfg.memory_budget_mb)
     for note in notes if rt.is_main else []:
         print(note)
-    kw = dict(view_spec=cfg.view.to_dict(), image_size=cfg.image_size or None, target=target, verify=cfg.verify)
+    kw = dict(view_spec=cfg.view.given(), image_size=cfg.image_size or None, target=target, verify=cfg.verify)
     parts: dict[str, PartData] = {}
     for name, (limit, shards) in limits.items():
         p = used[name][0]
@@ -126,8 +128,9 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     images = "stream" if all(streamed) else "mixed" if any(streamed) else "ram"
     rpart = used["train"][0]
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
+    view = spec_from_dict(cache.attrs["view_spec"])  # the cache's (open_cache checked it)
     return Data(cache, target, parts["train"], parts.get("synthetic"), mean.to(rt.device), std.to(rt.device),
-                int(cache.attrs["view_spec"]["pad"]), mode, chunked, images)
+                view.pad, mode, chunked, images, view)
 
 
 def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weights, dict]:
@@ -141,6 +144,9 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
+            # what training used, read from the cache (the flags above may leave them unset)
+            "view_spec": data.view.to_dict(), "normalisation": data.cache.attrs.get("normalisation"),
+            "threat_model": "Linf", "eps": cfg.eps,
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
             # content hash of each image split -> its first rows used in training (evaluate refuses them)
             "trained_on": trained_on(data),
@@ -244,7 +250,7 @@ class Trainer:
     def feed(self, epoch: int, start: int) -> Prefetcher:
         """Assembled inputs of the epoch's batches, prepared one or two steps ahead in a thread."""
         d = self.data
-        fresh = (self.cfg.view, self.cfg.seed * 1000003 + self.rt.rank) if self.cfg.fresh_views else None
+        fresh = (d.view, self.cfg.seed * 1000003 + self.rt.rank) if self.cfg.fresh_views else None
         return Prefetcher(self.sampler.batches(epoch, start),
                           lambda b: assemble(b, d.real, d.synthetic, d.pad, fresh), 2)
 
