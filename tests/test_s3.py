@@ -8,6 +8,7 @@ reading the same store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,7 +37,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """A moto S3 server on loopback; env for this process and the CLI processes it starts."""
+    with moto_s3() as env:
+        yield env
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """A moto S3 server on loopback with bucket BUCKET; env for this process and the CLI processes
+    it starts (tests/test_portability.py uses it too)."""
     import fsspec
 
     port = _free_port()
