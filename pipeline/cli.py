@@ -146,12 +146,16 @@ def run_stage(module: str, cfg: Any) -> Any:
         raise Interrupted(getattr(exc, "signum", signal.SIGINT), kept) from None
 
 
-def _float_flag(value: Any) -> float:
-    """Every float flag takes a number or a fraction a/b (``--eps 8/255``); bad input is click's one line."""
-    try:
-        return parse_float(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+def _float_flag(name: str) -> Callable[[Any], float]:
+    """Every float flag takes a number or a fraction a/b (``--eps 8/255``); bad input is click's one
+    line, naming the flag."""
+    def parse(value: Any) -> float:
+        try:
+            return parse_float(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'--{name.replace('_', '-')}'") from None
+
+    return parse
 
 
 def _make_command(cls: type, module: str) -> Callable[..., None]:
@@ -160,7 +164,7 @@ def _make_command(cls: type, module: str) -> Callable[..., None]:
         cli_typ, cli_default = _cli_type(typ, default)
         # "N|all": a count or every distinct view (extract's --views, --views-synthetic)
         metavar = "N|all" if name.startswith("views") and typ is str else None
-        option = typer.Option(help=note, metavar=metavar, parser=_float_flag if cli_typ is float else None)
+        option = typer.Option(help=note, metavar=metavar, parser=_float_flag(name) if cli_typ is float else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=cli_default,
                                         annotation=Annotated[cli_typ, option]))
 

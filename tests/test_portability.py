@@ -159,7 +159,7 @@ def test_settings_come_from_the_artifacts(store, tmp_path, capsys):
         with pytest.raises(ValueError, match="not a number or a fraction"):
             parse_float(bad)
     code, _, err = run_cli(capsys, ["evaluate", "--checkpoint", tmp_path / "none", "--eps", "8/zero"])
-    assert "not a number or a fraction a/b" in assert_one_error_line(code, err)
+    assert "Invalid value for '--eps': '8/zero' is not a number or a fraction a/b" in assert_one_error_line(code, err)
     from pipeline.cli import build_config, config_class  # the values a flag turns into
     from pipeline.evaluate.config import EvaluateConfig
 
