@@ -23,6 +23,9 @@ def test_the_readme_is_a_front_door_whose_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+    from test_portability import EXAMPLE  # the example the portability tests run
+
+    assert EXAMPLE in text and EXAMPLE in (ROOT / "docs" / "sharing.md").read_text()
     linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", text))
     assert linked == {f"docs/{p.name}" for p in DOCS[1:]}, "every page in docs/ is linked from the README"
 
