@@ -18,7 +18,7 @@ class ReportConfig:
     # VARIANT:BASE pairs, comma-separated (the study: AT+DRA:AT,DM-AT+DRA:DM-AT)
     baseline: str = ""
     sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
-    probe: str = ""  # the cache's probe (OUT.probe.json beside the store), shown beside the sweep
+    probe: str = ""  # a probe JSON (`cache probe STORE --out FILE`, or the DVC stage probe), shown beside the sweep
     bench: str = ""  # a `pipeline bench` result (bench.json): its figures table instead
     # a folder of standard-AutoAttack results: --evals' fast-subset results of the same runs on the
     # same images against them, run by run (pipeline/report/autoattack.py), instead
