@@ -31,6 +31,12 @@ class TargetNorm(str, Enum):
     whiten = "whiten"  # and divide by its per-dimension std
 
 
+class AlignInput(str, Enum):
+    adv = "adv"  # the head reads the adversarial view's features (as the paper)
+    clean = "clean"  # the clean view's (an extra forward with its own batch statistics; the attack cannot move the term)
+    both = "both"  # the mean of the adversarial and the clean view's DRA terms
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     cache: str = "artifacts/feats.zarr"  # the feature cache (from `extract`; path or fsspec URL)
@@ -49,6 +55,11 @@ class TrainConfig:
     layer: str = ""  # ... and this layer ("": the default set's); a set the cache lacks is refused
     dra_schedule: DRASchedule = DRASchedule.constant  # how the DRA weight changes over training
     head_hidden: int = 256  # hidden width of the DRA projection head
+    # a classifier block whose (B, C, H, W) map the head reads (cnn: body.0, body.1, body.2; an unknown
+    # name is refused with the list); on a grid target (extract --pooling grid4) it aligns per location
+    align_layer: str = ""  # classifier block the DRA head reads ("": the final pooled features)
+    align_input: AlignInput = AlignInput.adv  # which input's features the DRA head aligns to the clean view's target
+    dra_grad_every: int = 20  # measure the DRA term's share of the backbone gradient every N steps of an epoch (0: never)
     target_norm: TargetNorm = TargetNorm.center  # how DRA targets are normalised, with the cache's train mean/std
     synthetic_fraction: float = 0.0  # exact per-batch share of synthetic samples (DM-AT: 0.7)
     real_limit: int = 0  # train on the first N real samples of the cache (0: all of them)
@@ -90,6 +101,7 @@ class TrainConfig:
                        (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
                        (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
                        (1 <= self.head_hidden <= 65536, f"--head-hidden must be in [1, 65536], got {self.head_hidden}"),
+                       (self.dra_grad_every >= 0, "--dra-grad-every must be >= 0"),
                        (self.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"),
                        (self.image_size >= 0, "--image-size must be >= 0"),
                        (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
