@@ -52,6 +52,7 @@ def test_every_stage_calls_the_one_cli_with_params():
     assert not shared, "variants may differ only in dra_weight, synthetic_fraction and seed"
 
 
+@pytest.mark.results
 def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(tmp_path):
     """The study: 4 variants x seeds 0-4 of one budget, at least 20k real images x 8 epochs, 5000 test
     images; DRA's t, layer and weight are the best validation cell of the committed sweep."""
@@ -78,6 +79,7 @@ def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(t
     assert str(best["t"]) in str(default["extract"]["t"]).split(",") and best["layer"] in default["extract"]["layer"].split(",")
 
 
+@pytest.mark.results
 def test_the_committed_study_is_complete_and_pairs_never_cross_upstreams():
     """results/study holds seeds 0-4 of every variant at one budget, from one code commit, evaluated
     on 5000 test images, with the sweep's target set; each DRA variant and its base share the cache
