@@ -14,6 +14,7 @@ The recipe, for one row with noise seed ``s`` (the README repeats it with diffus
     x_t   = scheduler.add_noise(x0.expand(draws, ...), noise, torch.full((draws,), t))  # same noise for every t
     h     = output of block `layer` in unet(x_t, t, class_labels)  (first element if a tuple)
     row   = mean over draws of pool(h)        # mean: over H, W -> (C,);  flatten: (C*H*W,)
+                                              # grid4 / grid7: F.adaptive_avg_pool2d(h, G) -> (C, G, G)
 """
 
 from __future__ import annotations
@@ -184,7 +185,10 @@ class FeatureExtractor:
             for layer in self.layers:
                 if layer not in self._captured:
                     raise RuntimeError(f"layer {layer!r} did not run in the UNet forward")
-                feats = reduce(self.pooling, self._captured[layer])
+                try:
+                    feats = reduce(self.pooling, self._captured[layer])
+                except ValueError as exc:  # a grid of a block that outputs vectors
+                    raise UserError(f"layer {layer!r}: {exc}") from None
                 out[(t, layer)] = feats.reshape(b, self.draws, *feats.shape[1:]).mean(dim=1)
             self._captured = {}
         return out

@@ -12,8 +12,17 @@ unless told otherwise. The spec is the one place that knows a target's shape:
 - the consumers (target readers, the DRA head and loss) read ``(B, *shape)`` rows, size the head
   with ``size`` and compare ``flat`` vectors.
 
-A new target mode (a spatial map) adds a ``Pooling`` member and its ``reduce`` branch here, and
-whatever produces or consumes it; the store and the readers follow ``shape``.
+A new target mode adds a ``Pooling`` member and its ``reduce`` branch here, and whatever
+produces or consumes it; the store and the readers follow ``shape``.
+
+Two kinds of target, and what the DRA loss compares (``pipeline/train/losses.py:dra_loss``):
+
+- **vectors** (``mean``: (C,); ``flatten``: (C*H*W,)): ONE cosine per (sample, view). With
+  ``flatten`` that is one cosine over the whole C x H x W map, not a per-location comparison.
+- **grids** (``grid4``: (C, 4, 4), ``grid7``: (C, 7, 7)): the block's map average-pooled
+  (adaptively) to a G x G grid; the loss is REPA's, the mean over the G*G locations of a cosine
+  over the C channels at each location (sihyun-yu/REPA ``loss.py``), and the head predicts a
+  C-vector per location (``pipeline/train/step.py:MapHead``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.core.errors import UserError
 
@@ -33,12 +43,21 @@ DTYPE = "float16"  # what the cache stores (the loss runs in float32)
 
 class Pooling(str, Enum):
     mean = "mean"  # average over the spatial dimensions: (C,)
-    flatten = "flatten"  # the whole feature map: (C*H*W,)
+    flatten = "flatten"  # the whole feature map: (C*H*W,), compared by ONE cosine over the whole map
+    grid4 = "grid4"  # adaptive average pooling to a 4 x 4 grid: (C, 4, 4), compared per location (REPA)
+    grid7 = "grid7"  # adaptive average pooling to a 7 x 7 grid: (C, 7, 7), compared per location (REPA)
+
+
+GRID = {Pooling.grid4: 4, Pooling.grid7: 7}  # grid poolings -> G (the target is (C, G, G))
 
 
 def reduce(pooling: Pooling, h: torch.Tensor) -> torch.Tensor:
     """The producer's side of each pooling mode: a block's output -> float32 (B, *target shape)."""
     h = h.float()
+    if pooling in GRID:
+        if h.ndim != 4:
+            raise ValueError(f"pooling {pooling.value} needs a (B, C, H, W) feature map, got shape {tuple(h.shape)}")
+        return F.adaptive_avg_pool2d(h, GRID[pooling])
     if h.ndim == 2:
         return h
     return h.mean(dim=(2, 3)) if pooling is Pooling.mean else h.flatten(1)
@@ -55,6 +74,16 @@ class TargetSpec:
     def name(self) -> str:
         """The set's name in the store (its group under each part's ``targets``)."""
         return f"t{self.t}-{self.layer}"
+
+    @property
+    def grid(self) -> int | None:
+        """G of a grid target (C, G, G), compared per location; None for a vector target."""
+        return GRID.get(self.pooling)
+
+    @property
+    def channels(self) -> int:
+        """What one location holds: C of a grid target, the whole size of a vector one."""
+        return self.shape[0] if self.grid else self.size
 
     @property
     def size(self) -> int:
@@ -91,7 +120,8 @@ class TargetSpec:
             spec = cls(attrs["t"], str(attrs["layer"]), Pooling(attrs["pooling"]), tuple(int(s) for s in attrs["shape"]))
         except (KeyError, TypeError, ValueError):
             raise UserError(f"malformed target specification in the cache: {str(attrs)[:200]}") from None
-        if not spec.shape or min(spec.shape) < 1 or attrs.get("name") != spec.name:
+        grid_ok = spec.grid is None or (len(spec.shape) == 3 and spec.shape[1:] == (spec.grid, spec.grid))
+        if not spec.shape or min(spec.shape) < 1 or attrs.get("name") != spec.name or not grid_ok:
             raise UserError(f"malformed target specification in the cache: {str(attrs)[:200]}")
         return spec
 
