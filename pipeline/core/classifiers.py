@@ -1,7 +1,8 @@
 """Classifier registry, the DRA projection head, and safetensors checkpoints.
 
 Every classifier exposes ``features(x) -> (B, F)`` (the penultimate representation the DRA head
-reads), ``forward(x) -> logits`` and ``feature_dim``. Inputs are float images in [0, 1],
+reads by default), ``forward(x) -> logits`` and ``feature_dim``; ``feature_blocks`` names the
+blocks whose (B, C, H, W) maps a DRA head can read instead (``train --align-layer``). Inputs are float images in [0, 1],
 (B, C, H, W); each model normalises internally so attacks work directly in pixel space.
 
 Checkpoints are a folder of ``model.safetensors`` + ``config.json`` (plus optional extra
@@ -179,6 +180,44 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
     model = CLASSIFIERS[arch](in_channels, num_classes)
     model.arch = arch.value  # type: ignore[assignment]
     return model
+
+
+def feature_blocks(model: nn.Module, in_channels: int, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """The blocks ``--align-layer`` may name, in forward order -> the (C, H, W) of their output map.
+
+    Candidates are the top-level modules and the numbered blocks of top-level containers of blocks
+    (SmallCNN: ``body.0``..``body.2``; ResNet: ``stem``, ``layers.0``..; PreActResNet: ``stem``,
+    ``layers.N``, ``bn``); those whose output is a 4-D map, found with one blank forward in eval
+    mode (no statistics change, no random numbers drawn). Their outputs are not modified in place
+    later in the forward, so a hook may keep them for the loss.
+    """
+    names = []
+    for name, child in model.named_children():
+        if name == "fc":
+            continue
+        # a container of blocks is listed block by block; one of plain layers (a conv-BN-ReLU stem,
+        # whose in-place ReLU rewrites its BN's output) only as a whole
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and all(any(True for _ in c.children()) for c in child):
+            names += [f"{name}.{i}" for i in range(len(child))]
+        else:
+            names.append(name)
+    modules, shapes, handles = dict(model.named_modules()), {}, []
+    for name in names:
+        def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.ndim == 4:
+                shapes[name] = tuple(int(s) for s in out.shape[1:])
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros((1, in_channels, image_size, image_size), device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: shapes[name] for name in names if name in shapes}
 
 
 # --- checkpoints -------------------------------------------------------------------------------

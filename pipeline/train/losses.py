@@ -30,10 +30,18 @@ def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
 
 
 def dra_loss(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """DRA alignment: mean over the batch of ``1 - cos(pred, target)``. Terms: ``dra``.
+    """DRA alignment: the mean of ``1 - cos`` over the batch (and locations). Terms: ``dra``.
 
-    ``pred`` is the projection head's output on the adversarial view; ``target`` is the (already
-    normalised) diffusion embedding of the clean view. Targets carry no gradient.
+    ``pred`` is the projection head's output; ``target`` the (already normalised) diffusion
+    embedding of the clean view, of the same shape. Targets carry no gradient. The cosine is taken
+    over dimension 1:
+
+    - vector targets (B, D) (pooling ``mean``, or ``flatten`` = a whole C x H x W map as ONE
+      vector): one cosine per sample, ``mean_b (1 - cos(pred_b, target_b))``;
+    - grid targets (B, C, G, G) (pooling ``grid4``/``grid7``): one cosine over the C channels at each
+      of the G*G locations, ``mean_{b, l} (1 - cos(pred_{b,:,l}, target_{b,:,l}))``. This is REPA's
+      projection loss (sihyun-yu/REPA ``loss.py``, ``SILoss.__call__``: ``mean_flat(-(z_j * z_tilde_j).sum(-1))``
+      of L2-normalised token features, averaged over the batch) plus the constant 1.
     """
     cos = F.cosine_similarity(pred, target.detach().to(pred.dtype), dim=1, eps=1e-8)
     return {"dra": (1 - cos).mean()}

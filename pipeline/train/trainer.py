@@ -36,9 +36,10 @@ from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
     EMA,
     DRANet,
-    ProjectionHead,
     StepSettings,
     adversarial_step,
+    backbone_parameters,
+    build_dra_net,
     clean_accuracy,
     dra_weight_at,
     lr_at,
@@ -139,8 +140,8 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     c, h, _ = data.real.image_shape
     num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
     clf = build_classifier(cfg.arch, c, num_classes, h)
-    head = ProjectionHead(clf.feature_dim, cfg.head_hidden, data.target.size) if cfg.dra_weight > 0 else None
-    net = DRANet(clf, head).to(rt.device)
+    net = build_dra_net(clf, data.target if cfg.dra_weight > 0 else None, cfg.head_hidden, cfg.align_layer,
+                        in_channels=c, image_size=h).to(rt.device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
@@ -265,9 +266,12 @@ class Trainer:
         with rt.autocast():
             target = targets_for(inputs, self.data, self.extractor, cfg.target_norm, rt.device)
             settings = StepSettings(cfg.method, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.trades_beta,
-                                    cfg.label_smoothing)
+                                    cfg.label_smoothing, cfg.align_input)
+            # the DRA term's share of the backbone gradient, on one batch every --dra-grad-every steps
+            share = cfg.dra_grad_every and batch.step % cfg.dra_grad_every == 0
             loss, terms, logits_adv = adversarial_step(self.wrapped, self.net.classifier, x, y, target, dra_w,
-                                                       settings, self.weights.gen)
+                                                       settings, self.weights.gen,
+                                                       backbone_parameters(self.net.classifier) if share else None)
         self.weights.opt.zero_grad(set_to_none=True)
         rt.backward(loss)
         self.weights.opt.step()
