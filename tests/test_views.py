@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.core.views import ViewSpec, apply_view_reference, apply_views, sample_views
+from pipeline.core.views import ViewSpec, all_views, apply_view_reference, apply_views, sample_views
 
 
 def test_batched_views_equal_reference(fmnist_shards):
@@ -92,3 +92,33 @@ def test_fresh_views_are_the_standard_draw_and_only_for_plain_at():
     TrainConfig(fresh_views=True, dra_weight=0.0).validate()
     with pytest.raises(UserError, match="--fresh-views"):
         TrainConfig(fresh_views=True, dra_weight=0.5).validate()
+
+
+def test_uniform_views_have_no_forced_identity():
+    """identity_first=False: K distinct views per sample, uniform over the view space. Counted over
+    20000 samples x 4 views (pad 2: 50 views, 1600 draws each expected): the identity's share is
+    ~1/50 (not the 1/4 + 3/4 * 1/50 of a forced view 0), in every slot too, and the 50 counts pass a
+    chi-square test (Wilson-Hilferty bound at z = 4, ~3e-5 one-sided)."""
+    spec, n, k = ViewSpec(pad=2), 20000, 4
+    v = sample_views(n, k, spec, seed=11, identity_first=False)
+    index = {tuple(c): i for i, c in enumerate(zip(*(all_views(1, spec)[key][0] for key in ("dx", "dy", "flip"))))}
+    idx = np.vectorize(lambda a, b, c: index[(int(a), int(b), int(c))])(v["dx"], v["dy"], v["flip"])
+    assert all(len(set(row)) == k for row in idx[:2000])  # distinct views within a sample
+    df = spec.n_views - 1
+    bound = df * (1 - 2 / (9 * df) + 4 * np.sqrt(2 / (9 * df))) ** 3
+    for draws in (idx.ravel(), idx[:, 0], idx[:, 3]):
+        counts = np.bincount(draws, minlength=spec.n_views)
+        expected = len(draws) / spec.n_views
+        assert ((counts - expected) ** 2 / expected).sum() < bound
+        share = counts[0] / len(draws)  # index 0: the identity
+        assert abs(share - 1 / 50) < 5 * np.sqrt(0.02 * 0.98 / len(draws))
+    forced = sample_views(n, k, spec, seed=11)  # the default: view 0 is the identity
+    assert (forced["dx"][:, 0] == 2).all() and (forced["dy"][:, 0] == 2).all() and (forced["flip"][:, 0] == 0).all()
+    forced_idx = np.vectorize(lambda a, b, c: index[(int(a), int(b), int(c))])(forced["dx"], forced["dy"], forced["flip"])
+    assert (forced_idx == 0).mean() > 0.25
+    again = sample_views(n, k, spec, seed=11, identity_first=False)
+    assert all((again[key] == v[key]).all() for key in ("dx", "dy", "flip"))
+    assert v["dx"].dtype == np.int8 and v["flip"].dtype == np.uint8
+    # more views than the view space holds: whole permutations, each view 2 or 3 times in 5
+    small = sample_views(100, 5, ViewSpec(pad=0), seed=1, identity_first=False)
+    assert (small["dx"] == 0).all() and set(np.unique(small["flip"].sum(axis=1))) <= {2, 3}

@@ -3,7 +3,8 @@
 A view of an image is fully described by three integers: the crop offsets ``dx, dy`` in
 ``[0, 2*pad]`` into the zero-padded image and ``flip`` (0/1, horizontal, applied after the crop).
 Stage one samples and records them; stage two replays exactly the same transform, so the target
-``features[n, k]`` always belongs to the view the classifier sees. View 0 is the identity.
+``features[n, k]`` always belongs to the view the classifier sees. By default view 0 is the
+identity; ``sample_views(..., identity_first=False)`` draws all K uniformly from the view space.
 """
 
 from __future__ import annotations
@@ -93,18 +94,48 @@ def to_float01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255)
 
 
-def sample_views(n: int, k: int, spec: ViewSpec, seed: int) -> dict[str, np.ndarray]:
+def sample_views(n: int, k: int, spec: ViewSpec, seed: int, identity_first: bool = True) -> dict[str, np.ndarray]:
     """Draw K views for each of N samples: arrays dx, dy, flip of shape (N, K), int8/uint8.
 
-    View 0 of every sample is the identity (centre crop, no flip).
+    ``identity_first`` (the default, the recorded behaviour of every existing cache): view 0 of
+    every sample is the identity (centre crop, no flip) and views 1..K-1 are drawn independently
+    (offsets uniform, a fair flip; repeats possible). At K = 4 a quarter of all training draws are
+    then the unaugmented image, against 1 / n_views under standard augmentation.
+
+    ``identity_first=False``: K **distinct** views drawn uniformly without replacement from the
+    ``n_views`` of the view space, in random order (K > n_views: whole random permutations of the
+    view space, repeated, so every view appears K // n_views or one more times). Every slot k, and
+    so every training draw, is then a uniform draw from the view space: the identity has frequency
+    1 / n_views, as under standard augmentation, and appears in a sample's K views by chance only.
     """
     rng = np.random.default_rng(seed)
+    if not identity_first:
+        table = _view_table(spec)  # (V, 3): the identity first, as all_views
+        v = len(table)
+        idx = np.empty((n, k), dtype=np.int64)
+        step = max(1, (1 << 22) // max(v, 1))  # rows per block: the (rows, V) random keys stay ~32 MiB
+        for a in range(0, n, step):
+            rows = min(step, n - a)
+            perms = [rng.random((rows, v)).argsort(axis=1) for _ in range(-(-k // v))]
+            idx[a:a + rows] = np.concatenate(perms, axis=1)[:, :k]
+        return {key: table[idx, i].astype(dt)
+                for i, (key, dt) in enumerate((("dx", np.int8), ("dy", np.int8), ("flip", np.uint8)))}
     dx = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
     dy = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
     flip = rng.integers(0, 2, size=(n, k), dtype=np.int64) if spec.flip else np.zeros((n, k), np.int64)
     dx[:, 0] = dy[:, 0] = spec.pad
     flip[:, 0] = 0
     return {"dx": dx.astype(np.int8), "dy": dy.astype(np.int8), "flip": flip.astype(np.uint8)}
+
+
+def _view_table(spec: ViewSpec) -> np.ndarray:
+    """(V, 3) int64 rows (dx, dy, flip) of every distinct view: the identity first, then the others
+    in lexicographic (flip, dy, dx) order."""
+    side = range(2 * spec.pad + 1)
+    identity = (spec.pad, spec.pad, 0)
+    rest = [(dx, dy, f) for f in ((0, 1) if spec.flip else (0,)) for dy in side for dx in side
+            if (dx, dy, f) != identity]
+    return np.array([identity, *rest], dtype=np.int64)
 
 
 def all_views(n: int, spec: ViewSpec) -> dict[str, np.ndarray]:
@@ -114,11 +145,7 @@ def all_views(n: int, spec: ViewSpec) -> dict[str, np.ndarray]:
     in lexicographic (flip, dy, dx) order. Drawing a view index uniformly from these is exactly
     the standard augmentation: offsets uniform in [0, 2 pad], an independent fair flip.
     """
-    side = range(2 * spec.pad + 1)
-    identity = (spec.pad, spec.pad, 0)
-    rest = [(dx, dy, f) for f in ((0, 1) if spec.flip else (0,)) for dy in side for dx in side
-            if (dx, dy, f) != identity]
-    table = np.array([identity, *rest], dtype=np.int64)  # (V, 3)
+    table = _view_table(spec)  # (V, 3)
     return {key: np.ascontiguousarray(np.broadcast_to(table[:, i].astype(dt), (n, len(table))))
             for i, (key, dt) in enumerate((("dx", np.int8), ("dy", np.int8), ("flip", np.uint8)))}
 
