@@ -204,11 +204,17 @@ def _head(folder: Path, device: str) -> torch.nn.Module | None:
     return head.to(device).eval()
 
 
-def load_classifier(run_folder: str | Path, device: str = "cpu") -> Trained:
+def load_classifier(run_folder: str | Path, device: str = "cpu", *, head: bool = True) -> Trained:
     """A `train` run folder -> (classifier, head, config). Only safetensors and JSON are read
     (nothing is unpickled). A run without DRA (``--dra-weight 0``) or a folder without its state
-    file has no head (None)."""
+    file has no head (None); ``head=False`` loads the classifier alone. The head of a run trained
+    with ``--align-layer`` (a per-location head on a classifier block) is not rebuilt here yet:
+    asking for it is one error line, never a head of the wrong kind."""
     folder = Path(run_folder)
     classifier, config = _load_ema_classifier(folder, device=device)
-    head = _head(folder, device) if (folder / STATE_FILE).is_file() else None
-    return Trained(classifier, head, config)
+    if not head or not (folder / STATE_FILE).is_file():
+        return Trained(classifier, None, config)
+    if (config.get("train") or {}).get("align_layer"):
+        raise UserError(f"{folder}: trained with --align-layer {config['train']['align_layer']!r}; load_classifier "
+                        "does not rebuild that head yet (head=False loads the classifier alone)")
+    return Trained(classifier, _head(folder, device), config)

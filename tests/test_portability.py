@@ -264,3 +264,20 @@ def test_a_store_uploaded_alone_to_s3_verifies_and_trains(store, fmnist_shards, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["eps"] == 8 / 255 and res["eps_source"] == "--eps"
+
+
+def test_load_classifier_never_returns_a_head_of_the_wrong_kind(store, tmp_path):
+    """A run trained with --align-layer has a per-location head: load_classifier refuses to rebuild
+    it in one line and loads the classifier alone with head=False."""
+    from reliability_helpers import train_cfg
+
+    from pipeline import api
+    from pipeline.core.errors import UserError
+    from stages import train
+
+    out = tmp_path / "run"
+    train.run(train_cfg(store, out, dra_weight=0.1, align_layer="body.1", max_steps=2))
+    with pytest.raises(UserError, match="--align-layer"):
+        api.load_classifier(out)
+    trained = api.load_classifier(out, head=False)
+    assert trained.head is None and trained.config["train"]["align_layer"] == "body.1"
