@@ -57,10 +57,16 @@ def moto_s3():
     os.environ.update(env)
     fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # read once at import by fsspec
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    # important: moto keeps its buckets in process-global state, so a second server in the same
+    # pytest process sees the first one's bucket: start from an empty one and leave none behind
+    if fs.exists(BUCKET):
+        fs.rm(BUCKET, recursive=True)
     fs.mkdir(BUCKET)
     try:
         yield env
     finally:
+        with contextlib.suppress(OSError):
+            fs.rm(BUCKET, recursive=True)
         server.stop()
         fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
         for k, v in saved.items():
