@@ -5,13 +5,19 @@ PGD and AutoAttack accuracy and training time, as mean +- std over the seeds tha
 style: a single run is shown without +-). The sanity checks of every evaluation are carried
 into the table, so a number from a masked-gradient model cannot pass unnoticed.
 
-Variants are compared only at one training budget: every row shows its optimizer steps and the
-samples seen (real + synthetic), and rows whose budgets differ are refused (``--allow-unequal-budgets``
-shows them, each marked UNEQUAL BUDGET, under a warning). Where variants share two or more training
-seeds, a second table gives each variant minus the baseline (``--baseline``, default the first row;
-or ``--baseline AT+DRA:AT,DM-AT+DRA:DM-AT``, each variant minus its own base), paired by seed:
-the mean difference with its 95% Student-t interval, marked "within noise" when the interval
-contains 0, and the seeds where the variant is higher.
+Variants are compared only at one training budget and one evaluation: every row shows its optimizer
+steps and the samples seen (real + synthetic), and rows whose budgets differ are refused
+(``--allow-unequal-budgets`` shows them, each marked UNEQUAL BUDGET, under a warning); so are rows
+evaluated under other settings (threat model, eps, the attacks and their steps, restarts and step
+size, AutoAttack version and fast subset, test images: pipeline/report/results.py), in one line
+naming two such rows and their first differing setting (``--allow-unequal-evaluations`` shows them
+marked UNEQUAL EVALUATION). The attack columns are named from the settings the rows share. With
+``--train``, an evaluation older than the run its training folder holds now (trained again since)
+is refused. Where variants share two or more training seeds, a second table gives each variant
+minus the baseline (``--baseline``, default the first row; or ``--baseline
+AT+DRA:AT,DM-AT+DRA:DM-AT``, each variant minus its own base), paired by seed: the mean difference
+with its 95% Student-t interval, marked "within noise" when the interval contains 0, and the seeds
+where the variant is higher.
 
 ``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py), ``--bench
 bench.json`` the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py), and
@@ -41,6 +47,8 @@ from pipeline.report.results import (
     find_train_log,
     load_evals,
     read_log,
+    refuse_stale,
+    refuse_unequal_evaluations,
     train_seconds,
     unequal_budgets,
     variant_order,
@@ -103,6 +111,8 @@ def aa_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
         if not runs:
             raise UserError(f"{folder}: no evaluation results (*.json with clean/pgd accuracies)")
     pairs = autoattack.pair_runs(folders[cfg.aa_standard], folders[cfg.evals], cfg.aa_standard, cfg.evals)
+    for folder, runs in folders.items():  # one PGD and AutoAttack setting per column of the table
+        refuse_unequal_evaluations(aggregate(runs), f"evaluate every run in {folder} alike")
     text = autoattack.markdown(pairs)
     tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
     _finish(cfg, readme, tmp, f"# AutoAttack: fast subset vs standard\n\n{text}\n", text,
@@ -139,6 +149,10 @@ def run(cfg: ReportConfig) -> dict:
         raise UserError(f"training budgets (steps, real and synthetic samples) differ between variants "
                         f"({', '.join(unequal)} differ from the others): retrain them at one budget, or pass "
                         "--allow-unequal-budgets to show them marked")
+    if not cfg.allow_unequal_evaluations:
+        refuse_unequal_evaluations(groups, "evaluate them alike, or pass --allow-unequal-evaluations to show "
+                                           "them marked")
+    refuse_stale(runs, cfg.train)
     out = Path(cfg.out)
     tmp = Path(storage.start(out, signature=SIGNATURE))
     from pipeline.report import plots  # matplotlib is slow to import; keep it out of --help

@@ -106,6 +106,139 @@ def test_report_refuses_unequal_budgets_or_marks_them(results, tmp_path):
         report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2")))
 
 
+def _edit(path: Path, change) -> dict:
+    r = json.loads(path.read_text())
+    change(r)
+    path.write_text(json.dumps(r))
+    return r
+
+
+def test_report_refuses_rows_evaluated_otherwise_in_one_line_or_marks_them(results, tmp_path):
+    """An evaluation at eps 0.05 with PGD-10x2 beside ones at eps 0.1 with PGD-20x2 is refused; the
+    escape hatch shows it marked, the columns named from the settings the other rows share."""
+    evals = results / "eval"
+
+    def odd(r: dict) -> None:
+        r |= {"eps": 0.05, "pgd_attack": {"steps": 10, "restarts": 2, "step_size": 0.0125},
+              "attacks": ["pgd-ce-10x2", "autoattack-fast:apgd-ce"]}
+
+    _edit(evals / "AT+DRA-s0.json", odd)
+    with pytest.raises(UserError) as exc:
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r")))
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("evaluation settings differ: AT+DRA seed 0 (")
+    assert "has eps 0.05, AT seed 0 (" in msg and "AT-s0.json) 0.1;" in msg and "--allow-unequal-evaluations" in msg
+    assert not (tmp_path / "r").exists()
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r"),
+                            allow_unequal_evaluations=True))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines() if "UNEQUAL EVALUATION |" in line] == [
+        "AT+DRA UNEQUAL EVALUATION"]
+    assert "**UNEQUAL EVALUATION: AT+DRA: eps 0.05, the others 0.1." in md
+    assert "WARNING: the evaluation settings differ (AT+DRA)" in md and "evaluated alike" not in md
+    assert "| PGD-20x2 (%) | AutoAttack-fast (%) |" in md and "eps = 0.1," in md
+    # the first rows of the table (AT, two seeds) evaluated otherwise: the header still follows the three others
+    _edit(evals / "AT+DRA-s0.json", lambda r: r.update(_result("AT+DRA", 0, 0.83, 0.56, 0.55, Path("x"))))
+    for seed in (0, 1):
+        _edit(evals / f"AT-s{seed}.json", lambda r: r.update(
+            pgd_attack={"steps": 3, "restarts": 1, "step_size": 0.05}, attacks=["pgd-ce-3x1", "autoattack-fast:apgd-ce"]))
+    with pytest.raises(UserError, match=r"AT seed 0 \(.*\) has PGD steps 3, AT\+DRA seed 0 \(.*\) 20 \(1 more row differs\)"):
+        report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2")))
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r2"),
+                            allow_unequal_evaluations=True))
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "| PGD-20x2 (%) |" in md and "PGD-3x1" not in md.split("\n\n**UNEQUAL")[0]
+    assert "AT: PGD steps 3, the others 20" in md
+
+
+@pytest.mark.parametrize("change, setting", [
+    (lambda r: r.update(threat_model="L2"), "threat model L2"),
+    (lambda r: r.update(eps=8 / 255), "eps 0.0313725"),
+    (lambda r: r["pgd_attack"].update(restarts=1), "PGD restarts 1"),
+    (lambda r: r["pgd_attack"].update(step_size=0.01), "PGD step size 0.01"),
+    (lambda r: r["pgd_attack"].update(random_start=False), "PGD random start False"),
+    (lambda r: r.update(autoattack_version="standard", autoattack_fast=None), "AutoAttack version standard"),
+    (lambda r: r["autoattack_fast"].update(targets=9), "AutoAttack-fast target classes 9"),
+    (lambda r: r["autoattack_fast"].update(iters=100), "AutoAttack-fast iterations 100"),
+    (lambda r: r.update(attacks=["pgd-ce-20x2"]), "attacks pgd-ce-20x2,"),
+    (lambda r: r.update(n=1000), "test images \\(n\\) 1000"),
+    (lambda r: r.update(offset=500), "test images \\(offset\\) 500"),
+    (lambda r: r.update(shards="elsewhere/test"), "test shards /.*elsewhere/test"),
+])
+def test_every_evaluation_setting_is_compared(results, tmp_path, change, setting):
+    _edit(results / "eval" / "DM-AT-s0.json", change)
+    with pytest.raises(UserError, match=f"DM-AT seed 0 .* has {setting}"):
+        report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r")))
+
+
+def test_shard_sets_compare_by_content_hash_where_every_row_records_one(results, tmp_path):
+    """Equal: the shards path differs (another mount), the content is the same; unequal: other content."""
+    for i, path in enumerate(sorted((results / "eval").glob("*-s?.json"))):
+        _edit(path, lambda r, i=i: r.update(shards=f"/mnt{i}/test", shards_content_hash="abc"))
+    report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r")))
+    _edit(results / "eval" / "DM-AT-s0.json", lambda r: r.update(shards_content_hash="def"))
+    with pytest.raises(UserError, match="has test shards \\(content hash\\) def, AT seed 0 .* abc"):
+        report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2")))
+
+
+def _trained(folder: Path, evaluation: Path, *, seconds: float = 812.5) -> None:
+    """``folder`` holds the run that ``evaluation`` measured: its config.json and metrics.json as
+    evaluate read them (train_config, train_metrics), and weights."""
+    r = _edit(evaluation, lambda r: r["train_config"].update(
+        finished=True, progress={"epoch": 3, "step": 0, "global_step": 237, "seconds": seconds}))
+    (folder / "config.json").write_text(json.dumps(r["train_config"], indent=2, sort_keys=True))
+    (folder / "metrics.json").write_text(json.dumps(r["train_metrics"]))
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def test_report_refuses_an_evaluation_older_than_the_run_it_measured(results, tmp_path):
+    train, evals = results / "train", results / "eval"
+    for path in evals.glob("*-s?.json"):
+        _trained(train / path.stem, path)
+    report.run(ReportConfig(evals=str(evals), train=str(train), grid="", out=str(tmp_path / "r")))
+    assert (tmp_path / "r" / "curves.png").is_file()  # the folders hold the runs evaluated: their curves
+    # AT seed 1 trained again after its evaluation: its folder now records another run
+    folder = train / "AT-s1"
+    config = json.loads((folder / "config.json").read_text())
+    config["progress"]["seconds"] = 790.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as exc:
+        report.run(ReportConfig(evals=str(evals), train=str(train), grid="", out=str(tmp_path / "r2")))
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"{evals / 'AT-s1.json'} is older than the run it measured: {folder}")
+    assert "step 237 after 812.5 s then, step 237 after 790.0 s now" in msg and "--train ''" in msg
+    assert not (tmp_path / "r2").exists()
+    # without the training folders (results evaluated elsewhere, as the committed ones) there is nothing to compare
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r3")))
+    assert not (tmp_path / "r3" / "curves.png").exists()
+    # evaluated while unfinished, finished since (same progress, other metrics.json)
+    _trained(folder, evals / "AT-s1.json")
+    _edit(evals / "AT-s1.json", lambda r: r.update(train_metrics={}) or r["train_config"].update(finished=False))
+    late = ReportConfig(evals=str(evals), train=str(train), grid="", out=str(tmp_path / "r4"),
+                        allow_unequal_budgets=True)  # no metrics.json then: no budget recorded
+    with pytest.raises(UserError, match="it was unfinished then, finished now"):
+        report.run(late)
+    _edit(evals / "AT-s1.json", lambda r: r["train_config"].update(finished=True))
+    with pytest.raises(UserError, match="metrics.json recorded train_seconds None then, 101 now"):
+        report.run(late)
+
+
+def test_a_recorded_weights_hash_decides_staleness(results, tmp_path):
+    import hashlib
+
+    train, evals = results / "train", results / "eval"
+    for path in evals.glob("*-s?.json"):
+        _trained(train / path.stem, path)
+    digest = hashlib.sha256(b"weights").hexdigest()
+    _edit(evals / "AT-s0.json", lambda r: r.update(checkpoint_sha256=digest))
+    config = train / "AT-s0" / "config.json"
+    config.write_text(config.read_text().replace("812.5", "1.0"))  # the hash, not the config, decides
+    report.run(ReportConfig(evals=str(evals), train=str(train), grid="", out=str(tmp_path / "r")))
+    (train / "AT-s0" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(UserError, match=f"its model.safetensors had sha256 {digest[:12]}\\.\\.\\., now"):
+        report.run(ReportConfig(evals=str(evals), train=str(train), grid="", out=str(tmp_path / "r2")))
+
+
 def test_report_refuses_empty_folder(tmp_path):
     with pytest.raises(UserError, match="no evaluation results"):
         report.run(ReportConfig(evals=str(tmp_path), out=str(tmp_path / "r")))
@@ -235,6 +368,7 @@ def test_sweep_report_table_heatmap_and_refusals(tmp_path):
     (lambda runs: [{**runs[0], "dra_weight": -1}] + runs[1:], "number >= 0"),
     (lambda runs: [{**runs[0], "budget": [237]}] + runs[1:], "budget \\(dict or null\\)"),
     (lambda runs: [{**runs[0], "offset": 0}] + runs[1:], "evaluated on different images"),
+    (lambda runs: [{**runs[0], "eps": 0.05}] + [{**r, "eps": 0.1} for r in runs[1:]], "evaluated at different eps"),
 ])
 def test_sweep_runs_that_cannot_be_compared_are_refused(tmp_path, bad, match):
     runs = [_sweep_run(t, "mid_block", w, 0.6, 0.4) for t in (20, 100) for w in (0.0, 0.5)]

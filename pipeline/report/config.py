@@ -10,10 +10,14 @@ from pipeline.core.config import require
 @dataclass(frozen=True)
 class ReportConfig:
     evals: str = "artifacts/eval"  # folder of `evaluate` result JSONs, one per variant
-    train: str = "artifacts/train"  # folder of `train` run folders: their curves and budgets ("": none)
+    # folder of `train` run folders: their curves, and evaluations older than the run they measured
+    # are refused ("": neither)
+    train: str = "artifacts/train"
     grid: str = "artifacts/shards/synthetic/grid.png"  # the synthetic sample grid shown in the report ("": none)
     out: str = "artifacts/report"  # output folder: report.md, plots, summary.json
     allow_unequal_budgets: bool = False  # show variants trained at other budgets (marked) instead of refusing
+    # show variants evaluated otherwise (threat model, eps, attacks, test images; marked) instead of refusing
+    allow_unequal_evaluations: bool = False
     # paired differences: one variant every other one is compared with (default: the first row), or
     # VARIANT:BASE pairs, comma-separated (the study: AT+DRA:AT,DM-AT+DRA:DM-AT)
     baseline: str = ""

@@ -55,7 +55,7 @@ def collect(exp_show: Any) -> list[dict]:
         runs.append({"experiment": name, "rev": rev, "t": int(sweep["t"]), "layer": str(sweep["layer"]),
                      "dra_weight": float(sweep["dra_weight"]), "seed": int(sweep.get("seed", 0)),
                      "clean": metrics.get("clean"), "pgd": metrics.get("pgd"), "n": metrics.get("n"),
-                     "offset": metrics.get("offset"), "checks_passed": metrics.get("checks_passed"),
+                     "offset": metrics.get("offset"), "eps": metrics.get("eps"), "checks_passed": metrics.get("checks_passed"),
                      "budget": train.get("budget"), "train_seconds": train.get("train_seconds")})
     return sorted(runs, key=lambda r: (r["dra_weight"] > 0, r["layer"], r["t"], r["dra_weight"], r["seed"]))
 
@@ -85,6 +85,9 @@ def check_runs(runs: Any) -> list[dict]:
     if len(evals) > 1:
         raise UserError(f"sweep runs were evaluated on different images (n, offset: {sorted(map(str, evals))}): "
                         "not comparable")
+    eps = {r.get("eps") for r in runs}  # recorded by collect since the report compares evaluations
+    if len(eps) > 1:
+        raise UserError(f"sweep runs were evaluated at different eps ({sorted(map(str, eps))}): not comparable")
     return runs
 
 

@@ -9,11 +9,16 @@ from pathlib import Path
 from pipeline.core import storage
 from pipeline.core.errors import UserError
 from pipeline.report.results import (
+    aa_label,
     budget,
     budgets_unknown,
+    compare,
     is_number,
+    pgd_label,
+    show,
     train_field,
     train_seconds,
+    unequal_evaluations,
 )
 
 
@@ -38,19 +43,20 @@ def _budget_cell(runs: list[dict]) -> tuple[str, str]:
 
 
 def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
-    """The Markdown results table, one row per variant."""
-    first = next(iter(groups.values()))[0]
-    pgd = first.get("pgd_attack", {})
+    """The Markdown results table, one row per variant; the attack columns are named from the
+    evaluation settings the rows share, and a variant evaluated otherwise (shown only under
+    --allow-unequal-evaluations) is marked UNEQUAL EVALUATION."""
+    common = compare(groups)[0]
+    other = unequal_evaluations(groups)
     head = (f"| variant | seeds | DRA weight | synthetic | steps | samples (real + syn) | clean (%) "
-            f"| PGD-{pgd.get('steps', '?')}x{pgd.get('restarts', '?')} (%) "
-            f"| AutoAttack-{first.get('autoattack_version', '?')} (%) | train time (s) | checks |")
+            f"| {pgd_label(common)} (%) | {aa_label(common)} (%) | train time (s) | checks |")
     rows = [head, "|" + "---|" * 11]
     for name, runs in groups.items():
         bad = sorted({w for r in runs for w in r.get("warnings", [])})
         setting = [", ".join(sorted({f"{train_field(r, k, '?')}" for r in runs}))
                    for k in ("dra_weight", "synthetic_fraction")]
         steps, samples = _budget_cell(runs)
-        flag = " UNEQUAL BUDGET" if name in unequal else ""
+        flag = (" UNEQUAL BUDGET" if name in unequal else "") + (" UNEQUAL EVALUATION" if name in other else "")
         rows.append(f"| {name}{flag} | {len(runs)} | {setting[0]} | {setting[1]} | {steps} | {samples} "
                     f"| {fmt([r['clean'] for r in runs])} "
                     f"| {fmt([r['pgd'] for r in runs])} | {fmt([r.get('autoattack') for r in runs])} "
@@ -83,47 +89,57 @@ def results_block(groups: dict[str, list[dict]], unequal: list[str], baseline: s
     (``baseline``: see ``comparisons``)."""
     pairs = comparisons(groups, baseline)
     diffs = paired_table(groups, pairs)
+    other = unequal_evaluations(groups)
+    main = table(groups, unequal) + ("\n\n**UNEQUAL EVALUATION: " + "; ".join(
+        f"{name}: {why}" for name, why in other.items()) + ". These rows are not comparable with the others.**"
+        if other else "")
     if not diffs:
-        return table(groups, unequal)
+        return main
     bases = sorted({b for _, b in pairs})
     against = f"each variant minus {bases[0]}" if ":" not in baseline else "each variant minus its base"
-    return (f"{table(groups, unequal)}\n\nPaired by training seed, {against} (mean difference and its 95% "
+    return (f"{main}\n\nPaired by training seed, {against} (mean difference and its 95% "
             f"Student-t interval over the seeds, \"within noise\" where it contains 0; wins: seeds where the "
             f"variant is higher):\n\n{diffs}")
 
 
 def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = (), baseline: str = "") -> str:
-    first = next(iter(groups.values()))[0]
-    ns = sorted({r["n"] for runs in groups.values() for r in runs})
+    common = compare(groups)[0]
+    n, offset = common["test images (n)"], common["test images (offset)"]
+    test = f"the first {n} test images" if not offset else f"{n} test images from image {offset}"
     unknown = budgets_unknown(groups)
     fair = ("" if unequal or unknown else
             " Every variant trained for the same optimizer steps on the same number of samples (steps x "
             "batch; an epoch is ceil(N_real / batch) steps whatever the real:synthetic mix, the DM-AT convention).")
+    alike = ("" if compare(groups)[1] else
+             " Every row was evaluated alike (threat model, eps, attacks and their settings, test images).")
     lines = [
         "# Results", "",
-        f"Threat model {first.get('threat_model', 'Linf')}, eps = {first.get('eps')}, on the first "
-        f"{'/'.join(map(str, ns))} test images; accuracies of the EMA weights. "
-        f"Mean ± sample std over seeds where several ran.{fair}", "",
+        f"Threat model {common['threat model']}, eps = {show(common['eps'])}, on {test}; accuracies "
+        f"of the EMA weights. Mean ± sample std over seeds where several ran.{fair}{alike}", "",
     ]
     if unknown:
         lines += ["**WARNING: no run records its training budget (trained by an older version): the rows "
                   "may not be a fair comparison.**", ""]
+    other = unequal_evaluations(groups)
+    if other:
+        lines += [f"**WARNING: the evaluation settings differ ({', '.join(other)}): these rows are not comparable "
+                  "with the others.**", ""]
     if unequal:
         lines += [f"**WARNING: the training budgets differ ({', '.join(unequal)}): these rows are not a fair "
                   "comparison with the others.**", ""]
     lines += [
         results_block(groups, unequal, baseline or next(iter(groups))), "",
-        "Attacks: " + ", ".join(first.get("attacks", [])) + ".", "",
+        f"Attacks: {common['attacks']} ({pgd_label(common)}: step size "
+        f"{show(common['PGD step size'])}).", "",
     ]
     if all(len(runs) == 1 for runs in groups.values()):
         lines += ["One seed per variant: differences of a few points are within run-to-run noise here. "
                   "Whether DRA helps is answered by the study (README, \"The study\": four variants x five "
                   "paired seeds at one budget, `results/study/`).", ""]
-    fast = first.get("autoattack_fast")
-    if fast:
-        lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({fast.get('targets')} target classes), "
-                  f"{fast.get('iters')} iterations each, every APGD schedule set for that iteration count: a "
-                  "cheaper subset of standard AutoAttack, so its accuracy is an expected upper bound on "
+    if common["AutoAttack version"] == "fast" and common["AutoAttack-fast iterations"] is not None:
+        lines += [f"AutoAttack-fast is APGD-CE (1 restart) + APGD-T ({common['AutoAttack-fast target classes']} "
+                  f"target classes), {common['AutoAttack-fast iterations']} iterations each, every APGD schedule "
+                  "set for that iteration count: a cheaper subset of standard AutoAttack, so its accuracy is an expected upper bound on "
                   "standard AutoAttack's.", ""]
     lines += [f"![{Path(p).stem}]({p})\n" for p in images]
     return "\n".join(lines)
