@@ -361,6 +361,76 @@ def test_sweep_report_table_heatmap_and_refusals(tmp_path):
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
+def _image_panels(fig, title: str) -> list:
+    return [ax for ax in fig.axes if ax.images and title in ax.get_title()]
+
+
+def test_sweep_heatmaps_share_one_scale_per_metric_and_show_the_lambda_0_reference():
+    """Two layers far apart in accuracy: one colour means one accuracy in both panels of a metric,
+    centred on lambda = 0 (its value in the title, a line on the colour bar, each cell's difference)."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import sweep
+
+    runs = [_sweep_run(t, layer, w, 0.55 + 0.1 * (layer == "up_blocks.0") + t / 10000,
+                       0.30 + 0.15 * (layer == "up_blocks.0") + w / 100)
+            for t in (20, 100) for layer in ("mid_block", "up_blocks.0") for w in (0.5, 1.0)]
+    runs.append(_sweep_run(100, "mid_block", 0.0, 0.61, 0.39))
+    probe = {"sets": [{"t": t, "layer": layer, "probe_accuracy": 0.5 + t / 1000 + 0.2 * (layer == "mid_block")}
+                      for t in (20, 100) for layer in ("mid_block", "up_blocks.0")]}
+    fig = sweep.heatmap_figure(runs, probe)
+    for metric, ref, extremes, cells in (("clean", 61.0, (55.2, 66.0), ("56.0\n(-5.0)", "66.0\n(+5.0)")),
+                                         ("PGD", 39.0, (30.5, 46.0), ("31.0\n(-8.0)", "46.0\n(+7.0)"))):
+        panels = _image_panels(fig, f"validation {metric}")
+        assert len(panels) == 2
+        scales = {(round(ax.images[0].norm.vmin, 6), round(ax.images[0].norm.vmax, 6)) for ax in panels}
+        assert len(scales) == 1, scales  # one scale for both layers
+        (lo, hi), = scales
+        assert lo <= min(extremes) and hi >= max(extremes) and (lo + hi) / 2 == pytest.approx(ref)  # centred on it
+        for ax, cell in zip(panels, cells):  # mid_block, then up_blocks.0: a cell and its difference from lambda = 0
+            assert f"λ = 0: {ref:.1f}" in ax.get_title() and cell in [t.get_text() for t in ax.texts]
+        bars = [ax for ax in fig.axes if not ax.images and ax.get_ylabel() == "line: λ = 0"]
+        assert any(line.get_ydata()[0] == pytest.approx(ref) for ax in bars for line in ax.lines)
+    probes = _image_panels(fig, "linear probe")
+    assert len({(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in probes}) == 1
+    assert probes[0].images[0].norm.vmin == pytest.approx(52.0) and probes[0].images[0].norm.vmax == pytest.approx(80.0)
+    plt.close(fig)
+    fig = sweep.heatmap_figure([r for r in runs if r["dra_weight"] > 0], None)  # no lambda = 0 run: min..max
+    panels = _image_panels(fig, "validation PGD")
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels] == [pytest.approx((30.5, 46.0))] * 2
+    assert "λ = 0" not in panels[0].get_title()
+    plt.close(fig)
+
+
+def test_no_legend_covers_a_plot(results):
+    """The report's legends sit outside the axes, clear of the values, and inside the figure."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import plots
+    from pipeline.report.results import aggregate, load_evals
+
+    groups = aggregate(load_evals(results / "eval"))
+    for rs in groups.values():
+        for r in rs:
+            r.update(clean=0.99, pgd=0.98, autoattack=0.97)  # bars up to the top, where a legend once sat
+    logs = {f"variant {i} with a long name": [{"epoch": [1, 2], "loss": [2.0, 1.0], "adv_acc": [0.3, 0.9]}]
+            for i in range(7)}
+    evals = {f"v{i}": [{"clean": 0.5 + i / 10 + s / 100, "pgd": 0.4 + s / 100, "_path": str(s),
+                        "train_config": {"seed": s}} for s in range(3)] for i in range(3)}
+    figures = [plots.accuracy_figure(groups), plots.curves_figure(logs),
+               plots.differences_figure(evals, [("v1", "v0"), ("v2", "v0")])]
+    for fig in figures:
+        fig.canvas.draw()
+        assert (fig.legends or any(ax.get_legend() for ax in fig.axes)) and plots.covered(fig) == []
+        plt.close(fig)
+    fig, ax = plt.subplots()  # the check itself: a legend in the middle of the values is found
+    ax.plot([0, 1], [0, 1], label="a line")
+    ax.legend(loc="center")
+    fig.canvas.draw()
+    assert plots.covered(fig) == ["a line: over an axes"]
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda runs: [r for r in runs if r["dra_weight"] == 0], "no run with dra_weight > 0"),
     (lambda runs: [{**runs[0], "t": "100"}] + runs[1:], "t \\(int\\)"),

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.figure import Figure  # noqa: E402
 
 X_KEYS = ("epoch", "step", "iter")
 SKIP = ("lr", "dra_weight", "step_time_s", "seconds")  # bookkeeping, not curves of the method
@@ -24,8 +25,45 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def covered(fig: Figure) -> list[str]:
+    """Legends that overlap the plotting area of an axes (where the values are) or leave the figure;
+    empty when every legend sits clear of them. Every plot of the report is checked when drawn."""
+    renderer = fig.canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    frame = fig.bbox
+    bad = []
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        title = legend.get_texts()[0].get_text() if legend.get_texts() else "legend"
+        if any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes if ax.axison):
+            bad.append(f"{title}: over an axes")
+        if box.x0 < frame.x0 - 1 or box.y0 < frame.y0 - 1 or box.x1 > frame.x1 + 1 or box.y1 > frame.y1 + 1:
+            bad.append(f"{title}: outside the figure")
+    return bad
+
+
+def _checked(fig: Figure) -> Figure:
+    """The figure, after a note on stdout for any legend that ``covered`` finds (the tests hold
+    every plot to none; a note, not an error: a crowded legend is no reason to lose the report)."""
+    fig.canvas.draw()
+    for problem in covered(fig):
+        print(f"note: {fig.texts[0].get_text() if fig.texts else 'a plot'}: legend {problem}")
+    return fig
+
+
 def accuracy_bars(groups: dict[str, list[dict]], path: Path) -> Path:
     """Grouped bars: clean / PGD / AutoAttack accuracy per variant, error bars = std over seeds."""
+    return _save(accuracy_figure(groups), path, 110)
+
+
+def accuracy_figure(groups: dict[str, list[dict]]) -> Figure:
+    """The figure of ``accuracy_bars``; its legend sits right of the axes, clear of the bars."""
     names = list(groups)
     width = 0.8 / len(METRICS)
     version = next(iter(groups.values()))[0].get("autoattack_version")
@@ -39,13 +77,11 @@ def accuracy_bars(groups: dict[str, list[dict]], path: Path) -> Path:
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 105)  # room for the labels of bars near 100
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)
     ax.set_title("Accuracy per variant (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _checked(fig)
 
 
 def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -> Path:
@@ -53,6 +89,11 @@ def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -
 
     Seeds of one variant are drawn as separate thin lines in the same colour.
     """
+    return _save(curves_figure(logs), path, 100)
+
+
+def curves_figure(logs: dict[str, list[dict[str, list[float]]]]) -> Figure:
+    """The figure of ``training_curves``; its legend is a band above the panels."""
     keys = sorted({k for runs in logs.values() for log in runs for k in log if k not in X_KEYS + SKIP})
     cols = min(3, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
@@ -77,17 +118,23 @@ def training_curves(logs: dict[str, list[dict[str, list[float]]]], path: Path) -
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
+    ncol = min(len(legend), 4)
+    band = (0.28 * math.ceil(len(legend) / max(ncol, 1)) + 0.1) / fig.get_figheight()  # figure fraction
     if legend:
-        fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - band))
+    return _checked(fig)
 
 
 def paired_differences(groups: dict[str, list[dict]], pairs: list[tuple[str, str]], path: Path) -> Path | None:
     """One panel per accuracy: each (variant, base) pair's per-seed differences (dots), their mean
     and 95% Student-t interval (bar), and zero; None when no pair shares two seeds."""
+    fig = differences_figure(groups, pairs)
+    return None if fig is None else _save(fig, path, 110)
+
+
+def differences_figure(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> Figure | None:
+    """The figure of ``paired_differences``; its legend is a band below the panels."""
     from pipeline.report.tables import metric_keys, paired_difference, paired_values
 
     keys = metric_keys(groups, pairs)
@@ -115,9 +162,11 @@ def paired_differences(groups: dict[str, list[dict]], pairs: list[tuple[str, str
     axes[0, 0].set_yticks(range(len(shown)), [f"{n} − {b}" for n, b in shown], fontsize=8)
     axes[0, 0].set_ylim(-0.6, len(shown) - 0.4)
     axes[0, 0].invert_yaxis()
-    axes[0, -1].legend(fontsize=7, loc="lower right")
+    legend = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=max(len(legend), 1), fontsize=7)
     fig.suptitle("Paired by training seed: variant minus its base", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
+    return _checked(fig)

@@ -166,14 +166,45 @@ def markdown(runs: list[dict], probe: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _ink(im: Any, value: float) -> str:
-    """Black on the bright end of the colour map, white on the dark end (both maps run dark -> bright)."""
-    return "k" if not math.isnan(value) and im.norm(value) > 0.6 else "w"
+def _ink(im: Any, value: float, diverging: bool = False) -> str:
+    """Text colour readable on the cell: black on the bright end of a dark -> bright map, white on
+    the dark end; on a diverging map (dark at both ends, light in the middle) black near the middle."""
+    if math.isnan(value):
+        return "k"
+    x = float(im.norm(value))
+    return ("k" if abs(x - 0.5) < 0.3 else "w") if diverging else ("k" if x > 0.6 else "w")
 
 
 def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
     """t x lambda heatmaps of validation clean and PGD accuracy, one row of panels per layer, and
-    the probe accuracy (t x layer) beside them."""
+    the probe accuracy (t x layer) beside them (``heatmap_figure``), saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(runs, probe)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _scale(values: list[float | None], centre: float | None = None) -> tuple[float, float]:
+    """(vmin, vmax) in % over the values shown (None and NaN left out); with ``centre`` (in %)
+    symmetric around it, so that equal differences from lambda = 0 get equal colours; a flat set gets +-0.5."""
+    vals = [100 * v for v in values if v is not None and not math.isnan(v)]
+    if centre is not None:
+        half = max([abs(v - centre) for v in vals] + [0.5])
+        return centre - half, centre + half
+    if not vals:
+        return 0.0, 100.0
+    lo, hi = min(vals), max(vals)
+    return (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+
+
+def heatmap_figure(runs: list[dict], probe: dict | None) -> Any:
+    """The sweep's heatmaps, read at a glance: one colour scale per metric (clean, PGD, probe),
+    shared by every layer's panel. With a lambda = 0 run the accuracy maps diverge from it (white:
+    as lambda = 0, blue above it, red below, symmetric so that equal differences look alike), its
+    value is in each panel's title and a line on the colour bar, and each cell shows its accuracy
+    and, in brackets, its difference from lambda = 0 in points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,34 +212,46 @@ def heatmaps(runs: list[dict], probe: dict | None, path: Path) -> Path:
 
     ts, layers, weights = _axes(runs)
     probes = probe_lookup(probe)
-    fig, axes = plt.subplots(len(layers), 3, figsize=(11, 3.2 * len(layers)), squeeze=False)
+    base = [r for r in runs if r["dra_weight"] == 0]
+    grids = {key: {layer: [[_cell(runs, key, t=t, layer=layer, dra_weight=w) for w in weights] for t in ts]
+                   for layer in layers} for key in ("clean", "pgd")}
+    refs = {key: (None if v is None else 100 * v) for key in ("clean", "pgd")
+            for v in [_cell(base, key) if base else None]}
+    scales = {key: _scale([v for g in grids[key].values() for row in g for v in row], refs[key])
+              for key in ("clean", "pgd")}
+    scales["probe"] = _scale([probes.get((t, layer)) for t in ts for layer in layers])
+    fig, axes = plt.subplots(len(layers), 3, figsize=(11.5, 3.3 * len(layers)), squeeze=False)
     for i, layer in enumerate(layers):
         for j, key in enumerate(("clean", "pgd")):
-            grid = [[_cell(runs, key, t=t, layer=layer, dra_weight=w) for w in weights] for t in ts]
-            values = [[math.nan if v is None else 100 * v for v in row] for row in grid]
+            values = [[math.nan if v is None else 100 * v for v in row] for row in grids[key][layer]]
+            ref = refs[key]
             ax = axes[i][j]
-            im = ax.imshow(values, cmap="viridis", aspect="auto")
+            im = ax.imshow(values, cmap="viridis" if ref is None else "RdBu", aspect="auto",
+                           vmin=scales[key][0], vmax=scales[key][1])
             for a, row in enumerate(values):
                 for c, v in enumerate(row):
-                    ax.text(c, a, "-" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                            color=_ink(im, v), fontsize=9)
+                    text = "-" if math.isnan(v) else f"{v:.1f}" + ("" if ref is None else f"\n({v - ref:+.1f})")
+                    ax.text(c, a, text, ha="center", va="center", color=_ink(im, v, ref is not None), fontsize=8)
             ax.set_xticks(range(len(weights)), [f"{w:g}" for w in weights])
             ax.set_yticks(range(len(ts)), [str(t) for t in ts])
             ax.set_xlabel("λ (DRA weight)")
             ax.set_ylabel("t")
-            ax.set_title(f"{layer}: validation {'clean' if key == 'clean' else 'PGD'} (%)")
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            name = "clean" if key == "clean" else "PGD"
+            against = "" if ref is None else f"\nagainst λ = 0: {ref:.1f} (in brackets: cell − λ = 0)"
+            ax.set_title(f"{layer}: validation {name} (%){against}", fontsize=9)
+            bar = fig.colorbar(im, ax=ax, fraction=0.046)
+            if ref is not None:
+                bar.ax.axhline(ref, color="black", lw=1.5)
+                bar.set_label("line: λ = 0", fontsize=7)
         ax = axes[i][2]
         col = [[100 * probes[(t, layer)] if (t, layer) in probes else math.nan] for t in ts]
-        im = ax.imshow(col, cmap="magma", aspect="auto")
+        im = ax.imshow(col, cmap="magma", aspect="auto", vmin=scales["probe"][0], vmax=scales["probe"][1])
         for a, row in enumerate(col):
             ax.text(0, a, "-" if math.isnan(row[0]) else f"{row[0]:.1f}", ha="center", va="center",
                     color=_ink(im, row[0]))
         ax.set_xticks([0], [layer])
         ax.set_yticks(range(len(ts)), [str(t) for t in ts])
-        ax.set_title("linear probe (%)")
+        ax.set_title("linear probe (%)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
