@@ -102,11 +102,15 @@ def test_refusals(cond_dir, uncond_dir, fmnist_shards, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_grid_rows_are_classes():
-    images = np.stack([np.full((2, 2, 1), 10 * k, np.uint8) for k in [0, 1, 2, 1]])
-    grid = class_grid(images, np.array([0, 1, 2, 1]), 3, per_class=2)
-    assert grid.shape == (6, 4, 1)
-    assert grid[2:4, :, 0].tolist() == [[10] * 4] * 2 and grid[4:6, 2:, 0].max() == 0
+def test_grid_rows_are_classes_and_empty_cells_are_blank_not_black():
+    images = np.stack([np.full((4, 4, 3), 10 * k, np.uint8) for k in [0, 1, 2, 1]])
+    grid = class_grid(images, np.array([0, 1, 2, 1]), 4, per_class=2)
+    assert grid.shape == (16, 8, 3)
+    assert (grid[:4, :4] == 0).all() and (grid[4:8] == 10).all() and (grid[8:12, :4] == 20).all()  # samples kept
+    for empty in (grid[:4, 4:], grid[8:12, 4:], grid[12:16, :4], grid[12:16, 4:]):  # class 0 has 1, class 3 none
+        assert (empty[1:-1, 1:-1] == 255).all()  # white inside: not a black "generated" image
+        edge = np.concatenate([empty[0], empty[-1], empty[:, 0], empty[:, -1]])
+        assert (edge == 128).all()  # a thin mid-grey outline
 
 
 def test_two_processes_equal_one(cond_dir, fmnist_shards, tmp_path):

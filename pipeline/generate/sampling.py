@@ -106,11 +106,23 @@ def sample(model: DiffusionModel, indices: Sequence[int], labels: torch.Tensor |
     return to_uint8(x)
 
 
+EMPTY = 255  # an empty cell of the grid: white, no generated image is (they are mostly dark)
+EDGE = 128  # its one-pixel mid-grey outline
+
+
 def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int = 10) -> np.ndarray:
-    """uint8 (rows*H, per_class*W, C) grid: row c holds the first samples labelled c (black if fewer)."""
+    """uint8 (rows*H, per_class*W, C) grid: row c holds the first samples labelled c. A class with
+    fewer samples leaves its remaining cells blank: white with a thin mid-grey outline, which no
+    sample looks like (black would read as a generated black image)."""
     n, h, w, c = images.shape
     grid = np.zeros((num_classes * h, per_class * w, c), dtype=np.uint8)
     for k in range(num_classes):
-        for j, i in enumerate(np.flatnonzero(labels == k)[:per_class]):
-            grid[k * h:(k + 1) * h, j * w:(j + 1) * w] = images[i]
+        found = np.flatnonzero(labels == k)[:per_class]
+        for j in range(per_class):
+            cell = grid[k * h:(k + 1) * h, j * w:(j + 1) * w]
+            if j < len(found):
+                cell[:] = images[found[j]]
+            else:
+                cell[:] = EDGE
+                cell[1:-1, 1:-1] = EMPTY
     return grid
