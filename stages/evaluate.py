@@ -22,12 +22,13 @@ AutoAttack seeds), but only a difference of a few images is promised.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.core.classifiers import load_classifier
+from pipeline.core.classifiers import MODEL_FILE, load_classifier
 from pipeline.core.runtime import Dist
 from pipeline.evaluate import robust
 from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
@@ -109,6 +110,8 @@ def run(cfg: EvaluateConfig) -> dict:
                             if cfg.autoattack == AutoAttackVersion.fast else None),
         "checks": checks, "warnings": warnings,
         "checkpoint": str(cfg.checkpoint), "shards": str(cfg.shards), "offset": cfg.offset,
+        # the weights measured: report refuses this result once the run folder holds other ones
+        "checkpoint_sha256": hashlib.sha256((Path(cfg.checkpoint) / MODEL_FILE).read_bytes()).hexdigest(),
         "train_config": mcfg, "train_metrics": read_train_metrics(Path(cfg.checkpoint)),
         "device": device, "seed": cfg.seed, "timings": timings,
         "seconds": round(time.perf_counter() - start, 2),
