@@ -327,11 +327,10 @@ def _check_one_line(url) -> None:
         open_cache(str(url)).part("train")
 
 
-def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path, real, fmnist_shards):
-    """Array shapes and attributes rewritten consistently (and resealed) to claim 10^9 rows: the join
-    compares N with the image shards' count before any per-row array is loaded."""
+def _claiming_a_billion_rows(tmp_path, real):
+    """A store whose train part's array shapes and attributes were rewritten consistently to claim
+    10^9 rows, manifest and digest resealed as a forger who knows the format would."""
     import hashlib
-    import time
 
     from pipeline.cache.store import attrs_digest
 
@@ -348,6 +347,15 @@ def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path
             a["manifest"][key] = hashlib.sha256((url / key).read_bytes()).hexdigest()
     a["digest"] = attrs_digest(a)
     (url / "zarr.json").write_text(json.dumps(root))
+    return url
+
+
+def test_a_store_claiming_a_billion_rows_is_refused_before_reading_them(tmp_path, real, fmnist_shards):
+    """Array shapes and attributes rewritten consistently (and resealed) to claim 10^9 rows: the join
+    compares N with the image shards' count before any per-row array is loaded."""
+    import time
+
+    url = _claiming_a_billion_rows(tmp_path, real)
     cache = open_cache(str(url))
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="only 512"):
@@ -410,25 +418,10 @@ def test_verify_refuses_a_store_claiming_more_rows_than_its_files_before_reading
     """Shapes and attributes rewritten consistently (and resealed) to claim 10^9 rows: verify counts
     each array's shard files against its grid (extraction writes every shard, empty or not) and
     names the gap, without reading or allocating the claimed rows."""
-    import hashlib
     import resource
     import time
 
-    from pipeline.cache.store import attrs_digest
-
-    url = tmp_path / "c.zarr"
-    write_store(str(url), real)
-    big = 10**9
-    for name in (FEATURES, "keys", "labels", "dx", "dy", "flip", "noise_seed"):
-        _edit_json(url / "train" / name / "zarr.json", lambda d: d.update(shape=[big, *d["shape"][1:]]))
-    _edit_json(url / "train" / "zarr.json", lambda d: d["attributes"].update(n=big))
-    root = json.loads((url / "zarr.json").read_text())
-    a = root["attributes"]
-    for key in list(a["manifest"]):
-        if key.endswith("zarr.json"):
-            a["manifest"][key] = hashlib.sha256((url / key).read_bytes()).hexdigest()
-    a["digest"] = attrs_digest(a)
-    (url / "zarr.json").write_text(json.dumps(root))
+    url = _claiming_a_billion_rows(tmp_path, real)
     t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     problems = verify_cache(str(url))
     assert problems and all("train/" in p and "file(s)" in p for p in problems), problems

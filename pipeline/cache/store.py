@@ -153,7 +153,8 @@ def attrs_digest(attrs: dict) -> str:
 
 def _location(url: str) -> str:
     """file:// URLs become plain paths (zarr's LocalStore creates folders and writes atomically)."""
-    return url[len("file://"):] if str(url).startswith("file://") else str(url)
+    local = local_path(url)
+    return str(url) if local is None else local
 
 
 def _foreign_folder(url: str, group: zarr.Group | None) -> bool:
@@ -205,6 +206,14 @@ def resolve_path(store: str, recorded: str, relative: bool) -> str:
         local = str(local_path(store))  # as the user gave it: a relative store stays relative
         return os.path.normpath(os.path.join(local, recorded))
     return f"{scheme}://{posixpath.normpath(posixpath.join(path, recorded))}"
+
+
+def _open_for_check(url: str) -> tuple[zarr.Group, dict, str | None]:
+    """The group, its root attributes and the first problem of its format or root file (None when
+    neither has one): what opening, verifying and re-checking a store all start with."""
+    group = _open_group(str(url), "r")
+    attrs = dict(group.attrs)
+    return group, attrs, _format_problem(attrs) or _root_problem(group)
 
 
 def set_path(part: str, target: TargetSpec | str) -> str:
@@ -690,9 +699,7 @@ def open_cache(url: str) -> FeatureCache:
     weights hash, the manifest) are refused here; ``verify_cache`` checks every file against the
     manifest.
     """
-    group = _open_group(str(url), "r")
-    attrs = dict(group.attrs)
-    problem = _format_problem(attrs) or _root_problem(group)
+    group, attrs, problem = _open_for_check(url)
     if problem:
         raise UserError(f"{url}: {problem}")
     if attrs.get("complete") is not True:
@@ -830,11 +837,9 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
     if digest is not None:
         check_digest_value(digest)
     try:
-        group = _open_group(str(url), "r")
+        group, attrs, problem = _open_for_check(url)
     except UserError as exc:
         return [str(exc)]
-    attrs = dict(group.attrs)
-    problem = _format_problem(attrs) or _root_problem(group)
     if problem:
         return [problem]
     problems = []
@@ -868,11 +873,9 @@ def recheck_cache(url: str, *, parts: tuple[str, ...], digest: str) -> list[str]
     """A store verified earlier, checked again (a streaming run, at every checkpoint): the same
     digest, and every file of ``parts`` present and with its manifest checksum. No decoding."""
     try:
-        group = _open_group(str(url), "r")
+        group, attrs, problem = _open_for_check(url)
     except UserError as exc:
         return [str(exc)]
-    attrs = dict(group.attrs)
-    problem = _format_problem(attrs) or _root_problem(group)
     if problem:
         return [problem]
     return _check_manifest(group, attrs, parts, digest)

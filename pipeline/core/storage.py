@@ -86,8 +86,8 @@ def basename(path: str | Path) -> str:
 def read_bytes(url: str | Path) -> bytes | None:
     """The whole file, or None when it does not exist. A local device or pipe (``/dev/zero`` behind
     a shard's name) is refused, not read: it would never end."""
-    if not is_url(url) or str(url).startswith("file://"):
-        local = str(url)[len("file://"):] if str(url).startswith("file://") else str(url)
+    local = local_path(url)
+    if local is not None:
         try:
             mode = os.stat(local).st_mode
         except OSError:
