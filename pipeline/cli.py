@@ -35,7 +35,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "prepare": ("pipeline.data.config:PrepareConfig", "stages.prepare",
                 "Raw dataset (IDX, CIFAR pickles, image folder, npz) -> webdataset shards + fingerprint."),
     "diffusion": ("pipeline.diffusion.config:DiffusionConfig", "stages.diffusion",
-                  "Train a small class-conditional DDPM on the real shards, or point at an existing UNet (--model)."),
+                  "Train a small class-conditional DDPM on the real shards, or point at an existing UNet (--pretrained)."),
     "generate": ("pipeline.generate.config:GenerateConfig", "stages.generate",
                  "Diffusion model -> labelled synthetic images as webdataset shards + sample grid PNG."),
     "extract": ("pipeline.cache.config:ExtractConfig", "stages.extract",

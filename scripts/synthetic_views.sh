@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 W=${WORK:-/tmp/kviews}
 mkdir -p "$W" results/synthetic_views
-[ -d "$W/feats_k1.zarr" ] || $PY -m pipeline extract --model artifacts/diffusion --real artifacts/shards/real \
+[ -d "$W/feats_k1.zarr" ] || $PY -m pipeline extract --model artifacts/diffusion --real-splits artifacts/shards/real \
   --synthetic artifacts/shards/synthetic --out "$W/feats_k1.zarr" --views 4 --views-synthetic 1 --limit 10000
 for k in 1 4; do
   cache=$([ "$k" = 1 ] && echo "$W/feats_k1.zarr" || echo artifacts/feats.zarr)

@@ -24,7 +24,7 @@ PYEOF
 for k in 1 4 all; do
   [ -f "$W/k$k.zarr/zarr.json" ] && grep -q '"complete": true' "$W/k$k.zarr/zarr.json" && continue
   start=$(date +%s.%N)
-  $PY -m pipeline extract --model "$W/unet" --real artifacts/shards/real --synthetic "" --out "$W/k$k.zarr" \
+  $PY -m pipeline extract --model "$W/unet" --real-splits artifacts/shards/real --synthetic "" --out "$W/k$k.zarr" \
     --views "$k" --limit 10000
   echo "$k $(echo "$(date +%s.%N) - $start" | bc)" >> "$W/extract_seconds.txt"
 done

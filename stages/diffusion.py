@@ -1,5 +1,5 @@
 """Stage `diffusion`: train a small class-conditional DDPM on the real train shards, or point at
-an existing diffusers UNet2DModel (``--model``) without training.
+an existing diffusers UNet2DModel (``--pretrained``) without training.
 
 Output folder (written as OUT.tmp and renamed, so OUT is complete or absent)::
 
@@ -42,7 +42,7 @@ DEFAULT_SIZING = "measured on 2 shared CPU cores: ~0.3 s per 128-image bf16 step
 
 def run(cfg: DiffusionConfig) -> dict:
     check(cfg)
-    if cfg.model:
+    if cfg.pretrained:
         return use_existing(cfg)
     from pipeline.diffusion.training import train_ddpm
 
@@ -86,7 +86,7 @@ def interrupted(cfg: DiffusionConfig) -> str:
     """What an interrupt leaves (the CLI's one line): the newest checkpoint, which a rerun resumes."""
     from pipeline.diffusion.training import latest_checkpoint
 
-    ckpt = latest_checkpoint(ckpt_dir(cfg.out)) if not cfg.model and not storage.is_url(cfg.out) else None
+    ckpt = latest_checkpoint(ckpt_dir(cfg.out)) if not cfg.pretrained and not storage.is_url(cfg.out) else None
     if ckpt is None:
         return f"no checkpoint yet, {cfg.out} not written; rerun the same command"
     return f"checkpoint {ckpt.name} kept in {ckpt.parent}; rerun the same command to resume from it"

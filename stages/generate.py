@@ -68,7 +68,7 @@ def run(cfg: GenerateConfig) -> dict:
     make_sampler(model, cfg.sampler, cfg.sample_steps)  # refuses bad steps before any heavy work
     device = str(dist.device)
     model.unet.to(device)
-    num_classes = model.num_classes if model.conditional else num_classes_of(cfg.real)
+    num_classes = model.num_classes if model.conditional else num_classes_of(cfg.real_train)
     classes = class_names(cfg, num_classes)
     clf = None
     if cfg.check or not model.conditional:  # trained once, by rank 0

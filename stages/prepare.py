@@ -22,7 +22,7 @@ def run(cfg: PrepareConfig) -> dict[str, dict]:
     splits = read_source(cfg.source, cfg.format, limit=cfg.limit)
     for split in splits:  # before anything is written: no split folder of someone else's is replaced
         refuse_foreign(join(cfg.out, split), (FINGERPRINT,))
-    name = cfg.name or default_name(cfg.source)
+    name = cfg.key_prefix or default_name(cfg.source)
     out = {}
     for split, data in splits.items():
         keys = make_keys(name, split, len(data.labels))

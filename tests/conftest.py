@@ -42,7 +42,7 @@ def fmnist_shards(tmp_path_factory, fmnist_dir) -> Path:
     from stages import prepare
 
     out = tmp_path_factory.mktemp("shards") / "real"
-    prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), name="fmnist", limit=512,
+    prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), key_prefix="fmnist", limit=512,
                               shard_size=200))
     # the test split gets the same limit; keep the first 256 for speed
     from pipeline.core.shards import Split, read_split, write_split

@@ -16,7 +16,7 @@ from pipeline.train.config import TrainConfig
 
 
 def extract_cfg(model_dir: Path, real: Path, out: Path, **kw) -> ExtractConfig:
-    base = ExtractConfig(model=str(model_dir), real=str(real), synthetic="", out=str(out), views=2,
+    base = ExtractConfig(model=str(model_dir), real_splits=str(real), synthetic="", out=str(out), views=2,
                          batch_size=128, rows_per_chunk=16, chunks_per_shard=2, limit=64)
     return replace(base, **kw)
 

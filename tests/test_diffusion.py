@@ -131,7 +131,7 @@ def test_stage_trains_and_writes_complete_folder(fmnist_shards, tmp_path):
 
 def test_existing_model_pointer(tiny_dir, tmp_path):
     out = tmp_path / "pointer"
-    stage.run(DiffusionConfig(model=str(tiny_dir), out=str(out)))
+    stage.run(DiffusionConfig(pretrained=str(tiny_dir), out=str(out)))
     info = json.loads((out / "model_info.json").read_text())
     assert info["source"] == str(tiny_dir.resolve()) and not info["trained"]
     m = load_model(str(out))
@@ -145,7 +145,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_cli_refuses_bad_input(tmp_path, capsys):
-    code, err = run_cli(capsys, "diffusion", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, "diffusion", "--pretrained", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 2 and err.startswith("error:") and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
     code, err = run_cli(capsys, "diffusion", "--steps", "0", "--out", str(tmp_path / "o"))

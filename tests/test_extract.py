@@ -55,7 +55,7 @@ def synthetic_dir(tmp_path_factory, fmnist_shards) -> Path:
 
 
 def config(model_dir, fmnist_shards, synthetic_dir, out, **kw) -> ExtractConfig:
-    base = ExtractConfig(model=str(model_dir), real=str(fmnist_shards), synthetic=str(synthetic_dir),
+    base = ExtractConfig(model=str(model_dir), real_splits=str(fmnist_shards), synthetic=str(synthetic_dir),
                          out=str(out), t="100,30", layer="mid_block,up_blocks.0", views=3, views_synthetic=2, batch_size=64,
                          rows_per_chunk=32, chunks_per_shard=2, limit=200)
     return replace(base, **kw)
@@ -177,7 +177,7 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
     cases = {"outside the schedule": dict(t=1000), "unknown layer 'mid'": dict(layer="mid"),
              "--views must be a count >= 1 or .all.": dict(views=0), "--rows-per-chunk": dict(rows_per_chunk=0),
              "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
-             "no fingerprint.json": dict(real=str(tmp_path / "nowhere")),
+             "no fingerprint.json": dict(real_splits=str(tmp_path / "nowhere")),
              r"--limit must be 0 \(all\) or >= 10": dict(limit=-1), "unknown compressor": dict(compressor="gzip9"),
              "--t must be one timestep or a comma list of distinct": dict(t="100,100"),
              "--t must be one timestep or a comma list": dict(t="1e2"),
@@ -193,7 +193,7 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
 
 def test_cli_one_line_error(tmp_path, model_dir, fmnist_shards):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--model", str(model_dir),
-                           "--real", str(fmnist_shards), "--synthetic", "", "--out", str(tmp_path / "f.zarr"),
+                           "--real-splits", str(fmnist_shards), "--synthetic", "", "--out", str(tmp_path / "f.zarr"),
                            "--t", "5000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: timestep t=5000 is outside")
@@ -237,7 +237,7 @@ def _kill_when(cmd: list[str], store: Path, shards_done: int) -> None:
 
 
 def _cli(cfg: ExtractConfig) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "extract", "--model", cfg.model, "--real", cfg.real,
+    return [sys.executable, "-m", "pipeline", "extract", "--model", cfg.model, "--real-splits", cfg.real_splits,
             "--synthetic", cfg.synthetic, "--out", cfg.out, "--views", str(cfg.views),
             "--views-synthetic", str(cfg.views_synthetic), "--batch-size", str(cfg.batch_size),
             "--t", cfg.t, "--layer", cfg.layer, "--rows-per-chunk", str(cfg.rows_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
@@ -430,6 +430,6 @@ def test_sizes_that_would_die_late_or_allocate_tib_are_refused_first(tmp_path, m
                                                                      flags, words):
     from reliability_helpers import assert_one_error_line, run_cli
 
-    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", fmnist_shards, "--synthetic", "",
+    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real-splits", fmnist_shards, "--synthetic", "",
                                     "--out", tmp_path / "x.zarr", *flags])
     assert words in assert_one_error_line(code, err) and not (tmp_path / "x.zarr").exists()

@@ -35,7 +35,7 @@ def uncond_dir(tmp_path_factory) -> Path:
 
 
 def cfg(model: Path, shards: Path, out: Path, **kw) -> GenerateConfig:
-    base = GenerateConfig(model=str(model), real=str(shards / "train"), real_test=str(shards / "test"),
+    base = GenerateConfig(model=str(model), real_train=str(shards / "train"), real_test=str(shards / "test"),
                           out=str(out), n=24, sample_steps=3, batch_size=8, shard_size=10, bf16=False,
                           classifier_epochs=1, seed=3)
     return replace(base, **kw)
@@ -96,7 +96,7 @@ def test_refusals(cond_dir, uncond_dir, fmnist_shards, tmp_path, capsys):
     for args in (["--n", "0"], ["--sampler", "euler"], ["--model", str(tmp_path / "missing")],
                  ["--sample-steps", "5000", "--no-check"]):
         with pytest.raises(SystemExit) as exc:
-            main(["generate", "--model", str(cond_dir), "--real", str(fmnist_shards / "train"),
+            main(["generate", "--model", str(cond_dir), "--real-train", str(fmnist_shards / "train"),
                   "--out", str(tmp_path / "o"), *args])
         assert exc.value.code == 2 and capsys.readouterr().err.startswith("error:"), args
     assert not (tmp_path / "o").exists()
@@ -123,7 +123,7 @@ def test_two_processes_equal_one(cond_dir, fmnist_shards, tmp_path):
     """
     from launch import accelerate_launch
 
-    args = ["generate", "--model", cond_dir, "--real", fmnist_shards / "train", "--real-test",
+    args = ["generate", "--model", cond_dir, "--real-train", fmnist_shards / "train", "--real-test",
             fmnist_shards / "test", "--n", 30, "--shard-size", 8, "--batch-size", 4, "--sample-steps", 3,
             "--no-bf16", "--classifier-epochs", 1, "--classifier-limit", 128, "--seed", 3]
     with torch_threads(1):

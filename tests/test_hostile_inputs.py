@@ -182,6 +182,6 @@ def test_a_fingerprint_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, mo
     (split / "fingerprint.json").write_text(json.dumps(edit(json.loads((split / "fingerprint.json").read_text()))))
     with pytest.raises(UserError, match="malformed fingerprint"):
         read_split(split)
-    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real", tmp_path / "real", "--synthetic", "",
+    code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real-splits", tmp_path / "real", "--synthetic", "",
                                     "--out", tmp_path / "f.zarr"])
     assert "malformed fingerprint" in assert_one_error_line(code, err) and not (tmp_path / "f.zarr").exists()

@@ -69,7 +69,7 @@ def test_diffusion_pointer_interrupted(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion_stage.storage, "commit", boom)
     out = tmp_path / "diffusion"
     with pytest.raises(Injected):
-        diffusion_stage.run(DiffusionConfig(model=str(model_dir), out=str(out)))
+        diffusion_stage.run(DiffusionConfig(pretrained=str(model_dir), out=str(out)))
     assert not out.exists()
     with pytest.raises(UserError):
         load_model(str(out))
@@ -81,7 +81,7 @@ def test_generate_interrupted_after_shards(model_dir, fmnist_shards, tmp_path, m
 
     monkeypatch.setattr(synthesis, "save_grid", boom)  # inside `finish`, after the shards
     out = tmp_path / "syn"
-    cfg = GenerateConfig(model=str(model_dir), real=str(fmnist_shards / "train"), out=str(out), n=4,
+    cfg = GenerateConfig(model=str(model_dir), real_train=str(fmnist_shards / "train"), out=str(out), n=4,
                          sample_steps=2, batch_size=4, check=False, bf16=False)
     with pytest.raises(Injected):
         generate.run(cfg)
@@ -226,8 +226,8 @@ def test_no_stage_deletes_a_folder_it_did_not_make(model_dir, fmnist_dir, fmnist
     and leave it as it was; their own earlier output (signature file) and an interrupted run's
     staging folder (.staging marker) are still replaced."""
     cases = {
-        "diffusion": (lambda out: diffusion_stage.run(DiffusionConfig(model=str(model_dir), out=str(out)))),
-        "generate": (lambda out: generate.run(GenerateConfig(model=str(model_dir), real=str(fmnist_shards / "train"),
+        "diffusion": (lambda out: diffusion_stage.run(DiffusionConfig(pretrained=str(model_dir), out=str(out)))),
+        "generate": (lambda out: generate.run(GenerateConfig(model=str(model_dir), real_train=str(fmnist_shards / "train"),
                                                              out=str(out), n=4, sample_steps=2, batch_size=4,
                                                              check=False, bf16=False))),
         "prepare": (lambda out: prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), limit=8))),

@@ -76,7 +76,7 @@ def test_diffusion_runs_and_records_what_the_processor_allows(native_bf16, fmnis
 
 def test_generate_samples_and_records_what_the_processor_allows(native_bf16, tiny_model_dir, fmnist_shards,
                                                                  tmp_path):
-    cfg = GenerateConfig(model=str(tiny_model_dir), real=str(fmnist_shards / "train"),
+    cfg = GenerateConfig(model=str(tiny_model_dir), real_train=str(fmnist_shards / "train"),
                          real_test=str(fmnist_shards / "test"), out=str(tmp_path / "asked"), n=8,
                          sample_steps=2, batch_size=8, shard_size=8, bf16=True, check=False, seed=3)
     generate.run(cfg)

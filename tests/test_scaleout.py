@@ -106,7 +106,7 @@ def test_process_memory_does_not_follow_the_cache_size_big(fmnist_dir, tmp_path)
     """2048 images, 48 vs 384 MiB of features: each process grows by under 10% of the 336 MiB added."""
     from stages import prepare
 
-    prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(tmp_path / "real"), name="fmnist", limit=2048,
+    prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(tmp_path / "real"), key_prefix="fmnist", limit=2048,
                               shard_size=1024))
     small, big, added = memory_growth(tmp_path / "real" / "train", tmp_path, n=2048, d=6144)
     assert added > 300

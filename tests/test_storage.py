@@ -76,7 +76,7 @@ def test_stages_end_to_end_on_memory_urls(fmnist_dir, tiny_model_dir, tmp_path, 
 def stages_end_to_end(base: str, fmnist_dir, tiny_model_dir, tmp_path) -> str:
     """prepare -> extract -> train -> evaluate with shards and cache under ``base``; returns the store."""
     prepare.run(PrepareConfig(source=str(fmnist_dir), out=f"{base}/real", limit=96, shard_size=40))
-    extract.run(ExtractConfig(model=str(tiny_model_dir), real=f"{base}/real", synthetic="",
+    extract.run(ExtractConfig(model=str(tiny_model_dir), real_splits=f"{base}/real", synthetic="",
                               out=f"{base}/feats.zarr", views=2, batch_size=64, rows_per_chunk=16,
                               chunks_per_shard=2))
     cache = open_cache(f"{base}/feats.zarr")
@@ -97,7 +97,7 @@ def test_generate_to_memory_url(tiny_model_dir, fmnist_shards, tmp_path):
     from stages import generate
 
     url = f"memory://{tmp_path.name}/syn"
-    generate.run(GenerateConfig(model=str(tiny_model_dir), real=str(fmnist_shards / "train"), out=url, n=12,
+    generate.run(GenerateConfig(model=str(tiny_model_dir), real_train=str(fmnist_shards / "train"), out=url, n=12,
                                 shard_size=5, batch_size=6, sample_steps=2, bf16=False, check=False))
     fs, path = fsspec.core.url_to_fs(url)
     assert json.loads(fs.cat_file(f"{path}/generate.json"))["n"] == 12
@@ -130,8 +130,8 @@ def test_a_stage_that_writes_local_files_refuses_a_url_out(stage, args, scheme, 
 @pytest.mark.parametrize("url", ["gs://bucket/x", "nope://bucket/x"], ids=["backend-not-installed", "unknown-scheme"])
 @pytest.mark.parametrize("argv", [
     ["prepare", "--source", "{fmnist}", "--out", "{url}"],
-    ["extract", "--model", "{model}", "--real", "{real}", "--synthetic", "", "--out", "{url}/feats.zarr"],
-    ["extract", "--model", "{model}", "--real", "{url}", "--synthetic", "", "--out", "{tmp}/f.zarr"],
+    ["extract", "--model", "{model}", "--real-splits", "{real}", "--synthetic", "", "--out", "{url}/feats.zarr"],
+    ["extract", "--model", "{model}", "--real-splits", "{url}", "--synthetic", "", "--out", "{tmp}/f.zarr"],
     ["train", "--cache", "{url}/feats.zarr", "--out", "{tmp}/run"],
     ["cache", "verify", "{url}/feats.zarr"],
 ], ids=["prepare-out", "extract-out", "extract-in", "train-cache", "verify"])

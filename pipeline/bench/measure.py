@@ -68,7 +68,7 @@ def make_inputs(cfg: BenchConfig, work: Path) -> tuple[Path, Path]:
 
 
 def extract_config(cfg: BenchConfig, shards: Path, model: Path, out: Path) -> ExtractConfig:
-    return ExtractConfig(model=str(model), real=str(shards), synthetic="", out=str(out), t=cfg.t, layer=cfg.layer,
+    return ExtractConfig(model=str(model), real_splits=str(shards), synthetic="", out=str(out), t=cfg.t, layer=cfg.layer,
                          views=cfg.views, batch_size=cfg.batch_size, chunks_per_shard=cfg.chunks_per_shard,
                          seed=cfg.seed)
 
@@ -354,7 +354,7 @@ def bench_two_proc(cfg: BenchConfig, work: Path, shards: Path, model: Path) -> d
         if fresh:
             count[tag] += 1
         c = extract_config(cfg, shards, model, work / f"x{tag}{count[tag]}.zarr")
-        return ["extract", "--model", c.model, "--real", c.real, "--synthetic", "", "--out", c.out, "--t", str(c.t),
+        return ["extract", "--model", c.model, "--real-splits", c.real_splits, "--synthetic", "", "--out", c.out, "--t", str(c.t),
                 "--layer", c.layer, "--views", str(c.views), "--batch-size", str(c.batch_size),
                 "--chunks-per-shard", str(c.chunks_per_shard), "--seed", str(c.seed)]
 

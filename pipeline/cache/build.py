@@ -37,7 +37,7 @@ def check_config(cfg: ExtractConfig) -> None:
 
 def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
     """Part name -> shard folder (path or URL); checks each has a fingerprint (a complete shard set)."""
-    dirs = {"train": join(cfg.real, "train"), "test": join(cfg.real, "test")}
+    dirs = {"train": join(cfg.real_splits, "train"), "test": join(cfg.real_splits, "test")}
     if cfg.synthetic:
         dirs["synthetic"] = cfg.synthetic if split_exists(cfg.synthetic) else join(cfg.synthetic, "train")
     for d in dirs.values():

@@ -22,7 +22,7 @@ class Condition(str, Enum):
 @dataclass(frozen=True)
 class ExtractConfig:
     model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`) or a diffusers UNet folder
-    real: str = "artifacts/shards/real"  # folder with one sub-folder of shards per split
+    real_splits: str = "artifacts/shards/real"  # the real shards: a folder with one sub-folder per split (from `prepare`)
     synthetic: str = "artifacts/shards/synthetic"  # the synthetic shards (from `generate`); "" for none
     out: str = "artifacts/feats.zarr"  # the feature cache to write (path or fsspec URL); an unfinished one is resumed
     # one target set per (t, layer): comma lists ("10,100,200", "mid_block,up_blocks.0") cost one

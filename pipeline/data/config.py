@@ -24,7 +24,7 @@ class PrepareConfig:
     source: str = "data/fashion-mnist"  # the raw dataset: a folder (or an .npz file) in one of the --format formats
     format: SourceFormat = SourceFormat.auto  # the source's format (auto: told by its files)
     out: str = "artifacts/shards/real"  # output folder: one sub-folder of shards per split (path or fsspec URL)
-    name: str = ""  # key prefix; empty: derived from the source folder name
+    key_prefix: str = ""  # prefix of every sample key in the shards; empty: derived from the source folder name
     shard_size: int = 10_000  # samples per tar shard
     limit: int = 0  # keep the first N samples of each split (0: all)
 

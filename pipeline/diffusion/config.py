@@ -11,7 +11,7 @@ from pipeline.core.config import require
 class DiffusionConfig:
     shards: str = "artifacts/shards/real/train"  # the real train split's shards (from `prepare`)
     out: str = "artifacts/diffusion"  # output folder of the UNet + scheduler (checkpoints in OUT.ckpt)
-    model: str = ""  # an existing diffusers UNet2DModel (folder or hub id): use it, do not train
+    pretrained: str = ""  # an existing diffusers UNet2DModel (folder or hub id): point at it instead of training
     block_channels: tuple[int, ...] = (32, 64, 64)  # UNet channels per resolution level (comma list)
     layers_per_block: int = 1  # ResNet layers per UNet block
     num_train_timesteps: int = 1000  # diffusion timesteps T of the noise schedule

@@ -3,7 +3,7 @@
 ``load_model`` is the one entry point every later stage uses. It accepts
 
 * our own output folder: ``unet/`` + ``scheduler/`` (``save_pretrained``) + ``model_info.json``;
-  a ``model_info.json`` with a ``source`` field is a pointer (``diffusion --model``) and is
+  a ``model_info.json`` with a ``source`` field is a pointer (``diffusion --pretrained``) and is
   followed to that source;
 * a diffusers folder with the UNet config + weights at the root and ``scheduler_config.json``
   beside them (the layout of google/ddpm-cifar10-32);
@@ -159,7 +159,7 @@ def load_model(path_or_id: str, device: str = "cpu", _hops: int = 0) -> Diffusio
             raise UserError(f"{root / INFO_FILE}: malformed ({exc})") from None
         if not isinstance(info, dict):
             raise UserError(f"{root / INFO_FILE}: malformed (a JSON object is expected)")
-        if info.get("source"):  # a pointer written by `diffusion --model`
+        if info.get("source"):  # a pointer written by `diffusion --pretrained`
             if _hops >= MAX_POINTERS:
                 raise UserError(f"{root}: more than {MAX_POINTERS} model_info.json pointers in a row (a loop?)")
             target = load_model(str(info["source"]), device, _hops + 1)
@@ -190,7 +190,7 @@ def load_model(path_or_id: str, device: str = "cpu", _hops: int = 0) -> Diffusio
 
 
 def pointer_info(model: DiffusionModel, source: str) -> dict:
-    """model_info.json for ``diffusion --model``: later stages follow ``source`` to the model."""
+    """model_info.json for ``diffusion --pretrained``: later stages follow ``source`` to the model."""
     local = Path(source).expanduser()
     return {"source": str(local.resolve()) if local.exists() else source,
             "num_classes": model.num_classes, "null_class": model.null_class,

@@ -50,8 +50,8 @@ def loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
 
 
 def use_existing(cfg: DiffusionConfig) -> dict:
-    model = load_model(cfg.model)  # raises UserError for a bad path / unreachable hub
-    info = pointer_info(model, cfg.model)
+    model = load_model(cfg.pretrained)  # raises UserError for a bad path / unreachable hub
+    info = pointer_info(model, cfg.pretrained)
     tmp = Path(storage.start(cfg.out, signature=SIGNATURE))
     (tmp / "model_info.json").write_text(json.dumps(info, indent=2))
     storage.commit(str(tmp), cfg.out, signature=SIGNATURE)

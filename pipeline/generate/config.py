@@ -16,7 +16,7 @@ class Sampler(str, Enum):
 @dataclass(frozen=True)
 class GenerateConfig:
     model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`)
-    real: str = "artifacts/shards/real/train"  # for the pseudo-labeller of unconditional models
+    real_train: str = "artifacts/shards/real/train"  # the real train split: the check classifier (and the pseudo-labeller of unconditional models)
     out: str = "artifacts/shards/synthetic"  # output folder (path or fsspec URL)
     n: int = 3000  # synthetic images to generate
     sampler: Sampler = Sampler.ddim  # the diffusion sampler

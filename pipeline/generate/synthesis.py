@@ -65,9 +65,9 @@ def shard_counts(n: int, shard_size: int) -> list[int]:
 
 def real_classifier(cfg: GenerateConfig, num_classes: int):
 
-    real = read_split(cfg.real, limit=cfg.classifier_limit, progress=True)
+    real = read_split(cfg.real_train, limit=cfg.classifier_limit, progress=True)
     if int(real.fingerprint["num_classes"]) != num_classes:
-        raise UserError(f"{cfg.real} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
+        raise UserError(f"{cfg.real_train} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
     return train_classifier(real.images, real.labels, num_classes, epochs=cfg.classifier_epochs, seed=cfg.seed,
                             nuisance=cfg.classifier_nuisance)
 
@@ -188,8 +188,8 @@ def num_classes_of(split_dir: str) -> int:
 
 def class_names(cfg: GenerateConfig, num_classes: int) -> list[str]:
     """Class names from the real shards, else the model's model_info.json, else 0..K-1."""
-    if split_exists(cfg.real):
-        names = read_fingerprint(cfg.real).get("classes")
+    if split_exists(cfg.real_train):
+        names = read_fingerprint(cfg.real_train).get("classes")
         if names and len(names) == num_classes:
             return list(names)
     info = Path(cfg.model) / "model_info.json"
