@@ -159,7 +159,7 @@ def test_quick_profile_report_and_metrics(quick_run):
     assert "probe_accuracy" in shown
     _dvc(quick_run, "plots", "show", "-o", "plots-html")
     html = (quick_run / "plots-html" / "index.html").read_text()
-    assert "log.tsv" in html and "accuracy.png" in html
+    assert "log.tsv" in html and "accuracy.png" in html and "dvclive/plots/metrics/train/loss.tsv" in html
 
 
 def _set_dra_weight(repo: Path, value: float) -> None:

@@ -45,7 +45,7 @@ def synthetic_dir(tmp_path_factory, fmnist_shards) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model_dir, fmnist_shards, synthetic_dir) -> Path:
     out = tmp_path_factory.mktemp("cache") / "feats.zarr"
-    extract.run(ExtractConfig(model=str(model_dir), real=str(fmnist_shards), synthetic=str(synthetic_dir),
+    extract.run(ExtractConfig(model=str(model_dir), real_splits=str(fmnist_shards), synthetic=str(synthetic_dir),
                               out=str(out), views=3, views_synthetic=2, batch_size=128, rows_per_chunk=32,
                               chunks_per_shard=4, limit=256, t="100,40", layer="mid_block,up_blocks.0"))
     return out
@@ -204,7 +204,7 @@ def _state(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
-    c = cfg(store, tmp_path / "full", epochs=2, synthetic_fraction=0.25, seed=3)
+    c = cfg(store, tmp_path / "full", epochs=2, synthetic_fraction=0.25, seed=3, log_every=3)
     full = train.run(c)
     part = replace(c, out=str(tmp_path / "part"))
     assert train.run(part, stop_after_steps=7) == {"stopped_at": 7}  # killed in epoch 2 (4 steps each)
@@ -218,8 +218,34 @@ def test_resume_mid_epoch_equals_uninterrupted(store, tmp_path):
         if key != "step_time_s":
             assert logs[0][key] == logs[1][key], key
     assert full["loss"] == resumed["loss"]
+    assert _dvclive(tmp_path / "full") == _dvclive(tmp_path / "part")
     with pytest.raises(UserError, match="other settings"):
         train.run(replace(part, resume=True, lr=0.1))
+
+
+def _dvclive(out: Path) -> dict[str, list[str]]:
+    """The run's DVCLive metric files (rows), wall-clock ones left out."""
+    root = out / "dvclive" / "plots" / "metrics"
+    return {str(p.relative_to(root)): p.read_text().splitlines() for p in sorted(root.rglob("*.tsv"))
+            if p.stem != "step_time_s"}
+
+
+def test_per_step_metrics_go_through_dvclive(store, tmp_path):
+    """Every --log-every steps a train/ row, at each epoch's end an epoch/ row (log.tsv's), in DVCLive's
+    layout (one TSV per metric with its step, metrics.json with the latest values)."""
+    out = tmp_path / "run"
+    train.run(cfg(store, out, epochs=2, log_every=2))
+    logs = _dvclive(out)
+    steps = [int(r.split("\t")[0]) for r in logs["train/loss.tsv"][1:]]
+    per_epoch = read_log(out / "log.tsv")
+    total = int(per_epoch["step"][-1])
+    assert logs["train/loss.tsv"][0] == "step\tloss" and steps == list(range(2, total + 1, 2))
+    assert {"train/adv_acc.tsv", "train/lr.tsv", "train/dra_weight.tsv", "epoch/loss.tsv"} <= set(logs)
+    epoch_rows = [r.split("\t") for r in logs["epoch/adv_acc.tsv"][1:]]
+    assert [int(s) for s, _ in epoch_rows] == [int(s) for s in per_epoch["step"]]
+    assert [float(v) for _, v in epoch_rows] == [float(v) for v in per_epoch["adv_acc"]]
+    summary = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert summary["step"] == total and summary["epoch"]["epoch"] == 2
 
 
 def test_resume_refuses_another_cache_at_the_same_path(store, tmp_path):

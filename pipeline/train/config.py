@@ -82,6 +82,7 @@ class TrainConfig:
     fresh_views: bool = False
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
+    log_every: int = 10  # optimizer steps between per-step metric rows (DVCLive: OUT/dvclive/)
     online: bool = False  # compute targets with the diffusion model inside the step
     resume: bool = False  # continue the unfinished run in --out from its checkpoint
     overwrite: bool = False  # replace the run in --out, finished or not (without it, a run there is refused)
@@ -105,6 +106,7 @@ class TrainConfig:
                        (self.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"),
                        (self.image_size >= 0, "--image-size must be >= 0"),
                        (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+                       (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
                        (self.max_steps >= 0, "--max-steps must be >= 0"), (bool(self.out), "--out is empty"),
                        (self.trades_beta >= 0, "--trades-beta must be >= 0"),
                        (self.weight_decay >= 0, "--weight-decay must be >= 0"),

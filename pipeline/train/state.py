@@ -9,7 +9,9 @@ A checkpoint folder (``--out``) holds, each file written to a temporary name and
 - ``model.safetensors`` (the EMA classifier) + ``config.json``: what ``load_classifier`` and
   ``evaluate`` read. ``config.json`` says ``"finished": false`` until the run ends.
 - ``log.tsv``: one row per epoch (each loss term, clean/adversarial accuracy, lr, DRA weight,
-  time per step); ``metrics.json``: the final values, written only when training completes.
+  time per step: what ``report``'s curves and the committed results read); ``dvclive/``: the same
+  epoch rows and per-step rows through DVCLive (``livelog.py``: ``dvc plots``, ``dvc exp show``);
+  ``metrics.json``: the final values, written only when training completes.
 
 A folder that already holds a run is refused (``refuse_replacing``): ``--resume`` continues an
 unfinished one, ``--overwrite`` replaces either.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,13 +35,14 @@ from pipeline.core.classifiers import CONFIG_FILE, MODEL_FILE, save_json, save_t
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.storage import atomic_write
+from pipeline.train.livelog import LIVE_DIR
 from pipeline.train.step import EMA, load_optimizer_tensors, optimizer_tensors, prefixed, unprefixed
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
 METRICS_FILE = "metrics.json"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "device", "memory_budget_mb", "online", "verify"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "memory_budget_mb", "online", "verify"}
 # what a run writes into --out, its finished markers first (the order ``clear`` removes them in)
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, STATE_FILE, MODEL_FILE, LOG_FILE)
 
@@ -53,6 +57,7 @@ class RunState:
     counts: dict[str, int] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
+    live: list[dict] = field(default_factory=list)  # the DVCLive rows (livelog.py), step by step
     started: float = field(default_factory=time.perf_counter, repr=False)  # perf_counter at seconds == 0
 
     def resume_clock(self) -> None:
@@ -161,6 +166,7 @@ def clear(out: Path) -> None:
     so that an interrupted new run never sits beside the old one's metrics."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / LIVE_DIR, ignore_errors=True)
 
 
 def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt: Any) -> None:
@@ -177,7 +183,7 @@ def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt:
         tensors = weights.tensors()
         progress = {"epoch": st.epoch, "step": st.step, "global_step": st.global_step, "seconds": st.seconds,
                     "sums": st.sums, "counts": st.counts, "last": st.last}
-        metadata = {"progress": json.dumps(progress), "log": json.dumps(st.log),
+        metadata = {"progress": json.dumps(progress), "log": json.dumps(st.log), "live": json.dumps(st.live),
                     "config": json.dumps(_comparable(cfg)), "cache_digest": str(meta["cache"].get("digest"))}
         save_tensors(out / MODEL_FILE, weights.ema.model.state_dict())
         save_json(out / CONFIG_FILE, {**meta, "finished": False, "progress": progress})
@@ -202,6 +208,7 @@ def load(out: Path, *, cfg: Any, weights: Weights, device: torch.device, cache_d
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         progress, log, saved = json.loads(meta["progress"]), json.loads(meta["log"]), json.loads(meta["config"])
+        live = json.loads(meta.get("live", "[]"))  # checkpoints from before DVCLive have none
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     if meta.get("cache_digest") != str(cache_digest):
@@ -214,7 +221,7 @@ def load(out: Path, *, cfg: Any, weights: Weights, device: torch.device, cache_d
                         "use another --out or the same flags")
     weights.restore(tensors, device)
     st = RunState(progress["epoch"], progress["step"], progress["global_step"], progress["seconds"],
-                  progress["sums"], progress["counts"], progress["last"], log)
+                  progress["sums"], progress["counts"], progress["last"], log, live)
     st.resume_clock()
     return st
 

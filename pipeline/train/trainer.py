@@ -31,6 +31,7 @@ from pipeline.core.views import ViewSpec, spec_from_dict
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
 from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
+from pipeline.train.livelog import LiveLog
 from pipeline.train.sampler import MixedSampler, Prefetcher
 from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
@@ -307,16 +308,23 @@ class Trainer:
         st.resume_clock()  # wall time counts from here (plus a resumed run's earlier seconds)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc=f"train {Path(cfg.out).name}", unit="step",
                    mininterval=2, disable=not rt.is_main)
+        live = LiveLog(Path(cfg.out), st.live) if rt.is_main else None  # a resumed run's rows replayed
         try:
-            return self._fit(bar, stop_after_steps)
+            return self._fit(bar, stop_after_steps, live)
         except StoreChanged as exc:
             raise UserError(f"{exc}; training stopped, {cfg.out} keeps its last checkpoint: restore the "
                             "cache and rerun with --resume") from None
         finally:
             bar.close()  # the error line starts a line of its own
 
-    def _fit(self, bar: tqdm, stop_after_steps: int | None) -> dict:
+    def _fit(self, bar: tqdm, stop_after_steps: int | None, live: LiveLog | None) -> dict:
         cfg, rt, st = self.cfg, self.rt, self.run
+
+        def checkpoint() -> None:
+            self.save()
+            if live:
+                live.sync()
+
         for epoch in range(st.epoch, cfg.epochs):
             if st.global_step >= self.total_steps:
                 break
@@ -330,22 +338,26 @@ class Trainer:
                     st.add(stats, now - t_prev, lr, dra_w)
                     t_prev = now
                     st.step, st.global_step = batch.step + 1, st.global_step + 1
+                    if live and st.global_step % cfg.log_every == 0:
+                        live.log(st.global_step, "train", {**stats, "lr": lr, "dra_weight": dra_w})
                     bar.update(1)
                     mid_epoch = st.step < self.sampler.steps_per_epoch
                     if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and mid_epoch:
-                        self.save()
+                        checkpoint()
                     if stop_after_steps is not None and st.global_step >= stop_after_steps:
-                        self.save()
+                        checkpoint()
                         return {"stopped_at": st.global_step}
                     if st.global_step >= self.total_steps:  # --max-steps reached mid-epoch
                         break
             finally:
                 feed.close()
-            st.end_epoch(epoch, rt)
+            row = st.end_epoch(epoch, rt)
+            if live:
+                live.log(st.global_step, "epoch", {k: v for k, v in row.items() if k != "step"})
             rss = rt.gather(round(peak_rss_mb()))
             if rt.is_main:
                 bar.set_postfix_str(f"{st.summary()} peak_rss_mb={'/'.join(map(str, rss))}")
-            self.save()
+            checkpoint()
         bar.close()
         budget = {**self.sampler.budget(st.global_step), "steps_per_epoch": self.sampler.steps_per_epoch}
         return state.finish(Path(cfg.out), st=st, meta=self.meta, rt=rt, budget=budget, net=self.net)
