@@ -17,7 +17,8 @@
   with the same seed and batch size, the batches `train` draws on one process), images and targets
   streamed chunk by chunk from the store above the memory budget, so memory stays flat in N.
 - ``load_classifier(run_folder)``: the trained classifier (EMA weights, eval mode), the DRA
-  projection head when the run had one (else None), and the run's ``config.json``.
+  projection head when the run had one (else None; the per-location head of an ``--align-layer``
+  run too), and the run's ``config.json``; ``.project(x)`` gives (logits, the head's projection).
 
 Images come from the store where the part stores them (checked against the image split's records
 when the split the store names is reachable; otherwise vouched for by the store's manifest and
@@ -45,7 +46,7 @@ from pipeline.train.config import TargetNorm
 from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
 from pipeline.train.sampler import Batch, MixedSampler, Prefetcher
 from pipeline.train.state import STATE_FILE
-from pipeline.train.step import ProjectionHead, normalise_targets
+from pipeline.train.step import DRANet, MapHead, ProjectionHead, normalise_targets
 
 __all__ = ["CacheDataset", "Trained", "dataloader", "load_classifier", "open_store"]
 
@@ -181,12 +182,21 @@ class Trained(NamedTuple):
     """What ``load_classifier`` returns."""
 
     classifier: torch.nn.Module  # EMA weights, eval mode: logits = classifier(x), x in [0, 1]
-    head: torch.nn.Module | None  # DRA projection head: head(classifier.features(x)) ~ target; None without DRA
+    head: torch.nn.Module | None  # the DRA projection head (None without DRA); what it reads: ``project``
     config: dict  # the run's config.json (arch, shapes, the training config, the cache it used)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the head's projection of ``x``, shaped like the run's target; None without a head):
+        the forward DRA aligned in training, whether the head reads the final pooled features or a
+        block's map (``--align-layer``)."""
+        align_layer = (self.config.get("train") or {}).get("align_layer") or ""
+        return DRANet(self.classifier, self.head, align_layer if self.head is not None else "")(x)
 
-def _head(folder: Path, device: str) -> torch.nn.Module | None:
-    """The DRA head from the run's state file (``net.head.*``: the weights at the last checkpoint)."""
+
+def _head(folder: Path, device: str, config: dict) -> torch.nn.Module | None:
+    """The DRA head from the run's state file (``net.head.*``: the weights at the last checkpoint),
+    rebuilt as the run built it: ``MapHead`` for ``--align-layer`` runs (1x1 convolutions per
+    location, pooled to the target's grid), else ``ProjectionHead`` (output shaped like a grid target)."""
     try:
         with safe_open(str(folder / STATE_FILE), framework="pt", device="cpu") as fh:
             tensors = {k[len("net.head."):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("net.head.")}
@@ -194,12 +204,21 @@ def _head(folder: Path, device: str) -> torch.nn.Module | None:
         raise UserError(f"{folder / STATE_FILE}: unreadable ({str(exc).splitlines()[0]})") from None
     if not tensors:
         return None
+    shape = (config.get("cache") or {}).get("target_shape")
+    grid_shape = tuple(shape) if isinstance(shape, list) and len(shape) == 3 else None
+    align_layer = (config.get("train") or {}).get("align_layer")
+    if align_layer and shape is None:
+        raise UserError(f"{folder}: the run (--align-layer {align_layer!r}) does not record its target's shape; "
+                        "train it again to load its head (head=False loads the classifier alone)")
     try:
-        hidden, in_dim = tensors["net.0.weight"].shape
-        out_dim = tensors["net.4.weight"].shape[0]
-        head = ProjectionHead(int(in_dim), int(hidden), int(out_dim))
+        first, last = tensors["net.0.weight"], tensors["net.4.weight"]
+        if align_layer:
+            head = MapHead(int(first.shape[1]), int(first.shape[0]), int(last.shape[0]),
+                           grid_shape[1] if grid_shape else None)
+        else:
+            head = ProjectionHead(int(first.shape[1]), int(first.shape[0]), int(last.shape[0]), grid_shape)
         head.load_state_dict(tensors)
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except (KeyError, ValueError, RuntimeError, IndexError) as exc:
         raise UserError(f"{folder / STATE_FILE}: the DRA head does not load ({str(exc).splitlines()[0]})") from None
     return head.to(device).eval()
 
@@ -207,14 +226,11 @@ def _head(folder: Path, device: str) -> torch.nn.Module | None:
 def load_classifier(run_folder: str | Path, device: str = "cpu", *, head: bool = True) -> Trained:
     """A `train` run folder -> (classifier, head, config). Only safetensors and JSON are read
     (nothing is unpickled). A run without DRA (``--dra-weight 0``) or a folder without its state
-    file has no head (None); ``head=False`` loads the classifier alone. The head of a run trained
-    with ``--align-layer`` (a per-location head on a classifier block) is not rebuilt here yet:
-    asking for it is one error line, never a head of the wrong kind."""
+    file has no head (None); ``head=False`` loads the classifier alone. The head is the one the run
+    trained: on the final pooled features, or, with ``--align-layer``, per location on that block's
+    map (``Trained.project`` runs either as training did)."""
     folder = Path(run_folder)
     classifier, config = _load_ema_classifier(folder, device=device)
     if not head or not (folder / STATE_FILE).is_file():
         return Trained(classifier, None, config)
-    if (config.get("train") or {}).get("align_layer"):
-        raise UserError(f"{folder}: trained with --align-layer {config['train']['align_layer']!r}; load_classifier "
-                        "does not rebuild that head yet (head=False loads the classifier alone)")
-    return Trained(classifier, _head(folder, device), config)
+    return Trained(classifier, _head(folder, device, config), config)

@@ -266,18 +266,33 @@ def test_a_store_uploaded_alone_to_s3_verifies_and_trains(store, fmnist_shards, 
     assert res["eps"] == 8 / 255 and res["eps_source"] == "--eps"
 
 
-def test_load_classifier_never_returns_a_head_of_the_wrong_kind(store, tmp_path):
-    """A run trained with --align-layer has a per-location head: load_classifier refuses to rebuild
-    it in one line and loads the classifier alone with head=False."""
+def test_load_classifier_rebuilds_the_head_of_an_align_layer_run(store, tmp_path):
+    """A run trained with --align-layer has a per-location head on a classifier block: load_classifier
+    rebuilds that kind (MapHead) with the run's weights, and ``project`` feeds it the block's map as
+    training did; a run that does not record its target's shape is refused in one line."""
     from reliability_helpers import train_cfg
+    from safetensors.torch import load_file
 
     from pipeline import api
     from pipeline.core.errors import UserError
+    from pipeline.train.step import MapHead
     from stages import train
 
     out = tmp_path / "run"
     train.run(train_cfg(store, out, dra_weight=0.1, align_layer="body.1", max_steps=2))
-    with pytest.raises(UserError, match="--align-layer"):
+    trained = api.load_classifier(out)
+    assert isinstance(trained.head, MapHead) and trained.config["train"]["align_layer"] == "body.1"
+    saved = {k[len("net.head."):]: v for k, v in load_file(str(out / "state.safetensors")).items()
+             if k.startswith("net.head.")}
+    assert all(torch.equal(trained.head.state_dict()[k], v) for k, v in saved.items())
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        logits, projection = trained.project(x)
+        assert torch.equal(logits, trained.classifier(x))
+        assert projection.shape == (4, open_cache(str(store)).default_target.size)
+    assert api.load_classifier(out, head=False).head is None
+    config = json.loads((out / "config.json").read_text())
+    del config["cache"]["target_shape"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not record its target's shape"):
         api.load_classifier(out)
-    trained = api.load_classifier(out, head=False)
-    assert trained.head is None and trained.config["train"]["align_layer"] == "body.1"

@@ -154,6 +154,7 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
             "trained_on": trained_on(data),
             "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
+             "target_shape": list(data.target.shape),  # what the DRA head outputs (api.load_classifier rebuilds it)
              "target_mode": data.mode, "image_mode": data.images,
              # how each part's images were checked: split | store (manifest + digest only) | shards | off
              "image_check": {d.name: d.image_check for d in (data.real, data.synthetic) if d is not None},
