@@ -2,7 +2,9 @@
 
 The quick profile (tests/quick_params.yaml) is the same dvc.yaml at toy size. It runs with
 `dvc repro` in a temporary git repository holding a copy of the code and of real Fashion-MNIST,
-then checks: the report has the four variants, the metrics JSONs are sane, a second `dvc repro`
+after a first `dvc repro` that is interrupted (SIGINT to its process group, as Ctrl-C in a terminal)
+while a variant trains, then checks: the interrupted run exited non-zero and the next finished the
+work; the report has the four variants, the metrics JSONs are sane, a second `dvc repro`
 does nothing, and changing only the DRA weight makes only the DRA trainings, their evaluations
 and the report stale, never extraction.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,11 +140,60 @@ def quick_repo(tmp: Path, fmnist_dir: Path) -> Path:
     return repo
 
 
+INTERRUPTED: dict = {}  # what the interrupted first `dvc repro` of quick_run did
+
+
+def _training_with_handlers(pid: int) -> bool:
+    """A `pipeline train` process under ``pid`` that catches SIGTERM (bit 15 of /proc's SigCgt)."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "train" not in child.cmdline():
+                continue
+            caught = next(ln for ln in Path(f"/proc/{child.pid}/status").read_text().splitlines()
+                          if ln.startswith("SigCgt:"))
+        except (psutil.Error, OSError, StopIteration):
+            continue
+        if int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
+            return True
+    return False
+
+
+def _interrupted_repro(repo: Path) -> dict:
+    """`dvc repro` (what `make pipeline` runs) stopped by SIGINT to its whole process group while the
+    first training stage runs (once its process has installed the CLI's handlers: it catches
+    SIGTERM, which Python alone does not): exit status, output, `dvc status` right after."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    log = repo.parent / "interrupted-repro.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline and not _training_with_handlers(proc.pid):
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    return {"rc": proc.returncode, "output": log.read_text(), "status": _dvc(repo, "status")}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, fmnist_dir) -> Path:
     repo = quick_repo(tmp_path_factory.mktemp("pipeline"), fmnist_dir)
-    _dvc(repo, "repro")
+    INTERRUPTED.update(_interrupted_repro(repo))
+    _dvc(repo, "repro")  # the second run finishes the work
     return repo
+
+
+def test_an_interrupted_repro_exits_nonzero_and_the_next_one_finishes(quick_run):
+    assert INTERRUPTED["rc"] != 0 and "failed to reproduce 'train@" in INTERRUPTED["output"], \
+        INTERRUPTED["output"][-2000:]
+    assert "error: interrupted (SIGINT)" in INTERRUPTED["output"], INTERRUPTED["output"][-2000:]
+    # the interrupted stage was not recorded as done: the next `dvc repro` runs it again
+    assert "train@at:" in INTERRUPTED["status"], INTERRUPTED["status"]
+    for key in ("at", "at_dra", "dmat", "dmat_dra"):  # every run finished by the second repro
+        assert json.loads((quick_run / "artifacts" / "train" / key / "config.json").read_text())["finished"]
+    assert "up to date" in _dvc(quick_run, "status")
 
 
 def test_quick_profile_report_and_metrics(quick_run):
