@@ -296,3 +296,43 @@ def test_load_classifier_rebuilds_the_head_of_an_align_layer_run(store, tmp_path
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="does not record its target's shape"):
         api.load_classifier(out)
+
+
+def test_a_bundled_model_travels_with_the_store(tiny_model_dir, fmnist_shards, tmp_path):
+    """extract --bundle-model: the model's files are in the store (and its manifest), named by their
+    sha256; the store moved alone recomputes its rows from itself, and edited bundled weights fail
+    verification."""
+    from pipeline.cache.extractor import FeatureExtractor
+    from pipeline.cache.store import verify_cache
+    from pipeline.core.views import apply_views
+    from pipeline.diffusion.model import load_model
+
+    made = tmp_path / "made" / "f.zarr"
+    extract.run(extract_cfg(tiny_model_dir, fmnist_shards, made, limit=16, bundle_model=True))
+    moved = tmp_path / "elsewhere" / "deep" / "f.zarr"
+    moved.parent.mkdir(parents=True)
+    shutil.move(made, moved)  # the store alone: the model it was made with is not beside it
+    assert verify_cache(str(moved)) == []
+    cache = open_cache(str(moved))
+    m = cache.attrs["model"]
+    assert m["source"] == "./model" and m["bundled"] is True and m["bundled_from"].startswith("../")
+    assert {"model/unet/config.json", "model/scheduler/scheduler_config.json", "model/model_info.json"} \
+        <= set(cache.attrs["manifest"])
+    assert cache.model_source == str(moved / "model")
+    assert load_model(cache.model_source).weights_sha256 == m["weights_sha256"]
+    # recompute rows from the store alone: its model, its images, its views and seeds
+    target = cache.default_target
+    part = cache.part("train", target)
+    rows, views = np.arange(4), np.arange(4) % part.k
+    x = torch.from_numpy(part.read_images(0, 4)).permute(0, 3, 1, 2).float() / 255
+    x = apply_views(x, *(torch.from_numpy(part.views[k][rows, views]) for k in ("dx", "dy", "flip")),
+                    cache.attrs["view_spec"]["pad"])
+    got = FeatureExtractor.from_cache(cache, target)(x, torch.from_numpy(part.noise_seed[rows, views]),
+                                                     torch.from_numpy(part.labels[rows]))
+    stored = part.read(rows, views).astype(np.float32)
+    assert np.allclose(got.numpy(), stored, rtol=2e-3, atol=2e-3)
+    weights = next((moved / "model" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert any(p.startswith("model/unet/") and "checksum" in p for p in verify_cache(str(moved)))

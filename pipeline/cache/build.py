@@ -23,7 +23,9 @@ from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
 from pipeline.core.views import all_views, apply_views, sample_views, to_float01
-from pipeline.diffusion.model import load_model
+from pipeline.diffusion.model import load_model, model_files
+
+BUNDLED_MODEL = "model"  # the folder of a store that holds its diffusion model (extract --bundle-model)
 
 PART_IDS = {"train": 0, "synthetic": 1, "test": 2}
 
@@ -136,8 +138,10 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         inits[name], images[name] = part_init(name, ss, ks[name], targets, cfg), ss.images
     # paths relative to the store (a store moved with its inputs still finds them); a hub id as it is
     source = record_path(cfg.out, cfg.model) if Path(cfg.model).expanduser().exists() else str(cfg.model)
-    plan = {"paths": PATHS, "model": {"source": source, "weights_sha256": model.weights_sha256,
-                                      "num_classes": model.num_classes, "null_class": model.null_class},
+    bundle = model_files(cfg.model, model) if cfg.bundle_model else {}  # refused before anything is written
+    plan = {"paths": PATHS, "model": {"source": f"./{BUNDLED_MODEL}" if bundle else source, "weights_sha256": model.weights_sha256,
+                                      "num_classes": model.num_classes, "null_class": model.null_class,
+                                      **({"bundled": True, "bundled_from": source} if bundle else {})},
             **extractor.settings(), **targets_attrs(targets), "image_size": model.image_size, "in_channels": model.in_channels,
             "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
             "code_version": pipeline.__version__, "compressor": cfg.compressor, "images": cfg.images,
@@ -207,6 +211,8 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         for name in inits:
             writer.finalize_part(name)
         probe = compute_probe(writer, inits)
+        for rel, data in bundle.items():  # before the manifest: it lists (and so vouches for) them
+            storage.write_bytes(join(cfg.out, BUNDLED_MODEL, rel), data)
         writer.finalize({"probe": probe})
         result["probe"] = probe
         print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}' for n, p in inits.items())} (rows x views) x "

@@ -38,6 +38,9 @@ class ExtractConfig:
     # store the train and synthetic parts' images in the cache too (row order, chunked like the
     # features): training then streams images with their targets, at flat memory for any set size
     images: bool = True
+    # copy the diffusion model (UNet config + weights, scheduler config, model_info.json) into the
+    # store (OUT/model/, in the manifest): a receiver can recompute any row from the store alone
+    bundle_model: bool = False
     condition: Condition = Condition.null  # class conditioning used while extracting
     view: ViewSpec = field(default_factory=ViewSpec)
     batch_size: int = 256  # images per UNet forward

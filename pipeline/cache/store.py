@@ -216,6 +216,15 @@ def _open_for_check(url: str) -> tuple[zarr.Group, dict, str | None]:
     return group, attrs, _format_problem(attrs) or _root_problem(group)
 
 
+def _is_part(group: zarr.Group, name: str) -> bool:
+    """A part group at the root, looked up by name: listing the root would also meet the bundled
+    model's folder (``extract --bundle-model``), which zarr warns is not part of the hierarchy."""
+    try:
+        return isinstance(group[name], zarr.Group)
+    except KeyError:
+        return False
+
+
 def set_path(part: str, target: TargetSpec | str) -> str:
     """The group of one target set of a part: ``PART/targets/t{t}-{layer}``."""
     return f"{part}/targets/{target if isinstance(target, str) else target.name}"
@@ -557,7 +566,7 @@ class FeatureCache:
     def __init__(self, url: str, group: zarr.Group) -> None:
         self.url, self._g = url, group
         self.attrs: dict = dict(group.attrs)
-        self.parts: list[str] = [p for p in PARTS if p in group.group_keys()]
+        self.parts: list[str] = [p for p in PARTS if _is_part(group, p)]
         self._parts: dict[tuple[str, str], CachePart] = {}
 
     def resolve(self, recorded: str) -> str:
@@ -857,14 +866,14 @@ def verify_cache(url: str, *, parts: tuple[str, ...] | None = None, digest: str 
         view_spec = spec_from_dict(attrs.get("view_spec"))
     except UserError as exc:
         return [str(exc)]
-    for name in [p for p in PARTS if p in group.group_keys() and (parts is None or p in parts)]:
+    for name in [p for p in PARTS if _is_part(group, p) and (parts is None or p in parts)]:
         shape_problems = _grid_problems(group[name], attrs["manifest"]) or _part_problems(name, group[name], specs)
         if not shape_problems:
             views = {k: group[name][k][...] for k in ("dx", "dy", "flip")}
             shape_problems = [f"{name}: view records: {p}" for p in [record_problem(views, view_spec)] if p]
         problems += shape_problems or [p for spec in specs
                                        for p in _scan_finite(group[set_path(name, spec)])]
-    if not any(p in group.group_keys() for p in PARTS):
+    if not any(_is_part(group, p) for p in PARTS):
         problems.append("no parts (train, synthetic, test) in the store")
     return problems
 
@@ -932,7 +941,7 @@ def cache_info(url: str) -> str:
         lines.append("probe:      linear-probe accuracy on the identity view (train rows fit -> held-out train rows), per target set")
         lines += probe_table(a["probe"])
     total = 0
-    for name in [p for p in PARTS if p in group.group_keys()]:
+    for name in [p for p in PARTS if _is_part(group, p)]:
         try:
             g = group[name]
             other = sum(_size(group.store, k) for arr in (g[x] for x in SMALL_ARRAYS if x in g.array_keys())

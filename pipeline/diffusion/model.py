@@ -18,6 +18,7 @@ foreign conditional UNet without ``model_info.json`` is assumed to follow it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,33 @@ def load_model(path_or_id: str, device: str = "cpu", _hops: int = 0) -> Diffusio
                           in_channels=int(unet.config.in_channels),
                           weights_sha256=sha,
                           source=str(path_or_id))
+
+
+def model_files(path_or_id: str, model: DiffusionModel, _hops: int = 0) -> dict[str, bytes]:
+    """The files of a local model in this project's layout, by relative path, for bundling into a
+    store (``extract --bundle-model``): the UNet's config and weights and the scheduler's config,
+    byte for byte as they are (so the weights keep their sha256), and a ``model_info.json`` that is
+    not a pointer. ``model_info.json`` pointers are followed as ``load_model`` follows them."""
+    root = Path(path_or_id).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--bundle-model needs a local model folder; {path_or_id} is not one (a hub id: download "
+                        "it and pass the folder)")
+    info_file = root / INFO_FILE
+    if info_file.is_file():
+        source = json.loads(info_file.read_text()).get("source")
+        if source:
+            if _hops >= MAX_POINTERS:
+                raise UserError(f"{root}: more than {MAX_POINTERS} model_info.json pointers in a row (a loop?)")
+            return model_files(str(source), model, _hops + 1)
+    unet_dir, sched_dir = _locate(root)
+    weights = weights_file(unet_dir)
+    files = {"unet/config.json": (unet_dir / "config.json").read_bytes(), f"unet/{weights.name}": weights.read_bytes(),
+             "scheduler/scheduler_config.json": (sched_dir / "scheduler_config.json").read_bytes()}
+    if hashlib.sha256(files[f"unet/{weights.name}"]).hexdigest() != model.weights_sha256:
+        raise UserError(f"{weights}: changed while extracting (sha256 differs from the loaded model's)")
+    info = {"num_classes": model.num_classes, "null_class": model.null_class, "image_size": model.image_size,
+            "in_channels": model.in_channels, "weights_sha256": model.weights_sha256}
+    return {**files, INFO_FILE: (json.dumps(info, indent=2) + "\n").encode()}
 
 
 def pointer_info(model: DiffusionModel, source: str) -> dict:
