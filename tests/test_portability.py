@@ -336,3 +336,21 @@ def test_a_bundled_model_travels_with_the_store(tiny_model_dir, fmnist_shards, t
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert any(p.startswith("model/unet/") and "checksum" in p for p in verify_cache(str(moved)))
+
+
+def test_train_can_require_the_digest_the_sender_gave(store, received, tmp_path, capsys):
+    """--cache-digest: the store must be exactly the one the sender published (then its stored images
+    need no note: the trusted digest covers the manifest that vouches for them); another digest or a
+    malformed one is one error line, and nothing is written."""
+    digest = open_cache(str(store)).attrs["digest"]
+    from pipeline.cli import main
+
+    main([str(a) for a in ["train", "--cache", received, "--out", tmp_path / "run", "--cache-digest", digest,
+                           "--max-steps", "1", *TRAIN_ARGS]])
+    out = capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.json").exists() and "note:" not in out, out
+    other = ("0" if digest[0] != "0" else "1") + digest[1:]
+    for value, words in ((other, "is not the --cache-digest"), (digest.upper(), "64 lowercase hex")):
+        code, _, err = run_cli(capsys, ["train", "--cache", received, "--out", tmp_path / "no", "--cache-digest",
+                                        value, *TRAIN_ARGS])
+        assert words in assert_one_error_line(code, err) and not (tmp_path / "no").exists()

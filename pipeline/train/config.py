@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -41,6 +42,9 @@ class AlignInput(str, Enum):
 class TrainConfig:
     cache: str = "artifacts/feats.zarr"  # the feature cache (from `extract`; path or fsspec URL)
     out: str = "artifacts/train/default"  # run folder: checkpoints, log, model, metrics
+    # the digest the store must have (64 hex digits, given by its sender through a channel you
+    # trust; `cache info` prints a store's); "": any complete store whose files match its manifest
+    cache_digest: str = ""
     real_shards: str = ""  # "": the real train shard folder the cache records
     synthetic_shards: str = ""  # "": the synthetic shard folder the cache records
     arch: Arch = Arch.cnn  # classifier architecture
@@ -106,6 +110,8 @@ class TrainConfig:
                        (self.memory_budget_mb >= 0, "--memory-budget-mb must be >= 0"),
                        (self.image_size >= 0, "--image-size must be >= 0"),
                        (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+                       (not self.cache_digest or re.fullmatch(r"[0-9a-f]{64}", self.cache_digest) is not None,
+                        f"--cache-digest must be 64 lowercase hex digits, got {self.cache_digest!r}"),
                        (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
                        (self.max_steps >= 0, "--max-steps must be >= 0"), (bool(self.out), "--out is empty"),
                        (self.trades_beta >= 0, "--trades-beta must be >= 0"),

@@ -42,7 +42,7 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
 METRICS_FILE = "metrics.json"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "memory_budget_mb", "online", "verify"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "log_every", "cache_digest", "device", "memory_budget_mb", "online", "verify"}
 # what a run writes into --out, its finished markers first (the order ``clear`` removes them in)
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, STATE_FILE, MODEL_FILE, LOG_FILE)
 

@@ -93,6 +93,9 @@ def refuse_damaged(cfg: TrainConfig) -> None:
 def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     """Cache + images, all checks done; features in RAM or streamed (or none: plain AT / online)."""
     cache = open_cache(cfg.cache)
+    if cfg.cache_digest and cache.attrs.get("digest") != cfg.cache_digest:
+        raise UserError(f"{cfg.cache}: digest {str(cache.attrs.get('digest'))[:16]}... is not the --cache-digest "
+                        f"{cfg.cache_digest[:16]}... you were given: another or a changed store; refused")
     if cfg.verify:
         refuse_damaged(cfg)
     if "train" not in cache.parts:
@@ -118,7 +121,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
         p = used[name][0]
         d, _ = load_part(cache, name, shards_dir=shards, limit=limit, stream=stream, **kw)
         note = image_note(name, d, str(cache.attrs.get("digest")))
-        if note and rt.is_main:
+        if note and rt.is_main and not (cfg.cache_digest and cfg.verify):  # a trusted digest vouches for them
             print(note)
         if mode == "ram":
             d = replace(d, reader=target_reader(p, d.n, stream=stream))
