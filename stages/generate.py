@@ -43,12 +43,11 @@ from pipeline.core.shards import (
     write_shard,
 )
 from pipeline.diffusion.model import load_model
-from pipeline.generate.config import GenerateConfig
+from pipeline.generate.config import Filter, GenerateConfig
 from pipeline.generate.sampling import make_sampler
 from pipeline.generate.synthesis import (
     KEY_PREFIX,
     SIGNATURE,
-    agreement_counts,
     check,
     class_names,
     finish,
@@ -71,7 +70,7 @@ def run(cfg: GenerateConfig) -> dict:
     num_classes = model.num_classes if model.conditional else num_classes_of(cfg.real_train)
     classes = class_names(cfg, num_classes)
     clf = None
-    if cfg.check or not model.conditional:  # trained once, by rank 0
+    if cfg.check or not model.conditional or cfg.filter != Filter.none:  # trained once, by rank 0
         clf = dist.broadcast(real_classifier(cfg, num_classes) if dist.is_main else None)
     stage = storage.start(cfg.out, signature=SIGNATURE) if dist.is_main else storage.staging_path(cfg.out)
     dist.barrier()
@@ -82,12 +81,12 @@ def run(cfg: GenerateConfig) -> dict:
     with tqdm(total=sum(counts[s] for s in mine), desc="generate", unit="img", mininterval=2,
               disable=not dist.is_main) as bar:
         for s in mine:
-            images, labels, t = make_shard(model, cfg, s, counts[s], clf, device)
+            images, labels, t, raw = make_shard(model, cfg, s, counts[s], clf, device)
             keys = make_keys(KEY_PREFIX, "train", counts[s], start=s * cfg.shard_size)
             records[s] = write_shard(storage.join(stage, "train"), s, keys, images, labels)
             records[s]["labels"] = labels.tolist()
-            if clf is not None and model.conditional:
-                agree += agreement_counts(clf, images, labels, num_classes)
+            if raw is not None:  # the generator's own labels, judged on every candidate (before a filter)
+                agree += raw
             tried += t
             bar.update(counts[s])
     seconds = time.time() - t0

@@ -84,10 +84,79 @@ def test_stage_unconditional_pseudo_labels(uncond_dir, fmnist_shards, tmp_path):
     report = generate.run(cfg(uncond_dir, fmnist_shards, out, n=12, min_confidence=0.0, classifier_limit=128))
     data = read_split(out / "train")
     assert len(data.labels) == 12 and not report["conditional"] and "pseudo" in report["labels"]
-    with pytest.raises(UserError, match="reached confidence"):  # noise is never 99.99% anything
+    with pytest.raises(UserError, match="passed the reference classifier .pseudo-labels"):  # noise is never 99.99% anything
         generate.run(cfg(uncond_dir, fmnist_shards, tmp_path / "x", n=2, min_confidence=0.9999,
                          batch_size=2, classifier_limit=128))
     assert not (tmp_path / "x").exists()
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in reference classifier with known answers. It counts the candidates it has judged:
+    candidate j (intended class (base + j) mod 10, as make_shard draws them) is predicted as its
+    intended class when j is a multiple of 3, else as the next class; confidence 0.9 when the
+    intended class is even, 0.4 when odd."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.base, self.seen = base, 0
+
+    def forward(self, x):
+        j = torch.arange(self.seen, self.seen + len(x))
+        self.seen += len(x)
+        intended = (self.base + j) % 10
+        k = torch.where(j % 3 == 0, intended, (intended + 1) % 10)
+        top = torch.where(intended % 2 == 0, torch.tensor(0.9), torch.tensor(0.4))
+        p = torch.where(torch.nn.functional.one_hot(k, 10).bool(), top[:, None], ((1 - top) / 9)[:, None])
+        return p.log()
+
+
+def _expected(how: str, base: int, confidence: float, n: int) -> list[int]:
+    quota, out = [n // 10] * 10, []
+    for j in range(10 * n):
+        intended = (base + j) % 10
+        pred, conf = (intended if j % 3 == 0 else (intended + 1) % 10), (0.9 if intended % 2 == 0 else 0.4)
+        if conf < confidence:
+            continue
+        if how == "relabel":
+            out.append(pred)
+        elif pred == intended and quota[intended]:
+            quota[intended] -= 1
+            out.append(intended)
+    return out[:n]
+
+
+@pytest.mark.parametrize("how", ["agree", "relabel"])
+def test_filters_keep_what_the_reference_classifier_accepts(cond_dir, how):
+    """agree: the candidates predicted as their intended class, up to each class's share of the shard
+    (1 of 10 here: the kept set stays balanced); relabel: the confident candidates, labelled with the
+    prediction (pseudo-labels). Every candidate is judged, so the agreement counts precede the filter."""
+    from pipeline.generate.synthesis import MAX_TRIES, make_shard
+
+    model = load_model(str(cond_dir))
+    confidence = 0.3 if how == "agree" else 0.5
+    c = GenerateConfig(model=str(cond_dir), n=10, sample_steps=2, batch_size=50, shard_size=10, bf16=False,
+                       filter=how, min_confidence=confidence, seed=1)
+    base = 1 * 10 * MAX_TRIES  # shard 1's candidate range
+    images, labels, tried, raw = make_shard(model, c, 1, 10, _Oracle(base), "cpu")
+    assert labels.tolist() == _expected(how, base, confidence, 10) and len(images) == 10
+    assert tried == 50 and raw[1].sum() == 50 and raw[0].sum() == 17  # candidates 0, 3, ..., 48 agree
+    if how == "agree":
+        assert np.bincount(labels, minlength=10).tolist() == [1] * 10
+
+
+def test_quality_report_in_generate_json(cond_dir, fmnist_shards, tmp_path):
+    """generate.json: the reference classifier (what it saw, its test accuracy), the generator's label
+    agreement before any filter, the Frechet distance and precision/recall in the classifier's
+    features, each beside its real-vs-real floor; the shards' fingerprint records the filter."""
+    out = tmp_path / "syn"
+    report = generate.run(cfg(cond_dir, fmnist_shards, out, n=40, shard_size=20, quality_n=30, classifier_limit=256))
+    q = json.loads((out / "generate.json").read_text())["quality"]
+    assert q == report["quality"] and q["n"] == 30 and "not Inception FID" in q["features"]
+    assert q["frechet_distance"] > q["frechet_distance_real_vs_real"] >= 0  # an untrained UNet makes noise
+    assert all(0 <= q[k] <= 1 for k in ("precision", "recall", "precision_real_vs_real", "recall_real_vs_real"))
+    assert "never the test split" in report["classifier"] and "first 256" in report["classifier"]
+    syn = read_split(out / "train").fingerprint["synthetic"]
+    assert (syn["filter"], syn["candidates"], syn["kept_fraction"]) == ("none", 40, 1.0)
 
 
 def test_refusals(cond_dir, uncond_dir, fmnist_shards, tmp_path, capsys):

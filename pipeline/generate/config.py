@@ -8,6 +8,12 @@ from enum import Enum
 from pipeline.core.config import coerce_enums, require
 
 
+class Filter(str, Enum):
+    none = "none"  # keep every sample with its intended label
+    agree = "agree"  # keep samples the reference classifier assigns to their intended class with confidence >= --min-confidence (per-class quotas: the set stays balanced)
+    relabel = "relabel"  # pseudo-labels (Gowal et al. 2021): keep samples whose predicted class has confidence >= --min-confidence, labelled with it
+
+
 class Sampler(str, Enum):
     ddim = "ddim"  # DDIM (--eta sets its noise)
     dpm = "dpm"  # DPM-Solver++ (multistep)
@@ -23,15 +29,19 @@ class GenerateConfig:
     sample_steps: int = 20  # denoising steps per image
     eta: float = 1.0  # DDIM noise: 1 ancestral (robust for a briefly trained model), 0 deterministic ODE
     guidance: float = 1.0  # classifier-free guidance scale (1.0: none)
-    min_confidence: float = 0.9  # pseudo-label filter for unconditional models
+    # conditional models: filter the samples with the reference classifier (the kept fraction is
+    # recorded in the shards' fingerprint); unconditional models are always pseudo-labelled
+    filter: Filter = Filter.none
+    min_confidence: float = 0.9  # the reference classifier's softmax confidence a kept sample needs (filters, pseudo-labels)
     batch_size: int = 250  # images sampled at once
     shard_size: int = 10_000  # images per tar shard
     bf16: bool = True  # autocast for the UNet forward on GPUs and on CPUs with native bf16; fp32 elsewhere
-    check: bool = True  # agreement of a real-data classifier with the intended labels
+    check: bool = True  # the quality report: agreement, Frechet distance and precision/recall in a reference classifier's features
     real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
     classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
     classifier_limit: int = 20_000  # train it on the first N real images (0: all)
     classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)
+    quality_n: int = 2000  # images of each side (real test, generated) in the distance and precision/recall
     seed: int = 0  # noise and labels (each shard is a function of it and its index)
 
     def __post_init__(self) -> None:
@@ -45,4 +55,5 @@ class GenerateConfig:
             (self.guidance >= 0 and 0.0 <= self.min_confidence < 1.0,
              f"--guidance must be >= 0 and --min-confidence in [0, 1), got {self.guidance}, {self.min_confidence}"),
             (self.classifier_epochs > 0 and self.classifier_limit >= 0,
-             "--classifier-epochs must be positive and --classifier-limit >= 0")])
+             "--classifier-epochs must be positive and --classifier-limit >= 0"),
+            (self.quality_n >= 10, f"--quality-n must be >= 10, got {self.quality_n}")])

@@ -24,9 +24,11 @@ from pipeline.core.shards import (
     read_split,
     split_exists,
 )
+from pipeline.core.views import to_float01
 from pipeline.diffusion.model import DiffusionModel
-from pipeline.generate.config import GenerateConfig
+from pipeline.generate.config import Filter, GenerateConfig
 from pipeline.generate.labeller import accuracy, predict, train_classifier
+from pipeline.generate.quality import frechet_distance, gaussian_stats, precision_recall
 from pipeline.generate.sampling import class_grid, sample
 
 SIGNATURE = ("generate.json",)  # the file that marks a finished output folder of this stage
@@ -73,24 +75,50 @@ def real_classifier(cfg: GenerateConfig, num_classes: int):
 
 
 def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, clf, device: str
-               ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Images, labels and candidates drawn for output shard s (``count`` samples)."""
-    start = s * cfg.shard_size
-    if model.conditional:
-        labels = np.arange(start, start + count, dtype=np.int64) % model.num_classes
-        return generate_range(model, cfg, start, start + count, labels, device), labels, count
+               ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """Images, labels, candidates drawn for output shard s (``count`` samples), and the reference
+    classifier's (2, K) agreement counts over ALL candidates of a conditional model (None without
+    a classifier): the generator's own label quality, before any filter.
 
+    A conditional model without ``--filter`` samples label i mod K for sample i. Otherwise the
+    shard draws candidates from its own index range [s * shard_size * MAX_TRIES, ...) (so it
+    depends on its index only) and keeps, in candidate order: ``agree``: candidates the classifier
+    assigns to their intended class with confidence >= min_confidence, up to each class's quota of
+    the shard (label i mod K, so the set stays balanced); ``relabel`` and unconditional models:
+    candidates whose predicted class reaches the confidence, labelled with it (pseudo-labels)."""
+    start, k = s * cfg.shard_size, model.num_classes
+    if model.conditional and cfg.filter == Filter.none:
+        labels = np.arange(start, start + count, dtype=np.int64) % k
+        images = generate_range(model, cfg, start, start + count, labels, device)
+        return images, labels, count, None if clf is None else agreement_counts(clf, images, labels, k)
     base, tried, kept_x, kept_y = start * MAX_TRIES, 0, [], []
+    raw = np.zeros((2, k), np.int64) if model.conditional else None
+    quota = np.bincount(np.arange(start, start + count) % k, minlength=k) if model.conditional else None
     while sum(map(len, kept_y)) < count:
         if tried >= MAX_TRIES * count:
-            raise UserError(f"shard {s}: only {sum(map(len, kept_y))} of {tried} samples reached confidence "
-                            f"{cfg.min_confidence}; lower --min-confidence")
-        x = generate_range(model, cfg, base + tried, base + tried + cfg.batch_size, None, device)
+            how = f"--filter {cfg.filter.value}" if model.conditional else "pseudo-labels"
+            raise UserError(f"shard {s}: only {sum(map(len, kept_y))} of {tried} samples passed the reference "
+                            f"classifier ({how}, confidence {cfg.min_confidence}); lower --min-confidence or "
+                            "improve the model")
+        lo, hi = base + tried, base + tried + cfg.batch_size
+        intended = np.arange(lo, hi, dtype=np.int64) % k if model.conditional else None
+        x = generate_range(model, cfg, lo, hi, intended, device)
         pred, conf = predict(clf, x)
-        keep = conf >= cfg.min_confidence
-        kept_x.append(x[keep]), kept_y.append(pred[keep])
-        tried += cfg.batch_size
-    return np.concatenate(kept_x)[:count], np.concatenate(kept_y)[:count], tried
+        tried += hi - lo
+        if intended is None or cfg.filter == Filter.relabel:
+            if raw is not None:
+                raw += counts_of(pred, intended, k)
+            keep = conf >= cfg.min_confidence
+            kept_x.append(x[keep]), kept_y.append(pred[keep])
+            continue
+        raw += counts_of(pred, intended, k)
+        keep = np.zeros(len(x), bool)
+        for i in np.flatnonzero((pred == intended) & (conf >= cfg.min_confidence)):
+            if quota[intended[i]] > 0:
+                quota[intended[i]] -= 1
+                keep[i] = True
+        kept_x.append(x[keep]), kept_y.append(intended[keep])
+    return np.concatenate(kept_x)[:count], np.concatenate(kept_y)[:count], tried, raw
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], path: str) -> None:
@@ -123,55 +151,69 @@ def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list
     labels = np.concatenate([np.asarray(r.pop("labels"), np.int64) for r in shards])
     keys = make_keys(KEY_PREFIX, "train", len(labels))
     split_dir = storage.join(stage, "train")
-    grid_images, grid_labels, image_shape = [], [], None
+    grid_images, grid_labels, image_shape, sample = [], [], None, []
 
-    def blocks():  # every shard read back once: sha256 checked, pixels hashed, grid samples kept
+    def blocks():  # every shard read back once: sha256 checked, pixels hashed, grid and quality samples kept
         nonlocal image_shape
         for _, im, lab in iter_shards(split_dir, shards):
             image_shape = list(im.shape[1:])
             grid_images.append(im[:GRID_PER_SHARD]), grid_labels.append(lab[:GRID_PER_SHARD])
+            sample.append(im[:max(0, cfg.quality_n - sum(map(len, sample)))])
             yield im
 
     content = content_hash(keys, blocks(), labels)
+    seconds = max(part[3] for part in gathered)
+    tried = sum(part[2] for part in gathered)
+    kept = {"filter": cfg.filter.value if model.conditional else "pseudo-labels",
+            **({"min_confidence": cfg.min_confidence} if cfg.filter != Filter.none or not model.conditional else {}),
+            "candidates": tried, "kept_fraction": round(cfg.n / tried, 4)}
     fp = make_fingerprint(keys, image_shape, classes, shards, content, source=model.source, extra={
         "split": "train", "name": KEY_PREFIX, "synthetic": {
             "model": model.source, "weights_sha256": model.weights_sha256, "sampler": cfg.sampler,
-            "sample_steps": cfg.sample_steps, "eta": cfg.eta, "guidance": cfg.guidance, "seed": cfg.seed}})
+            "sample_steps": cfg.sample_steps, "eta": cfg.eta, "guidance": cfg.guidance, "seed": cfg.seed, **kept}})
     finish_split(split_dir, fp)
-    seconds = max(part[3] for part in gathered)
-    tried = sum(part[2] for part in gathered)
-    report = {"n": cfg.n, "candidates": tried, "seconds": round(seconds, 1),
+    report = {"n": cfg.n, "candidates": tried, "kept_fraction": kept["kept_fraction"], "filter": kept["filter"],
+              "seconds": round(seconds, 1),
               "images_per_second": round(tried / max(seconds, 1e-9), 2), "processes": len(gathered),
               "model": model.source, "weights_sha256": model.weights_sha256, "conditional": model.conditional,
               # what ran, not what was asked: bf16 only where the device has it natively (images differ)
               "precision": precision(cfg.bf16, next(model.unet.parameters()).device),
               "cpu": cpu_model(),
               "config": asdict(cfg),
-              **_label_check(cfg, clf, sum(part[1] for part in gathered), model.conditional)}
+              **_label_check(cfg, clf, sum(part[1] for part in gathered), model.conditional),
+              **({"quality": quality_report(cfg, clf, np.concatenate(sample))} if clf is not None and cfg.check else {})}
     save_grid(np.concatenate(grid_images), np.concatenate(grid_labels), classes, storage.join(stage, "grid.png"))
     storage.write_bytes(storage.join(stage, "generate.json"), json.dumps(report, indent=2).encode())
     storage.commit(stage, cfg.out, signature=SIGNATURE)
+    q = report.get("quality", {})
     print(f"generate: {cfg.n} images in {seconds:.0f} s ({report['images_per_second']} img/s, "
-          f"{len(gathered)} process(es)); agreement {report.get('agreement')}, classifier test accuracy "
-          f"{report.get('classifier_test_accuracy')} -> {cfg.out}")
+          f"{len(gathered)} process(es)); agreement {report.get('agreement')} (reference classifier, test "
+          f"accuracy {report.get('classifier_test_accuracy')}), Frechet distance {q.get('frechet_distance')} "
+          f"(real vs real {q.get('frechet_distance_real_vs_real')}), precision {q.get('precision')}, recall "
+          f"{q.get('recall')} -> {cfg.out}")
     return report
 
 
-def agreement_counts(clf, images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(2, K): per intended class, how many the real-data classifier agrees with, and how many there are."""
-
-    pred, _ = predict(clf, images)
+def counts_of(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(2, K): per intended class, how many predictions agree, and how many there are."""
     return np.stack([np.bincount(labels[pred == labels], minlength=num_classes),
                      np.bincount(labels, minlength=num_classes)])
+
+
+def agreement_counts(clf, images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``counts_of`` for the reference classifier's predictions of ``images``."""
+    return counts_of(predict(clf, images)[0], labels, num_classes)
 
 
 def _label_check(cfg: GenerateConfig, clf, agree: np.ndarray, conditional: bool) -> dict:
     if clf is None:
         return {}
 
-    out: dict = {"classifier": "cnn, plain CE on real train" + (", background/noise nuisance augmentation"
-                                                             if cfg.classifier_nuisance else "")}
-    if conditional:
+    seen = f"the first {cfg.classifier_limit}" if cfg.classifier_limit else "all"
+    out: dict = {"classifier": f"cnn, plain CE, {cfg.classifier_epochs} epochs on {seen} images of the real train "
+                               "split (never the test split)" + (", background/noise nuisance augmentation"
+                                                                 if cfg.classifier_nuisance else "")}
+    if conditional:  # judged on every candidate the generator drew, before any --filter
         out["agreement"] = round(float(agree[0].sum() / agree[1].sum()), 4)
         out["agreement_per_class"] = [round(float(a / t), 4) for a, t in zip(*agree) if t > 0]
     else:
@@ -180,6 +222,36 @@ def _label_check(cfg: GenerateConfig, clf, agree: np.ndarray, conditional: bool)
         test = read_split(cfg.real_test)
         out["classifier_test_accuracy"] = round(accuracy(clf, test.images, test.labels), 4)
     return out
+
+
+@torch.no_grad()
+def features_of(clf, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """The reference classifier's penultimate features of uint8 (N, H, W, C) images, float64."""
+    out = [clf.features(to_float01(images[a:a + batch_size])).double().numpy() for a in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, clf.feature_dim))
+
+
+def quality_report(cfg: GenerateConfig, clf, generated: np.ndarray) -> dict:
+    """Frechet distance and precision/recall of the generated sample against real test images, in the
+    reference classifier's features, beside the same measures between two disjoint real test samples
+    of the same size (what an ideal generator would score: the floor set by the sample size)."""
+    if not (cfg.real_test and split_exists(cfg.real_test)):
+        return {"skipped": "no real test split (--real-test)"}
+    test = read_split(cfg.real_test)
+    n = min(len(generated), cfg.quality_n, len(test.labels) // 2)
+    if n < 10:
+        return {"skipped": f"too few images for the measures ({n})"}
+    order = np.random.default_rng(cfg.seed).permutation(len(test.labels))  # not a prefix: sources may be class-ordered
+    real_a, real_b = (features_of(clf, test.images[np.sort(order[i * n:(i + 1) * n])]) for i in (0, 1))
+    fake = features_of(clf, generated[:n])
+    stats = {k: gaussian_stats(v) for k, v in (("a", real_a), ("b", real_b), ("fake", fake))}
+    pr, floor = precision_recall(real_a, fake), precision_recall(real_a, real_b)
+    return {"features": f"the reference classifier's penultimate features ({fake.shape[1]}-d); a Frechet "
+                        "distance in them is not Inception FID",
+            "n": n, "frechet_distance": round(frechet_distance(*stats["a"], *stats["fake"]), 4),
+            "frechet_distance_real_vs_real": round(frechet_distance(*stats["a"], *stats["b"]), 4),
+            "precision": pr["precision"], "recall": pr["recall"], "k": pr["k"],
+            "precision_real_vs_real": floor["precision"], "recall_real_vs_real": floor["recall"]}
 
 
 def num_classes_of(split_dir: str) -> int:
