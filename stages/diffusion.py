@@ -60,19 +60,27 @@ def run(cfg: DiffusionConfig) -> dict:
     print(f"diffusion: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
           f"{len(data.labels)} images, {cfg.steps} steps of {cfg.batch_size} on {device}")
     t0 = time.time()
-    res = train_ddpm(data.images, data.labels, unet, scheduler, cfg, ckpt_dir(cfg.out), device=device)
+    config = {**asdict(cfg), "block_channels": list(cfg.block_channels)}
+    record = {"trained": True, "classes": data.fingerprint["classes"], "config": config,
+              "data": {"path": str(cfg.shards), "content_hash": data.fingerprint["content_hash"],
+                       "count": len(data.labels)}}
+
+    def snapshot(step: int, ema_unet) -> None:  # a loadable model folder of the EMA weights at this step
+        folder = Path(f"{cfg.out}.snapshots") / f"step-{step:07d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        save_model(folder, ema_unet, scheduler, {**record, "step": step, "precision": precision(cfg.bf16, device)})
+
+    res = train_ddpm(data.images, data.labels, unet, scheduler, cfg, ckpt_dir(cfg.out), device=device,
+                     snapshot=snapshot if cfg.snapshot_every and not storage.is_url(cfg.out) else None)
     seconds = time.time() - t0
     tmp = Path(storage.start(cfg.out, signature=SIGNATURE))
-    config = {**asdict(cfg), "block_channels": list(cfg.block_channels)}
     info = save_model(tmp, res.ema_unet.cpu(), scheduler, {
-        "trained": True, "classes": data.fingerprint["classes"], "config": config,
+        **record,
         "final_loss": res.final_loss, "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, cfg.steps - res.resumed_from), 4),
         "resumed_from_step": res.resumed_from,
         # what ran, not what was asked: bf16 only where the device has it natively (weights differ)
-        "precision": precision(cfg.bf16, device), "cpu": cpu_model(),
-        "data": {"path": str(cfg.shards), "content_hash": data.fingerprint["content_hash"],
-                 "count": len(data.labels)}})
+        "precision": precision(cfg.bf16, device), "cpu": cpu_model()})
     (tmp / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in res.losses))
     loss_plot(res.losses, tmp / "loss.png")
     storage.commit(str(tmp), cfg.out, signature=SIGNATURE)

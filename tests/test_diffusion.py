@@ -129,6 +129,22 @@ def test_stage_trains_and_writes_complete_folder(fmnist_shards, tmp_path):
     assert again["weights_sha256"] == info["weights_sha256"]  # a rerun trains the same model
 
 
+def test_snapshots_are_the_ema_model_of_their_step(fmnist_shards, tmp_path):
+    """--snapshot-every: a loadable model folder of the EMA weights every N steps, beside OUT (kept
+    after the run, unlike the checkpoints); the last one is the saved model, weight for weight."""
+    out = tmp_path / "diffusion"
+    info = stage.run(small_cfg(shards=str(fmnist_shards / "train"), out=str(out), limit=64, steps=4,
+                               checkpoint_every=0, snapshot_every=2))
+    snaps = sorted(p.name for p in (tmp_path / "diffusion.snapshots").iterdir())
+    assert snaps == ["step-0000002", "step-0000004"]
+    last = load_model(str(tmp_path / "diffusion.snapshots" / "step-0000004"))
+    assert last.weights_sha256 == info["weights_sha256"]
+    first = load_model(str(tmp_path / "diffusion.snapshots" / "step-0000002"))
+    assert first.weights_sha256 != info["weights_sha256"] and first.num_classes == 10
+    meta = json.loads((tmp_path / "diffusion.snapshots" / "step-0000002" / "model_info.json").read_text())
+    assert meta["step"] == 2 and meta["config"]["steps"] == 4
+
+
 def test_existing_model_pointer(tiny_dir, tmp_path):
     out = tmp_path / "pointer"
     stage.run(DiffusionConfig(pretrained=str(tiny_dir), out=str(out)))

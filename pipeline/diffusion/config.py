@@ -26,6 +26,7 @@ class DiffusionConfig:
     ema_decay: float = 0.999  # EMA of the weights (the saved model)
     bf16: bool = True  # autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere
     checkpoint_every: int = 100  # steps between checkpoints in OUT.ckpt (0: none); a rerun resumes from the newest
+    snapshot_every: int = 0  # every N steps also save the EMA model as a loadable folder OUT.snapshots/step-N (quality-vs-steps curves; 0: none)
     seed: int = 0  # initial weights, batches and noise
 
     def validate(self) -> None:
@@ -37,5 +38,5 @@ class DiffusionConfig:
              f"--lr must be > 0 and --ema-decay in (0, 1), got {self.lr}, {self.ema_decay}"),
             (bool(self.block_channels) and min(self.block_channels, default=0) > 0 and self.layers_per_block > 0,
              f"bad UNet size: block_channels={self.block_channels}, layers_per_block={self.layers_per_block}"),
-            (min(self.warmup_steps, self.checkpoint_every, self.limit) >= 0,
+            (min(self.warmup_steps, self.checkpoint_every, self.limit, self.snapshot_every) >= 0,
              "--warmup-steps, --checkpoint-every and --limit must be >= 0")])

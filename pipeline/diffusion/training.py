@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from pipeline.core.runtime import precision
 from pipeline.diffusion.config import DiffusionConfig
 
 # config fields that may change between a checkpoint and its resumption
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "out", "shards"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "snapshot_every", "out", "shards"}
 
 
 @dataclass
@@ -124,9 +125,12 @@ def load_checkpoint(folder: Path, unet: UNet2DModel, ema: EMAModel, opt: torch.o
 
 
 def train_ddpm(images: np.ndarray, labels: np.ndarray, unet: UNet2DModel, scheduler: DDPMScheduler,
-               cfg: DiffusionConfig, ckpt_dir: Path, *, device: str = "cpu",
-               progress: bool = True) -> TrainResult:
-    """Train ``unet`` on uint8 (N,H,W,C) images; resumes from the newest checkpoint in ckpt_dir."""
+               cfg: DiffusionConfig, ckpt_dir: Path, *, device: str = "cpu", progress: bool = True,
+               snapshot: Callable[[int, UNet2DModel], None] | None = None) -> TrainResult:
+    """Train ``unet`` on uint8 (N,H,W,C) images; resumes from the newest checkpoint in ckpt_dir.
+
+    ``snapshot(step, unet)`` is called every ``cfg.snapshot_every`` steps with the EMA weights
+    swapped in (and swapped out again after): the model as it would be saved at that step."""
     torch.manual_seed(cfg.seed)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     y_all = torch.from_numpy(labels).long()
@@ -166,6 +170,12 @@ def train_ddpm(images: np.ndarray, labels: np.ndarray, unet: UNet2DModel, schedu
             raise RuntimeError(f"diffusion loss became {loss.item()} at step {step}; lower --lr")
         losses.append((step, round(loss.item(), 6)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if snapshot is not None and cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            snapshot(step + 1, unet.eval())
+            ema.restore(unet.parameters())
+            unet.train()
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(ckpt_dir, step + 1, unet, ema, opt, losses, cfg)
     bar.close()
