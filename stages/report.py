@@ -40,7 +40,7 @@ from pathlib import Path
 from pipeline.bench import figures
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
-from pipeline.report import autoattack, sweep
+from pipeline.report import autoattack, generator, sweep
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import (
     aggregate,
@@ -104,6 +104,16 @@ def bench_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     return {"figures": sum(key in res for _, key in figures.ROWS)}
 
 
+def generator_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--generator DIR``: one row per generate setting (DIR/NAME/generate.json; pipeline/report/generator.py)."""
+    rows = generator.load(cfg.generator)
+    text = generator.markdown(rows)
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
+    _finish(cfg, readme, tmp, f"# Generator quality\n\n{text}\n", text, f"--generator {cfg.generator} --out {cfg.out}",
+            f"{cfg.generator}/*/generate.json")
+    return {"settings": len(rows)}
+
+
 def aa_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--aa-standard DIR``: AutoAttack-fast (--evals) against standard AutoAttack (DIR), run by run."""
     folders = {cfg.aa_standard: load_evals(cfg.aa_standard), cfg.evals: load_evals(cfg.evals)}
@@ -126,11 +136,13 @@ def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
-    if sum(map(bool, (cfg.sweep, cfg.bench, cfg.aa_standard))) > 1:
-        raise UserError("--sweep, --bench and --aa-standard are different reports: give one")
-    if (cfg.sweep or cfg.bench or cfg.aa_standard) and cfg.out == ReportConfig.out:
-        raise UserError(f"--sweep/--bench/--aa-standard: give --out (the default, {ReportConfig.out}, is the "
-                        "report stage's output)")
+    if sum(map(bool, (cfg.sweep, cfg.bench, cfg.aa_standard, cfg.generator))) > 1:
+        raise UserError("--sweep, --bench, --aa-standard and --generator are different reports: give one")
+    if (cfg.sweep or cfg.bench or cfg.aa_standard or cfg.generator) and cfg.out == ReportConfig.out:
+        raise UserError(f"--sweep/--bench/--aa-standard/--generator: give --out (the default, {ReportConfig.out}, "
+                        "is the report stage's output)")
+    if cfg.generator:
+        return generator_report(cfg, readme)
     if cfg.sweep:
         return sweep_report(cfg, readme)
     if cfg.bench:

@@ -562,3 +562,34 @@ def test_readme_writes_only_between_its_markers_and_keeps_the_file(results, tmp_
         report.run(ReportConfig(evals=str(results / "eval"), train="", grid="", out=str(tmp_path / "r2"),
                                 readme=str(latin)))
     assert latin.read_bytes() == before and not (tmp_path / "r2").exists()
+
+
+def _generate_json(agreement: float, guidance: float, fd: float, acc: float = 0.91, n: int = 500) -> dict:
+    return {"agreement": agreement, "kept_fraction": 1.0, "filter": "none", "images_per_second": 7.5,
+            "weights_sha256": "ab" * 32, "model_training_steps": 600, "classifier_test_accuracy": acc,
+            "classifier": "cnn, plain CE, 10 epochs on all images of the real train split (never the test split)",
+            "config": {"sampler": "ddim", "sample_steps": 20, "guidance": guidance},
+            "quality": {"n": n, "k": 3, "frechet_distance": fd, "frechet_distance_real_vs_real": 0.5,
+                        "precision": 0.7, "recall": 0.4, "precision_real_vs_real": 0.8, "recall_real_vs_real": 0.8}}
+
+
+def test_generator_quality_table_comes_from_the_generate_jsons(tmp_path, capsys):
+    """report --generator DIR: one row per DIR/NAME/generate.json, in name order, with the reference
+    classifier and the real-vs-real floor said under it; settings measured with other reference
+    classifiers (or sample sizes) do not compare and are refused."""
+    from pipeline.cli import main
+
+    for name, args in (("cfg-1", (0.55, 1.0, 12.5)), ("cfg-3", (0.81, 3.0, 9.25))):
+        (tmp_path / "gen" / name).mkdir(parents=True)
+        (tmp_path / "gen" / name / "generate.json").write_text(json.dumps(_generate_json(*args)))
+    main(["report", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "r")])
+    text = (tmp_path / "r" / "report.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| cfg-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["cfg-1", "cfg-3"]
+    assert "| 0.550 |" in rows[0] and "| 12.50 |" in rows[0] and "| 3.0 |" in rows[1] and "600 (abababab)" in rows[1]
+    assert "real test accuracy 0.9100" in text and "not Inception FID" in text and "score 0.50" in text
+    (tmp_path / "gen" / "other").mkdir()
+    (tmp_path / "gen" / "other" / "generate.json").write_text(json.dumps(_generate_json(0.6, 1.0, 10, acc=0.8)))
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "r2")])
+    assert exc.value.code == 2 and "do not compare" in capsys.readouterr().err

@@ -176,6 +176,7 @@ def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list
               "seconds": round(seconds, 1),
               "images_per_second": round(tried / max(seconds, 1e-9), 2), "processes": len(gathered),
               "model": model.source, "weights_sha256": model.weights_sha256, "conditional": model.conditional,
+              "model_training_steps": training_steps(cfg.model),
               # what ran, not what was asked: bf16 only where the device has it natively (images differ)
               "precision": precision(cfg.bf16, next(model.unet.parameters()).device),
               "cpu": cpu_model(),
@@ -252,6 +253,18 @@ def quality_report(cfg: GenerateConfig, clf, generated: np.ndarray) -> dict:
             "frechet_distance_real_vs_real": round(frechet_distance(*stats["a"], *stats["b"]), 4),
             "precision": pr["precision"], "recall": pr["recall"], "k": pr["k"],
             "precision_real_vs_real": floor["precision"], "recall_real_vs_real": floor["recall"]}
+
+
+def training_steps(model_dir: str) -> int | None:
+    """How many steps the diffusion model trained (a snapshot's step, else its config's steps;
+    None for a model this project did not train)."""
+    info = Path(model_dir) / "model_info.json"
+    try:
+        meta = json.loads(info.read_text()) if info.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    steps = meta.get("step", (meta.get("config") or {}).get("steps")) if meta.get("trained") else None
+    return steps if isinstance(steps, int) else None
 
 
 def num_classes_of(split_dir: str) -> int:
