@@ -37,7 +37,7 @@ def uncond_dir(tmp_path_factory) -> Path:
 def cfg(model: Path, shards: Path, out: Path, **kw) -> GenerateConfig:
     base = GenerateConfig(model=str(model), real_train=str(shards / "train"), real_test=str(shards / "test"),
                           out=str(out), n=24, sample_steps=3, batch_size=8, shard_size=10, bf16=False,
-                          classifier_epochs=1, seed=3)
+                          classifier_arch="cnn", classifier_epochs=1, seed=3)
     return replace(base, **kw)
 
 
@@ -194,7 +194,7 @@ def test_two_processes_equal_one(cond_dir, fmnist_shards, tmp_path):
 
     args = ["generate", "--model", cond_dir, "--real-train", fmnist_shards / "train", "--real-test",
             fmnist_shards / "test", "--n", 30, "--shard-size", 8, "--batch-size", 4, "--sample-steps", 3,
-            "--no-bf16", "--classifier-epochs", 1, "--classifier-limit", 128, "--seed", 3]
+            "--no-bf16", "--classifier-arch", "cnn", "--classifier-epochs", 1, "--classifier-limit", 128, "--seed", 3]
     with torch_threads(1):
         main([*map(str, args), "--out", str(tmp_path / "one")])
     main([*map(str, args), "--out", str(tmp_path / "suite-threads")])

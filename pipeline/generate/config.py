@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.core.config import coerce_enums, require
+from pipeline.core.config import Arch, coerce_enums, require
 
 
 class Filter(str, Enum):
@@ -38,8 +38,12 @@ class GenerateConfig:
     bf16: bool = True  # autocast for the UNet forward on GPUs and on CPUs with native bf16; fp32 elsewhere
     check: bool = True  # the quality report: agreement, Frechet distance and precision/recall in a reference classifier's features
     real_test: str = "artifacts/shards/real/test"  # the check classifier's test accuracy ("" skips)
-    classifier_epochs: int = 2  # the standard classifier (pseudo-labels and the check)
-    classifier_limit: int = 20_000  # train it on the first N real images (0: all)
+    # the reference classifier (quality report, filters, pseudo-labels): trained on the real train
+    # split only; measured on Fashion-MNIST: resnet 5 epochs on all 60k images 91.75% test accuracy
+    # (cnn: 88.4% at 4 epochs, 90.0% at 10)
+    classifier_arch: Arch = Arch.resnet
+    classifier_epochs: int = 5  # epochs of the reference classifier
+    classifier_limit: int = 0  # train it on the first N real train images (0: all)
     classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)
     quality_n: int = 2000  # images of each side (real test, generated) in the distance and precision/recall
     seed: int = 0  # noise and labels (each shard is a function of it and its index)

@@ -70,8 +70,8 @@ def real_classifier(cfg: GenerateConfig, num_classes: int):
     real = read_split(cfg.real_train, limit=cfg.classifier_limit, progress=True)
     if int(real.fingerprint["num_classes"]) != num_classes:
         raise UserError(f"{cfg.real_train} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
-    return train_classifier(real.images, real.labels, num_classes, epochs=cfg.classifier_epochs, seed=cfg.seed,
-                            nuisance=cfg.classifier_nuisance)
+    return train_classifier(real.images, real.labels, num_classes, arch=cfg.classifier_arch.value,
+                            epochs=cfg.classifier_epochs, seed=cfg.seed, nuisance=cfg.classifier_nuisance)
 
 
 def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, clf, device: str
@@ -211,7 +211,7 @@ def _label_check(cfg: GenerateConfig, clf, agree: np.ndarray, conditional: bool)
         return {}
 
     seen = f"the first {cfg.classifier_limit}" if cfg.classifier_limit else "all"
-    out: dict = {"classifier": f"cnn, plain CE, {cfg.classifier_epochs} epochs on {seen} images of the real train "
+    out: dict = {"classifier": f"{cfg.classifier_arch.value}, plain CE, {cfg.classifier_epochs} epochs on {seen} images of the real train "
                                "split (never the test split)" + (", background/noise nuisance augmentation"
                                                                  if cfg.classifier_nuisance else "")}
     if conditional:  # judged on every candidate the generator drew, before any --filter
