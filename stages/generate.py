@@ -53,7 +53,7 @@ from pipeline.generate.synthesis import (
     finish,
     make_shard,
     num_classes_of,
-    real_classifier,
+    reference_classifier,
     shard_counts,
 )
 
@@ -69,9 +69,11 @@ def run(cfg: GenerateConfig) -> dict:
     model.unet.to(device)
     num_classes = model.num_classes if model.conditional else num_classes_of(cfg.real_train)
     classes = class_names(cfg, num_classes)
-    clf = None
-    if cfg.check or not model.conditional or cfg.filter != Filter.none:  # trained once, by rank 0
-        clf = dist.broadcast(real_classifier(cfg, num_classes) if dist.is_main else None)
+    ref = None
+    if cfg.check or not model.conditional or cfg.filter != Filter.none:  # trained (or loaded) once, by rank 0
+        shape = (model.image_size, model.in_channels)
+        ref = dist.broadcast(reference_classifier(cfg, num_classes, shape) if dist.is_main else None)
+    clf = ref.model if ref is not None else None
     stage = storage.start(cfg.out, signature=SIGNATURE) if dist.is_main else storage.staging_path(cfg.out)
     dist.barrier()
     counts = shard_counts(cfg.n, cfg.shard_size)
@@ -92,6 +94,6 @@ def run(cfg: GenerateConfig) -> dict:
     seconds = time.time() - t0
     gathered = dist.gather((records, agree, tried, seconds))
     if dist.is_main:
-        report = finish(cfg, model, stage, classes, gathered, clf)
+        report = finish(cfg, model, stage, classes, gathered, ref)
     dist.barrier()
     return report if dist.is_main else {"out": cfg.out, "shards": mine}

@@ -154,9 +154,17 @@ def test_quality_report_in_generate_json(cond_dir, fmnist_shards, tmp_path):
     assert q == report["quality"] and q["n"] == 30 and "not Inception FID" in q["features"]
     assert q["frechet_distance"] > q["frechet_distance_real_vs_real"] >= 0  # an untrained UNet makes noise
     assert all(0 <= q[k] <= 1 for k in ("precision", "recall", "precision_real_vs_real", "recall_real_vs_real"))
-    assert "never the test split" in report["classifier"] and "first 256" in report["classifier"]
+    assert "never the test split" in report["classifier"] and "on 256 images" in report["classifier"]
     syn = read_split(out / "train").fingerprint["synthetic"]
     assert (syn["filter"], syn["candidates"], syn["kept_fraction"]) == ("none", 40, 1.0)
+    # the reference classifier is saved beside the report; --reference reuses it (same judge, no training)
+    again = generate.run(cfg(cond_dir, fmnist_shards, tmp_path / "again", n=40, shard_size=20, quality_n=30,
+                             guidance=2.0, reference=str(out / "reference"), classifier_epochs=99))
+    assert again["classifier"] == report["classifier"]
+    assert again["classifier_test_accuracy"] == report["classifier_test_accuracy"]
+    assert again["quality"]["frechet_distance_real_vs_real"] == q["frechet_distance_real_vs_real"]
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        generate.run(cfg(cond_dir, fmnist_shards, tmp_path / "x", reference=str(tmp_path)))
 
 
 def test_refusals(cond_dir, uncond_dir, fmnist_shards, tmp_path, capsys):

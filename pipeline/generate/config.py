@@ -42,6 +42,9 @@ class GenerateConfig:
     # split only; measured on Fashion-MNIST: resnet 5 epochs on all 60k images 91.75% test accuracy
     # (cnn: 88.4% at 4 epochs, 90.0% at 10)
     classifier_arch: Arch = Arch.resnet
+    # a reference classifier saved by an earlier generate run (its OUT/reference): reused instead of
+    # training one, so every setting of a comparison is judged by the same classifier
+    reference: str = ""
     classifier_epochs: int = 5  # epochs of the reference classifier
     classifier_limit: int = 0  # train it on the first N real train images (0: all)
     classifier_nuisance: bool = True  # train it with random background level + pixel noise (judge shapes)

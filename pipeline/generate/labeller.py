@@ -9,13 +9,19 @@ were generated for). It is an instrument, not a result, so it is small and train
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.core.classifiers import build_classifier
+from pipeline.core import storage
+from pipeline.core.classifiers import CONFIG_FILE, MODEL_FILE, build_classifier, load_classifier
+from pipeline.core.errors import UserError
+from pipeline.core.shards import read_split
 from pipeline.core.views import to_float01
 
 
@@ -82,3 +88,56 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, **kw) -> float:
     pred, _ = predict(model, images, **kw)
     return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+REFERENCE_DIR = "reference"  # where generate saves its reference classifier (model.safetensors + config.json)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference classifier of a generate run and what identifies it: arch, shapes, the data it saw."""
+
+    model: nn.Module
+    meta: dict
+
+    def describe(self) -> str:
+        seen = self.meta["trained_on"]
+        return (f"{self.meta['arch']}, plain CE, {seen['epochs']} epochs on {seen['images']} images of the real train "
+                f"split (never the test split; content hash {seen['content_hash'][:12]})"
+                + (", background/noise nuisance augmentation" if seen.get("nuisance") else ""))
+
+
+def fit_reference(split_dir: str, num_classes: int, *, arch: str, epochs: int, limit: int, seed: int,
+                  nuisance: bool) -> Reference:
+    """Train the reference classifier on the first ``limit`` (0: all) images of a real train split."""
+    real = read_split(split_dir, limit=limit, progress=True)
+    if int(real.fingerprint["num_classes"]) != num_classes:
+        raise UserError(f"{split_dir} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
+    model = train_classifier(real.images, real.labels, num_classes, arch=arch, epochs=epochs, seed=seed,
+                             nuisance=nuisance)
+    h, _, c = real.images.shape[1:]
+    return Reference(model, {"arch": arch, "in_channels": int(c), "num_classes": num_classes, "image_size": int(h),
+                             "trained_on": {"split": str(split_dir), "content_hash": real.fingerprint["content_hash"],
+                                            "images": len(real.labels), "epochs": epochs, "nuisance": nuisance,
+                                            "seed": seed}})
+
+
+def load_reference(folder: str, num_classes: int, image_shape: tuple[int, int]) -> Reference:
+    """A reference classifier saved by an earlier generate run (``OUT/reference``), checked against the model."""
+    model, meta = load_classifier(folder)
+    if "trained_on" not in meta:
+        raise UserError(f"{folder}: not a reference classifier saved by generate (no trained_on record)")
+    if (meta["num_classes"], meta["image_size"], meta["in_channels"]) != (num_classes, *image_shape):
+        raise UserError(f"{folder}: a classifier of {meta['num_classes']} classes for {meta['image_size']} px x "
+                        f"{meta['in_channels']} channels; the model makes {num_classes} classes of "
+                        f"{image_shape[0]} px x {image_shape[1]}")
+    return Reference(model, meta)
+
+
+def save_reference(ref: Reference, folder: str) -> None:
+    """``folder``/model.safetensors + config.json (loadable by ``load_reference``; path or fsspec URL)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ref.model.state_dict().items()}
+    storage.write_bytes(storage.join(folder, MODEL_FILE), save(tensors))
+    storage.write_bytes(storage.join(folder, CONFIG_FILE), (json.dumps(ref.meta, indent=2) + "\n").encode())

@@ -27,7 +27,15 @@ from pipeline.core.shards import (
 from pipeline.core.views import to_float01
 from pipeline.diffusion.model import DiffusionModel
 from pipeline.generate.config import Filter, GenerateConfig
-from pipeline.generate.labeller import accuracy, predict, train_classifier
+from pipeline.generate.labeller import (
+    REFERENCE_DIR,
+    Reference,
+    accuracy,
+    fit_reference,
+    load_reference,
+    predict,
+    save_reference,
+)
 from pipeline.generate.quality import frechet_distance, gaussian_stats, precision_recall
 from pipeline.generate.sampling import class_grid, sample
 
@@ -65,13 +73,12 @@ def shard_counts(n: int, shard_size: int) -> list[int]:
     return [min(shard_size, n - a) for a in range(0, n, shard_size)]
 
 
-def real_classifier(cfg: GenerateConfig, num_classes: int):
-
-    real = read_split(cfg.real_train, limit=cfg.classifier_limit, progress=True)
-    if int(real.fingerprint["num_classes"]) != num_classes:
-        raise UserError(f"{cfg.real_train} has {real.fingerprint['num_classes']} classes, the model {num_classes}")
-    return train_classifier(real.images, real.labels, num_classes, arch=cfg.classifier_arch.value,
-                            epochs=cfg.classifier_epochs, seed=cfg.seed, nuisance=cfg.classifier_nuisance)
+def reference_classifier(cfg: GenerateConfig, num_classes: int, image_shape: tuple[int, int]) -> Reference:
+    """The run's reference classifier: ``--reference`` loaded, or trained on the real train split."""
+    if cfg.reference:
+        return load_reference(cfg.reference, num_classes, image_shape)
+    return fit_reference(cfg.real_train, num_classes, arch=cfg.classifier_arch.value, epochs=cfg.classifier_epochs,
+                         limit=cfg.classifier_limit, seed=cfg.seed, nuisance=cfg.classifier_nuisance)
 
 
 def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, clf, device: str
@@ -144,7 +151,7 @@ def save_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], path: 
 
 
 def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list[str], gathered: list,
-            clf) -> dict:
+            ref: Reference | None) -> dict:
     """Rank 0: check every shard, write fingerprint, grid and report, commit the folder."""
     records = {s: r for part in gathered for s, r in part[0].items()}
     shards = [records[s] for s in range(len(records))]
@@ -181,8 +188,10 @@ def finish(cfg: GenerateConfig, model: DiffusionModel, stage: str, classes: list
               "precision": precision(cfg.bf16, next(model.unet.parameters()).device),
               "cpu": cpu_model(),
               "config": asdict(cfg),
-              **_label_check(cfg, clf, sum(part[1] for part in gathered), model.conditional),
-              **({"quality": quality_report(cfg, clf, np.concatenate(sample))} if clf is not None and cfg.check else {})}
+              **_label_check(cfg, ref, sum(part[1] for part in gathered), model.conditional),
+              **({"quality": quality_report(cfg, ref.model, np.concatenate(sample))} if ref and cfg.check else {})}
+    if ref is not None:  # beside the report: `--reference STAGE/reference` reuses it
+        save_reference(ref, storage.join(stage, REFERENCE_DIR))
     save_grid(np.concatenate(grid_images), np.concatenate(grid_labels), classes, storage.join(stage, "grid.png"))
     storage.write_bytes(storage.join(stage, "generate.json"), json.dumps(report, indent=2).encode())
     storage.commit(stage, cfg.out, signature=SIGNATURE)
@@ -206,14 +215,12 @@ def agreement_counts(clf, images: np.ndarray, labels: np.ndarray, num_classes: i
     return counts_of(predict(clf, images)[0], labels, num_classes)
 
 
-def _label_check(cfg: GenerateConfig, clf, agree: np.ndarray, conditional: bool) -> dict:
-    if clf is None:
+def _label_check(cfg: GenerateConfig, ref: Reference | None, agree: np.ndarray, conditional: bool) -> dict:
+    if ref is None:
         return {}
+    clf = ref.model
 
-    seen = f"the first {cfg.classifier_limit}" if cfg.classifier_limit else "all"
-    out: dict = {"classifier": f"{cfg.classifier_arch.value}, plain CE, {cfg.classifier_epochs} epochs on {seen} images of the real train "
-                               "split (never the test split)" + (", background/noise nuisance augmentation"
-                                                                 if cfg.classifier_nuisance else "")}
+    out: dict = {"classifier": ref.describe(), "reference": REFERENCE_DIR}
     if conditional:  # judged on every candidate the generator drew, before any --filter
         out["agreement"] = round(float(agree[0].sum() / agree[1].sum()), 4)
         out["agreement_per_class"] = [round(float(a / t), 4) for a, t in zip(*agree) if t > 0]
