@@ -87,7 +87,7 @@ class TrainConfig:
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     log_every: int = 10  # optimizer steps between per-step metric rows (DVCLive: OUT/dvclive/)
-    online: bool = False  # compute targets with the diffusion model inside the step
+    online: bool = False  # compute targets with the diffusion model inside the step, replaying the cache's recorded noise (not fresh noise)
     resume: bool = False  # continue the unfinished run in --out from its checkpoint
     overwrite: bool = False  # replace the run in --out, finished or not (without it, a run there is refused)
     verify: bool = True  # checksums + NaN/Inf scan of the cache parts read, before training (off: trust the store)
