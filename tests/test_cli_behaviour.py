@@ -185,7 +185,9 @@ def test_defaults_are_the_recommended_settings_and_the_profiles_pass_theirs():
 
 
 def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    """Every file under ``folder`` (dvclive/ included) by relative path: its bytes and mtime."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_run_in_out_is_replaced_only_with_overwrite_and_continued_only_with_resume(store, checkpoint, tmp_path,
@@ -239,13 +241,15 @@ def test_overwrite_removes_the_old_runs_finished_markers_before_training(store, 
     seen = []
 
     def step(self, global_step, batch, inputs):
-        seen.append(sorted(p.name for p in out.iterdir()))
+        seen.append(sorted(str(p.relative_to(out)) for p in out.rglob("*")))
         raise KeyboardInterrupt
 
+    assert (out / "dvclive" / "metrics.json").exists()  # the old run's DVCLive summary, to be removed
     monkeypatch.setattr(trainer.Trainer, "step", step)
     with pytest.raises(KeyboardInterrupt):
         train.run(train_cfg(store, out, overwrite=True))
-    assert seen == [[]] and not (out / "metrics.json").exists() and not (out / "config.json").exists()
+    # only the new run's (empty) DVCLive folder: no run file and none of the old run's metrics
+    assert seen == [["dvclive"]] and not (out / "metrics.json").exists() and not (out / "config.json").exists()
 
 
 # Flag names that several stages share, each with its ONE meaning. A name shared by two stages that

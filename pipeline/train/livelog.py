@@ -34,7 +34,8 @@ class LiveLog:
         self.rows = rows
         for row in rows:
             self._write(row)
-        self.sync()
+        if rows:  # a fresh run has no summary until its first checkpoint (nothing that looks like results)
+            self.sync()
 
     def _write(self, row: dict) -> None:
         self.live.step = int(row["step"])
