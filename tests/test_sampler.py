@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.store import CacheWriter, PartInit, open_cache
-from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
+from pipeline.cache.store import open_cache
+from pipeline.cache.targets import Pooling, TargetSpec
+from pipeline.cache.testing import split_attrs, write_store
 from pipeline.core.shards import read_split
-from pipeline.core.views import ViewSpec, sample_views
 from pipeline.train.sampler import (
     InMemoryImages,
     InMemoryTargets,
@@ -98,23 +98,12 @@ def store(tmp_path_factory, fmnist_shards):
     ss = read_split(fmnist_shards / "train", limit=300)
     n, k = len(ss.keys), 3
     spec = TargetSpec(100, "mid_block", Pooling.mean, (D,))
-    init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.zeros((n, k), np.int64), [spec],
-                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
-                                                                                          "image_shape")}},
-                    image_shape=ss.images.shape[1:])
     feats = np.random.default_rng(0).normal(size=(n, k, D)).astype(np.float16)
     feats[:, :, 0] = np.arange(n)[:, None]
     feats[:, :, 1] = np.arange(k)[None, :]
-    url = str(tmp_path_factory.mktemp("sampler") / "feats.zarr")
-    plan = {**targets_attrs([spec]), "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
-            "view_spec": ViewSpec().to_dict()}
-    w = CacheWriter.open_or_create(url, plan=plan, parts={"train": init}, rows_per_chunk=16,
-                                   chunks_per_shard=4, compressor="blosc-zstd")
-    for s in w.missing_shards("train"):
-        a, b = w.shard_rows("train", s)
-        w.write_shard("train", s, {spec.name: feats[a:b], "images": ss.images[a:b]})
-    w.finalize_part("train")
-    w.finalize({})
+    url = write_store(str(tmp_path_factory.mktemp("sampler") / "feats.zarr"), keys=ss.keys, labels=ss.labels, k=k,
+                      targets=[spec], features={spec.name: feats}, images=ss.images,
+                      split=split_attrs(ss.path, ss.fingerprint))
     return url, feats, ss.images
 
 

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 from launch import accelerate_run  # tests/ is on sys.path (rootdir conftest)
 
-from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit
-from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
+from pipeline.cache.targets import Pooling, TargetSpec
+from pipeline.cache.testing import split_attrs, write_store
 from pipeline.core.shards import read_split
-from pipeline.core.views import ViewSpec, sample_views
 from pipeline.data.config import PrepareConfig
 from pipeline.train.sampler import MixedSampler
 from pipeline.train.trainer import WINDOW
@@ -44,22 +43,16 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
     """
     ss = read_split(shards, limit=n)
     spec = TargetSpec(100, "mid_block", Pooling.mean, (d,))
-    init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), seed),
-                    np.arange(n * k, dtype=np.int64).reshape(n, k), [spec],
-                    {"shards": ss.path, "fingerprint": {x: ss.fingerprint[x] for x in ("content_hash", "count", "shards_digest",
-                                                                                          "image_shape")}})
-    plan = {**targets_attrs([spec]), "pooling": "mean", "image_size": int(ss.images.shape[1]),
-            "normalisation": NORMALISATION,
-            "view_spec": ViewSpec().to_dict()}
-    w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=UNIT_ROWS_X_VIEWS // k,
-                                   chunks_per_shard=CHUNKS_PER_SHARD, compressor="blosc-lz4")
     rng = np.random.default_rng(seed)
-    for s in w.missing_shards("train"):
-        a, b = w.shard_rows("train", s)
+
+    def features(a: int, b: int) -> np.ndarray:  # block by block: the features are never held whole
         bits = rng.integers(0, 2**16, size=(b - a, k, d), dtype=np.uint16) & 0xBFFF  # exponent < max: |x| < 2
-        w.write_shard("train", s, {spec.name: bits.view(np.float16)})
-    w.finalize_part("train")
-    w.finalize({})
+        return bits.view(np.float16)
+
+    write_store(str(url), keys=ss.keys, labels=ss.labels, k=k, targets=[spec], features={spec.name: features},
+                split=split_attrs(ss.path, ss.fingerprint), seed=seed, noise_seed=np.arange(n * k).reshape(n, k),
+                rows_per_chunk=UNIT_ROWS_X_VIEWS // k, chunks_per_shard=CHUNKS_PER_SHARD, compressor="blosc-lz4",
+                plan={"image_size": int(ss.images.shape[1])})
     return n * k * d * 2
 
 

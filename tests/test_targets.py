@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pipeline.cache.extractor import FeatureExtractor
-from pipeline.cache.store import NORMALISATION, CacheWriter, PartInit, open_cache, verify_cache
+from pipeline.cache.store import open_cache, verify_cache
 from pipeline.cache.targets import Pooling, TargetSpec, select, targets_attrs, targets_from_attrs
+from pipeline.cache.testing import split_attrs, write_store
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
-from pipeline.core.views import ViewSpec, sample_views
 from pipeline.diffusion.model import load_model
 from pipeline.train.sampler import InMemoryTargets, StreamingTargets
 
@@ -94,18 +94,10 @@ def _spatial_store(fmnist_shards, url, plan_extra=None):
     ss = read_split(fmnist_shards / "train", limit=40)
     n, k = len(ss.keys), 2
     spec = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
-    init = PartInit(ss.keys, ss.labels, sample_views(n, k, ViewSpec(), 0), np.arange(n * k).reshape(n, k), [spec],
-                    {"shards": ss.path, "fingerprint": {"content_hash": ss.fingerprint["content_hash"]}})
-    plan = {**targets_attrs([spec]), "image_size": 28, "normalisation": NORMALISATION, "view_spec": ViewSpec().to_dict(),
-            **(plan_extra or {})}
-    w = CacheWriter.open_or_create(str(url), plan=plan, parts={"train": init}, rows_per_chunk=8,
-                                   chunks_per_shard=2, compressor="blosc-zstd")
     feats = np.random.default_rng(0).normal(size=(n, k, *SHAPE)).astype(np.float16)
-    for s in range(w.n_shards("train")):
-        a, b = w.shard_rows("train", s)
-        w.write_shard("train", s, {spec.name: feats[a:b]})
-    w.finalize_part("train")
-    w.finalize({})
+    write_store(str(url), keys=ss.keys, labels=ss.labels, k=k, targets=[spec], features={spec.name: feats},
+                split=split_attrs(ss.path, ss.fingerprint), noise_seed=np.arange(n * k).reshape(n, k),
+                rows_per_chunk=8, chunks_per_shard=2, plan={"image_size": 28, **(plan_extra or {})})
     return spec, feats, n
 
 
