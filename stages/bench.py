@@ -30,6 +30,9 @@ conditional, random weights: timing does not need trained ones):
 - ``extract_2proc_speedup``: `extract` under ``accelerate launch`` with 2 processes vs 1, each
   process with the same number of threads (``method`` says how).
 
+``--profile gpu`` measures the figures of a CIFAR-sized run on one CUDA GPU instead
+(``pipeline/bench/gpu.py`` says which; ``--dry-run``: the same code at tiny sizes on the CPU).
+
 Every time is the median of interleaved repeats (A, B, B, A, ...), so both sides of a ratio see the
 same load on a shared machine. Speed is never asserted in tests; this command reports it.
 """
@@ -49,19 +52,12 @@ import torch
 
 from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
+from pipeline.bench.extraction import bench_extract, bench_multi, bench_two_proc, storage
 from pipeline.bench.figures import TARGETS, table
-from pipeline.bench.measure import (
-    _say,
-    bench_extract,
-    bench_images,
-    bench_memory,
-    bench_multi,
-    bench_train,
-    bench_two_proc,
-    check_config,
-    make_inputs,
-    storage,
-)
+from pipeline.bench.gpu import gpu_table, run_gpu
+from pipeline.bench.measure import check_config, make_inputs, say
+from pipeline.bench.streaming import bench_images
+from pipeline.bench.training import bench_memory, bench_train
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -69,31 +65,34 @@ def run(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() and not cfg.dry_run else "cpu"
     res: dict[str, Any] = {"machine": B.machine(device), "config": json.loads(json.dumps(cfg.__dict__, default=str))}
     t0 = time.perf_counter()
-    groups = set(cfg.groups)
+    groups = set(cfg.groups) if cfg.profile == "cpu" else set()
     try:
+        if cfg.profile == "gpu":
+            say("GPU profile: CIFAR-sized UNet and classifiers" + (" (dry run: tiny sizes on the CPU)" if cfg.dry_run else ""))
+            res |= run_gpu(cfg, torch.device(device))
         if groups & {"extract", "multi", "train", "two_proc"}:
-            _say("preparing real Fashion-MNIST shards and a default-size UNet")
+            say("preparing real Fashion-MNIST shards and a default-size UNet")
             shards, model = make_inputs(cfg, work)
         if groups & {"extract", "train"}:  # the training steps run on the store extract writes
-            _say(f"extract vs bare forward ({cfg.repeats} interleaved repeats)")
+            say(f"extract vs bare forward ({cfg.repeats} interleaved repeats)")
             ext, store = bench_extract(cfg, work, shards, model)
             res |= ext | storage(store)
         if "multi" in groups:
-            _say(f"extract {cfg.multi_t} x {cfg.multi_layer} in one pass vs one target set")
+            say(f"extract {cfg.multi_t} x {cfg.multi_layer} in one pass vs one target set")
             res |= bench_multi(cfg, work, shards, model)
         if "train" in groups:
-            _say(f"training steps ({cfg.train_steps} per variant, interleaved) and the target reader")
+            say(f"training steps ({cfg.train_steps} per variant, interleaved) and the target reader")
             res |= bench_train(cfg, work, store)
         if "memory" in groups:
-            _say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")
+            say(f"reader memory: {cfg.stream_cache_mb} MiB and half-size stores, budget {cfg.memory_budget_mb} MiB")
             res |= bench_memory(cfg, work)
         if "two_proc" in groups and cfg.two_proc and torch.cuda.is_available() and torch.cuda.device_count() < 2:
             res["extract_2proc_method"] = "skipped: 2 processes need 2 GPUs on a GPU machine"
         elif "two_proc" in groups and cfg.two_proc:
-            _say("extract with 2 processes vs 1")
+            say("extract with 2 processes vs 1")
             res |= bench_two_proc(cfg, work, shards, model)
         if "images" in groups:
             res |= bench_images(cfg, work)
@@ -108,7 +107,7 @@ def run(cfg: BenchConfig) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     tmp.rename(out)
-    text = table(res)
+    text = table(res) if cfg.profile == "cpu" else gpu_table(res)
     out.with_suffix(".txt").write_text(text + "\n")  # the table, for the README
     print(text)
     print(f"written: {out} and {out.with_suffix('.txt')}")

@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh: the GPU figures' code paths, run at tiny size on the CPU (--dry-run)."""
+"""`pipeline bench --profile gpu` (scripts/gpu_check.sh): the GPU figures' code paths, run at tiny size on the CPU
+(--dry-run), and its refusal on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_dry_run_prints_every_figure(tmp_path):
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "x.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no CUDA GPU")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--profile", "gpu", "--out", str(tmp_path / "x.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: no CUDA GPU here; use --dry-run to check the GPU profile's code paths on the CPU"], proc.stderr
     assert not (tmp_path / "x.json").exists()

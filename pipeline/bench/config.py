@@ -13,6 +13,8 @@ GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images")
 class BenchConfig:
     """Sizes of the benchmark; the defaults run in a few minutes on 2 CPU cores."""
 
+    profile: str = "cpu"  # cpu: the cache's figures on Fashion-MNIST (below); gpu: CIFAR-sized figures on one CUDA GPU
+    dry_run: bool = False  # --profile gpu at tiny sizes on the CPU (checks its code paths)
     source: str = "data/fashion-mnist"  # real images (prepared into a temporary folder)
     out: str = "artifacts/bench/bench.json"  # the result JSON (and the table beside it, .txt)
     n: int = 2048  # real images of each split (train, test) that extract and training use
@@ -59,7 +61,9 @@ class BenchConfig:
              f"--n {self.n} must hold at least two training batches of {self.train_batch_size}"),
             (self.image_rows_big > self.image_rows_small >= 2 * self.train_batch_size,
              "--image-rows-big must exceed --image-rows-small, which must hold two training batches"),
-            (set(self.groups) <= set(GROUPS), f"--only: choose among {', '.join(GROUPS)}, got {self.only!r}")])
+            (set(self.groups) <= set(GROUPS), f"--only: choose among {', '.join(GROUPS)}, got {self.only!r}"),
+            (self.profile in ("cpu", "gpu"), f"--profile: choose cpu or gpu, got {self.profile!r}"),
+            (not self.dry_run or self.profile == "gpu", "--dry-run is for --profile gpu")])
 
     @property
     def groups(self) -> list[str]:
