@@ -129,3 +129,21 @@ def test_fashion_mnist_is_written_exactly_as_before(tmp_path, fmnist_shards, fmn
     for path in sorted((tmp_path / "train").iterdir()):
         assert (fmnist_shards / "train" / path.name).read_bytes() == path.read_bytes(), path.name
     assert "order" not in json.loads((fmnist_shards / "train" / "fingerprint.json").read_text())
+
+
+def test_shuffle_seed_is_opt_in_on_a_shuffled_source_and_checked(tmp_path):
+    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(4), 25))
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(4, 1).repeat(4, 2)
+    path = tmp_path / "gen.npz"
+    np.savez(path, image=images, label=labels)
+    plain = prepare.run(PrepareConfig(source=str(path), out=str(tmp_path / "plain")))["train"]
+    got = read_split(tmp_path / "plain" / "train")
+    assert "order" not in plain and got.images[:, 0, 0, 0].tolist() == list(range(100))
+    mixed = prepare.run(PrepareConfig(source=str(path), out=str(tmp_path / "mixed"), shuffle_seed=2))["train"]
+    assert mixed["order"]["source_label_ordered"] is False and mixed["content_hash"] != plain["content_hash"]
+    rows = read_split(tmp_path / "mixed" / "train")
+    np.testing.assert_array_equal(labels[rows.images[:, 0, 0, 0]], rows.labels)  # images keep their labels
+    for k in range(1, 26):
+        assert np.bincount(rows.labels[:4 * k], minlength=4).tolist() == [k] * 4
+    with pytest.raises(UserError, match="--shuffle-seed must be >= 0"):
+        prepare.run(PrepareConfig(source=str(tmp_path / "absent"), out=str(tmp_path / "o"), shuffle_seed=-2))
