@@ -67,6 +67,33 @@ def read_source(root: str | Path, fmt: SourceFormat = SourceFormat.auto, *, limi
     return splits
 
 
+def is_streamed(root: str | Path, fmt: SourceFormat = SourceFormat.auto) -> bool:
+    """Whether ``read_source`` reads this source only as far as ``limit`` (IDX, npz)."""
+    fmt = detect_format(Path(root)) if fmt == SourceFormat.auto else SourceFormat(fmt)
+    return fmt in _STREAMED
+
+
+def read_labels(root: str | Path, fmt: SourceFormat = SourceFormat.auto) -> dict[str, np.ndarray]:
+    """Every label of each split of a streamed source (IDX, npz), without its images: what
+    ``prepare`` judges the row order by when ``--limit`` reads only a prefix of the images."""
+    root = Path(root)
+    fmt = detect_format(root) if fmt == SourceFormat.auto else SourceFormat(fmt)
+    if fmt == SourceFormat.idx:
+        return {split: read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049).astype(np.int64)
+                for split, prefix in (("train", "train"), ("test", "t10k"))}
+    if fmt != SourceFormat.npz:
+        raise ValueError(f"read_labels reads streamed formats only, not {fmt.value}")
+    files = [root] if root.is_file() else sorted(root.glob("*.npz"))
+    parts = []
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                parts.append(np.asarray(_npz_member(zf, "label", f, 0)).reshape(-1).astype(np.int64))
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+            raise UserError(f"cannot read the labels of {f}: {exc}") from None
+    return {"train": np.concatenate(parts) if parts else np.zeros(0, np.int64)}
+
+
 # --- IDX -------------------------------------------------------------------------------------
 MAX_SOURCE_BYTES = 8 * 2**30  # larger than any IDX dataset; a header claiming more is refused unread
 
