@@ -8,7 +8,7 @@ DATA := data/fashion-mnist
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup pipeline test check-results data lint bench
+.PHONY: setup pipeline test check-results data lint bench setup-robustbench test-robustbench
 
 setup: $(VENV)/.installed $(DATA)/train-images-idx3-ubyte.gz
 
@@ -18,6 +18,21 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+# RobustBench's environment: another torch (requirements-robustbench.lock says why), so another venv.
+# torch + torchvision with their own dependencies (from this machine's package store), then the
+# project's lock without its torch pin and the RobustBench pins, with no resolution of their own.
+RB_VENV := .venv-rb
+setup-robustbench: $(RB_VENV)/.installed $(DATA)/train-images-idx3-ubyte.gz
+
+$(RB_VENV)/.installed: pyproject.toml requirements.lock requirements-robustbench.lock
+	test -x $(RB_VENV)/bin/python || python3 -m venv $(RB_VENV)
+	$(RB_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RB_VENV)/bin/python -m pip install -q $$(grep -E '^torch(vision)?==' requirements-robustbench.lock)
+	$(RB_VENV)/bin/python -m pip install -q --no-deps -r <(grep -v '^torch==' requirements.lock) \
+	  -r <(grep -vE '^torch(vision)?==' requirements-robustbench.lock)
+	$(RB_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 # The embedded default dataset: Debian's dataset-fashion-mnist package, copied into data/.
@@ -38,6 +53,10 @@ test: setup
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q -m 'e2e and not slow'
 	$(MAKE) --no-print-directory check-results
+	$(MAKE) --no-print-directory test-robustbench
+
+test-robustbench: setup-robustbench
+	$(RB_VENV)/bin/python -m pytest -q -m robustbench
 
 check-results: setup
 	$(PY) -m pytest -q -m results

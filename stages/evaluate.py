@@ -1,6 +1,7 @@
 """Stage `evaluate`: clean, PGD and AutoAttack accuracy of a checkpoint (its EMA weights).
 
-Recipe: load the checkpoint and the first N test images, check the model (eval mode,
+Recipe: load the checkpoint (or, with ``--robustbench NAME``, a RobustBench model-zoo entry from a
+local folder: pipeline/evaluate/robustbench.py) and the first N test images, check the model (eval mode,
 deterministic logits, non-zero input gradients), measure clean accuracy, PGD-CE with restarts
 (worst case over restarts), AutoAttack (Linf), and a large-eps PGD that must break the model.
 Writes the full result JSON (threat model, eps, attacks, n, checks, timings) and a flat metrics
@@ -22,7 +23,6 @@ AutoAttack seeds), but only a difference of a few images is promised.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from pipeline.evaluate.inputs import (
     read_train_metrics,
     write_json,
 )
+from pipeline.evaluate.robustbench import file_sha256, load_zoo_model
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -48,8 +49,13 @@ def run(cfg: EvaluateConfig) -> dict:
     start = time.perf_counter()
     dist = Dist()
     device = pick_device(cfg.device, dist)
-    model, mcfg = load_classifier(cfg.checkpoint, device=device)
-    eps, eps_source = attack_budget(cfg.eps, mcfg, cfg.checkpoint)  # --eps, or the training eps
+    if cfg.robustbench:  # a zoo model: RobustBench's loader, its leaderboard eps unless --eps
+        model, mcfg, weights = load_zoo_model(cfg.robustbench, cfg.model_dir, cfg.dataset, cfg.threat_model, device)
+        eps, eps_source = (cfg.eps, "--eps") if cfg.eps else (mcfg["eps"], f"RobustBench {cfg.dataset} {cfg.threat_model}")
+    else:
+        model, mcfg = load_classifier(cfg.checkpoint, device=device)
+        weights = Path(cfg.checkpoint) / MODEL_FILE
+        eps, eps_source = attack_budget(cfg.eps, mcfg, cfg.checkpoint)  # --eps, or the training eps
     shape = (int(mcfg["in_channels"]), int(mcfg["image_size"]), int(mcfg["image_size"]))
     # every process reads and checks all N images, so bad input is refused by all of them alike
     x, y = load_test_images(cfg.shards, cfg.n, shape, int(mcfg["num_classes"]), offset=cfg.offset,
@@ -100,7 +106,7 @@ def run(cfg: EvaluateConfig) -> dict:
                                        pgd_stats=pgd_stats, aa_stats=aa_stats, big_eps_acc=big))
     warnings = robust.failed(checks)
     result = {
-        "variant": cfg.name or Path(cfg.checkpoint).name,
+        "variant": cfg.name or cfg.robustbench or Path(cfg.checkpoint).name,
         "clean": clean_acc, "pgd": pgd_acc, "autoattack": aa_acc, "n": n, "processes": dist.world,
         "threat_model": "Linf", "eps": eps, "eps_source": eps_source, "attacks": attacks,
         "pgd_attack": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": alpha,
@@ -109,10 +115,11 @@ def run(cfg: EvaluateConfig) -> dict:
         "autoattack_fast": ({"targets": cfg.fast_targets, "iters": cfg.fast_iters}
                             if cfg.autoattack == AutoAttackVersion.fast else None),
         "checks": checks, "warnings": warnings,
-        "checkpoint": str(cfg.checkpoint), "shards": str(cfg.shards), "offset": cfg.offset,
+        "checkpoint": str(weights if cfg.robustbench else cfg.checkpoint), "shards": str(cfg.shards),
+        "offset": cfg.offset,
         # the weights measured: report refuses this result once the run folder holds other ones
-        "checkpoint_sha256": hashlib.sha256((Path(cfg.checkpoint) / MODEL_FILE).read_bytes()).hexdigest(),
-        "train_config": mcfg, "train_metrics": read_train_metrics(Path(cfg.checkpoint)),
+        "checkpoint_sha256": file_sha256(weights),
+        "train_config": mcfg, "train_metrics": {} if cfg.robustbench else read_train_metrics(Path(cfg.checkpoint)),
         "device": device, "seed": cfg.seed, "timings": timings,
         "seconds": round(time.perf_counter() - start, 2),
     }

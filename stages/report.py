@@ -40,7 +40,7 @@ from pathlib import Path
 from pipeline.bench import figures
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
-from pipeline.report import autoattack, generator, sweep
+from pipeline.report import autoattack, generator, model_card, sweep
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import (
     aggregate,
@@ -114,6 +114,20 @@ def generator_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     return {"settings": len(rows)}
 
 
+def card_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--model-card EVAL.json``: the run's RobustBench model-card entry (pipeline/report/model_card.py)."""
+    result = _read_json(cfg.model_card, "--model-card")
+    if not isinstance(result, dict) or not {"clean", "eps", "n"} <= set(result):
+        raise UserError(f"--model-card {cfg.model_card}: not an evaluate result (no clean/eps/n)")
+    card = model_card.model_card(result, cfg.model_card)
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    text = "\n".join(f"| {k} | {v} |" for k, v in card.items())
+    _finish(cfg, readme, tmp, f"# RobustBench model card\n\n| field | value |\n|---|---|\n{text}\n", text,
+            f"--model-card {cfg.model_card} --out {cfg.out}", cfg.model_card)
+    return card
+
+
 def aa_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--aa-standard DIR``: AutoAttack-fast (--evals) against standard AutoAttack (DIR), run by run."""
     folders = {cfg.aa_standard: load_evals(cfg.aa_standard), cfg.evals: load_evals(cfg.evals)}
@@ -136,13 +150,16 @@ def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
-    if sum(map(bool, (cfg.sweep, cfg.bench, cfg.aa_standard, cfg.generator))) > 1:
-        raise UserError("--sweep, --bench, --aa-standard and --generator are different reports: give one")
-    if (cfg.sweep or cfg.bench or cfg.aa_standard or cfg.generator) and cfg.out == ReportConfig.out:
-        raise UserError(f"--sweep/--bench/--aa-standard/--generator: give --out (the default, {ReportConfig.out}, "
+    other = (cfg.sweep, cfg.bench, cfg.aa_standard, cfg.generator, cfg.model_card)
+    if sum(map(bool, other)) > 1:
+        raise UserError("--sweep, --bench, --aa-standard, --generator and --model-card are different reports: give one")
+    if any(other) and cfg.out == ReportConfig.out:
+        raise UserError(f"--sweep/--bench/--aa-standard/--generator/--model-card: give --out (the default, {ReportConfig.out}, "
                         "is the report stage's output)")
     if cfg.generator:
         return generator_report(cfg, readme)
+    if cfg.model_card:
+        return card_report(cfg, readme)
     if cfg.sweep:
         return sweep_report(cfg, readme)
     if cfg.bench:

@@ -35,7 +35,8 @@ def test_closed_sets_are_listed_as_choices():
 
     want = {"train": {"method": {"pgd", "trades"}, "target_norm": {"none", "center", "whiten"},
                       "lr_schedule": {"cosine", "onecycle"}, "dra_schedule": {"constant", "linear-warmup", "cosine-decay"},
-                      "arch": {"cnn", "resnet", "preact-resnet18", "wrn-28-10", "wrn-16-2"}},
+                      "arch": {"cnn", "resnet", "preact-resnet18", "wrn-28-10", "wrn-16-2", "robustbench-wrn-28-10",
+                               "robustbench-preact-resnet18"}},
             "extract": {"pooling": {"mean", "flatten", "grid4", "grid7"}, "condition": {"null", "label", "none"}},
             "generate": {"sampler": {"ddim", "dpm"}}, "evaluate": {"autoattack": {"standard", "fast", "none"}}}
     for stage, options in want.items():

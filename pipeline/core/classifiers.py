@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.core.config import Arch
 from pipeline.core.errors import UserError
+from pipeline.core.rb_archs import RBPreActResNet18, RBWideResNet
 from pipeline.core.storage import atomic_write
 
 
@@ -165,6 +166,8 @@ CLASSIFIERS: dict[Arch, Callable[[int, int], nn.Module]] = {
     Arch.preact_resnet18: _preact18,
     Arch.wrn_28_10: _wrn(28, 10),
     Arch.wrn_16_2: _wrn(16, 2),
+    Arch.rb_wrn_28_10: lambda c, k: RBWideResNet(c, k, 28, 10),
+    Arch.rb_preact_resnet18: RBPreActResNet18,
 }
 
 

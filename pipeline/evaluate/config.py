@@ -19,6 +19,12 @@ class AutoAttackVersion(str, Enum):
 @dataclass(frozen=True)
 class EvaluateConfig:
     checkpoint: str = "artifacts/train/default"  # a `train` run folder (its EMA classifier)
+    # instead of a run: a RobustBench model-zoo entry by name, read by RobustBench's loader from
+    # MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt (never downloaded); needs the .venv-rb environment
+    robustbench: str = ""
+    dataset: str = "cifar10"  # the zoo of --robustbench: cifar10 | cifar100
+    threat_model: str = "Linf"  # the zoo of --robustbench (Linf: what evaluate attacks in)
+    model_dir: str = "models/robustbench"  # RobustBench's model folder for --robustbench
     shards: str = "artifacts/shards/real/test"  # the images: a split's shard folder
     out: str = "artifacts/eval/default.json"  # the full result (attacks, checks, timings)
     metrics: str = ""  # flat {clean, pgd, autoattack} JSON for `dvc metrics`; "": OUT with .metrics.json

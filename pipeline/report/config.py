@@ -28,6 +28,9 @@ class ReportConfig:
     # a folder of standard-AutoAttack results: --evals' fast-subset results of the same runs on the
     # same images against them, run by run (pipeline/report/autoattack.py), instead
     aa_standard: str = ""
+    # an `evaluate` result JSON (standard AutoAttack): OUT/model_card.json, its RobustBench leaderboard
+    # entry (pipeline/report/model_card.py), instead
+    model_card: str = ""
     readme: str = ""  # also write the table into this file between <!-- report:begin/end --> lines
 
     def validate(self) -> None:
