@@ -30,6 +30,7 @@ import torch
 
 from pipeline.core.classifiers import MODEL_FILE, load_classifier
 from pipeline.core.runtime import Dist
+from pipeline.core.shards import file_sha256
 from pipeline.evaluate import robust
 from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
 from pipeline.evaluate.inputs import (
@@ -41,7 +42,7 @@ from pipeline.evaluate.inputs import (
     read_train_metrics,
     write_json,
 )
-from pipeline.evaluate.robustbench import file_sha256, load_zoo_model
+from pipeline.evaluate.robustbench import load_zoo_model
 
 
 def run(cfg: EvaluateConfig) -> dict:

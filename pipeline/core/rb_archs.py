@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _WRNBlock(nn.Module):
-    """``BasicBlock`` of RobustBench's WideResNet: BN-ReLU-conv twice; a projection shortcut on the
-    pre-activated input where the width or stride changes, the raw input otherwise."""
+class _PreActPair(nn.Module):
+    """BN-ReLU-conv twice, the modules named as both of RobustBench's blocks name them."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -27,11 +26,23 @@ class _WRNBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pre-activated input, the residual branch's output)."""
+        o = F.relu(self.bn1(x))
+        return o, self.conv2(F.relu(self.bn2(self.conv1(o))))
+
+
+class _WRNBlock(_PreActPair):
+    """``BasicBlock`` of RobustBench's WideResNet: a projection shortcut on the pre-activated input
+    where the width changes, the raw input otherwise."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, stride)
         self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)  # noqa: N815
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.relu(self.bn1(x))
-        h = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        o, h = self.branch(x)
         return h + (x if self.convShortcut is None else self.convShortcut(o))
 
 
@@ -68,21 +79,16 @@ class RBWideResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-class _PreActBlock(nn.Module):
+class _PreActBlock(_PreActPair):
     """RobustBench's ``PreActBlock`` (``out_shortcut=False``): the shortcut reads the raw input."""
 
     def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        super().__init__(cin, cout, stride)
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.relu(self.bn1(x))
-        h = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        _, h = self.branch(x)
         return h + (self.shortcut(x) if hasattr(self, "shortcut") else x)
 
 

@@ -21,7 +21,6 @@ here): ``make setup-robustbench`` makes ``.venv-rb`` with it (docs/robustbench.m
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import sys
 import types
@@ -109,12 +108,4 @@ def load_zoo_model(name: str, model_dir: str, dataset: str, threat_model: str,
                            "finished": True, "trained_on": {},
                            "robustbench": {"name": name, "dataset": dataset, "threat_model": threat_model}}
     return model.to(device).eval(), cfg, path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
