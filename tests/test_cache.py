@@ -379,7 +379,7 @@ def test_consolidated_metadata_cannot_bypass_the_digest(tmp_path, real):
     that retypes the features as int16 and keeps attributes, manifest and digest genuine: zarr would
     read the array metadata from that block. The store is refused by verify (with the genuine
     digest) and by open, and the block is never used even by a raw open."""
-    from pipeline.cache.store import _open_group
+    from pipeline.cache.store import open_group
 
     url = tmp_path / "c.zarr"
     write_store(str(url), real)
@@ -392,7 +392,7 @@ def test_consolidated_metadata_cannot_bypass_the_digest(tmp_path, real):
     _only(verify_cache(str(url), digest=digest), "consolidated_metadata")
     with pytest.raises(UserError, match="consolidated_metadata"):
         open_cache(str(url))
-    assert str(_open_group(str(url), "r")[f"train/{FEATURES}"].dtype) == "float16"  # its own file
+    assert str(open_group(str(url), "r")[f"train/{FEATURES}"].dtype) == "float16"  # its own file
     _edit_json(url / "zarr.json", lambda d: d.pop("consolidated_metadata"))
     assert verify_cache(str(url), digest=digest) == []  # zarr refuses any other key itself
 

@@ -57,7 +57,7 @@ def _delete(url: Path) -> None:
 
 def _nan(url: Path) -> None:
     """NaNs written as a diverged model would produce them: checksums recorded after the fact."""
-    group = cache_mod._open_group(str(url), "r+")
+    group = cache_mod.open_group(str(url), "r+")
     feats = group[f"train/targets/{group.attrs['default_target']}/features"]
     block = feats[0:32]
     block[3, 1, :5] = np.nan

@@ -85,9 +85,9 @@ def _reseal_views(url: Path, key: str, value: int) -> None:
     """A sender who rewrites one view record (row 5, view 1) and re-records manifest and digest."""
     import hashlib
 
-    from pipeline.cache.store import _open_group, attrs_digest
+    from pipeline.cache.store import attrs_digest, open_group
 
-    g = _open_group(str(url), "r+")
+    g = open_group(str(url), "r+")
     arr = g[f"train/{key}"]
     block = arr[...]
     block[5, 1] = value

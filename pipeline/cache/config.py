@@ -46,7 +46,7 @@ class ExtractConfig:
     batch_size: int = 256  # images per UNet forward
     rows_per_chunk: int = 256  # samples per zarr chunk (the reader's unit of I/O)
     chunks_per_shard: int = 16  # chunks per zarr shard (the writer's and resume unit)
-    compressor: str = "blosc-zstd"  # blosc-zstd | blosc-lz4 | zstd (see pipeline/cache/store.py)
+    compressor: str = "blosc-zstd"  # blosc-zstd | blosc-lz4 | zstd (see pipeline/cache/store/layout.py)
     limit: int = 0  # first N samples of each part (0: all)
     seed: int = 0  # the views drawn and each (image, view)'s noise seed
 

@@ -7,7 +7,7 @@ attribute ``targets`` lists their specs and ``default_target`` names the one tra
 unless told otherwise. The spec is the one place that knows a target's shape:
 
 - the producer (``FeatureExtractor``) reduces a block's output with ``reduce``;
-- the store (``pipeline/cache/store.py``) lays a set's features out as ``array_shape(N, K)`` and
+- the store (``pipeline/cache/store/``) lays a set's features out as ``array_shape(N, K)`` and
   keeps a per-element mean/std of ``shape``;
 - the consumers (target readers, the DRA head and loss) read ``(B, *shape)`` rows, size the head
   with ``size`` and compare ``flat`` vectors.
