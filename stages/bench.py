@@ -1,6 +1,6 @@
 """`python -m pipeline bench`: what the cache saves, measured in one run on real Fashion-MNIST.
 
-Claims (shared/DESIGN.md, "Performance targets") and how each figure is measured, all through the
+Claims (the design's performance targets, docs/benchmarks.md) and how each figure is measured, all through the
 project's own code paths (the extract stage, the train stage's step, the sampler's target
 readers, the cache writer), on the default-size UNet (32/64/64 channels, 28 px, class-
 conditional, random weights: timing does not need trained ones):
@@ -58,6 +58,7 @@ from pipeline.bench.gpu import gpu_table, run_gpu
 from pipeline.bench.measure import check_config, make_inputs, say
 from pipeline.bench.streaming import bench_images
 from pipeline.bench.training import bench_memory, bench_train
+from pipeline.core.storage import atomic_write
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -104,9 +105,7 @@ def run(cfg: BenchConfig) -> dict:
     res["targets"] = {k: {"op": op, "value": v, "met": bool(res[k] <= v if op == "<=" else res[k] >= v)}
                       for k, (op, v) in TARGETS.items() if k in res}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.rename(out)
+    atomic_write(out, json.dumps(res, indent=2) + "\n")
     text = table(res) if cfg.profile == "cpu" else gpu_table(res)
     out.with_suffix(".txt").write_text(text + "\n")  # the table, for the README
     print(text)

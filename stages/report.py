@@ -20,7 +20,7 @@ with its 95% Student-t interval, marked "within noise" when the interval contain
 where the variant is higher.
 
 ``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py), ``--bench
-bench.json`` the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py), and
+bench.json`` the benchmark's figures against the design's performance targets (docs/benchmarks.md) (pipeline/bench/figures.py), and
 ``--aa-standard DIR`` how far the AutoAttack-fast results in ``--evals`` are from standard
 AutoAttack on the same runs and images in DIR (pipeline/report/autoattack.py).
 
@@ -96,7 +96,7 @@ def _finish(cfg: ReportConfig, readme: tuple[str, str] | None, tmp: Path, page: 
 
 
 def bench_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
-    """``--bench bench.json``: the benchmark's figures against DESIGN.md's targets (pipeline/bench/figures.py)."""
+    """``--bench bench.json``: the benchmark's figures against the design's performance targets (docs/benchmarks.md) (pipeline/bench/figures.py)."""
     res = figures.check(_read_json(cfg.bench, "--bench"))
     text = figures.markdown(res)
     tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))

@@ -1,4 +1,4 @@
-"""The benchmark's figures and DESIGN.md's targets, rendered from a ``bench.json`` (no torch here:
+"""The benchmark's figures and the design's performance targets (docs/benchmarks.md), rendered from a ``bench.json`` (no torch here:
 ``report --bench`` renders a committed result without running anything)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 from pipeline.core.errors import UserError
 from pipeline.report.results import is_number
 
-# DESIGN.md's targets. The extract ones are shown both per view (fixed costs left out: what scales
+# the design's performance targets (docs/benchmarks.md). The extract ones are shown both per view (fixed costs left out: what scales
 # with the data) and for the whole command at the bench's size, where start-up, reading shards
 # and the probe are a larger share than in a full-size extraction.
 TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": ("<=", 1.05),

@@ -97,10 +97,6 @@ class TargetSpec:
     def nbytes(self, n: int, k: int) -> int:
         return n * k * self.size * 2
 
-    def reduce(self, h: torch.Tensor) -> torch.Tensor:
-        """A block's output (B, C, H, W) (or (B, C)) -> float32 targets (B, *shape)."""
-        return reduce(self.pooling, h)
-
     @staticmethod
     def flat(x: torch.Tensor) -> torch.Tensor:
         """(B, *shape) -> (B, size): what the head predicts and the loss compares."""
@@ -158,7 +154,3 @@ def select(specs: Sequence[TargetSpec], default: TargetSpec, t: int | None = Non
     raise UserError(f"the cache holds no target set t={want_t} layer={want_layer}; it holds: {held} "
                     f"(extract it with `python -m pipeline extract --t ... --layer ...`)")
 
-
-def grid(specs: Sequence[TargetSpec]) -> tuple[list[int], list[str]]:
-    """The timesteps and layers of a set list, in their first-seen order (the t x layer table's axes)."""
-    return list(dict.fromkeys(s.t for s in specs)), list(dict.fromkeys(s.layer for s in specs))

@@ -4,7 +4,6 @@ test images checked against the checkpoint, the device, the result files."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import read_split
+from pipeline.core.storage import atomic_write
 from pipeline.core.views import to_float01
 from pipeline.evaluate.config import EvaluateConfig
 
@@ -83,9 +83,7 @@ def read_train_metrics(folder: Path) -> dict:
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def pick_device(requested: str, dist: Dist) -> str:

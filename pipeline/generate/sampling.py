@@ -60,11 +60,6 @@ class _Noise:
         return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
 
 
-def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, H, W) standard normal noise; row b depends only on (seed, indices[b])."""
-    return _Noise(seed, indices, shape).draw()
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Model range [-1, 1] (B,C,H,W) -> uint8 (B,H,W,C)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

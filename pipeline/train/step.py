@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -330,6 +329,3 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-
-def as_tensor(values: list[float] | np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values), dtype=dtype)
