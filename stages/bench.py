@@ -58,6 +58,7 @@ from pipeline.bench.gpu import gpu_table, run_gpu
 from pipeline.bench.measure import check_config, make_inputs, say
 from pipeline.bench.streaming import bench_images
 from pipeline.bench.training import bench_memory, bench_train
+from pipeline.core.runtime import choose_device
 from pipeline.core.storage import atomic_write
 
 
@@ -66,7 +67,7 @@ def run(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() and not cfg.dry_run else "cpu"
+    device = "cpu" if cfg.dry_run else choose_device(cfg.device).type
     res: dict[str, Any] = {"machine": B.machine(device), "config": json.loads(json.dumps(cfg.__dict__, default=str))}
     t0 = time.perf_counter()
     groups = set(cfg.groups) if cfg.profile == "cpu" else set()

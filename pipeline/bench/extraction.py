@@ -15,7 +15,7 @@ import torch
 from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.measure import ROOT, extract_config, quiet
-from pipeline.core.runtime import usable_cores
+from pipeline.core.runtime import choose_device, usable_cores
 
 
 # --- extract vs the bare forward ---------------------------------------------------------------
@@ -24,7 +24,7 @@ def bench_extract(cfg: BenchConfig, work: Path, shards: Path, model_dir: Path) -
     from pipeline.core.shards import read_split
     from pipeline.diffusion.model import load_model
 
-    device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    device = choose_device(cfg.device).type
     model = load_model(str(model_dir), device=device)
     imgs = [read_split(shards / "train").images] * cfg.views + [read_split(shards / "test").images]
     x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float().div(255).to(device)

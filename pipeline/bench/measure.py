@@ -16,6 +16,7 @@ import torch
 from pipeline.bench.config import BenchConfig
 from pipeline.cache.config import ExtractConfig
 from pipeline.core.errors import UserError
+from pipeline.core.runtime import choose_device
 from pipeline.diffusion.config import DiffusionConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (children run `python -m pipeline` there)
@@ -29,8 +30,7 @@ def check_config(cfg: BenchConfig) -> None:
         return
     if not (Path(cfg.source).exists()):
         raise UserError(f"--source {cfg.source}: not found (the Fashion-MNIST IDX folder)")
-    if cfg.device not in ("auto", "cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device {cfg.device!r}: choose auto, cpu or cuda (cuda needs a GPU)")
+    choose_device(cfg.device)  # the project's one device rule: a bad or unavailable --device is one line
 
 
 def quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
