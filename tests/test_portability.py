@@ -26,11 +26,11 @@ from pipeline import api
 from pipeline.cache.store import CacheWriter, open_cache, record_path, resolve_path
 from pipeline.core.config import parse_float
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import Runtime
 from pipeline.core.views import ViewRequest
 from pipeline.evaluate.inputs import attack_budget
 from pipeline.train import trainer
 from pipeline.train.data import assemble
+from pipeline.train.runtime import Runtime
 from pipeline.train.sampler import Batch, MixedSampler
 from stages import extract
 

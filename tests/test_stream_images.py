@@ -14,10 +14,10 @@ from reliability_helpers import assert_one_error_line, extract_cfg, run_cli, tra
 
 from pipeline.cache.store import IMAGES, CacheWriter, cache_info, open_cache, verify_cache
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import Runtime
 from pipeline.core.shards import read_fingerprint, read_split
 from pipeline.train import trainer
 from pipeline.train.data import check_stored_images
+from pipeline.train.runtime import Runtime
 from stages import extract, train
 
 

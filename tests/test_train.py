@@ -19,13 +19,13 @@ from pipeline.cache.config import ExtractConfig
 from pipeline.cli import main
 from pipeline.core.classifiers import load_classifier
 from pipeline.core.errors import UserError
-from pipeline.core.runtime import Runtime
 from pipeline.core.shards import Split, read_split, write_split
 from pipeline.core.views import ViewRequest, apply_view_reference
 from pipeline.report.results import read_log
 from pipeline.train import trainer
 from pipeline.train.config import TargetNorm, TrainConfig
 from pipeline.train.data import assemble
+from pipeline.train.runtime import Runtime
 from pipeline.train.state import STATE_FILE
 from stages import extract, train
 

@@ -26,12 +26,13 @@ from pipeline.cache.store import StoreChanged, open_cache, recheck_cache, verify
 from pipeline.cache.targets import TargetSpec
 from pipeline.core.classifiers import build_classifier
 from pipeline.core.errors import UserError, check_out
-from pipeline.core.runtime import Runtime, peak_rss_mb
+from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.views import ViewSpec, spec_from_dict
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
 from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
 from pipeline.train.livelog import LiveLog
+from pipeline.train.runtime import Runtime
 from pipeline.train.sampler import MixedSampler, Prefetcher
 from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
