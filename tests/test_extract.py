@@ -84,7 +84,9 @@ def test_store_follows_the_contract(store, fmnist_shards):
     train = cache.part("train")
     assert (train.n, train.k, train.d) == (200, 3, 16)
     assert (cache.part("synthetic").k, cache.part("test").k) == (2, 1)
-    assert (train.views["dx"][:, 0] == 2).all() and (train.views["flip"][:, 0] == 0).all()
+    test = cache.part("test")  # the test part's one view is the image itself; train's K views are uniform
+    assert (test.views["dx"][:, 0] == 2).all() and (test.views["flip"][:, 0] == 0).all()
+    assert not ((train.views["dx"][:, 0] == 2) & (train.views["dy"][:, 0] == 2) & (train.views["flip"][:, 0] == 0)).all()
     assert len(np.unique(train.noise_seed)) == train.noise_seed.size
     ss = read_split(fmnist_shards / "train", limit=200)
     assert train.keys == ss.keys
@@ -433,3 +435,22 @@ def test_sizes_that_would_die_late_or_allocate_tib_are_refused_first(tmp_path, m
     code, _, err = run_cli(capsys, ["extract", "--model", model_dir, "--real-splits", fmnist_shards, "--synthetic", "",
                                     "--out", tmp_path / "x.zarr", *flags])
     assert words in assert_one_error_line(code, err) and not (tmp_path / "x.zarr").exists()
+
+
+def test_k_views_are_drawn_uniformly_unless_identity_first_is_asked_for(store, fmnist_shards):
+    """The default (uniform): K distinct views per row, the identity only by chance, recorded in the
+    part (``view_draw``); --view-draw identity-first keeps view 0 the identity, as older stores have it."""
+    from pipeline.cache.build import part_init
+    from pipeline.cache.config import ExtractConfig, ViewDraw
+    from pipeline.cache.targets import Pooling, TargetSpec
+
+    part = open_cache(str(store)).part("train")
+    ident = lambda v, j: (v["dx"][:, j] == part.view_spec.pad) & (v["dy"][:, j] == part.view_spec.pad) & (v["flip"][:, j] == 0)  # noqa: E731
+    assert part.attrs["view_draw"] == "uniform" and part.k >= 2
+    assert ident(part.views, 0).mean() < 0.5  # 1/n_views expected; a forced identity would give 1
+    ss = read_split(fmnist_shards / "train", limit=300)
+    spec = [TargetSpec(100, "mid_block", Pooling.mean, (8,))]
+    for draw, forced in ((ViewDraw.uniform, False), (ViewDraw.identity_first, True)):
+        init = part_init("train", ss, "4", spec, ExtractConfig(view_draw=draw))
+        assert bool(ident(init.views, 0).all()) is forced
+        assert ("view_draw" in init.attrs) is (draw is ViewDraw.uniform)

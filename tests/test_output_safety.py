@@ -172,15 +172,20 @@ def test_train_checkpoint_interrupted_then_resumed(store, two_epochs, tmp_path, 
 
 
 def _write_text_dies_on(suffix: str, monkeypatch) -> None:
-    real = Path.write_text
+    """Kill the write of the temporary file of ``NAME`` (``NAME.tmp``, or atomic_write's
+    ``.NAME.XXXXXXXX.tmp``) half way through."""
+    name = suffix.removesuffix(".tmp")
 
-    def write_text(self, data, *args, **kw):
-        if self.name.endswith(suffix):
-            real(self, data[: len(data) // 2], *args, **kw)
-            raise Injected(f"killed while writing {self.name} (injected)")
-        return real(self, data, *args, **kw)
+    def dying(real):
+        def write(self, data, *args, **kw):
+            if self.name.endswith(suffix) or (self.name.startswith(f".{name}.") and self.name.endswith(".tmp")):
+                real(self, data[: len(data) // 2], *args, **kw)
+                raise Injected(f"killed while writing {self.name} (injected)")
+            return real(self, data, *args, **kw)
+        return write
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Path, "write_text", dying(Path.write_text))
+    monkeypatch.setattr(Path, "write_bytes", dying(Path.write_bytes))
 
 
 def test_evaluate_json_interrupted(checkpoint, fmnist_shards, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.config import MIN_ROWS, ExtractConfig
+from pipeline.cache.config import MIN_ROWS, ExtractConfig, ViewDraw
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
 from pipeline.cache.store import IMAGES, NORMALISATION, PATHS, CacheWriter, PartInit, probe_table, record_path
@@ -52,7 +52,8 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
     count K of random views, or "all" (every distinct view, in ``all_views``' order)."""
     n, k = len(ss.keys), cfg.k_of(mode)
     view_seed = int(np.random.SeedSequence([cfg.seed, PART_IDS[name]]).generate_state(1)[0])
-    views = all_views(n, cfg.view) if mode == "all" else sample_views(n, k, cfg.view, view_seed)
+    uniform = cfg.view_draw is ViewDraw.uniform and name != "test"  # test images: their one view is the identity
+    views = all_views(n, cfg.view) if mode == "all" else sample_views(n, k, cfg.view, view_seed, identity_first=not uniform)
     rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
     noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
@@ -60,7 +61,8 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
                                                  "shards_digest": fp.get("shards_digest"),
                                                  "image_shape": fp["image_shape"],
                                                  "num_classes": fp.get("num_classes")},
-             "view_seed": view_seed, **({"views": "all"} if mode == "all" else {})}
+             "view_seed": view_seed,
+             **({"views": "all"} if mode == "all" else {"view_draw": cfg.view_draw.value} if uniform else {})}
     # the test part is never trained on: its images stay in the shards only
     image_shape = tuple(fp["image_shape"]) if cfg.images and name != "test" else None
     return PartInit(ss.keys, ss.labels, views, noise_seed, targets, attrs, image_shape)

@@ -19,6 +19,13 @@ class Condition(str, Enum):
     none = "none"  # unconditional model: no class_labels at all
 
 
+class ViewDraw(str, Enum):
+    """How K < all views of a sample are drawn (pipeline/core/views.py: sample_views)."""
+
+    uniform = "uniform"  # K distinct views uniformly from the view space: every training draw is a standard augmentation
+    identity_first = "identity-first"  # view 0 the identity, the others random (stores made before uniform existed)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`) or a diffusers UNet folder
@@ -30,9 +37,10 @@ class ExtractConfig:
     t: str = "100"  # diffusion timestep(s) at which each image is noised before the UNet forward
     layer: str = "mid_block"  # UNet block(s) whose output is the target (comma list: one set per (t, layer))
     pooling: Pooling = Pooling.mean
-    # K random views per image (view 0 is the identity), or "all": every distinct view of the view
+    # K random views per image (drawn as --view-draw says), or "all": every distinct view of the view
     # spec in a fixed order (core/views.py:all_views), i.e. exact targets for standard augmentation
     views: str = "4"  # views of each real train image
+    view_draw: ViewDraw = ViewDraw.uniform  # how K < all views are drawn (identity-first: view 0 is always the identity)
     views_synthetic: str = "4"  # views of each synthetic image: augmented like the real ones (as DM-AT does)
     draws: int = 1  # noise draws averaged per view
     # store the train and synthetic parts' images in the cache too (row order, chunked like the

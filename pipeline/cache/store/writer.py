@@ -186,6 +186,7 @@ class CacheWriter:
         self.group.attrs.update({"complete": True})
 
     def read_identity(self, part: str, target: str) -> np.ndarray:
-        """(N, size) float16 features of view 0 in one target set, flattened (for the probe)."""
+        """(N, size) float16 features of view 0 in one target set, flattened (for the probe): the
+        identity where views are drawn identity-first or all, a uniformly drawn view otherwise."""
         f = self.group[set_path(part, target)]["features"][:, 0]
         return f.reshape(len(f), -1)
