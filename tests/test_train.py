@@ -311,3 +311,22 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     a, b = _state(full), _state(out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_one_sample_order_whatever_the_memory_mode(store, tmp_path):
+    """Plain AT (reads no targets, images in RAM) and AT+DRA streamed past a 0 MiB budget draw the
+    same (row, view) batches: the order is chunk-aware by the cache's chunking in every mode, and
+    recorded in the run's config for the report's pairing check."""
+    from reliability_helpers import train_cfg
+
+    runs = {"at_ram": train_cfg(store, tmp_path / "a", dra_weight=0.0),
+            "dra_stream": train_cfg(store, tmp_path / "b", memory_budget_mb=0),
+            "dra_ram": train_cfg(store, tmp_path / "c", memory_budget_mb=1 << 20)}
+    made = {name: trainer.Trainer.create(cfg) for name, cfg in runs.items()}
+    assert made["dra_stream"].data.mode == "stream" and made["dra_ram"].data.mode == "ram"
+    assert made["at_ram"].data.images == "ram"
+    orders = {name: [(b.real_rows.tolist(), b.real_views.tolist()) for e in range(2) for b in tr.sampler.batches(e)]
+              for name, tr in made.items()}
+    assert orders["at_ram"] == orders["dra_stream"] == orders["dra_ram"]
+    assert len({tr.meta["order"]["rows_per_chunk"]["train"] for tr in made.values()}) == 1
+    assert all(tr.meta["order"]["mode"] == "chunk-aware" for tr in made.values())

@@ -14,7 +14,8 @@ a data-parallel run can compute its own slice of the global batch without commun
 - Each part (real, synthetic) is an endless stream of shuffled passes, each sample with a view
   drawn uniformly from its K recorded views per pass; step g of the run reads positions
   ``[g * b, (g + 1) * b)`` of each stream. A pass may end inside a step (the next pass begins there).
-- ``chunked=True`` makes the order chunk-aware for streaming: the order of the cache's chunks is
+- ``chunk_real``/``chunk_syn`` > 0 make the order chunk-aware (training passes the cache's
+  chunking in every memory mode, so one seed gives one order): the order of the cache's chunks is
   shuffled, then rows are shuffled within windows of a few consecutive chunks, so a reader that
   holds a couple of windows in memory reads every chunk once per pass.
 

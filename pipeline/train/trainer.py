@@ -129,7 +129,9 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
         parts[name] = d
     if mode == "ram" and stream:
         mode = "stream"
-    chunked = {name: used[name][0].rows_per_chunk if stream else 0 for name in parts}
+    # ONE sample order whatever the memory mode: chunk-aware by the cache's chunking, in RAM or
+    # streamed, so runs of one comparison (AT streams nothing, AT+DRA may) see the same batches
+    chunked = {name: used[name][0].rows_per_chunk for name in parts}
     streamed = [stream and used[name][0].has_images for name in parts]
     images = "stream" if all(streamed) else "mixed" if any(streamed) else "ram"
     rpart = used["train"][0]
@@ -153,6 +155,8 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
             # what training used, read from the cache (the flags above may leave them unset)
             "view_spec": data.view.to_dict(), "normalisation": data.cache.attrs.get("normalisation"),
             "threat_model": "Linf", "eps": cfg.eps,
+            # the sample order (report refuses to pair runs whose orders differ)
+            "order": {"mode": "chunk-aware", "window": WINDOW, "rows_per_chunk": data.chunked},
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
             # content hash of each image split -> its first rows used in training (evaluate refuses them)
             "trained_on": trained_on(data),
