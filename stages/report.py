@@ -49,6 +49,7 @@ from pipeline.report.results import (
     read_log,
     refuse_stale,
     refuse_unequal_evaluations,
+    refuse_unpaired,
     train_seconds,
     unequal_budgets,
     variant_order,
@@ -171,7 +172,8 @@ def run(cfg: ReportConfig) -> dict:
         raise UserError(f"{cfg.evals}: no evaluation results (*.json with clean/pgd accuracies); "
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
-    comparisons(groups, cfg.baseline)  # refuses a variant that did not run, before any work
+    # refuses a variant that did not run, and runs of one seed that are not a pair, before any work
+    refuse_unpaired(groups, comparisons(groups, cfg.baseline))
     baseline = cfg.baseline or next(iter(groups))
     unequal = unequal_budgets(groups)
     if unequal and not cfg.allow_unequal_budgets:

@@ -593,3 +593,50 @@ def test_generator_quality_table_comes_from_the_generate_jsons(tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["report", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "r2")])
     assert exc.value.code == 2 and "do not compare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, label", [
+    ("order", {"mode": "full-shuffle"}, "sample order"),
+    ("model", {"weights_sha256": "b" * 64}, "upstream (diffusion model)"),
+    ("eps", 0.05, "training eps"), ("attack_steps", 3, "training attack steps"),
+    ("step_size", 0.01, "training attack step size")])
+def test_runs_of_one_seed_that_are_not_a_pair_are_refused(tmp_path, capsys, field, value, label):
+    """AT+DRA and AT of one seed that differ in sample order, upstream, or the training attack are
+    refused in one line naming both runs and the field; fields a run does not record are not checked."""
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for variant in ("AT", "AT+DRA"):
+        for seed in (0, 1):
+            r = _result(variant, seed, 0.8, 0.5, None, tmp_path / "none")
+            r["train_config"]["train"] |= {"order": {"mode": "chunk-aware"}, "eps": 0.1, "attack_steps": 5,
+                                           "step_size": 0.025}
+            r["train_config"]["cache"] = {"model": {"weights_sha256": "a" * 64}}
+            if variant == "AT+DRA" and seed == 1:
+                if field == "model":
+                    r["train_config"]["cache"]["model"] = value
+                else:
+                    r["train_config"]["train"][field] = value
+            (evals / f"{variant}-s{seed}.json").write_text(json.dumps(r))
+    code, _, err = run_cli(capsys, ["report", "--evals", evals, "--train", "", "--grid", "", "--out", tmp_path / "r"])
+    line = assert_one_error_line(code, err)
+    assert "AT+DRA and AT of seed 1" in line and f"differ in {label}" in line and "AT+DRA-s1.json" in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_over_several_upstreams_shows_each_groups_interval_beside_the_pooled_one(tmp_path):
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for seed in range(4):  # seeds 0-1 on one diffusion model, 2-3 on another; AT+DRA gains 1 and 3 points
+        for variant, gain in (("AT", 0.0), ("AT+DRA", 0.01 if seed < 2 else 0.03)):
+            r = _result(variant, seed, 0.8 + gain, 0.5 + gain + 0.001 * seed, None, tmp_path / "none")
+            r["train_config"]["cache"] = {"model": {"weights_sha256": ("a" if seed < 2 else "b") * 64}}
+            (evals / f"{variant}-s{seed}.json").write_text(json.dumps(r))
+    report.run(ReportConfig(evals=str(evals), train="", grid="", out=str(tmp_path / "r"), baseline="AT"))
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in (tmp_path / "r" / "report.md").read_text()
+            .splitlines() if line.startswith("| AT+DRA − AT")}
+    assert list(rows) == ["AT+DRA − AT", f"AT+DRA − AT (upstream {'a' * 12})", f"AT+DRA − AT (upstream {'b' * 12})"]
+    assert [r[0].strip() for r in rows.values()] == ["4", "2", "2"]
+    assert rows[f"AT+DRA − AT (upstream {'a' * 12})"][1].strip().startswith("+1.00 [+1.00, +1.00]")
+    assert rows[f"AT+DRA − AT (upstream {'b' * 12})"][1].strip().startswith("+3.00 [+3.00, +3.00]")

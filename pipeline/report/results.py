@@ -70,6 +70,39 @@ def train_field(run: dict, name: str, default: object = None) -> object:
     return default
 
 
+def upstream(run: dict) -> str | None:
+    """The diffusion model the run's cache was extracted with (its weights' sha256): the upstream.
+    Runs of one comparison may train on different caches of one upstream (a K-views ablation
+    compares caches), never on caches of different diffusion models."""
+    cache = (run.get("train_config") or {}).get("cache")
+    model = cache.get("model") if isinstance(cache, dict) else None
+    sha = model.get("weights_sha256") if isinstance(model, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+# what two runs of one seed must share to be a pair: (label, how to read it); a field a run does not
+# record (results from before it was recorded) is not checked for that pair
+PAIRED_FIELDS = (("sample order", lambda r: train_field(r, "order")), ("upstream (diffusion model)", upstream),
+                 ("training eps", lambda r: train_field(r, "eps")),
+                 ("training attack steps", lambda r: train_field(r, "attack_steps")),
+                 ("training attack step size", lambda r: train_field(r, "step_size")))
+
+
+def refuse_unpaired(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> None:
+    """Each (variant, base) pair's runs of one seed must share the sample order, the cache, and the
+    training attack's eps, steps and step size (the evaluation settings are checked for the whole
+    table by ``refuse_unequal_evaluations``); one error line names the runs and the field otherwise."""
+    for name, base in pairs:
+        mine, ref = ({str(train_field(r, "seed", "?")): r for r in groups[g]} for g in (name, base))
+        for seed in sorted(set(mine) & set(ref)):
+            a, b = mine[seed], ref[seed]
+            for label, read in PAIRED_FIELDS:
+                x, y = read(a), read(b)
+                if x is not None and y is not None and x != y:
+                    raise UserError(f"{name} and {base} of seed {seed} ({a['_path']}, {b['_path']}) differ in "
+                                    f"{label} ({str(x)[:40]} vs {str(y)[:40]}): not a paired comparison")
+
+
 def aggregate(runs: list[dict]) -> dict[str, list[dict]]:
     """variant name -> its runs (one per seed), sorted by training seed."""
     groups: dict[str, list[dict]] = {}

@@ -19,6 +19,7 @@ from pipeline.report.results import (
     train_field,
     train_seconds,
     unequal_evaluations,
+    upstream,
 )
 
 
@@ -199,11 +200,19 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
-def paired_values(groups: dict[str, list[dict]], name: str, baseline: str, key: str) -> list[tuple[float, float]]:
-    """(variant, base) values of ``key`` for every training seed both ran, in seed order."""
-    mine, ref = ({str(train_field(r, "seed", "?")): r[key] for r in groups[g] if is_number(r.get(key))}
-                 for g in (name, baseline))
+def paired_values(groups: dict[str, list[dict]], name: str, baseline: str, key: str,
+                  upstream_of: str | None = None) -> list[tuple[float, float]]:
+    """(variant, base) values of ``key`` for every training seed both ran, in seed order (only the
+    seeds whose base run trained on the cache ``upstream_of``, when given)."""
+    mine, ref = ({str(train_field(r, "seed", "?")): r[key] for r in groups[g] if is_number(r.get(key))
+                  and (upstream_of is None or upstream(r) == upstream_of)} for g in (name, baseline))
     return [(mine[s], ref[s]) for s in sorted(set(mine) & set(ref))]
+
+
+def upstreams(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> list[str]:
+    """The upstreams (diffusion models) of the bases of ``pairs``, in first-seen order (several: the
+    study spans upstreams, and the paired table shows each group beside the pooled interval)."""
+    return list(dict.fromkeys(d for _, b in pairs for r in groups[b] if (d := upstream(r))))
 
 
 def metric_keys(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> list[str]:
@@ -221,10 +230,12 @@ def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) ->
     """
     keys = metric_keys(groups, pairs)
     rows = []
-    for name, baseline in pairs:
+    several = upstreams(groups, pairs)
+    several = several if len(several) > 1 else []
+    for name, baseline, group in [(n, b, g) for n, b in pairs for g in [None, *several]]:
         cells, n_pairs = [], 0
         for key in keys:
-            values = paired_values(groups, name, baseline, key)
+            values = paired_values(groups, name, baseline, key, group)
             n_pairs = max(n_pairs, len(values))
             if len(values) < 2:
                 cells.append("-")
@@ -233,8 +244,9 @@ def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) ->
             noise = " (within noise)" if lo <= 0 <= hi else ""
             wins = sum(a > b for a, b in values)
             cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {wins}/{len(values)}")
-        if n_pairs >= 2:
-            rows.append(f"| {name} − {baseline} | {n_pairs} | " + " | ".join(cells) + " |")
+        label = f"{name} − {baseline}" + (f" (upstream {group[:12]})" if group else "")
+        if n_pairs >= 2 or (group and n_pairs):
+            rows.append(f"| {label} | {n_pairs} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
     labels = {"clean": "clean", "pgd": "PGD", "autoattack": "AutoAttack"}
