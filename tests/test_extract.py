@@ -414,7 +414,8 @@ def test_nothing_beside_the_store_and_cache_probe_never_overwrites_a_foreign_fil
             main(["cache", "probe", str(tmp_path / name), "--out", str(tmp_path / "m" / f"{name}.json")])
             assert "t \\ layer" in capsys.readouterr().out
         probe = json.loads((tmp_path / "m" / f"{name}.json").read_text())
-        assert probe == {"store": str(tmp_path / name), "digest": attrs["digest"], **attrs["probe"]}
+        assert probe == {"store": str(tmp_path / name), "digest": attrs["digest"], **attrs["probe"],
+                             "diagnostics": attrs["diagnostics"]}
     mine = tmp_path / "notes.json"
     mine.write_text("a user's notes\n")
     code, _, err = run_cli(capsys, ["cache", "probe", tmp_path / "a.zarr", "--out", mine])

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.config import MIN_ROWS, ExtractConfig, ViewDraw
+from pipeline.cache.diagnostics import MAX_ROWS, diagnose, diagnosis_lines
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
 from pipeline.cache.store import IMAGES, NORMALISATION, PATHS, CacheWriter, PartInit, probe_table, record_path
@@ -22,7 +23,7 @@ from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
-from pipeline.core.views import all_views, apply_views, sample_views, to_float01
+from pipeline.core.views import all_views, apply_view_reference, apply_views, sample_views, to_float01
 from pipeline.diffusion.model import load_model, model_files
 
 BUNDLED_MODEL = "model"  # the folder of a store that holds its diffusion model (extract --bundle-model)
@@ -107,6 +108,17 @@ def compute_probe(writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
              "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)",
              "n_fit": n_fit, "n_held_out": train.n - n_fit, "sets": sets}
     return probe
+
+
+def compute_diagnostics(writer: CacheWriter, train: PartInit, images: np.ndarray, pad: int, seed: int) -> dict:
+    """Each target set's information figures (pipeline/cache/diagnostics.py) on view 0 of at most
+    ``MAX_ROWS`` train rows drawn with the extraction's seed, with the pixels of exactly that view."""
+    rng = np.random.default_rng([seed, 7])
+    rows = np.sort(rng.choice(train.n, min(train.n, MAX_ROWS), replace=False))
+    views = np.stack([apply_view_reference(images[r], int(train.views["dx"][r, 0]), int(train.views["dy"][r, 0]),
+                                           int(train.views["flip"][r, 0]), pad) for r in rows])
+    sets = {s.name: writer.read_identity("train", s.name)[rows].astype(np.float64) for s in train.targets}
+    return diagnose(sets, views)
 
 
 def extract(cfg: ExtractConfig) -> dict:
@@ -213,12 +225,13 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         for name in inits:
             writer.finalize_part(name)
         probe = compute_probe(writer, inits)
+        diagnostics = compute_diagnostics(writer, inits["train"], images["train"], cfg.view.pad, cfg.seed)
         for rel, data in bundle.items():  # before the manifest: it lists (and so vouches for) them
             storage.write_bytes(join(cfg.out, BUNDLED_MODEL, rel), data)
-        writer.finalize({"probe": probe})
-        result["probe"] = probe
+        writer.finalize({"probe": probe, "diagnostics": diagnostics})
+        result |= {"probe": probe, "diagnostics": diagnostics}
         print(f"{cfg.out}: {', '.join(f'{n} {p.n}x{p.k}' for n, p in inits.items())} (rows x views) x "
               f"{len(targets)} target set(s) ({', '.join(s.name for s in targets)}); linear probe:")
-        print("\n".join(probe_table(probe)))
+        print("\n".join(probe_table(probe) + diagnosis_lines(diagnostics)))
     dist.barrier()
     return result

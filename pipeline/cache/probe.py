@@ -70,6 +70,8 @@ def export_probe(store: str, out: str) -> dict:
     if not isinstance(probe, dict) or not isinstance(probe.get("sets"), list):
         raise UserError(f"{store}: records no linear probe (extract writes one into every store it finishes)")
     record = {"store": str(store), "digest": cache.attrs.get("digest"), **probe}
+    if isinstance(cache.attrs.get("diagnostics"), dict):  # the target sets' information figures, beside the probe
+        record["diagnostics"] = cache.attrs["diagnostics"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2) + "\n")
     return record

@@ -11,6 +11,7 @@ linear-probe accuracy per (t, layer) beside it.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,18 @@ def probe_lookup(probe: dict | None) -> dict[tuple[int, str], float]:
     return out
 
 
+def diagnostics_lookup(probe: dict | None) -> dict[tuple[int, str], tuple[float, float]]:
+    """(t, layer) -> (effective rank, brightness R^2) of the target set, where the probe file carries
+    the store's diagnostics (pipeline/cache/diagnostics.py); malformed entries are left out."""
+    sets = ((probe or {}).get("diagnostics") or {}).get("sets") if isinstance(probe, dict) else None
+    out = {}
+    for name, d in sets.items() if isinstance(sets, dict) else []:
+        m = re.fullmatch(r"t(\d+)-(.+)", str(name))
+        if m and isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("effective_rank", "brightness_r2")):
+            out[(int(m.group(1)), m.group(2))] = (float(d["effective_rank"]), float(d["brightness_r2"]))
+    return out
+
+
 def best_cell(runs: list[dict]) -> dict | None:
     """The (t, layer, lambda > 0) cell with the highest mean validation PGD accuracy over its seeds
     (runs whose evaluation checks failed, or without a PGD figure, left out): what the study adopts."""
@@ -144,13 +157,17 @@ def markdown(runs: list[dict], probe: dict | None) -> str:
              f"split (from image {first.get('offset')}; never the test set), one training budget for every cell "
              f"({b.get('steps', '?')} steps, {b.get('samples', '?')} samples), seed(s) {', '.join(map(str, seeds))}.",
              ""]
-    head = "| layer | t | probe (%) | " + " | ".join(f"λ = {w:g}" for w in weights) + " |"
-    lines += [head, "|" + "---|" * (3 + len(weights))]
+    diag = diagnostics_lookup(probe)  # effective rank and brightness R^2 columns where the store has them
+    extra = " eff. rank | brightness R² |" if diag else ""
+    head = f"| layer | t | probe (%) |{extra} " + " | ".join(f"λ = {w:g}" for w in weights) + " |"
+    lines += [head, "|" + "---|" * (3 + 2 * bool(diag) + len(weights))]
     for layer in layers:
         for t in ts:
             cells = [f"{_pct(_cell(runs, 'clean', t=t, layer=layer, dra_weight=w))} / "
                      f"{_pct(_cell(runs, 'pgd', t=t, layer=layer, dra_weight=w))}" for w in weights]
-            lines.append(f"| {layer} | {t} | {_pct(probes.get((t, layer)))} | " + " | ".join(cells) + " |")
+            d = diag.get((t, layer))
+            info = (f" {d[0]:.1f} | {d[1]:.2f} |" if d else " - | - |") if diag else ""
+            lines.append(f"| {layer} | {t} | {_pct(probes.get((t, layer)))} |{info} " + " | ".join(cells) + " |")
     if base:
         lines += ["", f"λ = 0 (plain AT, no target): {_pct(_cell(base, 'clean'))} / {_pct(_cell(base, 'pgd'))}."]
     best = best_cell(runs)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
+from pipeline.cache.diagnostics import diagnosis_lines
 from pipeline.cache.store.layout import (
     IMAGES,
     MALFORMED,
@@ -72,6 +73,7 @@ def cache_info(url: str) -> str:
     if "probe" in a:
         lines.append("probe:      linear-probe accuracy on the identity view (train rows fit -> held-out train rows), per target set")
         lines += probe_table(a["probe"])
+    lines += diagnosis_lines(a.get("diagnostics"))
     total = 0
     for name in [p for p in PARTS if _is_part(group, p)]:
         try:
