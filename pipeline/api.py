@@ -43,10 +43,19 @@ from pipeline.cache.store import FeatureCache, open_cache, verify_cache
 from pipeline.core.classifiers import load_classifier as _load_ema_classifier
 from pipeline.core.errors import UserError
 from pipeline.train.config import TargetNorm
-from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
+from pipeline.train.data import (
+    WINDOW,
+    PartData,
+    assemble,
+    image_note,
+    load_part,
+    plan_memory,
+    target_reader,
+    target_sample,
+)
 from pipeline.train.sampler import Batch, MixedSampler, Prefetcher
 from pipeline.train.state import STATE_FILE
-from pipeline.train.step import DRANet, MapHead, ProjectionHead, normalise_targets
+from pipeline.train.step import DRANet, MapHead, ProjectionHead, normalise_targets, pca_whitening
 
 __all__ = ["CacheDataset", "Trained", "dataloader", "load_classifier", "open_store"]
 
@@ -95,6 +104,8 @@ class CacheDataset(torch.utils.data.Dataset):
         self.stream, self.rows_per_chunk = stream, p.rows_per_chunk
         self.pad = int(self.cache.attrs["view_spec"]["pad"])
         self.mean, self.std = torch.from_numpy(p.mean).float(), torch.from_numpy(p.std).float()
+        # --target-norm pca: the same whitening as train's (the same rows and views drawn)
+        self.whitening = pca_whitening(target_sample(p, rows), p.mean) if self.norm is TargetNorm.pca else None
         self.note = image_note(part, self.data, str(self.cache.attrs.get("digest")), flag="shards=")
         if self.note:
             warnings.warn(self.note.removeprefix("note: "), stacklevel=2)
@@ -123,7 +134,7 @@ class CacheDataset(torch.utils.data.Dataset):
         assembled as `train` assembles its batches."""
         rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
         inputs = assemble(Batch(rows, views, rows[:0], views[:0], 0, 0), self.data, None, self.pad)
-        target = normalise_targets(inputs["target"].float(), self.mean, self.std, self.norm)
+        target = normalise_targets(inputs["target"].float(), self.mean, self.std, self.norm, self.whitening)
         return inputs["x"], inputs["y"], target
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:

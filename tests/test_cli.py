@@ -33,7 +33,7 @@ def test_closed_sets_are_listed_as_choices():
 
     from pipeline.cli import stage_command
 
-    want = {"train": {"method": {"pgd", "trades"}, "target_norm": {"none", "center", "whiten"},
+    want = {"train": {"method": {"pgd", "trades"}, "target_norm": {"none", "center", "whiten", "pca"},
                       "lr_schedule": {"cosine", "onecycle"}, "dra_schedule": {"constant", "linear-warmup", "cosine-decay"},
                       "arch": {"cnn", "resnet", "preact-resnet18", "wrn-28-10", "wrn-16-2", "robustbench-wrn-28-10",
                                "robustbench-preact-resnet18"}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.train.losses import dra_loss, pgd_at_loss, trades_loss
@@ -95,3 +96,50 @@ def test_trades_step_equals_two_separate_forwards():
     lc, la = shared(torch.cat([x, x_adv])).chunk(2)
     shared_terms = trades_loss(lc, la, y)
     assert abs(float((shared_terms["ce"] + s.beta * shared_terms["kl"] - want_total).detach())) > 1e-3
+
+
+def test_pca_whitening_gives_every_principal_direction_unit_variance():
+    """--target-norm pca: a near-scalar target (one direction holds ~99% of the variance) comes out
+    with identity covariance, so its other directions count in the cosine; a grid target is whitened
+    over its channels at every location; the map is the direct formula (centre, then x @ W)."""
+    import numpy as np
+
+    from pipeline.train.config import TargetNorm
+    from pipeline.train.step import normalise_targets, pca_whitening
+
+    rng = np.random.default_rng(0)
+    mix, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # a rotation: the spectrum is the one written below
+    x = (rng.normal(size=(20000, 8)) * np.array([30, 1, 1, 1, 0.5, 0.5, 0.2, 0.2])) @ mix + 3.0
+    mean = x.mean(axis=0)
+    w = pca_whitening(x, mean)
+    out = normalise_targets(torch.from_numpy(x).float(), torch.from_numpy(mean).float(), torch.ones(8), TargetNorm.pca, w)
+    cov = np.cov(out.numpy().T)
+    np.testing.assert_allclose(cov, np.eye(8), atol=5e-3)
+    torch.testing.assert_close(out, (torch.from_numpy(x - mean).float()) @ w, rtol=1e-4, atol=1e-4)  # fp32 order
+    grid = rng.normal(size=(500, 4, 3, 3)) * np.array([10, 1, 1, 0.1])[None, :, None, None]
+    gw = pca_whitening(grid, np.zeros((4, 3, 3)))
+    g = normalise_targets(torch.from_numpy(grid).float(), torch.zeros(4, 3, 3), torch.ones(4, 3, 3), TargetNorm.pca, gw)
+    per_location = g.permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+    np.testing.assert_allclose(np.cov(per_location.T), np.eye(4), atol=0.05)
+    with pytest.raises(ValueError, match="whitening"):
+        normalise_targets(torch.zeros(2, 8), torch.zeros(8), torch.ones(8), TargetNorm.pca)
+
+
+def test_a_run_with_pca_targets_trains_and_its_loader_matches(store, tmp_path):
+    from reliability_helpers import train_cfg
+
+    from pipeline import api
+    from pipeline.train import trainer
+    from pipeline.train.config import TargetNorm
+
+    tr = trainer.Trainer.create(train_cfg(store, tmp_path / "pca", target_norm=TargetNorm.pca))
+    assert tr.data.whitening is not None and tr.data.whitening.shape == (tr.data.target.channels,) * 2
+    ds = api.CacheDataset(str(store), target_norm="pca", limit=tr.cfg.real_limit)  # the same rows and views drawn
+    torch.testing.assert_close(ds.whitening, tr.data.whitening.cpu())
+    feed = tr.feed(0, 0)
+    try:
+        batch, inputs = next(iter(feed))
+    finally:
+        feed.close()
+    stats, _, _ = tr.step(0, batch, inputs)
+    assert torch.isfinite(stats["loss"]) and torch.isfinite(stats["dra"])

@@ -30,6 +30,7 @@ class TargetNorm(str, Enum):
     none = "none"  # the cached targets as they are
     center = "center"  # subtract the cache's per-dimension mean (removes the shared direction)
     whiten = "whiten"  # and divide by its per-dimension std
+    pca = "pca"  # centre, then PCA-whiten: every principal direction of the train targets at unit variance
 
 
 class AlignInput(str, Enum):

@@ -202,6 +202,14 @@ def _read_all(part: Any, n: int) -> torch.Tensor:
     return out
 
 
+def target_sample(part: Any, n: int, *, max_rows: int = 4096, seed: int = 0) -> np.ndarray:
+    """Targets (M, *shape) of at most ``max_rows`` of the first ``n`` rows (one random view each,
+    seeded): what ``--target-norm pca`` estimates the train targets' covariance from."""
+    rng = np.random.default_rng([seed, 11])
+    rows = np.sort(rng.choice(n, min(n, max_rows), replace=False))
+    return part.read(rows, rng.integers(0, part.k, len(rows)))
+
+
 def feature_bytes(part: Any, n: int) -> int:
     return n * part.k * part.d * 2  # float16 rows of d = TargetSpec.size numbers
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,13 +139,37 @@ def dra_weight_at(step: int, total: int, weight: float, kind: DRASchedule) -> fl
     return weight
 
 
-def normalise_targets(t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, kind: TargetNorm) -> torch.Tensor:
-    """float32 targets in the space the cosine loss compares in (mean/std from the cache)."""
+def normalise_targets(t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, kind: TargetNorm,
+                      whitening: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 targets in the space the cosine loss compares in (mean/std from the cache).
+
+    ``pca``: centred, then mapped by ``whitening`` (C x C, ``pca_whitening``) on the channel axis
+    (the vector of a pooled target, the channels at every location of a grid target), so that the
+    train targets' principal directions all have unit variance: a target whose variance sits in one
+    or two directions (a near-scalar target) gets its other directions back into the cosine."""
     t = t.float()
     if kind is TargetNorm.none:
         return t
     t = t - mean
+    if kind is TargetNorm.pca:
+        if whitening is None:
+            raise ValueError("--target-norm pca needs the whitening matrix (pca_whitening)")
+        return t @ whitening if t.ndim == 2 else torch.einsum("bc...,cd->bd...", t, whitening)
     return t / (std + 1e-6) if kind is TargetNorm.whiten else t
+
+
+def pca_whitening(sample: np.ndarray, mean: np.ndarray, *, rel_eps: float = 1e-6) -> torch.Tensor:
+    """W (C x C) with W' S W = I for the covariance S of ``sample`` (targets (N, *shape)) around
+    ``mean``: S's eigenvectors scaled by 1 / sqrt(eigenvalue + eps), eps = ``rel_eps`` x the mean
+    eigenvalue (directions with no variance are not blown up). Channels are axis 1 of a grid target
+    (C, G, G), whose locations all count as samples of the same C channels."""
+    x = np.asarray(sample, np.float64) - np.asarray(mean, np.float64)
+    x = x.reshape(len(x), -1) if x.ndim == 2 else np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    cov = x.T @ x / max(len(x) - 1, 1)
+    lam, vec = np.linalg.eigh(cov)
+    lam = np.clip(lam, 0, None)
+    w = vec / np.sqrt(lam + rel_eps * max(lam.mean(), 1e-12))
+    return torch.from_numpy(w).float()
 
 
 @dataclass(frozen=True)

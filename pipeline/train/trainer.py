@@ -30,7 +30,16 @@ from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.views import ViewSpec, spec_from_dict
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
-from pipeline.train.data import WINDOW, PartData, assemble, image_note, load_part, plan_memory, target_reader
+from pipeline.train.data import (
+    WINDOW,
+    PartData,
+    assemble,
+    image_note,
+    load_part,
+    plan_memory,
+    target_reader,
+    target_sample,
+)
 from pipeline.train.livelog import LiveLog
 from pipeline.train.runtime import Runtime
 from pipeline.train.sampler import MixedSampler, Prefetcher
@@ -46,6 +55,7 @@ from pipeline.train.step import (
     dra_weight_at,
     lr_at,
     normalise_targets,
+    pca_whitening,
 )
 
 CLEAN_EVERY = 10  # clean accuracy (an extra eval forward) is measured on every 10th step
@@ -71,6 +81,7 @@ class Data:
     chunked: dict = field(default_factory=dict)  # part -> rows per chunk of the chunk-aware order (streaming)
     images: str = "ram"  # ram | stream (read from the cache with the targets) | mixed (a part without stored images)
     view: ViewSpec = field(default_factory=ViewSpec)  # the cache's augmentation (--fresh-views draws from it)
+    whitening: torch.Tensor | None = None  # --target-norm pca: the train targets' whitening (C x C)
 
 
 def parts_read(cfg: TrainConfig) -> tuple[str, ...]:
@@ -137,8 +148,11 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     rpart = used["train"][0]
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
     view = spec_from_dict(cache.attrs["view_spec"])  # the cache's (open_cache checked it)
+    whitening = None
+    if cfg.target_norm is TargetNorm.pca and mode != "none":
+        whitening = pca_whitening(target_sample(rpart, used["train"][1]), rpart.mean).to(rt.device)
     return Data(cache, target, parts["train"], parts.get("synthetic"), mean.to(rt.device), std.to(rt.device),
-                view.pad, mode, chunked, images, view)
+                view.pad, mode, chunked, images, view, whitening)
 
 
 def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weights, dict]:
@@ -212,7 +226,7 @@ def targets_for(inputs: dict, data: Data, extractor: Any, norm: TargetNorm, devi
         raw = extractor(inputs["x"], inputs["seed"], inputs["y"])
     else:
         raw = inputs["target"]
-    return TargetSpec.flat(normalise_targets(raw.to(device), data.mean, data.std, norm))
+    return TargetSpec.flat(normalise_targets(raw.to(device), data.mean, data.std, norm, data.whitening))
 
 
 @dataclass(frozen=True)
