@@ -53,9 +53,11 @@ from pipeline.train.data import (
     target_reader,
     target_sample,
 )
-from pipeline.train.sampler import Batch, MixedSampler, Prefetcher
+from pipeline.train.model import DRANet, MapHead, ProjectionHead
+from pipeline.train.readers import Prefetcher
+from pipeline.train.sampler import Batch, MixedSampler
 from pipeline.train.state import STATE_FILE
-from pipeline.train.step import DRANet, MapHead, ProjectionHead, normalise_targets, pca_whitening
+from pipeline.train.step import normalise_targets, pca_whitening
 
 __all__ = ["CacheDataset", "Trained", "dataloader", "load_classifier", "open_store"]
 

@@ -17,16 +17,8 @@ from pipeline.core.classifiers import build_classifier, feature_blocks
 from pipeline.core.errors import UserError
 from pipeline.train.config import AlignInput, Method
 from pipeline.train.losses import dra_loss
-from pipeline.train.step import (
-    DRANet,
-    MapHead,
-    ProjectionHead,
-    StepSettings,
-    adversarial_step,
-    backbone_parameters,
-    build_dra_net,
-    dra_grad_share,
-)
+from pipeline.train.model import DRANet, MapHead, ProjectionHead, backbone_parameters, build_dra_net
+from pipeline.train.step import StepSettings, adversarial_step, dra_grad_share
 
 GRID = TargetSpec(100, "mid_block", Pooling.grid4, (6, 4, 4))
 

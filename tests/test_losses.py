@@ -64,7 +64,8 @@ def test_trades_step_equals_two_separate_forwards():
     from pipeline.core.attacks import pgd
     from pipeline.core.classifiers import build_classifier
     from pipeline.train.config import Method
-    from pipeline.train.step import DRANet, StepSettings, adversarial_step
+    from pipeline.train.model import DRANet
+    from pipeline.train.step import StepSettings, adversarial_step
 
     torch.manual_seed(0)
     model = build_classifier("cnn", 1, 10, 28)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core.classifiers import CLASSIFIERS, build_classifier, load_classifier, save_checkpoint
 from pipeline.core.errors import UserError
-from pipeline.train.step import ProjectionHead
+from pipeline.train.model import ProjectionHead
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet", "wrn-16-2"])

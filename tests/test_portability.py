@@ -275,7 +275,7 @@ def test_load_classifier_rebuilds_the_head_of_an_align_layer_run(store, tmp_path
 
     from pipeline import api
     from pipeline.core.errors import UserError
-    from pipeline.train.step import MapHead
+    from pipeline.train.model import MapHead
     from stages import train
 
     out = tmp_path / "run"

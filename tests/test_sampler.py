@@ -12,15 +12,14 @@ from pipeline.cache.store import open_cache
 from pipeline.cache.targets import Pooling, TargetSpec
 from pipeline.cache.testing import split_attrs, write_store
 from pipeline.core.shards import read_split
-from pipeline.train.sampler import (
+from pipeline.train.readers import (
     InMemoryImages,
     InMemoryTargets,
-    MixedSampler,
     Prefetcher,
     StreamingImages,
     StreamingTargets,
-    permutation,
 )
+from pipeline.train.sampler import MixedSampler, permutation
 
 D = 8
 

@@ -19,7 +19,7 @@ from pipeline.cache.testing import split_attrs, write_store
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.diffusion.model import load_model
-from pipeline.train.sampler import InMemoryTargets, StreamingTargets
+from pipeline.train.readers import InMemoryTargets, StreamingTargets
 
 SHAPE = (2, 3, 3)
 

@@ -30,7 +30,8 @@ from pipeline.cache.extractor import FeatureExtractor
 from pipeline.core.classifiers import build_classifier
 from pipeline.diffusion.model import DiffusionModel, make_scheduler
 from pipeline.train.config import Method
-from pipeline.train.step import DRANet, ProjectionHead, StepSettings, adversarial_step
+from pipeline.train.model import DRANet, ProjectionHead
+from pipeline.train.step import StepSettings, adversarial_step
 
 # google/ddpm-cifar10-32's UNet2DModel config (its public model card / config.json)
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

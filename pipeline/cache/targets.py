@@ -22,7 +22,7 @@ Two kinds of target, and what the DRA loss compares (``pipeline/train/losses.py:
 - **grids** (``grid4``: (C, 4, 4), ``grid7``: (C, 7, 7)): the block's map average-pooled
   (adaptively) to a G x G grid; the loss is REPA's, the mean over the G*G locations of a cosine
   over the C channels at each location (sihyun-yu/REPA ``loss.py``), and the head predicts a
-  C-vector per location (``pipeline/train/step.py:MapHead``).
+  C-vector per location (``pipeline/train/model.py:MapHead``).
 """
 
 from __future__ import annotations

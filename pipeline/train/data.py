@@ -36,13 +36,8 @@ from pipeline.core.shards import (
     split_exists,
 )
 from pipeline.core.views import ViewSpec, apply_views, fresh_views
-from pipeline.train.sampler import (
-    Batch,
-    InMemoryImages,
-    InMemoryTargets,
-    StreamingImages,
-    StreamingTargets,
-)
+from pipeline.train.readers import InMemoryImages, InMemoryTargets, StreamingImages, StreamingTargets
+from pipeline.train.sampler import Batch
 
 WINDOW = 4  # chunks per shuffle window when streaming (the readers keep two windows)
 CHECK_ROWS = 4096  # rows per read while the stored images are hashed (bounded memory)

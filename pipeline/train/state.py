@@ -36,7 +36,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.storage import atomic_write
 from pipeline.train.livelog import LIVE_DIR
-from pipeline.train.step import EMA, load_optimizer_tensors, optimizer_tensors, prefixed, unprefixed
+from pipeline.train.model import EMA
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
@@ -250,3 +250,31 @@ def finish(out: Path, *, st: RunState, meta: dict, rt: Any, budget: dict, net: t
         save_json(out / CONFIG_FILE, {**cfg, "finished": True})
     rt.barrier()
     return metrics
+
+
+# --- run state as flat tensor dicts (safetensors) ---------------------------------------------
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers by parameter position."""
+    out = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"momentum.{i}"] = buf
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for key, t in tensors.items():
+        p = params[int(key.split(".")[1])]
+        opt.state[p]["momentum_buffer"] = t.to(p.device, p.dtype).clone()
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

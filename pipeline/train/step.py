@@ -1,21 +1,18 @@
-"""The pieces of one adversarial-training run that the `train` stage composes.
+"""One optimisation step's computation, composed by the `train` stage (pure functions of their inputs).
 
-- ``DRANet``: classifier + projection head in one module, so one forward yields both logits and the
-  head's prediction (from the penultimate features, or from the map of the block ``--align-layer``
-  names) and DDP sees every parameter; ``build_dra_net`` picks the head for a target set.
 - ``adversarial_step``: attack -> forward -> loss terms (PGD-AT or TRADES, plus DRA on the
   adversarial, the clean or both inputs); returns the unweighted terms and the weighted total, and
-  on request the DRA term's share of the backbone gradient. The optimizer, modes and logging stay
-  in the loop.
-- schedules for the learning rate and the DRA weight, target normalisation, EMA of weights, and
-  run state <-> flat tensor dicts (for safetensors checkpoints: never pickle).
+  on request the DRA term's share of the backbone gradient (``dra_grad_share``). The optimizer,
+  modes and logging stay in the loop.
+- the targets in the loss's space (``normalise_targets``: centred, whitened or PCA-whitened),
+  BatchNorm statistics per slice of a concatenated batch (TRADES), clean accuracy.
+
+The model and its head are in model.py, the schedules in schedules.py, checkpoints in state.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,117 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.attacks import frozen, pgd
-from pipeline.core.classifiers import feature_blocks
-from pipeline.core.errors import UserError
-from pipeline.train.config import AlignInput, DRASchedule, LRSchedule, Method, TargetNorm
+from pipeline.train.config import AlignInput, Method, TargetNorm
 from pipeline.train.losses import dra_loss, pgd_at_loss, trades_loss
-
-
-class ProjectionHead(nn.Module):
-    """DRA head: MLP from classifier features to the diffusion embedding space (REPA style).
-
-    ``out_shape`` (a grid target's (C, G, G); no parameters) reshapes the output, so a pooled
-    vector can be aligned per location too; the state dict is the same either way.
-    """
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, out_shape: Sequence[int] | None = None):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                 nn.SiLU(), nn.Linear(hidden, out_dim))
-        self.out_shape = tuple(out_shape) if out_shape else None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.net(h)
-        return out.reshape(len(out), *self.out_shape) if self.out_shape else out
-
-
-class MapHead(nn.Module):
-    """DRA head on a classifier feature map (``--align-layer``), REPA's projector per location.
-
-    (B, C_in, H, W) -> adaptive average pooling to the target's G x G grid -> the same three-layer
-    MLP (Linear, SiLU, Linear, SiLU, Linear, as ``ProjectionHead``) at every location, written as
-    1x1 convolutions -> (B, C, G, G). REPA applies its projector MLP to every token of an
-    intermediate block (sihyun-yu/REPA ``models/sit.py``: ``build_mlp``, applied to the tokens of
-    block ``encoder_depth``) and compares token by token (``loss.py``). A vector target
-    (``grid=None``) pools the map to one location: (B, C).
-    """
-
-    def __init__(self, in_channels: int, hidden: int, out_channels: int, grid: int | None):
-        super().__init__()
-        self.grid = grid
-        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1),
-                                 nn.SiLU(), nn.Conv2d(hidden, out_channels, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.net(F.adaptive_avg_pool2d(h, self.grid or 1))
-        return out if self.grid else out.flatten(1)
-
-
-class DRANet(nn.Module):
-    """forward(x) -> (logits, head(features) or None).
-
-    The head reads the classifier's final pooled features, or, with ``align_layer``, the output
-    map of that block of the classifier (kept by a forward hook that lives only for the call, so
-    attacks on the classifier and its EMA copy never carry it).
-    """
-
-    def __init__(self, classifier: nn.Module, head: nn.Module | None, align_layer: str = ""):
-        super().__init__()
-        self.classifier, self.head = classifier, head
-        self.align_layer = align_layer if head is not None else ""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.align_layer:
-            h = self.classifier.features(x)
-            return self.classifier.fc(h), (self.head(h) if self.head is not None else None)
-        kept: list[torch.Tensor] = []
-        handle = self.classifier.get_submodule(self.align_layer).register_forward_hook(
-            lambda _m, _i, out: kept.append(out))
-        try:
-            h = self.classifier.features(x)
-        finally:
-            handle.remove()
-        return self.classifier.fc(h), self.head(kept[-1])
-
-
-def build_dra_net(classifier: nn.Module, target: Any, hidden: int, align_layer: str = "", *,
-                  in_channels: int, image_size: int) -> DRANet:
-    """The classifier with the DRA head a target set needs (``target`` None: no head, plain AT).
-
-    Without ``align_layer``: ``ProjectionHead`` on the final pooled features (the default, built
-    exactly as before); its output is reshaped to a grid target's (C, G, G). With it: ``MapHead``
-    on that block's map (refused with the list of blocks when the classifier has no such block).
-    """
-    if target is None:
-        return DRANet(classifier, None)
-    if not align_layer:
-        return DRANet(classifier, ProjectionHead(classifier.feature_dim, hidden, target.size,
-                                                 target.shape if target.grid else None))
-    blocks = feature_blocks(classifier, in_channels, image_size)
-    if align_layer not in blocks:
-        arch = getattr(classifier, "arch", type(classifier).__name__)
-        raise UserError(f"--align-layer {align_layer!r} is not a block of the {arch} classifier; blocks with a "
-                        f"feature map: {', '.join(f'{k} {chw[0]}x{chw[1]}x{chw[2]}' for k, chw in blocks.items())}")
-    return DRANet(classifier, MapHead(blocks[align_layer][0], hidden, target.channels, target.grid), align_layer)
-
-
-def lr_at(step: int, total: int, base: float, kind: LRSchedule) -> float:
-    """Per-step learning rate. onecycle: linear warmup from base/25 over 30%, then cosine to 0."""
-    p = min(step / max(total, 1), 1.0)
-    if kind is LRSchedule.cosine:
-        return base * 0.5 * (1 + math.cos(math.pi * p))
-    if p < 0.3:
-        return base * (1 / 25 + (1 - 1 / 25) * p / 0.3)
-    return base * 0.5 * (1 + math.cos(math.pi * (p - 0.3) / 0.7))
-
-
-def dra_weight_at(step: int, total: int, weight: float, kind: DRASchedule) -> float:
-    p = min(step / max(total, 1), 1.0)
-    if kind is DRASchedule.linear_warmup:
-        return weight * min(1.0, p / 0.25)
-    if kind is DRASchedule.cosine_decay:
-        return weight * 0.5 * (1 + math.cos(math.pi * p))
-    return weight
 
 
 def normalise_targets(t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, kind: TargetNorm,
@@ -181,11 +69,6 @@ class StepSettings:
     beta: float
     label_smoothing: float
     align: AlignInput = AlignInput.adv  # which input's features the DRA head reads
-
-
-def backbone_parameters(classifier: nn.Module) -> list[nn.Parameter]:
-    """The classifier's parameters but its final linear layer ``fc``: what DRA and AT both shape."""
-    return [p for name, p in classifier.named_parameters() if not name.startswith("fc.") and p.requires_grad]
 
 
 def dra_grad_share(total: torch.Tensor, dra_part: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
@@ -304,53 +187,4 @@ def clean_accuracy(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     with frozen(classifier):
         return (classifier(x).argmax(1) == y).float().mean()
 
-
-class EMA:
-    """Exponential moving average of parameters; buffers (BN statistics) are copied.
-
-    The decay warms up as min(decay, (1 + t) / (10 + t)) at step t, so a short run's average is
-    not dominated by its first, untrained weights (decay 0.995 alone spans ~200 steps).
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
-
-
-# --- run state as flat tensor dicts (safetensors) ---------------------------------------------
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """SGD momentum buffers by parameter position."""
-    out = {}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            out[f"momentum.{i}"] = buf
-    return out
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for key, t in tensors.items():
-        p = params[int(key.split(".")[1])]
-        opt.state[p]["momentum_buffer"] = t.to(p.device, p.dtype).clone()
-
-
-def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in tensors.items()}
-
-
-def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 

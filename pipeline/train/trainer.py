@@ -41,19 +41,16 @@ from pipeline.train.data import (
     target_sample,
 )
 from pipeline.train.livelog import LiveLog
+from pipeline.train.model import EMA, DRANet, backbone_parameters, build_dra_net
+from pipeline.train.readers import Prefetcher
 from pipeline.train.runtime import Runtime
-from pipeline.train.sampler import MixedSampler, Prefetcher
+from pipeline.train.sampler import MixedSampler
+from pipeline.train.schedules import dra_weight_at, lr_at
 from pipeline.train.state import RunState, Weights
 from pipeline.train.step import (
-    EMA,
-    DRANet,
     StepSettings,
     adversarial_step,
-    backbone_parameters,
-    build_dra_net,
     clean_accuracy,
-    dra_weight_at,
-    lr_at,
     normalise_targets,
     pca_whitening,
 )
