@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.config import Arch, coerce_enums, require
+from pipeline.core.archs import Arch
+from pipeline.core.config import coerce_enums, require
 
 GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images")
 

@@ -22,20 +22,6 @@ from enum import Enum
 from pipeline.core.errors import UserError, refuse_non_finite
 
 
-class Arch(str, Enum):
-    """Classifier architectures (builders: ``pipeline/core/classifiers.py``)."""
-
-    cnn = "cnn"
-    resnet = "resnet"
-    preact_resnet18 = "preact-resnet18"
-    wrn_28_10 = "wrn-28-10"
-    wrn_16_2 = "wrn-16-2"  # small WideResNet for quick CIFAR trials
-    # RobustBench's own definitions (parameter names, [0, 1] inputs without normalisation): a trained
-    # state dict loads into robustbench.model_zoo.architectures unchanged
-    rb_wrn_28_10 = "robustbench-wrn-28-10"
-    rb_preact_resnet18 = "robustbench-preact-resnet18"
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.core.config import Arch, coerce_enums, require
+from pipeline.core.archs import Arch
+from pipeline.core.config import coerce_enums, require
 
 
 class Filter(str, Enum):

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pipeline.core.config import Arch, coerce_enums, require
+from pipeline.core.archs import Arch
+from pipeline.core.config import coerce_enums, require
 from pipeline.core.views import ViewRequest
 
 
