@@ -330,3 +330,32 @@ def test_one_sample_order_whatever_the_memory_mode(store, tmp_path):
     assert orders["at_ram"] == orders["dra_stream"] == orders["dra_ram"]
     assert len({tr.meta["order"]["rows_per_chunk"]["train"] for tr in made.values()}) == 1
     assert all(tr.meta["order"]["mode"] == "chunk-aware" for tr in made.values())
+
+
+def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, tmp_path, capsys):
+    """--val-n: after every epoch the EMA model's clean and PGD accuracy on train rows it never
+    trains on go into log.tsv; OUT/best holds the best epoch's EMA model (re-measured, it gives the
+    logged figure exactly) and metrics.json names the epoch; too few held-out rows is one error line."""
+    from reliability_helpers import assert_one_error_line, run_cli, train_cfg
+
+    from pipeline.cache.store import open_cache
+    from pipeline.train.validation import measure, validation_set
+
+    out = tmp_path / "val"
+    cfg = train_cfg(store, out, real_limit=32, val_n=24, val_pgd_steps=2, epochs=3)
+    metrics = train.run(cfg)
+    log = read_log(out / "log.tsv")
+    assert len(log["val_pgd"]) == 3 and all(0 <= p <= c <= 1 for p, c in zip(log["val_pgd"], log["val_clean"]))
+    best = metrics["best"]
+    assert best["val_pgd"] == max(log["val_pgd"]) and best["epoch"] == 1 + log["val_pgd"].index(max(log["val_pgd"]))
+    model, config = load_classifier(out / "best")
+    assert config["best"]["epoch"] == best["epoch"]
+    part = open_cache(str(store)).part("train")
+    val = validation_set(part, 32, 24)
+    assert val.rows == (32, 56)  # after the 32 rows trained on
+    again = measure(model, val, eps=cfg.eps, steps=2, seed=cfg.seed, device=torch.device("cpu"))
+    assert again == {"val_clean": best["val_clean"], "val_pgd": best["val_pgd"]}
+    code, _, err = run_cli(capsys, ["train", "--cache", store, "--out", tmp_path / "bad", "--real-limit", "32",
+                                    "--val-n", str(part.n), "--epochs", "1", "--batch-size", "32"])
+    assert "validation needs rows it never trains on" in assert_one_error_line(code, err)
+    assert not (tmp_path / "bad").exists()

@@ -87,6 +87,10 @@ class TrainConfig:
     # cache's recorded views; plain AT only (no cached target belongs to an unrecorded view)
     fresh_views: bool = False
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
+    # per-epoch validation (pipeline/train/validation.py): the EMA model's clean and PGD accuracy on N
+    # train-part rows right after the ones trained on; the best epoch is kept in OUT/best
+    val_n: int = 0  # held-out train rows measured after every epoch (0: no validation)
+    val_pgd_steps: int = 10  # PGD steps of the per-epoch validation
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     log_every: int = 10  # optimizer steps between per-step metric rows (DVCLive: OUT/dvclive/)
     online: bool = False  # compute targets with the diffusion model inside the step, replaying the cache's recorded noise (not fresh noise)
@@ -105,6 +109,7 @@ class TrainConfig:
                        (self.eps >= 0 and self.step_size >= 0, "--eps and --step-size must be >= 0"),
                        (self.attack_steps >= 0, "--attack-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
                        (self.dra_weight >= 0, "--dra-weight must be >= 0"), (self.real_limit >= 0, "--real-limit must be >= 0"),
+                       (self.val_n >= 0 and self.val_pgd_steps >= 1, "--val-n must be >= 0 and --val-pgd-steps >= 1"),
                        (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
                        (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
                        (1 <= self.head_hidden <= 65536, f"--head-hidden must be in [1, 65536], got {self.head_hidden}"),

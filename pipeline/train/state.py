@@ -37,6 +37,7 @@ from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.storage import atomic_write
 from pipeline.train.livelog import LIVE_DIR
 from pipeline.train.model import EMA
+from pipeline.train.validation import BEST_DIR, best_epoch
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.tsv"
@@ -167,6 +168,7 @@ def clear(out: Path) -> None:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / LIVE_DIR, ignore_errors=True)
+    shutil.rmtree(out / BEST_DIR, ignore_errors=True)
 
 
 def save(out: Path, *, cfg: Any, weights: Weights, st: RunState, meta: dict, rt: Any) -> None:
@@ -244,6 +246,9 @@ def finish(out: Path, *, st: RunState, meta: dict, rt: Any, budget: dict, net: t
                "image_mode": meta["cache"].get("image_mode", "ram"), "processes": rt.world, "synchronised": True,
                # each process's own peak (MiB, rank order): flat in the cache size when streaming
                "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
+    best = best_epoch(st.log)
+    if best is not None:  # --val-n: the epoch whose EMA model OUT/best holds
+        metrics["best"] = {**best, "folder": BEST_DIR}
     if rt.is_main:
         atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         cfg = json.loads((out / CONFIG_FILE).read_text())

@@ -54,6 +54,7 @@ from pipeline.train.step import (
     normalise_targets,
     pca_whitening,
 )
+from pipeline.train.validation import Validation, is_best, measure, save_best, validation_set
 
 CLEAN_EVERY = 10  # clean accuracy (an extra eval forward) is measured on every 10th step
 
@@ -242,6 +243,7 @@ class Trainer:
     meta: dict
     run: RunState
     extractor: Any = None  # --online: the diffusion model inside the step
+    val: Validation | None = None  # --val-n: the held-out rows measured after every epoch
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> Trainer:
@@ -262,7 +264,8 @@ class Trainer:
         if cfg.resume:  # before the DDP wrap: the restored weights are what every process starts from
             run = state.load(Path(cfg.out), cfg=cfg, weights=weights, device=rt.device,
                              cache_digest=meta["cache"]["digest"]) or run
-        return cls(cfg, rt, data, net, rt.prepare(net), weights, sampler, meta, run, extractor)
+        val = validation_set(data.cache.part("train", data.target), data.real.n, cfg.val_n)
+        return cls(cfg, rt, data, net, rt.prepare(net), weights, sampler, meta, run, extractor, val)
 
     @property
     def total_steps(self) -> int:
@@ -372,6 +375,11 @@ class Trainer:
             finally:
                 feed.close()
             row = st.end_epoch(epoch, rt)
+            if self.val is not None:  # the row is the log's: val_clean/val_pgd go into log.tsv too
+                row.update(measure(self.weights.ema.model, self.val, eps=cfg.eps, steps=cfg.val_pgd_steps,
+                                   seed=cfg.seed, device=rt.device))
+                if rt.is_main and is_best(st.log):
+                    save_best(Path(cfg.out), self.weights.ema.model, self.meta, row)
             if live:
                 live.log(st.global_step, "epoch", {k: v for k, v in row.items() if k != "step"})
             rss = rt.gather(round(peak_rss_mb()))
