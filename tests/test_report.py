@@ -596,7 +596,7 @@ def test_generator_quality_table_comes_from_the_generate_jsons(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("field, value, label", [
-    ("order", {"mode": "full-shuffle"}, "sample order"),
+    ("order", {"mode": "full-shuffle", "window": 4, "rows_per_chunk": {"train": 16}}, "sample order"),
     ("model", {"weights_sha256": "b" * 64}, "upstream (diffusion model)"),
     ("eps", 0.05, "training eps"), ("attack_steps", 3, "training attack steps"),
     ("step_size", 0.01, "training attack step size")])
@@ -610,7 +610,8 @@ def test_runs_of_one_seed_that_are_not_a_pair_are_refused(tmp_path, capsys, fiel
     for variant in ("AT", "AT+DRA"):
         for seed in (0, 1):
             r = _result(variant, seed, 0.8, 0.5, None, tmp_path / "none")
-            r["train_config"]["train"] |= {"order": {"mode": "chunk-aware"}, "eps": 0.1, "attack_steps": 5,
+            order = {"mode": "chunk-aware", "window": 4, "rows_per_chunk": {"train": 16, **({"synthetic": 8} if variant == "AT+DRA" else {})}}  # not compared
+            r["train_config"]["train"] |= {"order": order, "eps": 0.1, "attack_steps": 5,
                                            "step_size": 0.025}
             r["train_config"]["cache"] = {"model": {"weights_sha256": "a" * 64}}
             if variant == "AT+DRA" and seed == 1:

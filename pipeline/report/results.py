@@ -82,7 +82,17 @@ def upstream(run: dict) -> str | None:
 
 # what two runs of one seed must share to be a pair: (label, how to read it); a field a run does not
 # record (results from before it was recorded) is not checked for that pair
-PAIRED_FIELDS = (("sample order", lambda r: train_field(r, "order")), ("upstream (diffusion model)", upstream),
+def order_rule(run: dict) -> tuple | None:
+    """How the run ordered its real samples: (mode, window, the real part's rows per chunk). The
+    synthetic part's order is not compared: DM-AT against AT differs in the mix by design."""
+    order = train_field(run, "order")
+    if not isinstance(order, dict):
+        return None
+    chunks = order.get("rows_per_chunk")
+    return order.get("mode"), order.get("window"), chunks.get("train") if isinstance(chunks, dict) else chunks
+
+
+PAIRED_FIELDS = (("sample order", order_rule), ("upstream (diffusion model)", upstream),
                  ("training eps", lambda r: train_field(r, "eps")),
                  ("training attack steps", lambda r: train_field(r, "attack_steps")),
                  ("training attack step size", lambda r: train_field(r, "step_size")))
