@@ -176,3 +176,19 @@ def test_a_store_without_diagnostics_opens_verifies_and_reports_as_before(store,
     assert "effective rank" not in capsys.readouterr().out
     main(["cache", "probe", str(old), "--out", str(tmp_path / "probe.json")])
     assert "diagnostics" not in json.loads((tmp_path / "probe.json").read_text())
+
+
+def test_each_sets_line_names_its_closest_other_set():
+    from pipeline.cache.diagnostics import diagnosis_lines
+
+    a = RNG.normal(size=(300, 5))
+    views = RNG.integers(0, 256, (300, 4, 4, 1), dtype=np.uint8)
+    lines = diagnosis_lines(diagnose({"t20-mid": a, "t100-mid": a + 0.01 * RNG.normal(size=a.shape),
+                                      "t20-up": RNG.normal(size=(300, 3))}, views))
+    assert lines[0] == "target diagnostics (300 train rows, view 0):" and len(lines) == 4
+    assert "closest t100-mid (CKA 1.00)" in lines[1] and "closest t20-mid (CKA 1.00)" in lines[2]
+    one = diagnosis_lines(diagnose({"x": a}, views))
+    assert "closest" not in one[1]
+    odd = {"sets": {"x": {"effective_rank": 1.0, "top_share": 1.0, "dims_90": 1, "brightness_r2": 0.5,
+                          "pixels_r2": 0.5}}, "similarity": [{"a": "x", "b": 3, "cka": 0.9}, "junk"]}
+    assert "closest" not in diagnosis_lines(odd)[1]

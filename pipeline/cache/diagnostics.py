@@ -171,19 +171,33 @@ def diagnose(sets: Mapping[str, np.ndarray], views: np.ndarray) -> dict:
     return out
 
 
+def _closest(pairs: object) -> dict[str, tuple[float, str]]:
+    """Each set's most similar other set by linear CKA: (cka, name); malformed pairs left out."""
+    out: dict[str, tuple[float, str]] = {}
+    for p in pairs if isinstance(pairs, list) else []:
+        if isinstance(p, dict) and isinstance(p.get("cka"), (int, float)) and isinstance(p.get("a"), str) \
+                and isinstance(p.get("b"), str):
+            for me, other in ((p["a"], p["b"]), (p["b"], p["a"])):
+                if me not in out or p["cka"] > out[me][0]:
+                    out[me] = (float(p["cka"]), other)
+    return out
+
+
 def diagnosis_lines(diag: dict | None) -> list[str]:
-    """One line per target set (for extract's output and ``cache info``)."""
+    """One line per target set (for extract's output and ``cache info``), with the other set it is
+    most similar to (linear CKA) where the store holds several: near 1, the two measure one thing."""
     if isinstance(diag, dict) and isinstance(diag.get("error"), str):
         reason = "".join(c if c.isprintable() else "?" for c in diag["error"][:200])  # a store's text
         return [f"target diagnostics: not computed ({reason})"]
     if not isinstance(diag, dict) or not isinstance(diag.get("sets"), dict):
         return []
-    lines = []
+    lines, closest = [], _closest(diag.get("similarity"))
     for name, d in diag["sets"].items():
         try:
+            near = f", closest {closest[name][1]} (CKA {closest[name][0]:.2f})" if name in closest else ""
             lines.append(f"  {name}: effective rank {d['effective_rank']:.1f} (top direction "
                          f"{100 * d['top_share']:.0f}%, 90% in {d['dims_90']}), brightness R^2 "
-                         f"{d['brightness_r2']:.2f}, pixels R^2 {d['pixels_r2']:.2f}")
+                         f"{d['brightness_r2']:.2f}, pixels R^2 {d['pixels_r2']:.2f}{near}")
         except (KeyError, TypeError, ValueError):  # a malformed record (a store from elsewhere): not shown
             lines.append(f"  {str(name)[:60]}: (malformed record)")
     return [f"target diagnostics ({diag.get('rows')} train rows, view 0):", *lines]
