@@ -185,8 +185,10 @@ class CacheWriter:
         self.group.attrs.update(attrs)
         self.group.attrs.update({"complete": True})
 
-    def read_identity(self, part: str, target: str) -> np.ndarray:
+    def read_identity(self, part: str, target: str, rows: np.ndarray | None = None) -> np.ndarray:
         """(N, size) float16 features of view 0 in one target set, flattened (for the probe): the
-        identity where views are drawn identity-first or all, a uniformly drawn view otherwise."""
-        f = self.group[set_path(part, target)]["features"][:, 0]
+        identity where views are drawn identity-first or all, a uniformly drawn view otherwise.
+        ``rows`` (sorted indices) reads only those rows' chunks, in that order."""
+        a = self.group[set_path(part, target)]["features"]
+        f = a[:, 0] if rows is None else a.oindex[np.asarray(rows, np.int64), 0]
         return f.reshape(len(f), -1)
