@@ -231,7 +231,8 @@ def _dvclive(out: Path) -> dict[str, list[str]]:
 
 
 def test_per_step_metrics_go_through_dvclive(store, tmp_path):
-    """Every --log-every steps a train/ row, at each epoch's end an epoch/ row (log.tsv's), in DVCLive's
+    """Every --log-every steps and at each epoch's last step a train/ row (so a run shorter than
+    --log-every still has its curve), at each epoch's end an epoch/ row (log.tsv's), in DVCLive's
     layout (one TSV per metric with its step, metrics.json with the latest values)."""
     out = tmp_path / "run"
     train.run(cfg(store, out, epochs=2, log_every=2))
@@ -239,7 +240,11 @@ def test_per_step_metrics_go_through_dvclive(store, tmp_path):
     steps = [int(r.split("\t")[0]) for r in logs["train/loss.tsv"][1:]]
     per_epoch = read_log(out / "log.tsv")
     total = int(per_epoch["step"][-1])
-    assert logs["train/loss.tsv"][0] == "step\tloss" and steps == list(range(2, total + 1, 2))
+    ends = [int(s) for s in per_epoch["step"]]
+    assert logs["train/loss.tsv"][0] == "step\tloss" and steps == sorted(set(range(2, total + 1, 2)) | set(ends))
+    short = tmp_path / "short"  # fewer steps than --log-every: one row per epoch all the same
+    train.run(cfg(store, short, epochs=1, log_every=1000))
+    assert [int(r.split("\t")[0]) for r in _dvclive(short)["train/loss.tsv"][1:]] == read_log(short / "log.tsv")["step"]
     assert {"train/adv_acc.tsv", "train/lr.tsv", "train/dra_weight.tsv", "epoch/loss.tsv"} <= set(logs)
     epoch_rows = [r.split("\t") for r in logs["epoch/adv_acc.tsv"][1:]]
     assert [int(s) for s, _ in epoch_rows] == [int(s) for s in per_epoch["step"]]

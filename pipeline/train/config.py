@@ -92,7 +92,7 @@ class TrainConfig:
     val_n: int = 0  # held-out train rows measured after every epoch (0: no validation)
     val_pgd_steps: int = 10  # PGD steps of the per-epoch validation
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
-    log_every: int = 10  # optimizer steps between per-step metric rows (DVCLive: OUT/dvclive/)
+    log_every: int = 10  # optimizer steps between per-step metric rows, and each epoch's last step (DVCLive: OUT/dvclive/)
     online: bool = False  # compute targets with the diffusion model inside the step, replaying the cache's recorded noise (not fresh noise)
     resume: bool = False  # continue the unfinished run in --out from its checkpoint
     overwrite: bool = False  # replace the run in --out, finished or not (without it, a run there is refused)

@@ -361,10 +361,11 @@ class Trainer:
                     st.add(stats, now - t_prev, lr, dra_w)
                     t_prev = now
                     st.step, st.global_step = batch.step + 1, st.global_step + 1
-                    if live and st.global_step % cfg.log_every == 0:
+                    mid_epoch = st.step < self.sampler.steps_per_epoch
+                    last = not mid_epoch or st.global_step >= self.total_steps
+                    if live and (st.global_step % cfg.log_every == 0 or last):  # every epoch has a row
                         live.log(st.global_step, "train", {**stats, "lr": lr, "dra_weight": dra_w})
                     bar.update(1)
-                    mid_epoch = st.step < self.sampler.steps_per_epoch
                     if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and mid_epoch:
                         checkpoint()
                     if stop_after_steps is not None and st.global_step >= stop_after_steps:
