@@ -51,13 +51,13 @@ from pipeline.train.data import (
     load_part,
     plan_memory,
     target_reader,
-    target_sample,
+    target_whitening,
 )
 from pipeline.train.model import DRANet, MapHead, ProjectionHead
 from pipeline.train.readers import Prefetcher
 from pipeline.train.sampler import Batch, MixedSampler
 from pipeline.train.state import STATE_FILE
-from pipeline.train.step import normalise_targets, pca_whitening
+from pipeline.train.step import normalise_targets
 
 __all__ = ["CacheDataset", "Trained", "dataloader", "load_classifier", "open_store"]
 
@@ -107,7 +107,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self.pad = int(self.cache.attrs["view_spec"]["pad"])
         self.mean, self.std = torch.from_numpy(p.mean).float(), torch.from_numpy(p.std).float()
         # --target-norm pca: the same whitening as train's (the same rows and views drawn)
-        self.whitening = pca_whitening(target_sample(p, rows), p.mean) if self.norm is TargetNorm.pca else None
+        self.whitening = target_whitening(p, rows) if self.norm is TargetNorm.pca else None
         self.note = image_note(part, self.data, str(self.cache.attrs.get("digest")), flag="shards=")
         if self.note:
             warnings.warn(self.note.removeprefix("note: "), stacklevel=2)

@@ -98,14 +98,18 @@ PAIRED_FIELDS = (("sample order", order_rule), ("upstream (diffusion model)", up
                  ("training attack step size", lambda r: train_field(r, "step_size")))
 
 
+def seed_pairs(groups: dict[str, list[dict]], name: str, base: str) -> list[tuple[str, dict, dict]]:
+    """(seed, variant's run, base's run) for every training seed both variants ran, in seed order."""
+    mine, ref = ({str(train_field(r, "seed", "?")): r for r in groups[g]} for g in (name, base))
+    return [(seed, mine[seed], ref[seed]) for seed in sorted(set(mine) & set(ref))]
+
+
 def refuse_unpaired(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> None:
     """Each (variant, base) pair's runs of one seed must share the sample order, the cache, and the
     training attack's eps, steps and step size (the evaluation settings are checked for the whole
     table by ``refuse_unequal_evaluations``); one error line names the runs and the field otherwise."""
     for name, base in pairs:
-        mine, ref = ({str(train_field(r, "seed", "?")): r for r in groups[g]} for g in (name, base))
-        for seed in sorted(set(mine) & set(ref)):
-            a, b = mine[seed], ref[seed]
+        for seed, a, b in seed_pairs(groups, name, base):
             for label, read in PAIRED_FIELDS:
                 x, y = read(a), read(b)
                 if x is not None and y is not None and x != y:

@@ -15,6 +15,7 @@ from pipeline.report.results import (
     compare,
     is_number,
     pgd_label,
+    seed_pairs,
     show,
     train_field,
     train_seconds,
@@ -203,10 +204,10 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
 def paired_values(groups: dict[str, list[dict]], name: str, baseline: str, key: str,
                   upstream_of: str | None = None) -> list[tuple[float, float]]:
     """(variant, base) values of ``key`` for every training seed both ran, in seed order (only the
-    seeds whose base run trained on the cache ``upstream_of``, when given)."""
-    mine, ref = ({str(train_field(r, "seed", "?")): r[key] for r in groups[g] if is_number(r.get(key))
-                  and (upstream_of is None or upstream(r) == upstream_of)} for g in (name, baseline))
-    return [(mine[s], ref[s]) for s in sorted(set(mine) & set(ref))]
+    seeds whose two runs both trained on the upstream ``upstream_of``, when given)."""
+    return [(a[key], b[key]) for _, a, b in seed_pairs(groups, name, baseline)
+            if is_number(a.get(key)) and is_number(b.get(key))
+            and (upstream_of is None or upstream(a) == upstream(b) == upstream_of)]
 
 
 def upstreams(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> list[str]:

@@ -38,6 +38,7 @@ from pipeline.core.shards import (
 from pipeline.core.views import ViewSpec, apply_views, fresh_views
 from pipeline.train.readers import InMemoryImages, InMemoryTargets, StreamingImages, StreamingTargets
 from pipeline.train.sampler import Batch
+from pipeline.train.step import pca_whitening
 
 WINDOW = 4  # chunks per shuffle window when streaming (the readers keep two windows)
 CHECK_ROWS = 4096  # rows per read while the stored images are hashed (bounded memory)
@@ -203,6 +204,12 @@ def target_sample(part: Any, n: int, *, max_rows: int = 4096, seed: int = 0) -> 
     rng = np.random.default_rng([seed, 11])
     rows = np.sort(rng.choice(n, min(n, max_rows), replace=False))
     return part.read(rows, rng.integers(0, part.k, len(rows)))
+
+
+def target_whitening(part: Any, n: int) -> torch.Tensor:
+    """``--target-norm pca``'s whitening of the first ``n`` rows' targets (``target_sample``): one
+    function, so that train and ``api.CacheDataset`` draw the same rows and get the same matrix."""
+    return pca_whitening(target_sample(part, n), part.mean)
 
 
 def feature_bytes(part: Any, n: int) -> int:

@@ -38,7 +38,7 @@ from pipeline.train.data import (
     load_part,
     plan_memory,
     target_reader,
-    target_sample,
+    target_whitening,
 )
 from pipeline.train.livelog import LiveLog
 from pipeline.train.model import EMA, DRANet, backbone_parameters, build_dra_net
@@ -52,7 +52,6 @@ from pipeline.train.step import (
     adversarial_step,
     clean_accuracy,
     normalise_targets,
-    pca_whitening,
 )
 from pipeline.train.validation import Validation, is_best, measure, save_best, validation_set
 
@@ -148,7 +147,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     view = spec_from_dict(cache.attrs["view_spec"])  # the cache's (open_cache checked it)
     whitening = None
     if cfg.target_norm is TargetNorm.pca and mode != "none":
-        whitening = pca_whitening(target_sample(rpart, used["train"][1]), rpart.mean).to(rt.device)
+        whitening = target_whitening(rpart, used["train"][1]).to(rt.device)
     return Data(cache, target, parts["train"], parts.get("synthetic"), mean.to(rt.device), std.to(rt.device),
                 view.pad, mode, chunked, images, view, whitening)
 
