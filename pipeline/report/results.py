@@ -25,13 +25,13 @@ compared with the folder's ``model.safetensors`` instead.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
 from pipeline.core.errors import UserError
+from pipeline.core.shards import file_sha256
 
 # the paper's variants, in the order the table shows them
 CANONICAL = ["AT", "AT+DRA", "DM-AT", "DM-AT+DRA"]
@@ -332,14 +332,11 @@ def _json(path: Path) -> dict | None:
 
 
 def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
+    """The file's sha256 (``core.shards.file_sha256``), None where it cannot be read."""
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return file_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def _progress(p: object) -> str:
