@@ -104,11 +104,11 @@ class CacheDataset(torch.utils.data.Dataset):
                             target=self.target, stream=stream, verify=check_images)
         self.data: PartData = replace(data, reader=target_reader(p, data.n, stream=stream))
         self.stream, self.rows_per_chunk = stream, p.rows_per_chunk
-        self.pad = int(self.cache.attrs["view_spec"]["pad"])
+        self.pad = self.cache.plan.view_spec.pad
         self.mean, self.std = torch.from_numpy(p.mean).float(), torch.from_numpy(p.std).float()
         # --target-norm pca: the same whitening as train's (the same rows and views drawn)
         self.whitening = target_whitening(p, rows) if self.norm is TargetNorm.pca else None
-        self.note = image_note(part, self.data, str(self.cache.attrs.get("digest")), flag="shards=")
+        self.note = image_note(part, self.data, self.cache.digest, flag="shards=")
         if self.note:
             warnings.warn(self.note.removeprefix("note: "), stacklevel=2)
 

@@ -9,7 +9,8 @@ import pytest
 from repro import tree_bytes
 
 from pipeline.cache.store import CacheWriter, PartInit, cache_info, open_cache, verify_cache
-from pipeline.cache.targets import Pooling, TargetSpec, targets_attrs
+from pipeline.cache.targets import Pooling, TargetSpec
+from pipeline.cache.testing import split_record, store_plan
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.core.views import ViewSpec, sample_views
@@ -30,8 +31,7 @@ def _init(ss, k: int, seed: int) -> PartInit:
     views = sample_views(n, k, ViewSpec(), seed)
     seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
     fp = ss.fingerprint
-    return PartInit(ss.keys, ss.labels, views, seeds, [SPEC],
-                    {"shards": ss.path, "fingerprint": {k: fp[k] for k in ("content_hash", "count", "image_shape", "shards_digest")}})
+    return PartInit(ss.keys, ss.labels, views, seeds, [SPEC], split_record(ss.path, fp))
 
 
 def _features(init: PartInit, seed: int) -> np.ndarray:
@@ -41,21 +41,26 @@ def _features(init: PartInit, seed: int) -> np.ndarray:
     return (base[:, None, :] + 0.3 * rng.normal(size=(init.n, init.k, D))).astype(np.float16)
 
 
-PLAN = {**targets_attrs([SPEC]), "pooling": "mean", "image_size": 28, "normalisation": "x*2-1",
-        "view_spec": ViewSpec().to_dict()}
+def _inits(real, test_rows: int = 64) -> dict[str, PartInit]:
+    test = real["test"]
+    test = type(test)(test.keys[:test_rows], test.images[:test_rows], test.labels[:test_rows],
+                      test.fingerprint, test.path)
+    return {"train": _init(real["train"], 3, 1), "test": _init(test, 1, 2)}
+
+
+def _plan(real, **fields):
+    """The root plan of the stores below (no diffusion model: the features are stand-ins)."""
+    return store_plan([SPEC], _inits(real), **fields)
 
 
 def write_store(url: str, real, *, stop_after: int | None = None, finalize: bool = True,
                 nan_row: int | None = None, test_rows: int = 64,
                 chunking: tuple[int, int] = (16, 2)) -> tuple[CacheWriter, dict]:
-    test = real["test"]
-    test = type(test)(test.keys[:test_rows], test.images[:test_rows], test.labels[:test_rows],
-                      test.fingerprint, test.path)
-    inits = {"train": _init(real["train"], 3, 1), "test": _init(test, 1, 2)}
+    inits = _inits(real, test_rows)
     feats = {n: _features(p, i) for i, (n, p) in enumerate(inits.items())}
     if nan_row is not None:
         feats["train"][nan_row, 1, 3] = np.nan
-    w = CacheWriter.open_or_create(url, plan=PLAN, parts=inits, rows_per_chunk=chunking[0],
+    w = CacheWriter.open_or_create(url, plan=store_plan([SPEC], inits), parts=inits, rows_per_chunk=chunking[0],
                                    chunks_per_shard=chunking[1], compressor="blosc-zstd")
     done = 0
     for name in inits:
@@ -103,7 +108,7 @@ def test_progress_record_drives_resume(tmp_path, real):
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
-    w2 = CacheWriter.open_or_create(url, plan=PLAN, parts={}, rows_per_chunk=16, chunks_per_shard=2,
+    w2 = CacheWriter.open_or_create(url, plan=_plan(real), parts={}, rows_per_chunk=16, chunks_per_shard=2,
                                     compressor="blosc-zstd")
     assert list(w2.missing_shards("train")) == [1, 3, 4, 5, 6]  # the damaged shard is redone
 
@@ -120,7 +125,7 @@ def test_other_settings_refused(tmp_path, real):
     url = str(tmp_path / "c.zarr")
     write_store(url, real, stop_after=1, finalize=False)
     with pytest.raises(UserError, match="other settings"):
-        CacheWriter.open_or_create(url, plan={**PLAN, "seed": 10}, parts={}, rows_per_chunk=16,
+        CacheWriter.open_or_create(url, plan=_plan(real, seed=10), parts={}, rows_per_chunk=16,
                                    chunks_per_shard=2, compressor="blosc-zstd")
     folder = tmp_path / "not-a-store"
     folder.mkdir()
@@ -245,8 +250,9 @@ def test_metadata_is_covered_like_data(tmp_path, real):
     _only(verify_cache(str(url)), "digest mismatch")
     with pytest.raises(UserError, match="digest mismatch"):
         open_cache(str(url))
-    _reseal(url)  # consistent again, but it is another cache: its digest tells
-    assert open_cache(str(url)).attrs["targets"][0]["t"] == 500
+    _reseal(url)  # consistent again, but it is another cache: its digest tells, and its spec lies
+    with pytest.raises(UserError, match="malformed target specification.*'t': 500"):
+        open_cache(str(url))  # the set is named t100-mid_block
     _only(verify_cache(str(url), digest=digest), f"is not the expected {digest}")
 
     for p, b in original.items():

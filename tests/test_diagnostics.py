@@ -148,11 +148,10 @@ def test_extract_measures_a_bounded_seeded_subset_of_rows_read_alone(store, monk
     rows = np.array([1, 5, 33, 60])
     assert np.array_equal(writer.read_identity("train", name, rows), writer.read_identity("train", name)[rows])
     train = PartInit(part.read_keys(0, part.n), part.labels, part.views, np.zeros((part.n, 1), np.int64),
-                     list(cache.targets))
-    images, pad = part.read_images(0, part.n), cache.attrs["view_spec"]["pad"]
-    seed = cache.attrs.get("seed", 0)
+                     list(cache.targets), part.record)
+    images, pad, seed = part.read_images(0, part.n), cache.plan.view_spec.pad, cache.plan.seed
     again = json.loads(json.dumps(build.compute_diagnostics(writer, train, images, pad, seed)))
-    assert again == cache.attrs["diagnostics"]
+    assert again == cache.meta.diagnostics
     monkeypatch.setattr(build, "MAX_ROWS", 20)
     small = build.compute_diagnostics(writer, train, images, pad, seed)
     assert small["rows"] == 20 and small == build.compute_diagnostics(writer, train, images, pad, seed)

@@ -355,7 +355,7 @@ def test_views_all_stores_every_distinct_view_and_passes_the_recompute(tmp_path,
                        limit=24, t="100", layer="mid_block"))
     cache = open_cache(str(out))
     part = cache.part("train")
-    assert part.k == spec.n_views == 18 and part.attrs["views"] == "all"
+    assert part.k == spec.n_views == 18 and part.record.view_mode == "all"
     combos = {tuple(int(part.views[key][n, k]) for key in ("dx", "dy", "flip")) for n in (0, 23) for k in range(18)}
     assert len(combos) == 18  # every distinct view, in each row
     assert [int(part.views[key][5, 0]) for key in ("dx", "dy", "flip")] == [1, 1, 0]  # view 0: the identity
@@ -447,11 +447,11 @@ def test_k_views_are_drawn_uniformly_unless_identity_first_is_asked_for(store, f
 
     part = open_cache(str(store)).part("train")
     ident = lambda v, j: (v["dx"][:, j] == part.view_spec.pad) & (v["dy"][:, j] == part.view_spec.pad) & (v["flip"][:, j] == 0)  # noqa: E731
-    assert part.attrs["view_draw"] == "uniform" and part.k >= 2
+    assert part.record.view_mode == "uniform" and part.k >= 2
     assert ident(part.views, 0).mean() < 0.5  # 1/n_views expected; a forced identity would give 1
     ss = read_split(fmnist_shards / "train", limit=300)
     spec = [TargetSpec(100, "mid_block", Pooling.mean, (8,))]
     for draw, forced in ((ViewDraw.uniform, False), (ViewDraw.identity_first, True)):
         init = part_init("train", ss, "4", spec, ExtractConfig(view_draw=draw))
         assert bool(ident(init.views, 0).all()) is forced
-        assert ("view_draw" in init.attrs) is (draw is ViewDraw.uniform)
+        assert ("view_draw" in init.record.to_attrs()) is (draw is ViewDraw.uniform)

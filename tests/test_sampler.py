@@ -10,7 +10,7 @@ import torch
 
 from pipeline.cache.store import open_cache
 from pipeline.cache.targets import Pooling, TargetSpec
-from pipeline.cache.testing import split_attrs, write_store
+from pipeline.cache.testing import split_record, write_store
 from pipeline.core.shards import read_split
 from pipeline.train.readers import (
     InMemoryImages,
@@ -102,7 +102,7 @@ def store(tmp_path_factory, fmnist_shards):
     feats[:, :, 1] = np.arange(k)[None, :]
     url = write_store(str(tmp_path_factory.mktemp("sampler") / "feats.zarr"), keys=ss.keys, labels=ss.labels, k=k,
                       targets=[spec], features={spec.name: feats}, images=ss.images,
-                      split=split_attrs(ss.path, ss.fingerprint))
+                      split=split_record(ss.path, ss.fingerprint))
     return url, feats, ss.images
 
 

@@ -23,7 +23,7 @@ import pytest
 from launch import accelerate_run  # tests/ is on sys.path (rootdir conftest)
 
 from pipeline.cache.targets import Pooling, TargetSpec
-from pipeline.cache.testing import split_attrs, write_store
+from pipeline.cache.testing import split_record, write_store
 from pipeline.core.shards import read_split
 from pipeline.data.config import PrepareConfig
 from pipeline.train.sampler import MixedSampler
@@ -50,7 +50,7 @@ def write_cache(url: Path, shards: Path, n: int, k: int, d: int, seed: int) -> i
         return bits.view(np.float16)
 
     write_store(str(url), keys=ss.keys, labels=ss.labels, k=k, targets=[spec], features={spec.name: features},
-                split=split_attrs(ss.path, ss.fingerprint), seed=seed, noise_seed=np.arange(n * k).reshape(n, k),
+                split=split_record(ss.path, ss.fingerprint), seed=seed, noise_seed=np.arange(n * k).reshape(n, k),
                 rows_per_chunk=UNIT_ROWS_X_VIEWS // k, chunks_per_shard=CHUNKS_PER_SHARD, compressor="blosc-lz4",
                 plan={"image_size": int(ss.images.shape[1])})
     return n * k * d * 2

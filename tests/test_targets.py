@@ -15,7 +15,7 @@ import torch
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.store import open_cache, verify_cache
 from pipeline.cache.targets import Pooling, TargetSpec, select, targets_attrs, targets_from_attrs
-from pipeline.cache.testing import split_attrs, write_store
+from pipeline.cache.testing import split_record, write_store
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.diffusion.model import load_model
@@ -96,8 +96,8 @@ def _spatial_store(fmnist_shards, url, plan_extra=None):
     spec = TargetSpec(100, "mid_block", Pooling.flatten, SHAPE)
     feats = np.random.default_rng(0).normal(size=(n, k, *SHAPE)).astype(np.float16)
     write_store(str(url), keys=ss.keys, labels=ss.labels, k=k, targets=[spec], features={spec.name: feats},
-                split=split_attrs(ss.path, ss.fingerprint), noise_seed=np.arange(n * k).reshape(n, k),
-                rows_per_chunk=8, chunks_per_shard=2, plan={"image_size": 28, **(plan_extra or {})})
+                split=split_record(ss.path, ss.fingerprint), noise_seed=np.arange(n * k).reshape(n, k),
+                rows_per_chunk=8, chunks_per_shard=2, plan=plan_extra)
     return spec, feats, n
 
 
@@ -122,7 +122,7 @@ def test_a_store_of_another_target_shape_needs_no_other_code(fmnist_shards, tmp_
 def test_a_spec_that_disagrees_with_the_features_is_refused(fmnist_shards, tmp_path):
     """The head is sized from the spec: a root spec other than the parts' feature shape is one line."""
     lie = TargetSpec(100, "mid_block", Pooling.flatten, (18,))
-    _spatial_store(fmnist_shards, tmp_path / "lie.zarr", targets_attrs([lie]))
+    _spatial_store(fmnist_shards, tmp_path / "lie.zarr", {"targets": (lie,)})
     with pytest.raises(UserError, match=r"train/targets/t100-mid_block/features: shape \(40, 2, 2, 3, 3\) .*"
                                         r"target shape \[18\]"):
         open_cache(str(tmp_path / "lie.zarr")).part("train")

@@ -34,7 +34,7 @@ def build_image_store(work: Path, rows: int, *, seed: int, d: int = 64, k: int =
     from (seed, shard) wherever they are needed, so nothing of size N is ever held in memory.
     """
     from pipeline.cache.targets import Pooling, TargetSpec
-    from pipeline.cache.testing import split_attrs, write_store
+    from pipeline.cache.testing import split_record, write_store
     from pipeline.core.shards import FINGERPRINT, content_hash, make_fingerprint, shard_name
     from pipeline.core.views import ViewSpec
 
@@ -62,7 +62,7 @@ def build_image_store(work: Path, rows: int, *, seed: int, d: int = 64, k: int =
         s = a // SPLIT_SHARD_ROWS
         return images(s)[a - bounds[s][0]:b - bounds[s][0]]
 
-    return Path(write_store(str(url), keys=keys, labels=labels, k=k, targets=[target], split=split_attrs(str(split), fp),
+    return Path(write_store(str(url), keys=keys, labels=labels, k=k, targets=[target], split=split_record(str(split), fp),
                             features={target.name: lambda a, b: rng.standard_normal((b - a, k, d), np.float32).astype(np.float16)},
                             images=image_rows, view_spec=ViewSpec(pad=4), seed=seed, rows_per_chunk=256,
                             chunks_per_shard=16))

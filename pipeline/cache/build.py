@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.config import MIN_ROWS, ExtractConfig, ViewDraw
+from pipeline.cache.contract import CachePlan, Fingerprint, ModelRecord, PartRecord
 from pipeline.cache.diagnostics import MAX_ROWS, diagnose, diagnosis_lines
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.cache.probe import linear_probe
-from pipeline.cache.store import IMAGES, NORMALISATION, PATHS, CacheWriter, PartInit, probe_table, record_path
-from pipeline.cache.targets import TargetSpec, targets_attrs
+from pipeline.cache.store import IMAGES, CacheWriter, PartInit, probe_table, record_path
+from pipeline.cache.targets import TargetSpec
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
@@ -57,16 +58,12 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
     views = all_views(n, cfg.view) if mode == "all" else sample_views(n, k, cfg.view, view_seed, identity_first=not uniform)
     rng = np.random.default_rng([cfg.seed, PART_IDS[name], 1])
     noise_seed = rng.integers(0, 2**63 - 1, size=(n, k), dtype=np.int64)
-    fp = ss.fingerprint
-    attrs = {"shards": record_path(cfg.out, ss.path), "fingerprint": {"content_hash": fp["content_hash"], "count": fp["count"],
-                                                 "shards_digest": fp.get("shards_digest"),
-                                                 "image_shape": fp["image_shape"],
-                                                 "num_classes": fp.get("num_classes")},
-             "view_seed": view_seed,
-             **({"views": "all"} if mode == "all" else {"view_draw": cfg.view_draw.value} if uniform else {})}
+    fp = Fingerprint.of_split(ss.fingerprint)
+    record = PartRecord(record_path(cfg.out, ss.path), fp, view_seed,
+                        "all" if mode == "all" else cfg.view_draw.value if uniform else None)
     # the test part is never trained on: its images stay in the shards only
-    image_shape = tuple(fp["image_shape"]) if cfg.images and name != "test" else None
-    return PartInit(ss.keys, ss.labels, views, noise_seed, targets, attrs, image_shape)
+    image_shape = fp.image_shape if cfg.images and name != "test" else None
+    return PartInit(ss.keys, ss.labels, views, noise_seed, targets, record, image_shape)
 
 
 def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
@@ -157,15 +154,11 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     # paths relative to the store (a store moved with its inputs still finds them); a hub id as it is
     source = record_path(cfg.out, cfg.model) if Path(cfg.model).expanduser().exists() else str(cfg.model)
     bundle = model_files(cfg.model, model) if cfg.bundle_model else {}  # refused before anything is written
-    plan = {"paths": PATHS, "model": {"source": f"./{BUNDLED_MODEL}" if bundle else source, "weights_sha256": model.weights_sha256,
-                                      "num_classes": model.num_classes, "null_class": model.null_class,
-                                      **({"bundled": True, "bundled_from": source} if bundle else {})},
-            **extractor.settings(), **targets_attrs(targets), "image_size": model.image_size, "in_channels": model.in_channels,
-            "normalisation": NORMALISATION, "view_spec": cfg.view.to_dict(), "seed": cfg.seed,
-            "code_version": pipeline.__version__, "compressor": cfg.compressor, "images": cfg.images,
-            # the data each part was computed from: a resume on other images is refused
-            "parts": {n: {"n": p.n, "k": p.k, "content_hash": p.attrs["fingerprint"]["content_hash"]}
-                      for n, p in inits.items()}}
+    record = ModelRecord(f"./{BUNDLED_MODEL}" if bundle else source, model.weights_sha256, model.num_classes,
+                         model.null_class, source if bundle else None)
+    plan = CachePlan(record, tuple(targets), model.image_size, model.in_channels, cfg.view, extractor.pooling,
+                     extractor.draws, extractor.condition.value, cfg.seed, pipeline.__version__, cfg.compressor,
+                     cfg.images, {n: p.plan for n, p in inits.items()})
     open_args = dict(plan=plan, parts=inits, rows_per_chunk=cfg.rows_per_chunk,
                      chunks_per_shard=cfg.chunks_per_shard, compressor=cfg.compressor)
     writer = CacheWriter.open_or_create(cfg.out, **open_args) if dist.rank == 0 else None

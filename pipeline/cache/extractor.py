@@ -28,7 +28,8 @@ from pipeline.cache.config import Condition
 from pipeline.cache.targets import Pooling, TargetSpec, reduce
 from pipeline.core.errors import UserError
 
-if TYPE_CHECKING:  # only for type hints: the loader lives in pipeline.diffusion.model
+if TYPE_CHECKING:  # only for type hints: the loader lives in pipeline.diffusion.model, the reader in the store
+    from pipeline.cache.store import FeatureCache
     from pipeline.diffusion.model import DiffusionModel
 
 
@@ -121,11 +122,6 @@ class FeatureExtractor:
         """Every (t, layer), t-major: the order of the store's target sets (the first is the default)."""
         return [(t, layer) for t in self.timesteps for layer in self.layers]
 
-    def settings(self) -> dict[str, Any]:
-        """What a cache records about the extraction (the condition as actually used)."""
-        return {"timesteps": self.timesteps, "layers": self.layers, "pooling": self.pooling.value,
-                "draws": self.draws, "condition": self.condition.value, "noise": "shared-across-timesteps"}
-
     def options(self) -> dict[str, Any]:
         """The constructor's arguments that give this extractor again (another ``stop_early``, say)."""
         return {"t": self.timesteps, "layer": self.layers, "pooling": self.pooling.value, "draws": self.draws,
@@ -206,18 +202,18 @@ class FeatureExtractor:
         return [TargetSpec(t, layer, self.pooling, tuple(out[(t, layer)].shape[1:])) for t, layer in self.sets]
 
     @classmethod
-    def from_cache(cls, cache: Any, target: TargetSpec, device: str | torch.device = "cpu") -> FeatureExtractor:
+    def from_cache(cls, cache: FeatureCache, target: TargetSpec, device: str | torch.device = "cpu") -> FeatureExtractor:
         """Rebuild the extractor of one of a cache's target sets (train --online); refuses other weights."""
         from pipeline.diffusion.model import load_model  # lazy: only the online mode needs the model
 
-        a, source = cache.attrs, cache.model_source  # a folder relative to the store, or a hub id
+        plan, source = cache.plan, cache.model_source  # a folder relative to the store, or a hub id
         model = load_model(source, device=device)
-        if model.weights_sha256 != a["model"]["weights_sha256"]:
+        if model.weights_sha256 != plan.model.weights_sha256:
             raise UserError(f"model {source}: weights differ from those the cache was built with")
-        cond = a["condition"]
+        cond = plan.condition
         if cond == "none" and model.num_classes is not None:
             raise UserError("the cache was built unconditionally but the model is class-conditional")
-        ext = cls(model, t=target.t, layer=target.layer, pooling=target.pooling, draws=a["draws"],
+        ext = cls(model, t=target.t, layer=target.layer, pooling=target.pooling, draws=plan.draws,
                   condition=cond if model.num_classes is not None else "null")
         made = ext.target_specs(model.image_size, model.in_channels)[0]
         if made != target:

@@ -66,12 +66,12 @@ def export_probe(store: str, out: str) -> dict:
     if (path.exists() or path.is_symlink()) and not _is_probe_file(path):
         raise UserError(f"{out}: exists and is not a probe file; move it or choose another --out")
     cache = open_cache(store)
-    probe = cache.attrs.get("probe")
-    if not isinstance(probe, dict) or not isinstance(probe.get("sets"), list):
+    probe, diagnostics = cache.meta.probe, cache.meta.diagnostics
+    if probe is None or not isinstance(probe.get("sets"), list):
         raise UserError(f"{store}: records no linear probe (extract writes one into every store it finishes)")
-    record = {"store": str(store), "digest": cache.attrs.get("digest"), **probe}
-    if isinstance(cache.attrs.get("diagnostics"), dict):  # the target sets' information figures, beside the probe
-        record["diagnostics"] = cache.attrs["diagnostics"]
+    record = {"store": str(store), "digest": cache.digest, **probe}
+    if diagnostics is not None:  # the target sets' information figures, beside the probe
+        record["diagnostics"] = diagnostics
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2) + "\n")
     return record

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.store import CachePart, FeatureCache
+from pipeline.cache.targets import TargetSpec
 from pipeline.core.errors import UserError
 from pipeline.core.shards import (
     ShardSet,
@@ -79,7 +81,7 @@ def join_by_key(cache_keys: list[str], shards: ShardSet) -> np.ndarray:
     return np.fromiter((index[k] for k in cache_keys), np.int64, len(cache_keys))
 
 
-def check_stored_images(part: Any, path: str, fp: dict, n: int) -> None:
+def check_stored_images(part: CachePart, path: str, fp: dict, n: int) -> None:
     """The images, keys and labels a cache part stores for rows [0, n) are the split's.
 
     The split's fingerprint lists its shards with a content hash each (keys, pixels, labels); the
@@ -128,7 +130,7 @@ def image_note(name: str, data: PartData, digest: str, flag: str = "") -> str | 
             "against their split")
 
 
-def _split_fingerprint(cache: Any, name: str, path: str, *, given: bool) -> dict | None:
+def _split_fingerprint(cache: FeatureCache, name: str, path: str, *, given: bool) -> dict | None:
     """The fingerprint of the image split at ``path``; None when the split the cache records is not
     reachable and the part stores its images (a store shared or moved alone). A split the user
     names (``given``) must be there."""
@@ -146,8 +148,8 @@ def _split_fingerprint(cache: Any, name: str, path: str, *, given: bool) -> dict
     return read_fingerprint(path)  # a malformed one is its own error line
 
 
-def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: dict | None,
-              image_size: int | None, target: Any = None, stream: bool = False,
+def load_part(cache: FeatureCache, name: str, *, shards_dir: str, limit: int, view_spec: dict | None,
+              image_size: int | None, target: TargetSpec | None = None, stream: bool = False,
               verify: bool = True) -> tuple[PartData, Any]:
     """Images and view records of one cache part, checked against the cache. No features yet
     (``target``: the target set the returned part reads; default: the cache's default set).
@@ -189,7 +191,7 @@ def load_part(cache: Any, name: str, *, shards_dir: str, limit: int, view_spec: 
                     shards=path), part
 
 
-def _read_all(part: Any, n: int) -> torch.Tensor:
+def _read_all(part: CachePart, n: int) -> torch.Tensor:
     """The first n stored images as uint8 (n, C, H, W), filled block by block (no second copy)."""
     h, w, c = part.image_shape
     out = torch.empty((n, c, h, w), dtype=torch.uint8)
@@ -198,7 +200,7 @@ def _read_all(part: Any, n: int) -> torch.Tensor:
     return out
 
 
-def target_sample(part: Any, n: int, *, max_rows: int = 4096, seed: int = 0) -> np.ndarray:
+def target_sample(part: CachePart, n: int, *, max_rows: int = 4096, seed: int = 0) -> np.ndarray:
     """Targets (M, *shape) of at most ``max_rows`` of the first ``n`` rows (one random view each,
     seeded): what ``--target-norm pca`` estimates the train targets' covariance from."""
     rng = np.random.default_rng([seed, 11])
@@ -206,22 +208,22 @@ def target_sample(part: Any, n: int, *, max_rows: int = 4096, seed: int = 0) -> 
     return part.read(rows, rng.integers(0, part.k, len(rows)))
 
 
-def target_whitening(part: Any, n: int) -> torch.Tensor:
+def target_whitening(part: CachePart, n: int) -> torch.Tensor:
     """``--target-norm pca``'s whitening of the first ``n`` rows' targets (``target_sample``): one
     function, so that train and ``api.CacheDataset`` draw the same rows and get the same matrix."""
     return pca_whitening(target_sample(part, n), part.mean)
 
 
-def feature_bytes(part: Any, n: int) -> int:
+def feature_bytes(part: CachePart, n: int) -> int:
     return n * part.k * part.d * 2  # float16 rows of d = TargetSpec.size numbers
 
 
-def image_bytes(part: Any, n: int) -> int:
+def image_bytes(part: CachePart, n: int) -> int:
     """uint8 pixels of the first n rows (the shape the split's fingerprint records)."""
-    return n * int(np.prod(part.fingerprint.get("image_shape") or [0]))
+    return n * int(np.prod(part.fingerprint.image_shape or [0]))
 
 
-def target_reader(part: Any, rows: int, *, stream: bool, window: int = WINDOW) -> InMemoryTargets | StreamingTargets:
+def target_reader(part: CachePart, rows: int, *, stream: bool, window: int = WINDOW) -> InMemoryTargets | StreamingTargets:
     """The first ``rows`` rows of a cache part's targets: in RAM (one float16 gather per batch) or
     streamed (an LRU of 2 shuffle windows of chunks)."""
     return StreamingTargets(part, capacity=reader_capacity(window)) if stream else InMemoryTargets(part, rows=rows)

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.store import StoreChanged, open_cache, recheck_cache, verify_cache
+from pipeline.cache.contract import NORMALISATION
+from pipeline.cache.store import FeatureCache, StoreChanged, open_cache, recheck_cache, verify_cache
 from pipeline.cache.targets import TargetSpec
 from pipeline.core.classifiers import build_classifier
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import peak_rss_mb
-from pipeline.core.views import ViewSpec, spec_from_dict
+from pipeline.core.views import ViewSpec
 from pipeline.train import state
 from pipeline.train.config import TargetNorm, TrainConfig
 from pipeline.train.data import (
@@ -67,7 +68,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 @dataclass
 class Data:
-    cache: Any
+    cache: FeatureCache
     target: TargetSpec  # the cache's target set this run aligns to
     real: PartData
     synthetic: PartData | None
@@ -102,8 +103,8 @@ def refuse_damaged(cfg: TrainConfig) -> None:
 def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     """Cache + images, all checks done; features in RAM or streamed (or none: plain AT / online)."""
     cache = open_cache(cfg.cache)
-    if cfg.cache_digest and cache.attrs.get("digest") != cfg.cache_digest:
-        raise UserError(f"{cfg.cache}: digest {str(cache.attrs.get('digest'))[:16]}... is not the --cache-digest "
+    if cfg.cache_digest and cache.digest != cfg.cache_digest:
+        raise UserError(f"{cfg.cache}: digest {cache.digest[:16]}... is not the --cache-digest "
                         f"{cfg.cache_digest[:16]}... you were given: another or a changed store; refused")
     if cfg.verify:
         refuse_damaged(cfg)
@@ -129,7 +130,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     for name, (limit, shards) in limits.items():
         p = used[name][0]
         d, _ = load_part(cache, name, shards_dir=shards, limit=limit, stream=stream, **kw)
-        note = image_note(name, d, str(cache.attrs.get("digest")))
+        note = image_note(name, d, cache.digest)
         if note and rt.is_main and not (cfg.cache_digest and cfg.verify):  # a trusted digest vouches for them
             print(note)
         if mode == "ram":
@@ -144,7 +145,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
     images = "stream" if all(streamed) else "mixed" if any(streamed) else "ram"
     rpart = used["train"][0]
     mean, std = (torch.from_numpy(rpart.mean).float(), torch.from_numpy(rpart.std).float())
-    view = spec_from_dict(cache.attrs["view_spec"])  # the cache's (open_cache checked it)
+    view = cache.plan.view_spec  # the cache's (open_cache checked it)
     whitening = None
     if cfg.target_norm is TargetNorm.pca and mode != "none":
         whitening = target_whitening(rpart, used["train"][1]).to(rt.device)
@@ -156,32 +157,34 @@ def build_model(cfg: TrainConfig, data: Data, rt: Runtime) -> tuple[DRANet, Weig
     """Classifier (+ DRA head), SGD, EMA and the attack's generator, seeded; the run's metadata."""
     torch.manual_seed(cfg.seed)
     c, h, _ = data.real.image_shape
-    num_classes = int(data.cache.part("train").fingerprint.get("num_classes") or int(data.real.labels.max()) + 1)
+    num_classes = int(data.cache.part("train").fingerprint.num_classes or int(data.real.labels.max()) + 1)
     clf = build_classifier(cfg.arch, c, num_classes, h)
     net = build_dra_net(clf, data.target if cfg.dra_weight > 0 else None, cfg.head_hidden, cfg.align_layer,
                         in_channels=c, image_size=h).to(rt.device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000003 + rt.rank)
+    plan = data.cache.plan
     meta = {"arch": cfg.arch.value, "in_channels": c, "num_classes": num_classes, "image_size": h,
             # what training used, read from the cache (the flags above may leave them unset)
-            "view_spec": data.view.to_dict(), "normalisation": data.cache.attrs.get("normalisation"),
+            "view_spec": data.view.to_dict(), "normalisation": NORMALISATION,
             "threat_model": "Linf", "eps": cfg.eps,
             # the sample order (report refuses to pair runs whose orders differ)
             "order": {"mode": "chunk-aware", "window": WINDOW, "rows_per_chunk": data.chunked},
             "feature_dim": clf.feature_dim, "train": json.loads(json.dumps(asdict(cfg))),
             # content hash of each image split -> its first rows used in training (evaluate refuses them)
             "trained_on": trained_on(data),
-            "cache": {k: data.cache.attrs.get(k) for k in ("model", "pooling", "condition", "digest")} |
+            "cache": {"model": plan.model.to_attrs(), "pooling": plan.pooling.value, "condition": plan.condition,
+                      "digest": data.cache.digest} |
             {"t": data.target.t, "layer": data.target.layer, "target_set": data.target.name, "url": cfg.cache,
              "target_shape": list(data.target.shape),  # what the DRA head outputs (api.load_classifier rebuilds it)
              "target_mode": data.mode, "image_mode": data.images,
              # how each part's images were checked: split | store (manifest + digest only) | shards | off
              "image_check": {d.name: d.image_check for d in (data.real, data.synthetic) if d is not None},
-             "probe_accuracy": probe_of(data.cache.attrs.get("probe"), data.target)}}
+             "probe_accuracy": probe_of(data.cache.meta.probe, data.target)}}
     return net, Weights(net, opt, EMA(clf, cfg.ema_decay), gen), meta
 
 
-def probe_of(probe: Any, target: Any) -> float | None:
+def probe_of(probe: dict | None, target: TargetSpec) -> float | None:
     """The cache's linear-probe accuracy of the target set training aligns to (None if not recorded)."""
     sets = probe.get("sets") if isinstance(probe, dict) else None
     for s in sets if isinstance(sets, list) else []:
@@ -196,7 +199,7 @@ def trained_on(data: Data) -> dict[str, int]:
     them). A part without a content hash is left out; two parts of the same images keep the larger."""
     out: dict[str, int] = {}
     for d, name in ((data.real, "train"), (data.synthetic, "synthetic")):
-        h = data.cache.part(name).fingerprint.get("content_hash") if d else None
+        h = data.cache.part(name).fingerprint.content_hash if d else None
         if isinstance(h, str):
             out[h] = max(out.get(h, 0), int(d.n))
     return out

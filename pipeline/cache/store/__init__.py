@@ -45,16 +45,15 @@ through a trusted channel can require it (``cache verify --digest``).
 
 from __future__ import annotations
 
+from pipeline.cache.contract import NORMALISATION, PATHS, CacheMeta, CachePlan, PartRecord
 from pipeline.cache.store.checks import check_digest_value
 from pipeline.cache.store.info import cache_info, probe_table
 from pipeline.cache.store.layout import (
     COMPRESSORS,
     FORMAT,
     IMAGES,
-    NORMALISATION,
     OLD_FORMATS,
     PARTS,
-    PATHS,
     PartInit,
     attrs_digest,
     open_group,
@@ -66,4 +65,4 @@ from pipeline.cache.store.reader import CachePart, FeatureCache, StoreChanged, o
 from pipeline.cache.store.verify import recheck_cache, verify_cache
 from pipeline.cache.store.writer import CacheWriter
 
-__all__ = ["COMPRESSORS", "CachePart", "CacheWriter", "FORMAT", "FeatureCache", "IMAGES", "NORMALISATION", "OLD_FORMATS", "PARTS", "PATHS", "PartInit", "StoreChanged", "attrs_digest", "cache_info", "check_digest_value", "open_cache", "open_group", "probe_table", "recheck_cache", "record_path", "resolve_path", "set_path", "verify_cache"]
+__all__ = ["COMPRESSORS", "CachePart", "CacheMeta", "CachePlan", "CacheWriter", "FORMAT", "FeatureCache", "IMAGES", "NORMALISATION", "OLD_FORMATS", "PARTS", "PATHS", "PartInit", "PartRecord", "StoreChanged", "attrs_digest", "cache_info", "check_digest_value", "open_cache", "open_group", "probe_table", "recheck_cache", "record_path", "resolve_path", "set_path", "verify_cache"]

@@ -7,6 +7,7 @@ import json
 
 import zarr
 
+from pipeline.cache.contract import PartRecord
 from pipeline.cache.store.layout import FORMAT, IMAGES, MALFORMED, OLD_FORMATS, ROOT_META, _raw, open_group
 from pipeline.cache.targets import TargetSpec
 from pipeline.core.errors import UserError
@@ -21,18 +22,15 @@ def _open_for_check(url: str) -> tuple[zarr.Group, dict, str | None]:
 
 
 # -- reading -------------------------------------------------------------------------------------
-def _positive_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
 def _layout_problems(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[str]:
     """The part's attributes, its target sets and their chunking make sense (checked before
     anything is read by them)."""
     try:
-        a = dict(g.attrs)
-        ints = {k: a.get(k) for k in ("n", "k", "rows_per_chunk", "rows_per_shard", "n_shards")}
-        if not all(map(_positive_int, ints.values())):
-            return [f"{name}: malformed attributes {ints} (positive integers expected)"]
+        try:
+            rec = PartRecord.from_attrs(dict(g.attrs), name)
+        except UserError as exc:
+            return [str(exc)]
+        ints = {"n": rec.n, "k": rec.k, "rows_per_chunk": rec.rows_per_chunk, "rows_per_shard": rec.rows_per_shard}
         held = sorted(g["targets"].group_keys()) if "targets" in g.group_keys() else []
         if held != sorted(s.name for s in specs):
             return [f"{name}: holds target sets {held}, the cache's specification lists "
@@ -46,11 +44,9 @@ def _layout_problems(name: str, g: zarr.Group, specs: list[TargetSpec]) -> list[
             if (f.chunks[0], (f.shards or f.chunks)[0]) != (ints["rows_per_chunk"], ints["rows_per_shard"]):
                 return [f"{name}: attributes say {ints['rows_per_chunk']}/{ints['rows_per_shard']} rows per "
                         f"chunk/shard, the features of {spec.name} {f.chunks[0]}/{(f.shards or f.chunks)[0]}"]
-        if a.get(IMAGES) is not None and not isinstance(a.get(IMAGES), bool):
-            return [f"{name}: malformed attribute images={str(a.get(IMAGES))[:40]!r} (true or false expected)"]
-        if a.get(IMAGES):
-            im, fp = g[IMAGES], a.get("fingerprint")
-            want = [ints["n"], *(fp.get("image_shape", []) if isinstance(fp, dict) else [])]
+        if rec.images:
+            im = g[IMAGES]
+            want = [ints["n"], *(rec.fingerprint.image_shape or [])]
             if list(im.shape) != want or len(want) != 4 or str(im.dtype) != "uint8" \
                     or tuple(im.chunks) != (ints["rows_per_chunk"], *im.shape[1:]) \
                     or tuple(im.shards or im.chunks) != (ints["rows_per_shard"], *im.shape[1:]):

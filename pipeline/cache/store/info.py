@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
+from pipeline.cache.contract import PATHS
 from pipeline.cache.diagnostics import diagnosis_lines
 from pipeline.cache.store.layout import (
     IMAGES,
     MALFORMED,
     PARTS,
-    PATHS,
     SMALL_ARRAYS,
     _data_keys,
     _is_part,

@@ -1,4 +1,4 @@
-"""Where things are in a store: format constants, codecs, parts and target-set paths, recorded paths
+"""Where things are in a store: format constants (the attributes' types: pipeline/cache/contract.py), codecs, parts and target-set paths, recorded paths
 relative to the store, and the raw reads every other module uses (zarr internals stay here)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import os
 import posixpath
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from pipeline.cache.contract import PartPlan, PartRecord
 from pipeline.cache.targets import TargetSpec
 from pipeline.core.errors import UserError
 from pipeline.core.storage import local_path
@@ -27,9 +28,7 @@ FORMAT = "dra-feature-cache/3"  # 3: several (t, layer) target sets; 2: manifest
 OLD_FORMATS = {"dra-feature-cache/1": "its checksums cover feature chunks only, not the metadata",
                "dra-feature-cache/2": "it holds one target set in another layout"}
 ROOT_META = "zarr.json"  # holds the manifest itself; covered by the digest instead
-PATHS = "relative-to-store"  # root attribute ``paths``: recorded relative paths start at the store
 PARTS = ("train", "synthetic", "test")
-NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
 # Measured on float16 mid_block features of real Fashion-MNIST (6000 x 4 views x 64, default-size
 # UNet, untrained weights): blosc-zstd+bitshuffle 1.19x (96 ms/3 MB write), blosc-lz4+bitshuffle
 # 1.17x (38 ms), plain zstd 1.10x (38 ms), blosc-zstd+byte shuffle 1.12x. Half-precision
@@ -60,7 +59,7 @@ class PartInit:
     views: dict[str, np.ndarray]  # dx, dy, flip (N, K)
     noise_seed: np.ndarray  # (N, K) int64
     targets: list[TargetSpec]  # the target sets every part holds
-    attrs: dict = field(default_factory=dict)  # shards path, fingerprint, ...
+    record: PartRecord  # the image split it was made from (path, fingerprint) and how its views were drawn
     image_shape: tuple[int, ...] | None = None  # (H, W, C): the part stores its images too
 
     @property
@@ -70,6 +69,12 @@ class PartInit:
     @property
     def k(self) -> int:
         return int(self.noise_seed.shape[1])
+
+    @property
+    def plan(self) -> PartPlan:
+        """The root's record of the part: its size and the data it is computed from (a resume on
+        other images is refused)."""
+        return PartPlan(self.n, self.k, self.record.fingerprint.content_hash)
 
 
 def _raw(store: Any, key: str) -> bytes | None:

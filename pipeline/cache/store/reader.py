@@ -10,19 +10,12 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.cache.contract import PATHS, CacheMeta, CachePlan, Fingerprint, PartRecord
 from pipeline.cache.store.checks import _open_for_check, _part_problems
-from pipeline.cache.store.layout import (
-    IMAGES,
-    NORMALISATION,
-    PARTS,
-    PATHS,
-    _is_part,
-    attrs_digest,
-    resolve_path,
-)
-from pipeline.cache.targets import TargetSpec, select, targets_from_attrs
+from pipeline.cache.store.layout import IMAGES, PARTS, _is_part, attrs_digest, resolve_path
+from pipeline.cache.targets import TargetSpec, select
 from pipeline.core.errors import UserError
-from pipeline.core.views import record_problem, spec_from_dict
+from pipeline.core.views import ViewSpec, record_problem
 
 
 class StoreChanged(UserError):
@@ -49,23 +42,21 @@ class CachePart:
     """One part of a cache seen through one target set: metadata arrays in memory, features read
     on demand."""
 
-    def __init__(self, group: zarr.Group, name: str, target: TargetSpec, manifest: dict | None = None,
-                 view_spec: dict | None = None, resolve: Any = str) -> None:
-        self.name, self._g, self.target = name, group, target
-        self.view_spec = spec_from_dict(view_spec)
+    def __init__(self, group: zarr.Group, name: str, target: TargetSpec, record: PartRecord,
+                 manifest: dict | None = None, view_spec: ViewSpec | None = None, resolve: Any = str) -> None:
+        self.name, self._g, self.target, self.record = name, group, target, record
+        self.view_spec = view_spec or ViewSpec()
         self._manifest = manifest or {}  # the verified files: one that disappears is refused when read
         self._set = group["targets"][target.name]
         self._features = self._set["features"]
-        a = dict(group.attrs)
-        self.attrs = a
         self.n, self.k = self._features.shape[:2]
         self.shape: tuple[int, ...] = target.shape  # of one target
         self.d = target.size
-        self.rows_per_chunk = int(a["rows_per_chunk"])
+        self.rows_per_chunk = record.rows_per_chunk
         # the image split this part was made from, as a path to open ("" when not recorded)
-        self.shards = resolve(a["shards"]) if isinstance(a.get("shards"), str) and a["shards"] else ""
-        self.fingerprint = a.get("fingerprint", {})
-        self.has_images = a.get(IMAGES) is True  # the part stores its images (layout checked by FeatureCache.part)
+        self.shards = resolve(record.shards) if record.shards else ""
+        self.fingerprint: Fingerprint = record.fingerprint
+        self.has_images = record.images  # the part stores its images (layout checked by FeatureCache.part)
 
     # the per-row arrays are read on first use: ``check_against`` first compares N with the image
     # shards' count, so a store that claims 10^9 rows is refused before they are loaded
@@ -141,39 +132,40 @@ class CachePart:
 
 
 class FeatureCache:
-    """An opened, complete cache. ``attrs`` is the root attribute dict."""
+    """An opened, complete cache: ``meta`` is its validated root (``plan``: how it was made; digest,
+    manifest, probe, diagnostics); ``attrs`` the raw root attribute dict it was read from."""
 
-    def __init__(self, url: str, group: zarr.Group) -> None:
-        self.url, self._g = url, group
+    def __init__(self, url: str, group: zarr.Group, meta: CacheMeta) -> None:
+        self.url, self._g, self.meta = url, group, meta
         self.attrs: dict = dict(group.attrs)
         self.parts: list[str] = [p for p in PARTS if _is_part(group, p)]
         self._parts: dict[tuple[str, str], CachePart] = {}
 
+    @property
+    def plan(self) -> CachePlan:
+        return self.meta.plan
+
+    @property
+    def digest(self) -> str:
+        return self.meta.digest
+
     def resolve(self, recorded: str) -> str:
         """A path the store records, to open from here (relative to the store where it says so)."""
-        return resolve_path(self.url, recorded, self.attrs.get("paths") == PATHS)
+        return resolve_path(self.url, recorded, self.plan.paths == PATHS)
 
     @property
     def model_source(self) -> str:
         """The diffusion model the store was made with: a folder (resolved) or a hub id."""
-        model = self.attrs.get("model")
-        source = model.get("source") if isinstance(model, dict) else None
-        if not isinstance(source, str) or not source:
-            raise UserError(f"{self.url}: records no diffusion model (model.source)")
-        return self.resolve(source)
-
-    @functools.cached_property
-    def _targets(self) -> tuple[list[TargetSpec], TargetSpec]:
-        return targets_from_attrs(self.attrs)
+        return self.resolve(self.plan.model.source)
 
     @property
     def targets(self) -> list[TargetSpec]:
         """Every target set the cache holds (t-major, in the order extraction was asked for)."""
-        return self._targets[0]
+        return list(self.plan.targets)
 
     @property
     def default_target(self) -> TargetSpec:
-        return self._targets[1]
+        return self.plan.default_target
 
     def target(self, t: int | None = None, layer: str | None = None) -> TargetSpec:
         """The set at (t, layer) (either left out: the default's); an absent one is refused with
@@ -191,10 +183,12 @@ class FeatureCache:
             problems = _part_problems(name, self._g[name], self.targets)
             if problems:
                 raise UserError(f"{self.url}: {problems[0]}")
-            manifest = self.attrs.get("manifest")
-            self._parts[(name, target.name)] = CachePart(self._g[name], name, target,
-                                                         manifest if isinstance(manifest, dict) else None,
-                                                         self.attrs.get("view_spec"), self.resolve)
+            try:
+                record = PartRecord.from_attrs(dict(self._g[name].attrs), name)
+            except UserError as exc:
+                raise UserError(f"{self.url}: {exc}") from None
+            self._parts[(name, target.name)] = CachePart(self._g[name], name, target, record, self.meta.manifest,
+                                                         self.plan.view_spec, self.resolve)
         return self._parts[(name, target.name)]
 
     def check_against(self, part_name: str, shardset: Any, *, view_spec: dict | None = None,
@@ -206,9 +200,9 @@ class FeatureCache:
                                image_size=image_size)
         if list(shardset.keys[:part.n]) != part.keys:
             raise UserError(f"{where}: sample keys differ from the cache's keys")
-        shape = list(shardset.images.shape[1:])
-        if shape != list(part.fingerprint.get("image_shape", [])):
-            raise UserError(f"{where}: image shape {shape} differs from the cache's {part.fingerprint.get('image_shape')}")
+        shape = tuple(shardset.images.shape[1:])
+        if shape != part.fingerprint.image_shape:
+            raise UserError(f"{where}: image shape {list(shape)} differs from the cache's {_listed(part.fingerprint.image_shape)}")
 
     def check_fingerprint(self, part_name: str, theirs: dict, path: str, *, view_spec: dict | None = None,
                           image_size: int | None = None) -> None:
@@ -220,12 +214,11 @@ class FeatureCache:
         where = f"{self.url} [{part_name}] vs {path}"
         if part.n > int(theirs.get("count", 0)):
             raise UserError(f"{where}: the cache has {part.n} rows, the image shards only {theirs.get('count')}")
-        if fp.get("content_hash") != theirs.get("content_hash") or fp.get("count") != theirs.get("count") \
-                or fp.get("shards_digest") != theirs.get("shards_digest"):
+        if not fp.matches(theirs):
             raise UserError(f"{where}: the cache was built from other data (fingerprint differs)")
-        if list(theirs.get("image_shape", [])) != list(fp.get("image_shape", [])):
+        if list(theirs.get("image_shape", [])) != list(fp.image_shape or []):
             raise UserError(f"{where}: image shape {theirs.get('image_shape')} differs from the cache's "
-                            f"{fp.get('image_shape')}")
+                            f"{_listed(fp.image_shape)}")
         self.check_setup(view_spec=view_spec, image_size=image_size, where=where)
 
     def check_setup(self, *, view_spec: dict | None = None, image_size: int | None = None,
@@ -233,11 +226,9 @@ class FeatureCache:
         """The training setup a user asked for is the cache's: image size, normalisation, and each
         field of ``view_spec`` given (a field left out is the cache's, e.g. {"pad": 4})."""
         where = where or self.url
-        if image_size is not None and int(image_size) != int(self.attrs["image_size"]):
-            raise UserError(f"{where}: image size {image_size} differs from the cache's {self.attrs['image_size']}")
-        if self.attrs.get("normalisation") != NORMALISATION:
-            raise UserError(f"{self.url}: unknown normalisation {self.attrs.get('normalisation')!r}")
-        theirs = dict(self.attrs["view_spec"])
+        if image_size is not None and int(image_size) != self.plan.image_size:
+            raise UserError(f"{where}: image size {image_size} differs from the cache's {self.plan.image_size}")
+        theirs = self.plan.view_spec.to_dict()
         if view_spec is not None and any(theirs.get(k) != v for k, v in dict(view_spec).items()):
             raise UserError(f"{where}: augmentation spec {view_spec} differs from the cache's {theirs}")
 
@@ -258,7 +249,11 @@ def open_cache(url: str) -> FeatureCache:
         raise UserError(f"{url}: the root attributes were changed after extraction (digest mismatch); "
                         "refusing the cache")
     try:
-        spec_from_dict(attrs.get("view_spec"))
+        meta = CacheMeta.from_attrs(attrs)
     except UserError as exc:
         raise UserError(f"{url}: {exc}") from None
-    return FeatureCache(str(url), group)
+    return FeatureCache(str(url), group, meta)
+
+
+def _listed(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else list(shape)

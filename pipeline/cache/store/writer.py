@@ -3,6 +3,7 @@ and the store (manifest, digest, ``complete`` last)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.cache.contract import CachePlan
 from pipeline.cache.store.layout import (
     COMPRESSORS,
     FORMAT,
@@ -35,8 +37,8 @@ from pipeline.core.errors import UserError
 class CacheWriter:
     """Creates a store (or reopens one for resume), writes shards, finalises.
 
-    ``plan`` is every root attribute known up front; a store on disk is resumed only if it
-    records the same plan, so a re-run can never mix two configurations in one store.
+    ``plan`` is every root attribute known up front (``CachePlan``); a store on disk is resumed only
+    if it records the same plan, so a re-run can never mix two configurations in one store.
     """
 
     def __init__(self, url: str, group: zarr.Group, rows_per_shard: int) -> None:
@@ -44,12 +46,14 @@ class CacheWriter:
 
     # -- creation / resume ----------------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, url: str, *, plan: dict, parts: dict[str, PartInit], rows_per_chunk: int,
+    def open_or_create(cls, url: str, *, plan: CachePlan, parts: dict[str, PartInit], rows_per_chunk: int,
                        chunks_per_shard: int, compressor: str, create: bool = True) -> CacheWriter:
         """Resume a store with the same plan, or create it (only where ``create``: rank 0)."""
         if compressor not in COMPRESSORS:
             raise UserError(f"unknown compressor {compressor!r}; choose one of {sorted(COMPRESSORS)}")
-        plan = json.loads(json.dumps(plan))  # the JSON form, as it would read back
+        if parts and plan.parts != {n: p.plan for n, p in parts.items()}:
+            raise ValueError(f"the plan's parts {plan.parts} are not the parts given ({sorted(parts)})")
+        plan = json.loads(json.dumps(plan.to_attrs()))  # the JSON form, as it would read back
         try:
             group = zarr.open_group(_location(url), mode="r+", zarr_format=3)
             old = dict(group.attrs)
@@ -102,8 +106,9 @@ class CacheWriter:
                            compressors=IMAGE_CODEC(), fill_value=0, config={"write_empty_chunks": True})
             g.create_array("images_progress", shape=(n_shards, 32), dtype="uint8", chunks=(1, 32), compressors=None,
                            fill_value=0, config={"write_empty_chunks": True})
-        g.attrs.update({**p.attrs, "n": n, "k": k, "rows_per_chunk": rpc, "rows_per_shard": rps,
-                        "n_shards": n_shards, "compressor": compressor, IMAGES: bool(p.image_shape)})
+        layout = dataclasses.replace(p.record, n=n, k=k, rows_per_chunk=rpc, rows_per_shard=rps, n_shards=n_shards,
+                                     compressor=compressor, images=bool(p.image_shape))
+        g.attrs.update({**layout.to_attrs(), **layout.layout_attrs()})
 
     # -- shards -----------------------------------------------------------------------------------
     def n_shards(self, part: str) -> int:
