@@ -86,6 +86,8 @@ CASES = {
     "train/missing-cache": "train --cache {nope} --out {out}/t",
     "train/text-as-cache": "train --cache {text} --out {out}/t",
     "train/shards-as-cache": "train --cache {real} --out {out}/t",
+    "train/t-negative": "train --cache {nope} --t -3 --out {out}/t",
+    "train/t-not-an-integer": "train --cache {nope} --t 1,2 --out {out}/t",
     "train/batch-size-0": "train --cache {store} --batch-size 0 --out {out}/t",
     "train/batch-size-negative": "train --cache {store} --batch-size -1 --out {out}/t",
     "train/eps-negative": "train --cache {store} --eps -0.1 --out {out}/t",

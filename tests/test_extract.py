@@ -56,7 +56,7 @@ def synthetic_dir(tmp_path_factory, fmnist_shards) -> Path:
 
 def config(model_dir, fmnist_shards, synthetic_dir, out, **kw) -> ExtractConfig:
     base = ExtractConfig(model=str(model_dir), real_splits=str(fmnist_shards), synthetic=str(synthetic_dir),
-                         out=str(out), t="100,30", layer="mid_block,up_blocks.0", views=3, views_synthetic=2, batch_size=64,
+                         out=str(out), t=(100, 30), layer=("mid_block", "up_blocks.0"), views=3, views_synthetic=2, batch_size=64,
                          rows_per_chunk=32, chunks_per_shard=2, limit=200)
     return replace(base, **kw)
 
@@ -181,8 +181,9 @@ def test_refused_before_any_work(tmp_path, model_dir, fmnist_shards, synthetic_d
              "--pooling .max.: choose one of": dict(pooling="max"), "--condition .cfg.: choose one": dict(condition="cfg"),
              "no fingerprint.json": dict(real_splits=str(tmp_path / "nowhere")),
              r"--limit must be 0 \(all\) or >= 10": dict(limit=-1), "unknown compressor": dict(compressor="gzip9"),
-             "--t must be one timestep or a comma list of distinct": dict(t="100,100"),
-             "--t must be one timestep or a comma list": dict(t="1e2"),
+             "--t must be one timestep >= 0 or a comma list of distinct": dict(t="100,100"),
+             "--t must be one value or a comma list of integers": dict(t="1e2"),
+             "--t must be one timestep >= 0": dict(t=-5), "--layer must be one value or a comma list": dict(layer="a,,b"),
              "--layer must be one block or a comma list of distinct": dict(layer="mid_block,mid_block"),
              "t=2000 is outside the schedule": dict(t="100,2000"), "unknown layer 'up'": dict(layer="mid_block,up")}
     for message, kw in cases.items():
@@ -242,7 +243,7 @@ def _cli(cfg: ExtractConfig) -> list[str]:
     return [sys.executable, "-m", "pipeline", "extract", "--model", cfg.model, "--real-splits", cfg.real_splits,
             "--synthetic", cfg.synthetic, "--out", cfg.out, "--views", str(cfg.views),
             "--views-synthetic", str(cfg.views_synthetic), "--batch-size", str(cfg.batch_size),
-            "--t", cfg.t, "--layer", cfg.layer, "--rows-per-chunk", str(cfg.rows_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
+            "--t", ",".join(map(str, cfg.t)), "--layer", ",".join(cfg.layer), "--rows-per-chunk", str(cfg.rows_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
             "--limit", str(cfg.limit)]
 
 

@@ -43,7 +43,7 @@ def test_a_target_list_names_its_default_and_selection_refuses_absent_sets():
     assert attrs["default_target"] == "t100-mid_block"
     got, default = targets_from_attrs(attrs)
     assert got == specs and default == specs[0]
-    assert select(specs, default) == specs[0] and select(specs, default, -1, "") == specs[0]
+    assert select(specs, default) == specs[0] and select(specs, default, None, "") == specs[0]
     assert select(specs, default, 10) == specs[2] and select(specs, default, layer="up_blocks.0") == specs[1]
     assert select(specs, default, 10, "up_blocks.0") == specs[3]
     with pytest.raises(UserError, match=r"no target set t=50 layer=mid_block; it holds: t=100 layer=mid_block, "

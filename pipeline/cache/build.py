@@ -134,7 +134,7 @@ def extract(cfg: ExtractConfig) -> dict:
 def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     dirs = split_dirs(cfg)
     model = load_model(cfg.model, device=str(dist.device))
-    extractor = FeatureExtractor(model, t=cfg.timesteps, layer=cfg.layers, pooling=cfg.pooling, draws=cfg.draws,
+    extractor = FeatureExtractor(model, t=cfg.t, layer=cfg.layer, pooling=cfg.pooling, draws=cfg.draws,
                                  condition=cfg.condition)
     want_shape = [model.image_size, model.image_size, model.in_channels]
     for path in dirs.values():
@@ -192,7 +192,7 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
         print(f"{cfg.out}: computing {sum(map(len, missing.values()))} of "
               f"{sum(writer.n_shards(n) for n in inits)} shards of {len(targets)} target set(s) "
               "(the others are written and checked)")
-    bar = tqdm(total=total, desc=f"extract t={cfg.t} {cfg.layer}", unit="forward", mininterval=2,
+    bar = tqdm(total=total, desc=f"extract t={','.join(map(str, cfg.t))} {','.join(cfg.layer)}", unit="forward", mininterval=2,
                disable=dist.rank != 0)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future | None = None

@@ -7,6 +7,7 @@ from enum import Enum
 
 from pipeline.cache.targets import Pooling
 from pipeline.core.config import coerce_enums, require
+from pipeline.core.errors import UserError
 from pipeline.core.views import ViewSpec
 
 MIN_ROWS = 10  # a train part smaller than this cannot fit and score the linear probe
@@ -26,6 +27,19 @@ class ViewDraw(str, Enum):
     identity_first = "identity-first"  # view 0 the identity, the others random (stores made before uniform existed)
 
 
+def _tuple(value: object, item: type, flag: str) -> tuple:
+    """A tuple of ``item`` from a tuple or list, one value, or a comma list ("10,100"); one UserError
+    line for anything else (an empty entry, a bool, a float, a word where a timestep belongs)."""
+    values = list(value) if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
+    try:
+        if any(isinstance(v, (bool, float)) or str(v) == "" for v in values):
+            raise ValueError
+        return tuple(item(v) for v in values)
+    except ValueError:
+        kind = "integers" if item is int else "names"
+        raise UserError(f"{flag} must be one value or a comma list of {kind}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     model: str = "artifacts/diffusion"  # the diffusion model folder (from `diffusion`) or a diffusers UNet folder
@@ -34,8 +48,8 @@ class ExtractConfig:
     out: str = "artifacts/feats.zarr"  # the feature cache to write (path or fsspec URL); an unfinished one is resumed
     # one target set per (t, layer): comma lists ("10,100,200", "mid_block,up_blocks.0") cost one
     # forward per timestep (every layer hooked in it); the first t and the first layer are the default set
-    t: str = "100"  # diffusion timestep(s) at which each image is noised before the UNet forward
-    layer: str = "mid_block"  # UNet block(s) whose output is the target (comma list: one set per (t, layer))
+    t: tuple[int, ...] = (100,)  # diffusion timestep(s) at which each image is noised before the UNet forward
+    layer: tuple[str, ...] = ("mid_block",)  # UNet block(s) whose output is the target (comma list: one set per (t, layer))
     pooling: Pooling = Pooling.mean
     # K random views per image (drawn as --view-draw says), or "all": every distinct view of the view
     # spec in a fixed order (core/views.py:all_views), i.e. exact targets for standard augmentation
@@ -60,19 +74,11 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         coerce_enums(self)
-        for name in ("views", "views_synthetic", "t", "layer"):  # ints given in code or YAML: the same setting
-            value = getattr(self, name)
-            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-            object.__setattr__(self, name, value.replace(" ", ""))
-
-    @property
-    def timesteps(self) -> list[int]:
-        """The timesteps of ``--t`` (validate() has checked they are integers)."""
-        return [int(x) for x in self.t.split(",")]
-
-    @property
-    def layers(self) -> list[str]:
-        return self.layer.split(",")
+        for name in ("views", "views_synthetic"):  # ints given in code or YAML: the same setting
+            object.__setattr__(self, name, str(getattr(self, name)).replace(" ", ""))
+        # t and layer: tuples from the CLI on (a comma list, one value or a list given in code: the same)
+        object.__setattr__(self, "t", _tuple(self.t, int, "--t"))
+        object.__setattr__(self, "layer", _tuple(self.layer, str, "--layer"))
 
     def k_of(self, views: str) -> int:
         """K of a part: a count, or every distinct view of the view spec ("all")."""
@@ -84,11 +90,11 @@ class ExtractConfig:
         sizes = ("draws", "batch_size", "rows_per_chunk", "chunks_per_shard")
         views = [(v == "all" or (v.isdecimal() and int(v) >= 1), f"--{n.replace('_', '-')} must be a count >= 1 or "
                   f"'all', got {v!r}") for n, v in (("views", self.views), ("views_synthetic", self.views_synthetic))]
-        ts = self.t.split(",")
-        views.append((all(x.isdecimal() for x in ts) and len(set(map(int, ts))) == len(ts),
-                      f"--t must be one timestep or a comma list of distinct ones (10,100,200), got {self.t!r}"))
-        views.append((all(self.layers) and len(set(self.layers)) == len(self.layers),
-                      f"--layer must be one block or a comma list of distinct ones, got {self.layer!r}"))
+        views.append((bool(self.t) and min(self.t) >= 0 and len(set(self.t)) == len(self.t),
+                      f"--t must be one timestep >= 0 or a comma list of distinct ones (10,100,200), got "
+                      f"{','.join(map(str, self.t))!r}"))
+        views.append((bool(self.layer) and all(self.layer) and len(set(self.layer)) == len(self.layer),
+                      f"--layer must be one block or a comma list of distinct ones, got {','.join(self.layer)!r}"))
         require(self, views + [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
                                for n in sizes] + [
             (self.limit == 0 or self.limit >= MIN_ROWS, f"--limit must be 0 (all) or >= {MIN_ROWS} (the probe fits "

@@ -144,8 +144,8 @@ def targets_from_attrs(attrs: dict) -> tuple[list[TargetSpec], TargetSpec]:
 
 def select(specs: Sequence[TargetSpec], default: TargetSpec, t: int | None = None,
            layer: str | None = None) -> TargetSpec:
-    """The set at (t, layer); either left out (None, or t < 0, or layer "") means the default's."""
-    want_t = default.t if t is None or t < 0 else int(t)
+    """The set at (t, layer); either left out (None, or layer "") means the default's."""
+    want_t = default.t if t is None else int(t)
     want_layer = layer or default.layer
     for s in specs:
         if (s.t, s.layer) == (want_t, want_layer):

@@ -57,7 +57,7 @@ class TrainConfig:
     trades_beta: float = 6.0  # TRADES: weight of the KL term
     # 0.1: the sweep's choice (README "Tuning t, layer and lambda"; 0.5 and 1 lost up to 3 and 4 PGD points)
     dra_weight: float = 0.1  # lambda, the DRA loss's weight (0: plain adversarial training)
-    t: int = -1  # the cache's target set at this timestep (-1: the cache's default set's)
+    t: int | None = None  # the cache's target set at this timestep (unset: the cache's default set's)
     layer: str = ""  # ... and this layer ("": the default set's); a set the cache lacks is refused
     dra_schedule: DRASchedule = DRASchedule.constant  # how the DRA weight changes over training
     head_hidden: int = 256  # hidden width of the DRA projection head
@@ -108,7 +108,9 @@ class TrainConfig:
         require(self, [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 2, "--batch-size must be >= 2"),
                        (self.eps >= 0 and self.step_size >= 0, "--eps and --step-size must be >= 0"),
                        (self.attack_steps >= 0, "--attack-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
-                       (self.dra_weight >= 0, "--dra-weight must be >= 0"), (self.real_limit >= 0, "--real-limit must be >= 0"),
+                       (self.dra_weight >= 0, "--dra-weight must be >= 0"),
+                       (self.t is None or self.t >= 0, f"--t must be a timestep >= 0 (or unset: the default set), got {self.t}"),
+                       (self.real_limit >= 0, "--real-limit must be >= 0"),
                        (self.val_n >= 0 and self.val_pgd_steps >= 1, "--val-n must be >= 0 and --val-pgd-steps >= 1"),
                        (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
                        (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
