@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pipeline.cache.store import FeatureCache, open_cache, verify_cache
-from pipeline.core.classifiers import load_classifier as _load_ema_classifier
+from pipeline.classifiers.zoo import load_classifier as _load_ema_classifier
 from pipeline.core.errors import UserError
 from pipeline.train.config import TargetNorm
 from pipeline.train.data import (

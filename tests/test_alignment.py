@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from reliability_helpers import extract_cfg, train_cfg
 
 from pipeline.cache.targets import Pooling, TargetSpec, reduce
-from pipeline.core.classifiers import build_classifier, feature_blocks
+from pipeline.classifiers.zoo import build_classifier, feature_blocks
 from pipeline.core.errors import UserError
 from pipeline.train.config import AlignInput, Method
 from pipeline.train.losses import dra_loss

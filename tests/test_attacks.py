@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.classifiers.zoo import build_classifier
 from pipeline.core.attacks import pgd
-from pipeline.core.classifiers import build_classifier
 from pipeline.core.shards import read_split
 
 

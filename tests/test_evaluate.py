@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.classifiers import build_classifier, save_checkpoint
+from pipeline.classifiers.zoo import build_classifier, save_checkpoint
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.evaluate import robust

@@ -112,7 +112,7 @@ def test_a_shard_that_is_a_device_is_refused_unread(fmnist_shards, tmp_path):
 
 
 def test_model_pointer_loop_and_checkpoint_config_not_an_object(tmp_path, checkpoint):
-    from pipeline.core.classifiers import load_classifier
+    from pipeline.classifiers.zoo import load_classifier
 
     a, b = tmp_path / "a", tmp_path / "b"
     for here, there in ((a, b), (b, a)):  # two pointers at each other

@@ -61,8 +61,8 @@ def test_trades_step_equals_two_separate_forwards():
     for DDP) must give the loss, the gradients and the running statistics of two forwards."""
     import copy
 
+    from pipeline.classifiers.zoo import build_classifier
     from pipeline.core.attacks import pgd
-    from pipeline.core.classifiers import build_classifier
     from pipeline.train.config import Method
     from pipeline.train.model import DRANet
     from pipeline.train.step import StepSettings, adversarial_step

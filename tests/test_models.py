@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.core.classifiers import CLASSIFIERS, build_classifier, load_classifier, save_checkpoint
+from pipeline.classifiers.zoo import CLASSIFIERS, build_classifier, load_classifier, save_checkpoint
 from pipeline.core.errors import UserError
 from pipeline.train.model import ProjectionHead
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from reliability_helpers import train_cfg
 
-from pipeline.core.classifiers import build_classifier, load_classifier, save_checkpoint
+from pipeline.classifiers.zoo import build_classifier, load_classifier, save_checkpoint
 from pipeline.core.errors import UserError
 from pipeline.diffusion.model import load_model
 from stages import train

@@ -18,9 +18,9 @@ from reliability_helpers import TRAIN_ARGS, assert_one_error_line, extract_cfg, 
 
 from pipeline.cache import store as cache_mod
 from pipeline.cache.store import open_cache, verify_cache
-from pipeline.core import classifiers as models_mod
+from pipeline.classifiers import zoo as models_mod
+from pipeline.classifiers.zoo import load_classifier
 from pipeline.core import shards as shards_mod
-from pipeline.core.classifiers import load_classifier
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.data.config import PrepareConfig

@@ -216,7 +216,7 @@ def test_the_dataset_gives_trains_own_batches(store, tmp_path):
 
 
 def test_load_classifier_returns_the_classifier_and_the_dra_head(store, checkpoint):
-    from pipeline.core.classifiers import load_classifier
+    from pipeline.classifiers.zoo import load_classifier
 
     model, head, config = api.load_classifier(checkpoint)
     ema, _ = load_classifier(checkpoint)

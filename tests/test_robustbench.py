@@ -18,8 +18,8 @@ import pytest
 import torch
 from reliability_helpers import assert_one_error_line
 
+from pipeline.classifiers.zoo import build_classifier
 from pipeline.cli import main
-from pipeline.core.classifiers import build_classifier
 from pipeline.core.shards import Split, join, make_keys, write_split
 
 pytestmark = pytest.mark.robustbench

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.config import ExtractConfig
+from pipeline.classifiers.zoo import load_classifier
 from pipeline.cli import main
-from pipeline.core.classifiers import load_classifier
 from pipeline.core.errors import UserError
 from pipeline.core.shards import Split, read_split, write_split
 from pipeline.core.views import ViewRequest, apply_view_reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.archs import Arch
+from pipeline.classifiers.archs import Arch
 from pipeline.core.config import coerce_enums, require
 
 GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images")

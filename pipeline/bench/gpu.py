@@ -27,7 +27,7 @@ import torch
 from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
 from pipeline.cache.extractor import FeatureExtractor
-from pipeline.core.classifiers import build_classifier
+from pipeline.classifiers.zoo import build_classifier
 from pipeline.diffusion.model import DiffusionModel, make_scheduler
 from pipeline.train.config import Method
 from pipeline.train.model import DRANet, ProjectionHead

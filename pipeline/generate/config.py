@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.core.archs import Arch
+from pipeline.classifiers.archs import Arch
 from pipeline.core.config import coerce_enums, require
 
 

@@ -4,7 +4,7 @@ Two uses in the ``generate`` stage: pseudo-labels (with a confidence filter) for
 unconditional diffusion model, and the check that samples of a conditional model are labelled as
 intended ("agreement": the share of generated images this classifier assigns to the class they
 were generated for). It is an instrument, not a result, so it is small and trained briefly:
-``pipeline.core.classifiers.build_classifier("cnn")``, SGD with Nesterov momentum and a one-cycle LR.
+``pipeline.classifiers.zoo.build_classifier("cnn")``, SGD with Nesterov momentum and a one-cycle LR.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.classifiers.zoo import CONFIG_FILE, MODEL_FILE, build_classifier, load_classifier
 from pipeline.core import storage
-from pipeline.core.classifiers import CONFIG_FILE, MODEL_FILE, build_classifier, load_classifier
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.core.views import to_float01

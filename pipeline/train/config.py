@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pipeline.core.archs import Arch
+from pipeline.classifiers.archs import Arch
 from pipeline.core.config import coerce_enums, require
 from pipeline.core.views import ViewRequest
 

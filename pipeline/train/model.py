@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.classifiers import feature_blocks
+from pipeline.classifiers.zoo import feature_blocks
 from pipeline.core.errors import UserError
 
 

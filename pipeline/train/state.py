@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pipeline.core.classifiers import CONFIG_FILE, MODEL_FILE, save_json, save_tensors
+from pipeline.classifiers.zoo import CONFIG_FILE, MODEL_FILE, save_json, save_tensors
 from pipeline.core.errors import UserError
 from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.storage import atomic_write

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline.cache.contract import NORMALISATION
 from pipeline.cache.store import FeatureCache, StoreChanged, open_cache, recheck_cache, verify_cache
 from pipeline.cache.targets import TargetSpec
-from pipeline.core.classifiers import build_classifier
+from pipeline.classifiers.zoo import build_classifier
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import peak_rss_mb
 from pipeline.core.views import ViewSpec

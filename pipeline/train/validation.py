@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipeline.classifiers.zoo import save_checkpoint
 from pipeline.core.attacks import pgd
-from pipeline.core.classifiers import save_checkpoint
 from pipeline.core.errors import UserError
 from pipeline.core.views import to_float01
 

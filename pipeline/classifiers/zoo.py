@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.archs import Arch
+from pipeline.classifiers.archs import Arch
+from pipeline.classifiers.rb_archs import RBPreActResNet18, RBWideResNet
 from pipeline.core.errors import UserError
-from pipeline.core.rb_archs import RBPreActResNet18, RBWideResNet
 from pipeline.core.storage import atomic_write
 
 

@@ -1,4 +1,4 @@
-"""The names of the classifier architectures (their builders: ``pipeline/core/classifiers.py``), apart
+"""The names of the classifier architectures (their builders: ``pipeline/classifiers/zoo.py``), apart
 from the builders so that a stage's settings can name them without depending on the zoo, and the
 stages that train no classifier do not depend on this list."""
 
@@ -8,7 +8,7 @@ from enum import Enum
 
 
 class Arch(str, Enum):
-    """Classifier architectures (builders: ``pipeline/core/classifiers.py``)."""
+    """Classifier architectures (builders: ``pipeline/classifiers/zoo.py``)."""
 
     cnn = "cnn"
     resnet = "resnet"
