@@ -126,7 +126,7 @@ def _git(repo: Path, *args: str) -> None:
 def quick_repo(tmp: Path, fmnist_dir: Path) -> Path:
     """A git + DVC repository with this code, the quick params and a copy of Fashion-MNIST."""
     repo = tmp / "repo"
-    for sub in ("pipeline", "stages"):
+    for sub in ("pipeline", "stages", "models"):
         shutil.copytree(ROOT / sub, repo / sub, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / "tests" / "quick_params.yaml", repo / "params.yaml")
