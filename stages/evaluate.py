@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.classifiers import MODEL_FILE, load_classifier
+from pipeline.classifiers.zoo import MODEL_FILE, load_classifier
 from pipeline.core.runtime import Dist
 from pipeline.core.shards import file_sha256
 from pipeline.evaluate import robust
