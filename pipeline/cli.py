@@ -27,7 +27,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from pipeline.core.config import field_help, parse_float
+from pipeline.core.config import comma_tuple, field_help, parse_float
 from pipeline.core.errors import UserError
 
 # name -> (config class "module:Class", stage module, one-line help). Nothing is imported here.
@@ -85,13 +85,9 @@ def _cli_type(typ: Any, default: Any) -> tuple[Any, Any]:
     return typ, default
 
 
-def _to_field(typ: Any, value: Any) -> Any:
+def _to_field(typ: Any, value: Any, name: str) -> Any:
     if typing.get_origin(typ) is tuple:
-        item = typing.get_args(typ)[0]
-        try:
-            return tuple(item(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            raise UserError(f"expected a comma-separated list of {item.__name__}, got {value!r}") from None
+        return comma_tuple(value, typing.get_args(typ)[0], name)
     return typ(value) if isinstance(typ, type) and issubclass(typ, Enum) else value
 
 
@@ -105,7 +101,7 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
             sub = {k[len(f.name) + 1:]: v for k, v in values.items() if k.startswith(f.name + "_")}
             kwargs[f.name] = build_config(typ, sub)
         elif f.name in values:
-            kwargs[f.name] = _to_field(typ, values[f.name])
+            kwargs[f.name] = _to_field(typ, values[f.name], f.name)
     return cls(**kwargs)
 
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pipeline.cache.contract import Condition
 from pipeline.cache.targets import Pooling
-from pipeline.core.config import coerce_enums, require
-from pipeline.core.errors import UserError
+from pipeline.core.config import coerce_enums, comma_tuple, require
 from pipeline.core.views import ViewSpec
 
 MIN_ROWS = 10  # a train part smaller than this cannot fit and score the linear probe
 MAX_DRAWS = 64  # noise draws per view (the paper uses one)
-
-
-class Condition(str, Enum):
-    null = "null"  # the null class (label dropout index): no label information leaks
-    label = "label"  # the true label (leaks the label into the embedding; for ablations)
-    none = "none"  # unconditional model: no class_labels at all
 
 
 class ViewDraw(str, Enum):
@@ -25,19 +19,6 @@ class ViewDraw(str, Enum):
 
     uniform = "uniform"  # K distinct views uniformly from the view space: every training draw is a standard augmentation
     identity_first = "identity-first"  # view 0 the identity, the others random (stores made before uniform existed)
-
-
-def _tuple(value: object, item: type, flag: str) -> tuple:
-    """A tuple of ``item`` from a tuple or list, one value, or a comma list ("10,100"); one UserError
-    line for anything else (an empty entry, a bool, a float, a word where a timestep belongs)."""
-    values = list(value) if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
-    try:
-        if any(isinstance(v, (bool, float)) or str(v) == "" for v in values):
-            raise ValueError
-        return tuple(item(v) for v in values)
-    except ValueError:
-        kind = "integers" if item is int else "names"
-        raise UserError(f"{flag} must be one value or a comma list of {kind}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -77,8 +58,8 @@ class ExtractConfig:
         for name in ("views", "views_synthetic"):  # ints given in code or YAML: the same setting
             object.__setattr__(self, name, str(getattr(self, name)).replace(" ", ""))
         # t and layer: tuples from the CLI on (a comma list, one value or a list given in code: the same)
-        object.__setattr__(self, "t", _tuple(self.t, int, "--t"))
-        object.__setattr__(self, "layer", _tuple(self.layer, str, "--layer"))
+        object.__setattr__(self, "t", comma_tuple(self.t, int, "t"))
+        object.__setattr__(self, "layer", comma_tuple(self.layer, str, "layer"))
 
     def k_of(self, views: str) -> int:
         """K of a part: a count, or every distinct view of the view spec ("all")."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from pipeline.cache.targets import Pooling, TargetSpec, targets_from_attrs
@@ -25,8 +26,14 @@ from pipeline.core.views import ViewSpec, spec_from_dict
 PATHS = "relative-to-store"  # root attribute ``paths``: recorded relative paths start at the store
 NORMALISATION = "x*2-1"  # images in [0, 1] are fed to the UNet as [-1, 1]
 NOISE = "shared-across-timesteps"  # one noise draw per (image, view), used at every timestep
-CONDITIONS = ("null", "label", "none")
-VIEW_MODES = ("all", "uniform")  # part attributes ``views: "all"`` / ``view_draw: "uniform"``; neither: identity-first
+
+
+class Condition(str, Enum):
+    """The class conditioning a store's targets were extracted with (extract --condition)."""
+
+    null = "null"  # the null class (label dropout index): no label information leaks
+    label = "label"  # the true label (leaks the label into the embedding; for ablations)
+    none = "none"  # unconditional model: no class_labels at all
 
 
 def _bad(where: str, what: object) -> UserError:
@@ -75,8 +82,6 @@ class Fingerprint:
     shards_digest: str | None = None
     image_shape: tuple[int, ...] | None = None  # (H, W, C)
     num_classes: int | None = None
-
-    KEYS = ("content_hash", "count", "shards_digest", "image_shape", "num_classes")
 
     @classmethod
     def of_split(cls, fp: Mapping) -> Fingerprint:
@@ -181,7 +186,7 @@ class CachePlan:
                             f"{NORMALISATION!r})")
         checks = {"image_size": _int(a.get("image_size"), minimum=1), "in_channels": _int(a.get("in_channels"), minimum=1),
                   "draws": _int(a.get("draws"), minimum=1), "seed": _int(a.get("seed")),
-                  "condition": a.get("condition") in CONDITIONS, "noise": a.get("noise") == NOISE,
+                  "condition": a.get("condition") in {c.value for c in Condition}, "noise": a.get("noise") == NOISE,
                   "code_version": isinstance(a.get("code_version"), str),
                   "compressor": isinstance(a.get("compressor"), str), "images": isinstance(a.get("images"), bool),
                   "paths": a.get("paths") in (None, PATHS), "parts": isinstance(a.get("parts"), dict)}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.cache.config import Condition
+from pipeline.cache.contract import Condition
 from pipeline.cache.targets import Pooling, TargetSpec, reduce
 from pipeline.core.errors import UserError
 

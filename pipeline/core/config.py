@@ -56,6 +56,20 @@ def parse_float(value: object) -> float:
         raise ValueError(f"{value!r} is not a number or a fraction a/b (such as 0.03 or 8/255)") from None
 
 
+def comma_tuple(value: object, item: type, name: str) -> tuple:
+    """The value of a tuple field: a tuple or list, one value, or a comma list ("10,100"), as a
+    tuple of ``item``; an empty entry, a bool, a float or a word where a number belongs is one
+    ``UserError`` line naming the flag. The CLI and a config given in code both parse through it."""
+    values = list(value) if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
+    try:
+        if any(isinstance(v, (bool, float)) or str(v) == "" for v in values):
+            raise ValueError
+        return tuple(item(v) for v in values)
+    except ValueError:
+        kind = "integers" if item is int else "names" if item is str else item.__name__
+        raise UserError(f"{flag(name)} must be one value or a comma list of {kind}, got {value!r}") from None
+
+
 MAX_SEED = 2**31  # seeds are combined with ranks and indices (seed * 1000003 + rank) below 2**63
 
 
