@@ -22,23 +22,31 @@
 #   AA_SEED=2 ...                           # that seed (default 0; its checkpoints must be in .study)
 #   COMMIT=0 ...                            # write results without committing them
 #   rm -rf .study && git worktree prune     # to start over on the current commit (results kept)
+#
+# Another profile runs the same way, in its own worktree and results (NAME = the profile's file name):
+#   PROFILE=pipeline/params/default-seeds.yaml BASELINE=DM-AT:AT bash scripts/study.sh
+# -> worktree .NAME/, results/NAME/<run key>/seed<k>.json, plots results/NAME-report/, table between
+# <!-- NAME:begin/end --> in docs/results.md (BASELINE: the report's paired differences, VARIANT:BASE,...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PATH="$ROOT/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
-WT=$ROOT/.study
+PROFILE=${PROFILE:-pipeline/params/study.yaml}
+NAME=$(basename "$PROFILE" .yaml)
+BASELINE=${BASELINE:-AT+DRA:AT,DM-AT+DRA:DM-AT}
+WT=$ROOT/.$NAME
 COMMIT=${COMMIT:-1}
 DEADLINE=$(( $(date +%s) + ${MINUTES:-100000} * 60 ))
 
 if [ ! -d "$WT" ]; then
-  git diff --quiet HEAD -- pipeline/params/study.yaml || {
-    echo "error: pipeline/params/study.yaml has uncommitted changes; the study runs the committed profile"; exit 1; }
+  [ -n "$(git ls-files -- "$PROFILE")" ] && git diff --quiet HEAD -- "$PROFILE" || {
+    echo "error: $PROFILE is not committed as it is; the study runs the committed profile"; exit 1; }
   git worktree prune
   git worktree add --detach "$WT" HEAD
   mkdir -p "$WT/data" && cp -r data/fashion-mnist "$WT/data/"
 fi
 PIN=$(git -C "$WT" rev-parse HEAD)
-git -C "$WT" show "$PIN:pipeline/params/study.yaml" > "$WT/params.yaml"
+git -C "$WT" show "$PIN:$PROFILE" > "$WT/params.yaml"
 ART=$(python -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['artifacts'])" "$WT/params.yaml")
 RUNS=${RUNS:-$(python - "$WT/params.yaml" <<'PYEOF'
 import sys, yaml
@@ -49,37 +57,41 @@ PYEOF
 
 commit() {  # the given result files, alone (other staged changes stay staged)
   [ "$COMMIT" = 1 ] || return 0
-  git add -- "$@"
-  git commit -q -m "$MSG" -- "$@" || { echo "error: could not commit $*; the next run of study.sh commits it"; exit 1; }
+  local try
+  for try in 1 2 3 4 5; do  # another git command in the checkout (its index.lock) fails a commit: wait and retry
+    git add -- "$@" && git commit -q -m "$MSG" -- "$@" && break
+    [ "$try" = 5 ] && { echo "error: could not commit $*; the next run of study.sh commits it"; exit 1; }
+    sleep 10
+  done
   echo "committed $*"
 }
 
 # results that a failed commit left behind
-LEFT=$(git ls-files --others --modified --exclude='*.tmp' -- results/study results/study-aa-standard results/study-aa-fast)
+LEFT=$(git ls-files --others --modified --exclude='*.tmp' -- "results/$NAME" "results/$NAME-aa-standard" "results/$NAME-aa-fast")
 if [ -n "$LEFT" ]; then MSG="study: results of an earlier piece" commit $LEFT; fi
 
 publish() {  # the run's evaluation + the study's commit -> results/..., committed
   local src=$1 dst=$2
   mkdir -p "$(dirname "$dst")"
-  python - "$src" "$dst" "$PIN" <<'PYEOF'
+  python - "$src" "$dst" "$PIN" "$PROFILE" <<'PYEOF'
 import json, os, sys
 res = json.load(open(sys.argv[1]))
-res["study"] = {"code_commit": sys.argv[3], "profile": "pipeline/params/study.yaml", "driver": "scripts/study.sh"}
+res["study"] = {"code_commit": sys.argv[3], "profile": sys.argv[4], "driver": "scripts/study.sh"}
 open(sys.argv[2] + ".tmp", "w").write(json.dumps(res, indent=2) + "\n")
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PYEOF
   local files=("$dst")
   case "$dst" in  # the tables in docs/results.md and the plots regenerate with every result (a test checks the tables)
-    results/study/*)
-      python -m pipeline report --evals results/study --train "" --grid "" --baseline "AT+DRA:AT,DM-AT+DRA:DM-AT" \
-        --out results/study-report --readme docs/results.md#study > /dev/null
-      files+=(docs/results.md results/study-report) ;;
-    results/study-aa-fast/*)  # each standard result before its fast one: every pair is complete here
-      python -m pipeline report --evals results/study-aa-fast --aa-standard results/study-aa-standard \
-        --out results/study-aa-report --readme docs/results.md#study-aa > /dev/null
-      files+=(docs/results.md results/study-aa-report) ;;
+    "results/$NAME"/*)
+      python -m pipeline report --evals "results/$NAME" --train "" --grid "" --baseline "$BASELINE" \
+        --out "results/$NAME-report" --readme "docs/results.md#$NAME" > /dev/null
+      files+=(docs/results.md "results/$NAME-report") ;;
+    "results/$NAME-aa-fast"/*)  # each standard result before its fast one: every pair is complete here
+      python -m pipeline report --evals "results/$NAME-aa-fast" --aa-standard "results/$NAME-aa-standard" \
+        --out "results/$NAME-aa-report" --readme "docs/results.md#$NAME-aa" > /dev/null
+      files+=(docs/results.md "results/$NAME-aa-report") ;;
   esac
-  MSG=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(f\"study: {sys.argv[2]} ({r['variant']}): clean {r['clean']:.4f}, PGD {r['pgd']:.4f}, AutoAttack {r['autoattack']}\")" "$dst" "$(basename "$(dirname "$dst")")/$(basename "$dst" .json)") \
+  MSG=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(f\"$NAME: {sys.argv[2]} ({r['variant']}): clean {r['clean']:.4f}, PGD {r['pgd']:.4f}, AutoAttack {r['autoattack']}\")" "$dst" "$(basename "$(dirname "$dst")")/$(basename "$dst" .json)") \
     commit "${files[@]}"
 }
 
@@ -88,7 +100,7 @@ time_left() {
 }
 
 for key in $RUNS; do
-  dst="results/study/${key%-s*}/seed${key##*-s}.json"
+  dst="results/$NAME/${key%-s*}/seed${key##*-s}.json"
   [ -f "$dst" ] && continue
   time_left || exit 0
   echo "study: $key ($(date +%H:%M:%S), commit ${PIN:0:10})"
@@ -106,7 +118,7 @@ if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard
     variant=$(python -c "import yaml, sys; print(yaml.safe_load(open(sys.argv[1]))['runs'][sys.argv[2]]['variant'])" \
       "$WT/params.yaml" "$key")
     for version in standard fast; do
-      dst="results/study-aa-$version/${key%-s*}/seed$AA_SEED.json"
+      dst="results/$NAME-aa-$version/${key%-s*}/seed$AA_SEED.json"
       [ -f "$dst" ] && continue
       time_left || exit 0
       (cd "$WT" && python -m pipeline evaluate --checkpoint "$ART/train/$key" --shards "$ART/shards/real/test" \
@@ -116,4 +128,4 @@ if [ "${AA_STANDARD:-0}" = 1 ]; then  # how far AutoAttack-fast is from standard
     done
   done
 fi
-echo "study: $(ls results/study/*/seed*.json 2>/dev/null | wc -l) runs with results"
+echo "$NAME: $(ls "results/$NAME"/*/seed*.json 2>/dev/null | wc -l) runs with results"

@@ -178,7 +178,7 @@ def test_defaults_are_the_recommended_settings_and_the_profiles_pass_theirs():
     for flag in ("--dra-weight ${item.dra_weight}", "--dra-weight ${sweep.dra_weight}", "--real-limit ${train.real_limit}",
                  "--fast-iters ${evaluate.fast_iters}"):
         assert flag in dvc, flag
-    for path in ("params.yaml", "tests/quick_params.yaml", "pipeline/params/study.yaml"):
+    for path in ("params.yaml", "tests/quick_params.yaml", *(f"pipeline/params/{p.name}" for p in (ROOT / "pipeline" / "params").glob("*.yaml"))):
         p = yaml.safe_load((ROOT / path).read_text())
         assert "real_limit" in p["train"] and "fast_iters" in p["evaluate"] and "dra_weight" in p["sweep"], path
         assert all("dra_weight" in run for run in p["runs"].values()), path
