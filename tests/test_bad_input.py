@@ -141,7 +141,7 @@ def test_bad_input_one_line_and_no_output(case, bad_inputs, fmnist_dir, fmnist_s
 
 
 def test_prepare_refuses_bad_sizes_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "read_source", _no_training)
+    monkeypatch.setattr(prepare, "open_rows", _no_training)
     a_file = tmp_path / "f"
     a_file.write_text("x")
     for kw in ({"shard_size": 0}, {"shard_size": -3}, {"limit": -1}, {"out": str(a_file)}):

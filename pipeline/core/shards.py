@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import re
+import signal
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.errors import UserError
-from pipeline.core.storage import basename, commit, join, read_bytes, start, write_bytes
+from pipeline.core.storage import basename, commit, join, read_bytes, remove, resume, start, write_bytes
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image (folder sources, shards): larger ones are refused unread
 FINGERPRINT = "fingerprint.json"
@@ -58,18 +61,38 @@ def make_keys(prefix: str, split: str, n: int, start: int = 0) -> list[str]:
     return [check_key(f"{prefix}-{split}-{i:07d}") for i in range(start, start + n)]
 
 
+class ContentHash:
+    """``content_hash`` built as the data comes: keys first (given in chunks), then the pixels block
+    by block in row order, then the labels. The bytes hashed are exactly ``content_hash``'s, so a
+    split written block by block has the hash it would have had written whole."""
+
+    def __init__(self, key_chunks: Iterable[list[str]]) -> None:
+        self._h = hashlib.sha256(b"[")  # json.dumps(list(keys)), written piece by piece
+        first = True
+        for chunk in key_chunks:
+            if chunk:
+                self._h.update(((", " if not first else "") + ", ".join(map(json.dumps, chunk))).encode())
+                first = False
+        self._h.update(b"]")
+
+    def update(self, images: np.ndarray) -> None:
+        self._h.update(np.ascontiguousarray(images).tobytes())
+
+    def finish(self, labels: np.ndarray) -> str:
+        self._h.update(np.asarray(labels, dtype=np.int64).tobytes())
+        return self._h.hexdigest()
+
+
 def content_hash(keys: list[str], images: np.ndarray | Iterable[np.ndarray], labels: np.ndarray) -> str:
     """sha256 over keys, raw pixels and labels in order: equal data gives an equal hash.
 
     ``images`` may be one array or consecutive blocks of it (e.g. shard by shard): the bytes hashed,
     and so the hash, are the same, whatever the sharding.
     """
-    h = hashlib.sha256()
-    h.update(json.dumps(list(keys)).encode())
+    h = ContentHash([list(keys)])
     for block in [images] if isinstance(images, np.ndarray) else images:
-        h.update(np.ascontiguousarray(block).tobytes())
-    h.update(np.asarray(labels, dtype=np.int64).tobytes())
-    return h.hexdigest()
+        h.update(block)
+    return h.finish(labels)
 
 
 def file_sha256(path: Path) -> str:
@@ -113,11 +136,13 @@ def finish_split(stage: str, fingerprint: dict) -> dict:
     return fingerprint
 
 
-def make_fingerprint(keys: list[str], image_shape: list[int], classes: list[str], shards: list[dict],
+def make_fingerprint(keys: list[str] | int, image_shape: list[int], classes: list[str], shards: list[dict],
                      content: str, *, source: str = "", extra: dict | None = None) -> dict:
-    if sum(r["count"] for r in shards) != len(keys):
+    """The split's fingerprint; ``keys``: the keys, or their count."""
+    count = keys if isinstance(keys, int) else len(keys)
+    if sum(r["count"] for r in shards) != count:
         raise ValueError("shard records do not add up to the keys")
-    return {"count": len(keys), "image_shape": list(image_shape), "classes": list(classes),
+    return {"count": count, "image_shape": list(image_shape), "classes": list(classes),
             "num_classes": len(classes), "content_hash": content, "source": source, "shards": shards,
             "shards_digest": shards_digest(shards), **(extra or {})}
 
@@ -142,6 +167,99 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
                           content_hash(keys, split.images, split.labels), source=source, extra=extra)
     finish_split(staging, fp)
     commit(staging, out_dir, signature=(FINGERPRINT,))
+    return fp
+
+
+RECORD_SUFFIX = ".json"  # beside each shard of an unfinished split: its record (what a resumed run keeps)
+
+
+def _write_shard_job(stage: str, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray) -> dict:
+    """One shard and then its record beside it (a worker's job): a shard with a record is finished."""
+    record = write_shard(stage, s, keys, images, labels)
+    write_bytes(join(stage, shard_name(s) + RECORD_SUFFIX), json.dumps(record).encode())
+    return record
+
+
+def _finished_shards(stage: str, bounds: list[tuple[int, int]]) -> dict[int, dict]:
+    """Shards of a resumed staging folder whose record is there and whose file matches it."""
+    done = {}
+    for s, (a, b) in enumerate(bounds):
+        raw = read_bytes(join(stage, shard_name(s) + RECORD_SUFFIX))
+        if raw is None:
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        data = read_bytes(join(stage, shard_name(s)))
+        if isinstance(record, dict) and record.get("count") == b - a and data is not None \
+                and hashlib.sha256(data).hexdigest() == record.get("sha256"):
+            done[s] = record
+    return done
+
+
+def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], classes: list[str],
+                     keys: Callable[[int, int], list[str]], labels: np.ndarray,
+                     read: Callable[[int, int], np.ndarray], shard_size: int, plan: dict, source: str = "",
+                     extra: dict | None = None, workers: int = 1, progress: bool = True) -> dict:
+    """Write a split of ``n`` rows shard by shard: ``read(a, b)`` gives the images of rows [a, b)
+    (called in increasing order), ``keys(a, b)`` their keys; memory holds a few shards, never the split.
+
+    ``workers`` > 1 encodes and writes whole shards in that many processes (at most two shards
+    each in flight). Resumable: the staging folder records ``plan`` (what is being written), each
+    finished shard leaves its record beside it, and a run with the same plan keeps every shard whose
+    file matches its record (every row is still read once, for the split's content hash). A run
+    with another plan starts afresh. Returns the fingerprint, written last (then the folder moves
+    into place, as ``write_split``'s does).
+    """
+    if shard_size <= 0:
+        raise UserError(f"shard size must be positive, got {shard_size}")
+    stage, resumed = resume(out_dir, signature=(FINGERPRINT,), plan=json.dumps(plan, sort_keys=True).encode())
+    bounds = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+    records = _finished_shards(stage, bounds) if resumed else {}
+    name = basename(out_dir)
+    if records:
+        print(f"{name}: resuming: {len(records)} of {len(bounds)} shards were written by an earlier run")
+    hasher = ContentHash(keys(a, b) for a, b in bounds)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 1 else None
+    pending: dict[Future, int] = {}
+    try:
+        with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
+            bar.update(sum(r["count"] for r in records.values()))
+
+            def collect(done: set[Future]) -> None:
+                for f in done:
+                    s = pending.pop(f)
+                    records[s] = f.result()  # re-raises a worker's error
+                    bar.update(records[s]["count"])
+
+            for s, (a, b) in enumerate(bounds):
+                images = read(a, b)
+                if images.shape != (b - a, *image_shape):
+                    raise ValueError(f"rows {a}..{b}: images {images.shape}, expected {(b - a, *image_shape)}")
+                hasher.update(images)
+                if s in records and records[s].get("content") == content_hash(keys(a, b), images, labels[a:b]):
+                    continue  # finished by an earlier run, from these very rows
+                records.pop(s, None)
+                if pool is None:
+                    records[s] = _write_shard_job(stage, s, keys(a, b), images, labels[a:b])
+                    bar.update(b - a)
+                    continue
+                while len(pending) >= 2 * workers:
+                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
+                pending[pool.submit(_write_shard_job, stage, s, keys(a, b), images, labels[a:b])] = s
+            collect(wait(pending).done)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    shards = [records[s] for s in range(len(bounds))]
+    fp = make_fingerprint(n, list(image_shape), list(classes), shards, hasher.finish(labels), source=source,
+                          extra=extra)
+    for s in range(len(bounds)):  # the records are in the fingerprint now
+        remove(join(stage, shard_name(s) + RECORD_SUFFIX))
+    finish_split(stage, fp)
+    commit(stage, out_dir, signature=(FINGERPRINT,))
     return fp
 
 

@@ -184,6 +184,28 @@ def start(out: str | Path, *, signature: tuple[str, ...]) -> str:
     return stage
 
 
+def resume(out: str | Path, *, signature: tuple[str, ...], plan: bytes) -> tuple[str, bool]:
+    """``start``, except that a staging folder left by an interrupted run of the same ``plan`` (the
+    bytes its marker holds) is kept as it is: (staging path, whether it was kept). What is in it is
+    the caller's to check."""
+    refuse_foreign(out, signature)
+    stage = staging_path(out)
+    fs, path = url_fs(stage)
+    marker = posixpath.join(path, STAGING_MARKER)
+    if plan and fs.exists(marker) and fs.cat_file(marker) == plan:
+        return stage, True
+    stage = start(out, signature=signature)
+    fs.pipe_file(marker, plan)
+    return stage, False
+
+
+def remove(url: str | Path) -> None:
+    """Delete one file if it is there."""
+    fs, path = url_fs(str(url))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 def commit(stage: str, out: str | Path, *, signature: tuple[str, ...]) -> None:
     """Move a finished staging folder into place (on a URL it is in place: only the marker goes)."""
     fs, path = url_fs(str(stage))

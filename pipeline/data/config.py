@@ -27,6 +27,7 @@ class PrepareConfig:
     key_prefix: str = ""  # prefix of every sample key in the shards; empty: derived from the source folder name
     shard_size: int = 10_000  # samples per tar shard
     limit: int = 0  # keep the first N samples of each split (0: all)
+    workers: int = 1  # processes that encode and write shards (each takes whole shards)
     shuffle_seed: int = -1  # N >= 0: write each split in a stratified order shuffled with seed N (every prefix class-balanced; needed for a source sorted by label); -1: the source's order
 
     def __post_init__(self) -> None:
@@ -36,4 +37,5 @@ class PrepareConfig:
         require(self, [(self.limit >= 0, f"--limit must be >= 0, got {self.limit}"),
                        (self.shuffle_seed >= -1, f"--shuffle-seed must be >= 0 (or -1: keep the source's order), "
                                                  f"got {self.shuffle_seed}"),
-                       (self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}")])
+                       (self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}"),
+                       (self.workers >= 1, f"--workers must be >= 1, got {self.workers}")])
