@@ -23,7 +23,7 @@ from pipeline.cache.targets import TargetSpec
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
-from pipeline.core.shards import ShardSet, join, read_fingerprint, read_split, split_exists
+from pipeline.core.shards import ShardSet, SplitRows, join, read_fingerprint, split_exists
 from pipeline.core.views import all_views, apply_view_reference, apply_views, sample_views, to_float01
 from pipeline.diffusion.model import load_model, model_files
 
@@ -49,7 +49,7 @@ def split_dirs(cfg: ExtractConfig) -> dict[str, str]:
     return {p: dirs[p] for p in PART_IDS if p in dirs}
 
 
-def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg: ExtractConfig) -> PartInit:
+def part_init(name: str, ss: ShardSet | SplitRows, mode: str, targets: list[TargetSpec], cfg: ExtractConfig) -> PartInit:
     """Views and noise seeds of one part, from generators seeded with (seed, part). ``views``: a
     count K of random views, or "all" (every distinct view, in ``all_views``' order)."""
     n, k = len(ss.keys), cfg.k_of(mode)
@@ -68,8 +68,8 @@ def part_init(name: str, ss: ShardSet, mode: str, targets: list[TargetSpec], cfg
 
 def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit, a: int, b: int,
                  pad: int, batch_size: int, bar: tqdm) -> dict[str, np.ndarray]:
-    """Target set name -> (b-a, K, *shape) float16 features of rows a..b, for every (t, layer) of
-    ``extractor``, batched over the flattened (row, view) pairs."""
+    """Target set name -> (b-a, K, *shape) float16 features of rows a..b (``images``: those rows'
+    images), for every (t, layer) of ``extractor``, batched over the flattened (row, view) pairs."""
     k = init.k
     specs = {(s.t, s.layer): s for s in init.targets}
     out = {specs[key].name: np.empty((b - a, k, *specs[key].shape), np.float16) for key in extractor.sets}
@@ -78,7 +78,7 @@ def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit
     for i in range(0, len(flat), batch_size):
         f = flat[i:i + batch_size]
         rows, views = f // k, f % k
-        x = to_float01(torch.from_numpy(images[rows]).to(dev))
+        x = to_float01(torch.from_numpy(images[rows - a]).to(dev))
         x = apply_views(x, *(torch.from_numpy(init.views[n][rows, views]) for n in ("dx", "dy", "flip")), pad)
         seeds = torch.from_numpy(init.noise_seed[rows, views])
         labels = torch.from_numpy(init.labels[rows])
@@ -88,32 +88,39 @@ def compute_rows(extractor: FeatureExtractor, images: np.ndarray, init: PartInit
     return out
 
 
+PROBE_ROWS = 50_000  # the probe's rows (the first ones of the train part): its memory stays bounded
+
+
 def compute_probe(writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
     """A linear probe on the identity view of every target set, fitted on the first 80% of the train
-    part's rows and scored on the other 20%: the cheap proxy for choosing t and layer, so it never
-    looks at the test set. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
+    part's first ``PROBE_ROWS`` rows and scored on the other 20%: the cheap proxy for choosing t and
+    layer, so it never looks at the test set. ``probe_accuracy``, ``t`` and ``layer`` are the default set's."""
     targets, train = inits["train"].targets, inits["train"]
-    n_fit = train.n * 4 // 5
-    if n_fit < 1 or n_fit == train.n:
+    n = min(train.n, PROBE_ROWS)
+    n_fit = n * 4 // 5
+    if n_fit < 1 or n_fit == n:
         raise UserError(f"the train part has {train.n} image(s): the probe needs at least 2 (fit and held out)")
+    labels = np.asarray(train.labels[:n])
     sets = []
     for s in targets:
-        x = writer.read_identity("train", s.name)
-        acc = linear_probe(x[:n_fit], train.labels[:n_fit], x[n_fit:], train.labels[n_fit:])
+        x = writer.read_identity("train", s.name, np.arange(n))
+        acc = linear_probe(x[:n_fit], labels[:n_fit], x[n_fit:], labels[n_fit:])
         sets.append({"t": s.t, "layer": s.layer, "probe_accuracy": round(acc, 6)})
     probe = {"probe_accuracy": sets[0]["probe_accuracy"], "t": targets[0].t, "layer": targets[0].layer,
-             "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)",
-             "n_fit": n_fit, "n_held_out": train.n - n_fit, "sets": sets}
+             "split": "train part: fit on rows [0, n_fit), accuracy on rows [n_fit, n)" if n == train.n else
+             f"train part's first {n} rows: fit on rows [0, n_fit), accuracy on rows [n_fit, {n})",
+             "n_fit": n_fit, "n_held_out": n - n_fit, "sets": sets}
     return probe
 
 
-def compute_diagnostics(writer: CacheWriter, train: PartInit, images: np.ndarray, pad: int, seed: int) -> dict:
+def compute_diagnostics(writer: CacheWriter, train: PartInit, images: SplitRows, pad: int, seed: int) -> dict:
     """Each target set's information figures (pipeline/cache/diagnostics.py) on view 0 of at most
     ``MAX_ROWS`` train rows drawn with the extraction's seed, with the pixels of exactly that view."""
     rng = np.random.default_rng([seed, 7])
     rows = np.sort(rng.choice(train.n, min(train.n, MAX_ROWS), replace=False))
-    views = np.stack([apply_view_reference(images[r], int(train.views["dx"][r, 0]), int(train.views["dy"][r, 0]),
-                                           int(train.views["flip"][r, 0]), pad) for r in rows])
+    pixels = images.take(rows)
+    views = np.stack([apply_view_reference(pixels[i], int(train.views["dx"][r, 0]), int(train.views["dy"][r, 0]),
+                                           int(train.views["flip"][r, 0]), pad) for i, r in enumerate(rows)])
     # float32 holds every float16 exactly at half float64's memory: all sets at once for the pairs
     sets = {s.name: writer.read_identity("train", s.name, rows).astype(np.float32) for s in train.targets}
     try:
@@ -147,10 +154,10 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
                         f"{MIN_ROWS} (fit on 80%, scored on the rest)")
     targets = extractor.target_specs(model.image_size, model.in_channels)
     ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": "1"}
-    inits, images = {}, {}
+    inits, images = {}, {}  # images: each part's rows, read shard by shard as they are needed
     for name, path in dirs.items():
-        ss = read_split(path, limit=cfg.limit)
-        inits[name], images[name] = part_init(name, ss, ks[name], targets, cfg), ss.images
+        images[name] = SplitRows(path, limit=cfg.limit)
+        inits[name] = part_init(name, images[name], ks[name], targets, cfg)
     # paths relative to the store (a store moved with its inputs still finds them); a hub id as it is
     source = record_path(cfg.out, cfg.model) if Path(cfg.model).expanduser().exists() else str(cfg.model)
     bundle = model_files(cfg.model, model) if cfg.bundle_model else {}  # refused before anything is written
@@ -200,11 +207,12 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
             for s in shards:
                 a, b = writer.shard_rows(name, s)
                 ex = extractor_for(missing[name][s])
-                blocks = {} if ex is None else compute_rows(ex, images[name], inits[name], a, b, cfg.view.pad,
+                pixels = images[name].images(a, b)
+                blocks = {} if ex is None else compute_rows(ex, pixels, inits[name], a, b, cfg.view.pad,
                                                             cfg.batch_size, bar)
                 blocks = {n: block for n, block in blocks.items() if n in missing[name][s]}
                 if IMAGES in missing[name][s]:
-                    blocks[IMAGES] = images[name][a:b]
+                    blocks[IMAGES] = pixels
                 if pending is not None:
                     pending.result()  # at most one shard in flight; re-raises write errors
                 pending = pool.submit(writer.write_shard, name, s, blocks)

@@ -333,29 +333,44 @@ def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     return key, image if image.ndim == 3 else image[..., None], label
 
 
+def _shard_samples(split_dir: str | Path, shard: dict, verify: bool) -> tuple[str, list[dict]]:
+    """(url, the shard's samples undecoded) of one listed shard, its file checked against its record."""
+    if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
+        raise UserError(f"{split_dir}: fingerprint names a shard {str(shard.get('name'))[:80]!r}, not "
+                        "shard-NNNNNN.tar (a name must not lead outside the split folder)")
+    url = join(split_dir, shard["name"])
+    data = read_bytes(url)
+    if data is None:
+        raise UserError(f"{split_dir}: missing shard {shard['name']}")
+    if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
+    try:
+        members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+        samples = list(wds.tariterators.group_by_keys(members))
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
+    if len(samples) != shard["count"]:
+        raise UserError(f"{url}: holds {len(samples)} samples, its fingerprint says {shard['count']}")
+    return url, samples
+
+
+def _label(sample: dict, path: str) -> tuple[str, int]:
+    key = check_key(sample["__key__"])
+    try:
+        return key, int(sample["cls"])
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: corrupted sample {key} ({exc})") from None
+
+
 def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = True
                 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """(keys, uint8 images (n,H,W,C), labels) of each listed shard in order, each checked against its record."""
     for shard in shards:
-        if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
-            raise UserError(f"{split_dir}: fingerprint names a shard {str(shard.get('name'))[:80]!r}, not "
-                            "shard-NNNNNN.tar (a name must not lead outside the split folder)")
-        url = join(split_dir, shard["name"])
-        data = read_bytes(url)
-        if data is None:
-            raise UserError(f"{split_dir}: missing shard {shard['name']}")
-        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
+        url, samples = _shard_samples(split_dir, shard, verify)
         keys, images, labels = [], [], []
-        try:
-            members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
-            for sample in wds.tariterators.group_by_keys(members):
-                k, im, lab = _decode(sample, str(split_dir))
-                keys.append(k), images.append(im), labels.append(lab)
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
-        if len(keys) != shard["count"]:
-            raise UserError(f"{url}: holds {len(keys)} samples, its fingerprint says {shard['count']}")
+        for sample in samples:
+            k, im, lab = _decode(sample, str(split_dir))
+            keys.append(k), images.append(im), labels.append(lab)
         if len({im.shape for im in images}) > 1:
             raise UserError(f"{url}: images of different sizes {sorted({im.shape for im in images})[:3]}")
         block = np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
@@ -363,6 +378,92 @@ def iter_shards(split_dir: str | Path, shards: list[dict], *, verify: bool = Tru
         if verify and "content" in shard and images and content_hash(keys, block, label_arr) != shard["content"]:
             raise UserError(f"{url}: keys, pixels or labels differ from the shard's record in the fingerprint")
         yield keys, block, label_arr
+
+
+def _prefix_shards(split_dir: str | Path, fp: dict, limit: int, verify: bool) -> tuple[int, list[dict]]:
+    """(rows wanted, the shards that hold them) of a split's first ``limit`` rows (all with 0)."""
+    if verify and "shards_digest" in fp and fp["shards_digest"] != shards_digest(fp.get("shards", [])):
+        raise UserError(f"{split_dir}: the shard records differ from the fingerprint's shards_digest")
+    want = fp["count"] if limit <= 0 else min(limit, fp["count"])
+    needed, have = [], 0
+    for shard in fp["shards"]:
+        if have >= want:
+            break
+        needed.append(shard)
+        have += shard["count"]
+    if have < want or not needed:
+        raise UserError(f"{split_dir}: read {have} samples, fingerprint says {want}")
+    return want, needed
+
+
+def _check_keys_labels(split_dir: str | Path, fp: dict, keys: np.ndarray | list[str], labels: np.ndarray) -> None:
+    """Unique keys (a join by key would silently take one of them) and labels within the classes."""
+    if len(np.unique(np.asarray(keys))) != len(keys):
+        seen: set = set()
+        repeated = next(k for k in keys if k in seen or seen.add(k))
+        repeated = repeated.decode() if isinstance(repeated, bytes) else repeated
+        raise UserError(f"{split_dir}: sample key {repeated!r} occurs more than once; keys must be unique")
+    num_classes = int(fp.get("num_classes") or len(fp.get("classes", [])) or 0)
+    if len(labels) and (labels.min() < 0 or (num_classes and labels.max() >= num_classes)):
+        raise UserError(f"{split_dir}: labels outside [0, {num_classes}) (min {labels.min()}, "
+                        f"max {labels.max()})")
+
+
+class SplitRows:
+    """A split's first ``limit`` rows (all with 0), read shard by shard: what ``extract`` reads.
+
+    Opening reads every shard once for its keys and labels (checked against its record, pixels not
+    decoded); ``images(a, b)`` and ``take(rows)`` then decode only the shards that hold those rows,
+    each checked against its record (file and content hash), keeping the last two in memory. So
+    memory holds the keys (as bytes), the labels and a few shards, never the split's pixels.
+    Attributes as ``ShardSet``'s (``keys``, ``labels``, ``fingerprint``, ``path``), less ``images``.
+    """
+
+    CACHED = 2  # decoded shards kept (a row range that crosses a shard boundary needs two)
+
+    def __init__(self, split_dir: str | Path, *, limit: int = 0, verify: bool = True) -> None:
+        self.fingerprint = fp = read_fingerprint(split_dir)
+        self.path, self.verify = str(split_dir), verify
+        self.n, self.shards = _prefix_shards(split_dir, fp, limit, verify)
+        keys, labels = [], []
+        for shard in self.shards:
+            _, samples = _shard_samples(split_dir, shard, verify)
+            pairs = [_label(sample, self.path) for sample in samples]
+            keys.append(np.array([k for k, _ in pairs], dtype="S"))
+            labels.append(np.array([lab for _, lab in pairs], np.int64))
+        self.keys = np.concatenate(keys)[:self.n].astype("S")  # ASCII by check_key: bytes are exact
+        self.labels = np.concatenate(labels)[:self.n]
+        _check_keys_labels(split_dir, fp, self.keys, self.labels)
+        self.starts = np.cumsum([0] + [r["count"] for r in self.shards])
+        self.image_shape = tuple(fp["image_shape"])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            _, block, _ = next(iter_shards(self.path, [self.shards[i]], verify=self.verify))
+            if block.shape[1:] != self.image_shape:
+                raise UserError(f"{self.path}: images of shape {list(block.shape[1:])}, its fingerprint says "
+                                f"{list(self.image_shape)}")
+            while len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = block
+        return self._cache[i]
+
+    def images(self, a: int, b: int) -> np.ndarray:
+        """uint8 (b - a, H, W, C): rows [a, b)."""
+        return self.take(np.arange(a, b))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 images of the given row indices, in their order."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"rows outside [0, {self.n})")
+        out = np.empty((len(rows), *self.image_shape), np.uint8)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            out[sel] = self._shard(int(i))[rows[sel] - self.starts[i]]
+        return out
 
 
 def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
@@ -373,15 +474,7 @@ def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
     Every process reads what it asks for; stages split the work themselves, by sample or shard.
     """
     fp = read_fingerprint(split_dir)
-    if verify and "shards_digest" in fp and fp["shards_digest"] != shards_digest(fp.get("shards", [])):
-        raise UserError(f"{split_dir}: the shard records differ from the fingerprint's shards_digest")
-    want = fp["count"] if limit <= 0 else min(limit, fp["count"])
-    needed, have = [], 0
-    for shard in fp["shards"]:
-        if have >= want:
-            break
-        needed.append(shard)
-        have += shard["count"]
+    want, needed = _prefix_shards(split_dir, fp, limit, verify)
     keys, blocks, labels = [], [], []
     name = basename(split_dir)
     with tqdm(total=want, desc=f"read {name}", unit="img", mininterval=2, disable=not progress) as bar:
@@ -390,22 +483,13 @@ def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
             blocks.append(im)
             labels.append(lab)
             bar.update(len(k))
-    if have < want or not blocks:
-        raise UserError(f"{split_dir}: read {have} samples, fingerprint says {want}")
     if any(list(b.shape[1:]) != list(fp["image_shape"]) for b in blocks):
         raise UserError(f"{split_dir}: images of shape {[list(b.shape[1:]) for b in blocks][:3]}, its "
                         f"fingerprint says {fp['image_shape']}")
     images_arr = np.concatenate(blocks)[:want]
     labels_arr = np.concatenate(labels)[:want]
     keys = keys[:want]
-    if len(set(keys)) != len(keys):  # a join by key would silently take one of them
-        seen: set[str] = set()
-        repeated = next(k for k in keys if k in seen or seen.add(k))
-        raise UserError(f"{split_dir}: sample key {repeated!r} occurs more than once; keys must be unique")
-    num_classes = int(fp.get("num_classes") or len(fp.get("classes", [])) or 0)
-    if len(labels_arr) and (labels_arr.min() < 0 or (num_classes and labels_arr.max() >= num_classes)):
-        raise UserError(f"{split_dir}: labels outside [0, {num_classes}) (min {labels_arr.min()}, "
-                        f"max {labels_arr.max()})")
+    _check_keys_labels(split_dir, fp, keys, labels_arr)
     if want == fp["count"] and verify and content_hash(keys, images_arr, labels_arr) != fp["content_hash"]:
         raise UserError(f"{split_dir}: content hash differs from its fingerprint")
     return ShardSet(keys, images_arr, labels_arr, fp, str(split_dir))

@@ -120,12 +120,13 @@ def sample_views(n: int, k: int, spec: ViewSpec, seed: int, identity_first: bool
             idx[a:a + rows] = np.concatenate(perms, axis=1)[:, :k]
         return {key: table[idx, i].astype(dt)
                 for i, (key, dt) in enumerate((("dx", np.int8), ("dy", np.int8), ("flip", np.uint8)))}
-    dx = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
-    dy = rng.integers(0, 2 * spec.pad + 1, size=(n, k), dtype=np.int64)
-    flip = rng.integers(0, 2, size=(n, k), dtype=np.int64) if spec.flip else np.zeros((n, k), np.int64)
-    dx[:, 0] = dy[:, 0] = spec.pad
-    flip[:, 0] = 0
-    return {"dx": dx.astype(np.int8), "dy": dy.astype(np.int8), "flip": flip.astype(np.uint8)}
+    out = {}
+    for key, high, dt, first in (("dx", 2 * spec.pad + 1, np.int8, spec.pad), ("dy", 2 * spec.pad + 1, np.int8, spec.pad),
+                                 ("flip", 2 if spec.flip else 0, np.uint8, 0)):
+        # drawn as int64 (the recorded stream) and narrowed at once: one int64 (N, K) array at a time
+        out[key] = rng.integers(0, high, size=(n, k), dtype=np.int64).astype(dt) if high else np.zeros((n, k), dt)
+        out[key][:, 0] = first
+    return out
 
 
 def _view_table(spec: ViewSpec) -> np.ndarray:

@@ -8,6 +8,7 @@ import json
 import os
 import posixpath
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ MALFORMED = (KeyError, ValueError, TypeError, AttributeError, ArithmeticError, z
 class PartInit:
     """Everything about a part that is known before any feature is computed."""
 
-    keys: list[str]
+    keys: Sequence[str] | np.ndarray  # a list, or an array of str or (ASCII) bytes
     labels: np.ndarray
     views: dict[str, np.ndarray]  # dx, dy, flip (N, K)
     noise_seed: np.ndarray  # (N, K) int64

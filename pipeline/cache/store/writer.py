@@ -82,13 +82,16 @@ class CacheWriter:
         rpc = min(rows_per_chunk, n)
         rps = min(self.rows_per_shard, -(-n // rpc) * rpc)  # a small part: one shard of whole chunks
         n_shards = -(-n // rps)
-        small = {"keys": np.asarray(p.keys, dtype=str), "labels": np.asarray(p.labels, np.int64),
-                 "dx": p.views["dx"].astype(np.int8), "dy": p.views["dy"].astype(np.int8),
-                 "flip": p.views["flip"].astype(np.uint8), "noise_seed": p.noise_seed.astype(np.int64)}
-        for key, value in small.items():
-            arr = g.create_array(key, shape=value.shape, dtype=value.dtype if key != "keys" else str,
-                                 chunks=(min(n, SMALL_CHUNK_ROWS), *value.shape[1:]), config={"write_empty_chunks": True})
-            arr[...] = value
+        small = {"keys": (p.keys, str), "labels": (p.labels, np.int64), "dx": (p.views["dx"], np.int8),
+                 "dy": (p.views["dy"], np.int8), "flip": (p.views["flip"], np.uint8),
+                 "noise_seed": (p.noise_seed, np.int64)}
+        for key, (value, dtype) in small.items():
+            shape = (n, *np.shape(value)[1:])
+            arr = g.create_array(key, shape=shape, dtype=dtype, chunks=(min(n, SMALL_CHUNK_ROWS), *shape[1:]),
+                                 config={"write_empty_chunks": True})
+            for a in range(0, n, SMALL_CHUNK_ROWS):  # chunk by chunk: a converted copy of one chunk at a time
+                block = np.asarray(value[a:a + SMALL_CHUNK_ROWS])
+                arr[a:a + len(block)] = block.astype(str) if key == "keys" else block.astype(dtype)
         for spec in p.targets:
             ts = spec.shape
             sg = self.group.create_group(set_path(name, spec))
