@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.shards import FINGERPRINT, check_key, join, write_split_rows
 from pipeline.core.storage import local_path, refuse_foreign
-from pipeline.data.config import PrepareConfig, SourceFormat
+from pipeline.data.config import Encoding, PrepareConfig, SourceFormat
 from pipeline.data.order import label_order, stratified_order
 from pipeline.data.sources import detect_format, npz_files, open_rows
 
@@ -40,6 +40,14 @@ def _ordered_error(source: str, split: str, order: dict, n: int) -> UserError:
         f"a random order has about {order['expected_changes']:.0f}), so every prefix or range a later stage "
         "takes (--limit, --real-limit, evaluate --offset/--n, the probe's split) would hold few classes; "
         "rerun with --shuffle-seed N to write a stratified shuffled order")
+
+
+def encoding(cfg: PrepareConfig) -> str:
+    """The image encoding of the shards: auto is npy for an npz source, png otherwise."""
+    if cfg.encoding != Encoding.auto:
+        return cfg.encoding.value
+    fmt = detect_format(Path(cfg.source)) if cfg.format == SourceFormat.auto else SourceFormat(cfg.format)
+    return "npy" if fmt == SourceFormat.npz else "png"
 
 
 def _source_files(cfg: PrepareConfig) -> list[list]:
@@ -74,9 +82,10 @@ def _write(cfg: PrepareConfig, sources: dict, shuffle: bool) -> dict[str, dict]:
         refuse_foreign(join(cfg.out, split), (FINGERPRINT,))
     name = cfg.key_prefix or default_name(cfg.source)
     files = _source_files(cfg)
+    enc = encoding(cfg)
     out = {}
     for split, src in sources.items():
-        extra = {"split": split, "name": name}
+        extra = {"split": split, "name": name} | ({"encoding": enc} if enc != "png" else {})
         if shuffle:
             index = stratified_order(src.labels, cfg.shuffle_seed)[:cfg.limit or None]
             labels = src.labels[index]
@@ -94,13 +103,13 @@ def _write(cfg: PrepareConfig, sources: dict, shuffle: bool) -> dict[str, dict]:
 
         plan = {"source": str(cfg.source), "files": files, "format": str(cfg.format.value), "split": split,
                 "key_prefix": name, "shard_size": cfg.shard_size, "limit": cfg.limit,
-                "shuffle_seed": cfg.shuffle_seed, "rows": len(labels),
+                "shuffle_seed": cfg.shuffle_seed, "rows": len(labels), "encoding": enc,
                 "labels": hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()}
         fp = write_split_rows(join(cfg.out, split), n=len(labels), image_shape=list(src.image_shape),
                               classes=list(src.classes), keys=keys, labels=labels,
                               read=lambda a, b, src=src, rows=rows: src.read(rows(a, b)),
                               shard_size=cfg.shard_size, plan=plan, source=str(cfg.source), extra=extra,
-                              workers=cfg.workers)
+                              workers=cfg.workers, encoding=enc)
         how = f", stratified order (seed {cfg.shuffle_seed})" if shuffle else ""
         print(f"{split}: {fp['count']} samples, shape {fp['image_shape']}, "
               f"{fp['num_classes']} classes{how} -> {join(cfg.out, split)}")

@@ -4,6 +4,7 @@ several processes, resumable; the shards are exactly those of the whole set read
 from __future__ import annotations
 
 import json
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -38,13 +39,14 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _reference(tmp_path: Path, root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+def _reference(tmp_path: Path, root: Path, images: np.ndarray, labels: np.ndarray, encoding: str = "npy") -> Path:
     """The same rows as the in-memory writer writes them (what prepare wrote before it streamed)."""
     from pipeline.data.sources import CIFAR10_CLASSES
 
-    out = tmp_path / "ref" / "train"
+    out = tmp_path / f"ref-{encoding}" / "train"
+    extra = {"split": "train", "name": "g"} | ({"encoding": encoding} if encoding != "png" else {})
     write_split(out, Split(images, labels.astype(np.int64), CIFAR10_CLASSES), make_keys("g", "train", len(labels)),
-                shard_size=64, source=str(root), extra={"split": "train", "name": "g"}, progress=False)
+                shard_size=64, source=str(root), extra=extra, progress=False, encoding=encoding)
     return out
 
 
@@ -70,11 +72,15 @@ def test_rows_of_stored_and_deflated_members_in_any_order(tmp_path):
             rows.read(np.array([120]))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_streamed_npz_is_written_exactly_as_the_whole_set_read_into_memory(tmp_path, workers):
+@pytest.mark.parametrize("workers,encoding", [(1, "auto"), (2, "auto"), (2, "png")])
+def test_a_streamed_npz_is_written_exactly_as_the_whole_set_read_into_memory(tmp_path, workers, encoding):
+    """auto: npy members for an npz source; png on request. Either reads back as the same pixels."""
     root, images, labels = _set(tmp_path)
-    fp = _prepare(root, tmp_path / "out", workers=workers)
-    ref = _reference(tmp_path, root, images, labels)
+    fp = _prepare(root, tmp_path / "out", workers=workers, encoding=encoding)
+    ref = _reference(tmp_path, root, images, labels, "png" if encoding == "png" else "npy")
+    member = "png" if encoding == "png" else "npy"
+    assert all(n.endswith((f".{member}", ".cls")) for n in tarfile.open(tmp_path / "out" / "train" / "shard-000000.tar").getnames())
+    np.testing.assert_array_equal(read_split(tmp_path / "out" / "train").images, images)
     assert _files(tmp_path / "out" / "train") == _files(ref)  # shards and fingerprint, byte for byte
     assert fp["count"] == N and fp["content_hash"] == read_split(ref).fingerprint["content_hash"]
     assert not list((tmp_path / "out" / "train").glob("*.json.*")) and not (tmp_path / "out" / "train.tmp").exists()

@@ -61,3 +61,37 @@ def test_repeated_keys_are_refused_at_opening(tmp_path):
     (out / "fingerprint.json").write_text(json.dumps(fp))
     with pytest.raises(UserError, match="occurs more than once"):
         SplitRows(out)
+
+
+def test_hostile_npy_images_are_refused_in_one_line(tmp_path):
+    """A shard's .npy member is read like a PNG one is: no pickles, no other dtype, no shape beyond
+    the pixel limit, exactly the bytes its header announces."""
+    import hashlib
+    import io
+    import json
+
+    import webdataset as wds
+
+    from pipeline.core.shards import encode_npy, make_fingerprint, shard_name
+
+    good = encode_npy(np.zeros((4, 4, 3), np.uint8))
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}] * 3, dtype=object).reshape(1, 3, 1), allow_pickle=True)
+    huge = io.BytesIO()
+    np.lib.format.write_array_header_1_0(huge, {"descr": "|u1", "fortran_order": False, "shape": (2**16, 2**16, 3)})
+    cases = {"object": obj.getvalue(), "float": encode_npy(np.zeros((4, 4, 3), np.float32)),
+             "huge": huge.getvalue() + bytes(48), "short": good[:-1], "long": good + b"x"}
+    for name, member in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, mtime=0.0) as sink:
+            sink.write({"__key__": "k-0", "npy": member, "cls": b"0"})
+        data = buf.getvalue()
+        (out / shard_name(0)).write_bytes(data)
+        fp = make_fingerprint(1, [4, 4, 3], ["a"], [{"name": shard_name(0), "count": 1,
+                                                      "sha256": hashlib.sha256(data).hexdigest()}], "x")
+        (out / "fingerprint.json").write_text(json.dumps(fp))
+        with pytest.raises(UserError, match="corrupted sample k-0") as exc:
+            SplitRows(out).images(0, 1)
+        assert "\n" not in str(exc.value), name

@@ -103,13 +103,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+ENCODINGS = {"png": lambda image: encode_png(image), "npy": lambda image: encode_npy(image)}  # image member -> encoder
+
+
 def write_shard(folder: str | Path, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
-                bar: tqdm | None = None) -> dict:
-    """Shard ``s`` of a split as one tar file; returns its record (name, count, sha256)."""
+                bar: tqdm | None = None, encoding: str = "png") -> dict:
+    """Shard ``s`` of a split as one tar file; returns its record (name, count, sha256). Each image
+    is a member KEY.png (lossless PNG) or KEY.npy (the raw uint8 array); readers take either."""
+    encode = ENCODINGS[encoding]
     buf = io.BytesIO()
     with wds.TarWriter(buf, mtime=0.0) as sink:
         for key, image, label in zip(keys, images, labels, strict=True):
-            sink.write({"__key__": check_key(key), "png": encode_png(image), "cls": str(int(label)).encode()})
+            sink.write({"__key__": check_key(key), encoding: encode(image), "cls": str(int(label)).encode()})
             if bar is not None:
                 bar.update(1)
     data = buf.getvalue()  # after the writer closed: the tar end-of-archive blocks are in
@@ -148,7 +153,7 @@ def make_fingerprint(keys: list[str] | int, image_shape: list[int], classes: lis
 
 
 def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_size: int = 10_000,
-                source: str = "", extra: dict | None = None, progress: bool = True) -> dict:
+                source: str = "", extra: dict | None = None, progress: bool = True, encoding: str = "png") -> dict:
     """Write one split as tar shards plus fingerprint, atomically. Returns the fingerprint."""
     if shard_size <= 0:
         raise UserError(f"shard size must be positive, got {shard_size}")
@@ -161,7 +166,7 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
     name = basename(out_dir)
     with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
         shards = [write_shard(staging, s, keys[a:a + shard_size], split.images[a:a + shard_size],
-                              split.labels[a:a + shard_size], bar)
+                              split.labels[a:a + shard_size], bar, encoding)
                   for s, a in enumerate(range(0, n, shard_size))]
     fp = make_fingerprint(keys, list(split.images.shape[1:]), list(split.classes), shards,
                           content_hash(keys, split.images, split.labels), source=source, extra=extra)
@@ -173,9 +178,10 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
 RECORD_SUFFIX = ".json"  # beside each shard of an unfinished split: its record (what a resumed run keeps)
 
 
-def _write_shard_job(stage: str, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray) -> dict:
+def _write_shard_job(stage: str, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
+                     encoding: str = "png") -> dict:
     """One shard and then its record beside it (a worker's job): a shard with a record is finished."""
-    record = write_shard(stage, s, keys, images, labels)
+    record = write_shard(stage, s, keys, images, labels, encoding=encoding)
     write_bytes(join(stage, shard_name(s) + RECORD_SUFFIX), json.dumps(record).encode())
     return record
 
@@ -201,7 +207,8 @@ def _finished_shards(stage: str, bounds: list[tuple[int, int]]) -> dict[int, dic
 def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], classes: list[str],
                      keys: Callable[[int, int], list[str]], labels: np.ndarray,
                      read: Callable[[int, int], np.ndarray], shard_size: int, plan: dict, source: str = "",
-                     extra: dict | None = None, workers: int = 1, progress: bool = True) -> dict:
+                     extra: dict | None = None, workers: int = 1, encoding: str = "png",
+                     progress: bool = True) -> dict:
     """Write a split of ``n`` rows shard by shard: ``read(a, b)`` gives the images of rows [a, b)
     (called in increasing order), ``keys(a, b)`` their keys; memory holds a few shards, never the split.
 
@@ -243,12 +250,12 @@ def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], cla
                     continue  # finished by an earlier run, from these very rows
                 records.pop(s, None)
                 if pool is None:
-                    records[s] = _write_shard_job(stage, s, keys(a, b), images, labels[a:b])
+                    records[s] = _write_shard_job(stage, s, keys(a, b), images, labels[a:b], encoding)
                     bar.update(b - a)
                     continue
                 while len(pending) >= 2 * workers:
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
-                pending[pool.submit(_write_shard_job, stage, s, keys(a, b), images, labels[a:b])] = s
+                pending[pool.submit(_write_shard_job, stage, s, keys(a, b), images, labels[a:b], encoding)] = s
             collect(wait(pending).done)
     finally:
         if pool is not None:
@@ -324,9 +331,12 @@ class ShardSet:
 def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     key = check_key(sample["__key__"])
     try:
-        with Image.open(io.BytesIO(sample["png"])) as im:
-            check_image(im, f"{path}: sample {key}")
-            image = np.asarray(im)
+        if "npy" in sample and "png" not in sample:
+            image = decode_npy(sample["npy"], f"{path}: sample {key}")
+        else:
+            with Image.open(io.BytesIO(sample["png"])) as im:
+                check_image(im, f"{path}: sample {key}")
+                image = np.asarray(im)
         label = int(sample["cls"])
     except (KeyError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: corrupted sample {key} ({exc})") from None
@@ -521,6 +531,33 @@ def check_image(im: Image.Image, where: object) -> None:
         raise UserError(f"{where}: image of {w}x{h} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         raise UserError(f"{where}: {im.mode} image (more than 8 bits per channel); convert it to 8-bit first")
+
+
+def encode_npy(image: np.ndarray) -> bytes:
+    """An (H, W, C) uint8 image as a .npy file: its raw bytes behind a 128-byte header."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(image, np.uint8), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes, where: str) -> np.ndarray:
+    """A shard's .npy image, checked like a PNG one: (H, W[, C]) uint8 of a size a dataset can have,
+    no pickles, exactly the bytes its header announces."""
+    fh = io.BytesIO(data)
+    version = np.lib.format.read_magic(fh)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(fh, max_header_size=10_000)
+    if dtype != np.uint8 or fortran or len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3)):
+        raise ValueError(f"{where}: a .npy image must be C-ordered uint8 (H, W[, C]) with C 1 or 3, "
+                         f"got {dtype} {shape}{' Fortran' if fortran else ''}")
+    if shape[0] * shape[1] > MAX_IMAGE_PIXELS or min(shape[:2]) < 1:
+        raise ValueError(f"{where}: image of {shape[1]}x{shape[0]} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
+    body = data[fh.tell():]
+    if len(body) != int(np.prod(shape)):
+        raise ValueError(f"{where}: .npy image of {len(body)} bytes, its header says {int(np.prod(shape))}")
+    return np.frombuffer(body, np.uint8).reshape(shape)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -19,6 +19,14 @@ class SourceFormat(str, Enum):
     npz = "npz"  # generated images: arrays `image` (N,H,W,C uint8) and `label`
 
 
+class Encoding(str, Enum):
+    """How shards hold each image (readers take either)."""
+
+    auto = "auto"  # npy for npz sources (generated sets of millions: fast to write and read), png otherwise
+    png = "png"  # lossless PNG: smallest on natural images, viewable
+    npy = "npy"  # the raw uint8 array (.npy): no encoding or decoding cost, about the raw size
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     source: str = "data/fashion-mnist"  # the raw dataset: a folder (or an .npz file) in one of the --format formats
@@ -27,6 +35,7 @@ class PrepareConfig:
     key_prefix: str = ""  # prefix of every sample key in the shards; empty: derived from the source folder name
     shard_size: int = 10_000  # samples per tar shard
     limit: int = 0  # keep the first N samples of each split (0: all)
+    encoding: Encoding = Encoding.auto  # how shards hold each image (the benchmark's ingest figures compare them)
     workers: int = 1  # processes that encode and write shards (each takes whole shards)
     shuffle_seed: int = -1  # N >= 0: write each split in a stratified order shuffled with seed N (every prefix class-balanced; needed for a source sorted by label); -1: the source's order
 
