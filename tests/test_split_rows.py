@@ -77,9 +77,11 @@ def test_hostile_npy_images_are_refused_in_one_line(tmp_path):
     good = encode_npy(np.zeros((4, 4, 3), np.uint8))
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}] * 3, dtype=object).reshape(1, 3, 1), allow_pickle=True)
+    flt = io.BytesIO()
+    np.save(flt, np.zeros((4, 4, 3), np.float32))
     huge = io.BytesIO()
     np.lib.format.write_array_header_1_0(huge, {"descr": "|u1", "fortran_order": False, "shape": (2**16, 2**16, 3)})
-    cases = {"object": obj.getvalue(), "float": encode_npy(np.zeros((4, 4, 3), np.float32)),
+    cases = {"object": obj.getvalue(), "float": flt.getvalue(),
              "huge": huge.getvalue() + bytes(48), "short": good[:-1], "long": good + b"x"}
     for name, member in cases.items():
         out = tmp_path / name
