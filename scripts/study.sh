@@ -83,7 +83,14 @@ PYEOF
   local files=("$dst")
   case "$dst" in  # the tables in docs/results.md and the plots regenerate with every result (a test checks the tables)
     "results/$NAME"/*)
-      python -m pipeline report --evals "results/$NAME" --train "" --grid "" --baseline "$BASELINE" \
+      local pairs  # the baseline pairs whose two variants have results (the first runs have one variant)
+      pairs=$(python - "$BASELINE" "results/$NAME" <<'PYEOF'
+import json, pathlib, sys
+have = {json.loads(p.read_text())["variant"] for p in pathlib.Path(sys.argv[2]).glob("*/seed*.json")}
+print(",".join(p for p in sys.argv[1].split(",") if set(p.split(":")) <= have))
+PYEOF
+)
+      python -m pipeline report --evals "results/$NAME" --train "" --grid "" --baseline "$pairs" \
         --out "results/$NAME-report" --readme "docs/results.md#$NAME" > /dev/null
       files+=(docs/results.md "results/$NAME-report") ;;
     "results/$NAME-aa-fast"/*)  # each standard result before its fast one: every pair is complete here
