@@ -55,6 +55,7 @@ from pipeline.bench.config import BenchConfig
 from pipeline.bench.extraction import bench_extract, bench_multi, bench_two_proc, storage
 from pipeline.bench.figures import TARGETS, table
 from pipeline.bench.gpu import gpu_table, run_gpu
+from pipeline.bench.ingest import bench_ingest
 from pipeline.bench.measure import check_config, make_inputs, say
 from pipeline.bench.streaming import bench_images
 from pipeline.bench.training import bench_memory, bench_train
@@ -98,6 +99,10 @@ def run(cfg: BenchConfig) -> dict:
             res |= bench_two_proc(cfg, work, shards, model)
         if "images" in groups:
             res |= bench_images(cfg, work)
+        if "ingest" in groups:
+            t1 = time.perf_counter()
+            res |= bench_ingest(cfg, work)
+            res["ingest_seconds"] = time.perf_counter() - t1
     finally:
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,8 @@ def tiny(fmnist_dir, tmp_path, **kw) -> BenchConfig:
     base = dict(source=str(fmnist_dir), out=str(tmp_path / "bench.json"), n=128, views=2, batch_size=64,
                 chunks_per_shard=1, repeats=1, train_steps=2, train_batch_size=32, attack_steps=1,
                 memory_budget_mb=2, stream_cache_mb=8, two_proc=False, device="cpu", multi_t="100,20",
-                multi_repeats=1, image_rows_small=1024, image_rows_big=4096, image_steps=2, image_reader_batches=4)
+                multi_repeats=1, image_rows_small=1024, image_rows_big=4096, image_steps=2, image_reader_batches=4,
+                ingest_rows_small=300, ingest_rows_big=1200)
     return BenchConfig(**{**base, **kw})
 
 
@@ -55,6 +56,13 @@ def test_tiny_bench_reports_every_figure(fmnist_dir, tmp_path, capsys):
     assert res["images_added_mb"] == 3072 * 3 * 1024 / 2**20 and res["images_disk_mb_big"] > 0.9 * 12  # random pixels
     assert all(res[k] > 0 for k in ("images_peak_rss_mb_big", "images_stream_over_ram", "images_reader_over_train",
                                     "images_pipeline_over_train"))
+    # ingest: prepare and extract of npz sets in fresh processes, both encodings on the small one
+    assert sorted(res["ingest_runs"]) == ["big_npy", "small_npy", "small_png"]
+    assert all(r["prepare_peak_rss_mb"] > 0 and r["extract_peak_rss_mb"] > 0 and r["store_bytes"] > 0
+               and r["shard_bytes"] >= r["rows"] * 3072 * 0.99 for r in res["ingest_runs"].values())
+    assert res["ingest_added_mb"] == 900 * 3072 / 2**20
+    assert set(res["ingest_encodings"]) == {f"{s}_{e}" for s in ("random_cifar", "fmnist") for e in ("png", "npy")}
+    assert res["ingest_encodings"]["fmnist_npy"]["bytes_per_image"] == 784 + 128  # the raw pixels behind a header
     m = res["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
     assert set(res["targets"]) >= {"extract_over_forward", "train_cached_over_plain", "reader_over_train"}

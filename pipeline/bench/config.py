@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pipeline.classifiers.archs import Arch
 from pipeline.core.config import coerce_enums, require
 
-GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images")
+GROUPS = ("extract", "multi", "train", "memory", "two_proc", "images", "ingest")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,12 @@ class BenchConfig:
     image_rows_big: int = 2_000_000  # rows of the big one
     image_steps: int = 20  # timed steps per training child
     image_reader_batches: int = 2000  # batches timed of the bare reader
-    only: str = ""  # run only these figure groups (comma list of extract,multi,train,memory,two_proc,images)
+    # prepare and extract on CIFAR-sized random npz sets of these sizes (the big one: ~6 GiB of npz, as
+    # much again in shards), prepare with this many processes
+    ingest_rows_small: int = 200_000  # rows of the small npz set
+    ingest_rows_big: int = 2_000_000  # rows of the big one
+    ingest_workers: int = 2  # prepare --workers
+    only: str = ""  # run only these figure groups (comma list of extract,multi,train,memory,two_proc,images,ingest)
     workdir: str = ""  # scratch folder ("" : a temporary one, removed afterwards)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # data, views and weights of every measurement
@@ -55,13 +60,15 @@ class BenchConfig:
     def validate(self) -> None:
         sizes = ("n", "views", "batch_size", "chunks_per_shard", "repeats", "multi_repeats", "train_steps", "train_batch_size",
                  "memory_budget_mb", "stream_cache_mb", "image_rows_small", "image_rows_big", "image_steps",
-                 "image_reader_batches")
+                 "image_reader_batches", "ingest_rows_small", "ingest_rows_big", "ingest_workers")
         require(self, [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
                        for n in sizes] + [
             (self.n >= 2 * self.train_batch_size,
              f"--n {self.n} must hold at least two training batches of {self.train_batch_size}"),
             (self.image_rows_big > self.image_rows_small >= 2 * self.train_batch_size,
              "--image-rows-big must exceed --image-rows-small, which must hold two training batches"),
+            (self.ingest_rows_big > self.ingest_rows_small >= 100,
+             "--ingest-rows-big must exceed --ingest-rows-small, which must be at least 100 (the probe's split)"),
             (set(self.groups) <= set(GROUPS), f"--only: choose among {', '.join(GROUPS)}, got {self.only!r}"),
             (self.profile in ("cpu", "gpu"), f"--profile: choose cpu or gpu, got {self.profile!r}"),
             (not self.dry_run or self.profile == "gpu", "--dry-run is for --profile gpu")])

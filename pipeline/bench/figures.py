@@ -16,7 +16,8 @@ TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": (
            "train_cached_over_plain": ("<=", 1.03), "reader_over_train": (">=", 20.0),
            "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
            "extract_2proc_speedup_without_fixed": (">=", 1.7), "images_rss_growth_fraction": ("<=", 0.05),
-           "images_stream_over_ram": ("<=", 1.05), "images_reader_over_train": (">=", 20.0)}
+           "images_stream_over_ram": ("<=", 1.05), "images_reader_over_train": (">=", 20.0),
+           "ingest_prepare_rss_growth_fraction": ("<=", 0.05), "ingest_extract_rss_growth_fraction": ("<=", 0.05)}
 
 ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("  whole stage (with fixed costs)", "extract_stage_over_forward"),
@@ -42,7 +43,21 @@ ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("step, images streamed / in RAM", "images_stream_over_ram"),
         ("image + target reader / training samples/s", "images_reader_over_train"),
         ("  with views replayed (assemble)", "images_pipeline_over_train"),
-        ("train setup s, large part (checks)", "images_setup_s_big")]
+        ("train setup s, large part (checks)", "images_setup_s_big"),
+        ("prepare peak RSS MiB, small npz set", "ingest_prepare_peak_rss_mb_small"),
+        ("prepare peak RSS MiB, 10x larger set", "ingest_prepare_peak_rss_mb_big"),
+        ("  RSS growth / added image data", "ingest_prepare_rss_growth_fraction"),
+        ("extract peak RSS MiB, small set", "ingest_extract_peak_rss_mb_small"),
+        ("extract peak RSS MiB, 10x larger set", "ingest_extract_peak_rss_mb_big"),
+        ("  RSS growth / added image data", "ingest_extract_rss_growth_fraction"),
+        ("ingest image data added MiB", "ingest_added_mb"),
+        ("prepare images/s (large set, npy)", "ingest_prepare_per_s"),
+        ("extract images/s (large set, 1 view, UNet to its first block)", "ingest_extract_per_s"),
+        ("prepare png / npy seconds (small set)", "ingest_prepare_png_over_npy_s"),
+        ("extract png / npy seconds (small set)", "ingest_extract_png_over_npy_s"),
+        ("shards png / npy bytes (random pixels)", "ingest_shard_png_over_npy_bytes"),
+        ("prepare hours for 20M images, 2 cores", "ingest_prepare_hours_20m"),
+        ("extract hours for 20M images, 2 cores, UNet to its first block", "ingest_extract_io_hours_20m")]
 
 
 def check(res: Any) -> dict:

@@ -343,6 +343,55 @@ def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     return key, image if image.ndim == 3 else image[..., None], label
 
 
+def _plain_tar_samples(data: bytes) -> list[dict] | None:
+    """The samples of a tar holding only regular files (ustar, pax path records: what
+    ``write_shard`` writes), grouped as webdataset groups them (``KEY.EXT`` members in a row share
+    their KEY); parsed from the 512-byte headers, ~10x faster than ``tarfile``. None for anything
+    else (links, GNU extensions, base-256 sizes, a header that does not add up, a member repeated
+    in a sample): the caller then uses webdataset's own parser, which explains what it finds."""
+    samples: list[dict] = []
+    pos, end, path = 0, len(data), None
+    while pos + 512 <= end:
+        head = data[pos:pos + 512]
+        if head.count(0) == 512:
+            break  # the end-of-archive blocks
+        size_field = head[124:136].split(b"\0", 1)[0].strip()
+        if not size_field or not all(48 <= c <= 55 for c in size_field):
+            return None
+        size, kind = int(size_field, 8), head[156:157]
+        checksum = head[148:156].split(b"\0", 1)[0].strip()
+        if not checksum or int(checksum or b"0", 8) != sum(head[:148]) + 256 + sum(head[156:]):
+            return None
+        body_at, pos = pos + 512, pos + 512 + -(-size // 512) * 512
+        if pos > end:
+            return None
+        body = data[body_at:body_at + size]
+        if kind == b"x":  # pax: keep only the path record ("LEN path=NAME\n")
+            for record in body.split(b"\n"):
+                if b" path=" in record:
+                    path = record.split(b" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0"):
+            if kind == b"5":
+                continue  # a folder
+            return None
+        name = path if path is not None else head[:100].split(b"\0", 1)[0]
+        if head[257:262] == b"ustar" and path is None and head[345] != 0:
+            name = head[345:500].split(b"\0", 1)[0] + b"/" + name
+        path = None
+        base = name.rsplit(b"/", 1)[-1]
+        if b"." not in base:
+            return None
+        key, ext = name[:len(name) - len(base)] + base.split(b".", 1)[0], base.split(b".", 1)[1].lower()
+        key_s, ext_s = key.decode("utf-8", "replace"), ext.decode("utf-8", "replace")
+        if not samples or samples[-1]["__key__"] != key_s:
+            samples.append({"__key__": key_s})
+        elif ext_s in samples[-1]:
+            return None
+        samples[-1][ext_s] = body
+    return samples
+
+
 def _shard_samples(split_dir: str | Path, shard: dict, verify: bool) -> tuple[str, list[dict]]:
     """(url, the shard's samples undecoded) of one listed shard, its file checked against its record."""
     if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
@@ -355,8 +404,10 @@ def _shard_samples(split_dir: str | Path, shard: dict, verify: bool) -> tuple[st
     if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
     try:
-        members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
-        samples = list(wds.tariterators.group_by_keys(members))
+        samples = _plain_tar_samples(data)
+        if samples is None:
+            members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+            samples = list(wds.tariterators.group_by_keys(members))
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise UserError(f"{split_dir}: unreadable shard ({exc})") from None
     if len(samples) != shard["count"]:
