@@ -105,7 +105,29 @@ def markdown(res: dict) -> str:
     if isinstance(res.get("images_method"), str):
         lines += ["", f"Images ({res.get('images_rows_small')} / {res.get('images_rows_big')} rows): "
                   f"{res['images_method']}."]
+    lines += _ingest_tables(res)
     seconds = res.get("seconds")
     lines += ["", f"Machine: {machine_line(res)}"
               + (f"; the whole benchmark took {seconds / 60:.1f} min." if is_number(seconds) else ".")]
     return "\n".join(lines)
+
+
+def _ingest_tables(res: dict) -> list[str]:
+    """The ingest runs (prepare and extract of each npz set) and the encodings compared."""
+    runs, enc = res.get("ingest_runs"), res.get("ingest_encodings")
+    if not isinstance(runs, dict) or not isinstance(enc, dict):
+        return []
+    mib = 2**20
+    lines = ["", "| run | rows | npz MiB | shards MiB | store MiB | prepare s | prepare img/s | prepare peak RSS MiB "
+             "| extract s | extract img/s | extract peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['rows']} | {r['npz_bytes'] / mib:.0f} | {r['shard_bytes'] / mib:.0f} | "
+              f"{r['store_bytes'] / mib:.0f} | {r['prepare_s']:.1f} | {r['prepare_per_s']:.0f} | "
+              f"{r['prepare_peak_rss_mb']:.0f} | {r['extract_s']:.1f} | {r['extract_per_s']:.0f} | "
+              f"{r['extract_peak_rss_mb']:.0f} |" for name, r in runs.items()]
+    lines += ["", "| images | member | bytes per image (raw) | encode/s | decode/s |", "|---|---|---|---|---|"]
+    lines += [f"| {name.rsplit('_', 1)[0]} | {name.rsplit('_', 1)[1]} | {e['bytes_per_image']:.0f} "
+              f"({e['raw_bytes_per_image']}) | {e['encode_per_s']:.0f} | {e['decode_per_s']:.0f} |"
+              for name, e in enc.items()]
+    if isinstance(res.get("ingest_extract_note"), str):
+        lines += ["", f"Prepare ran with {res.get('ingest_workers')} worker processes; {res['ingest_extract_note']}."]
+    return lines
