@@ -10,7 +10,7 @@ source in any other order is written exactly as it comes.
 Memory: an npz set (the format of generated sets, up to tens of millions of images) is read block
 by block, one output shard at a time, and ``--workers N`` processes encode and write whole shards;
 memory is bounded by a few shards, not by the set. An interrupted run resumes: the same command
-keeps every shard the earlier run finished (``pipeline.core.shards.write_split_rows``).
+keeps every shard the earlier run finished (``pipeline.core.streamed.write_split_rows``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import UserError, check_out
-from pipeline.core.shards import FINGERPRINT, check_key, join, write_split_rows
+from pipeline.core.shards import FINGERPRINT, check_key, join
 from pipeline.core.storage import local_path, refuse_foreign
+from pipeline.core.streamed import write_split_rows
 from pipeline.data.config import Encoding, PrepareConfig, SourceFormat
+from pipeline.data.npz import npz_files
 from pipeline.data.order import label_order, stratified_order
-from pipeline.data.sources import detect_format, npz_files, open_rows
+from pipeline.data.sources import detect_format, open_rows
 
 
 def default_name(source: str) -> str:

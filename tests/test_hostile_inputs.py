@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.core import shards as shards_mod
 from pipeline.core.errors import UserError
+from pipeline.core.members import encode_png
 from pipeline.core.shards import Split, check_key, read_split, write_split
 from pipeline.diffusion.model import load_model
 
@@ -46,7 +47,7 @@ def test_shards_with_escaping_member_names_are_refused(tmp_path, member):
     split = tmp_path / "split"
     split.mkdir()
     shard = split / "shard-000000.tar"
-    png = shards_mod.encode_png(np.zeros((4, 4, 1), np.uint8))
+    png = encode_png(np.zeros((4, 4, 1), np.uint8))
     with tarfile.open(shard, "w") as tar:
         for ext, data in (("png", png), ("cls", b"0")):
             info = tarfile.TarInfo(f"{member}.{ext}")

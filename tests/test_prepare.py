@@ -259,7 +259,8 @@ def test_npz_is_streamed_with_limit_and_bombs_are_refused_unread(tmp_path):
     inflated."""
     import zipfile
 
-    from pipeline.data.sources import MAX_SOURCE_BYTES, read_npz
+    from pipeline.data.config import MAX_SOURCE_BYTES
+    from pipeline.data.npz import read_npz
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core import shards
+from pipeline.core import shards, streamed
 from pipeline.core.errors import UserError
 from pipeline.core.shards import Split, make_keys, read_split, write_split
 from pipeline.data.config import PrepareConfig
+from pipeline.data.npz import NpzRows
 from pipeline.data.order import stratified_order
-from pipeline.data.sources import NpzRows
 from stages import prepare
 
 N, SHAPE = 230, (6, 5, 3)
@@ -41,7 +41,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _reference(tmp_path: Path, root: Path, images: np.ndarray, labels: np.ndarray, encoding: str = "npy") -> Path:
     """The same rows as the in-memory writer writes them (what prepare wrote before it streamed)."""
-    from pipeline.data.sources import CIFAR10_CLASSES
+    from pipeline.data.config import CIFAR10_CLASSES
 
     out = tmp_path / f"ref-{encoding}" / "train"
     extra = {"split": "train", "name": "g"} | ({"encoding": encoding} if encoding != "png" else {})
@@ -98,7 +98,7 @@ def test_a_shuffled_limited_npz_equals_its_order_read_into_memory(tmp_path):
 
 def test_an_interrupted_prepare_resumes_keeping_the_shards_it_wrote(tmp_path, monkeypatch):
     root, images, labels = _set(tmp_path)
-    real = shards._write_shard_job
+    real = streamed._write_shard_job
     written: list[int] = []
 
     def dies_after_two(stage, s, *args):
@@ -107,7 +107,7 @@ def test_an_interrupted_prepare_resumes_keeping_the_shards_it_wrote(tmp_path, mo
         written.append(s)
         return real(stage, s, *args)
 
-    monkeypatch.setattr(shards, "_write_shard_job", dies_after_two)
+    monkeypatch.setattr(streamed, "_write_shard_job", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         _prepare(root, tmp_path / "out")
     staging = tmp_path / "out" / "train.tmp"
@@ -115,18 +115,18 @@ def test_an_interrupted_prepare_resumes_keeping_the_shards_it_wrote(tmp_path, mo
         "shard-000000.tar", "shard-000000.tar.json", "shard-000001.tar", "shard-000001.tar.json"]
     (staging / "shard-000001.tar").write_bytes(b"damaged")  # a shard whose file no longer matches its record
     written.clear()
-    monkeypatch.setattr(shards, "_write_shard_job", lambda stage, s, *a: written.append(s) or real(stage, s, *a))
+    monkeypatch.setattr(streamed, "_write_shard_job", lambda stage, s, *a: written.append(s) or real(stage, s, *a))
     _prepare(root, tmp_path / "out")
     assert written == [1, 2, 3]  # shard 0 kept; the damaged one and the rest written
     ref = _reference(tmp_path, root, images, labels)
     assert _files(tmp_path / "out" / "train") == _files(ref)
     # another plan (here a shard size) never reuses what an interrupted run of the first left
-    monkeypatch.setattr(shards, "_write_shard_job", dies_after_two)
+    monkeypatch.setattr(streamed, "_write_shard_job", dies_after_two)
     written.clear()
     with pytest.raises(KeyboardInterrupt):
         _prepare(root, tmp_path / "again")
     written.clear()
-    monkeypatch.setattr(shards, "_write_shard_job", lambda stage, s, *a: written.append(s) or real(stage, s, *a))
+    monkeypatch.setattr(streamed, "_write_shard_job", lambda stage, s, *a: written.append(s) or real(stage, s, *a))
     prepare.run(PrepareConfig(source=str(root), format="npz", out=str(tmp_path / "again"), key_prefix="g",
                               shard_size=50))
     assert written == [0, 1, 2, 3, 4]

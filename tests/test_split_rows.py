@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import UserError
-from pipeline.core.shards import Split, SplitRows, make_keys, read_split, write_split
+from pipeline.core.shards import Split, make_keys, read_split, write_split
+from pipeline.core.streamed import SplitRows
 
 
 def _split(tmp_path, n=50, shard_size=8):
@@ -72,7 +73,8 @@ def test_hostile_npy_images_are_refused_in_one_line(tmp_path):
 
     import webdataset as wds
 
-    from pipeline.core.shards import encode_npy, make_fingerprint, shard_name
+    from pipeline.core.members import encode_npy
+    from pipeline.core.shards import make_fingerprint, shard_name
 
     good = encode_npy(np.zeros((4, 4, 3), np.uint8))
     obj = io.BytesIO()

@@ -102,7 +102,8 @@ def _test_split(work: Path, seed: int) -> Path:
 def encodings(cfg: BenchConfig, n: int) -> dict:
     """PNG vs raw .npy members on random CIFAR-sized pixels and on real Fashion-MNIST images:
     bytes per image and images/s of encoding and decoding (one process, interleaved repeats)."""
-    from pipeline.core.shards import _decode, encode_npy, encode_png
+    from pipeline.core.members import encode_npy, encode_png
+    from pipeline.core.shards import _decode
     from pipeline.data.sources import read_source
 
     sets = {"random_cifar": np.frombuffer(np.random.default_rng(cfg.seed).bytes(n * ROW_BYTES), np.uint8).reshape(n, *SHAPE),

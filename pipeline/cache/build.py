@@ -23,7 +23,8 @@ from pipeline.cache.targets import TargetSpec
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
 from pipeline.core.runtime import Dist
-from pipeline.core.shards import ShardSet, SplitRows, join, read_fingerprint, split_exists
+from pipeline.core.shards import ShardSet, join, read_fingerprint, split_exists
+from pipeline.core.streamed import SplitRows
 from pipeline.core.views import all_views, apply_view_reference, apply_views, sample_views, to_float01
 from pipeline.diffusion.model import load_model, model_files
 
@@ -113,12 +114,12 @@ def compute_probe(writer: CacheWriter, inits: dict[str, PartInit]) -> dict:
     return probe
 
 
-def compute_diagnostics(writer: CacheWriter, train: PartInit, images: SplitRows, pad: int, seed: int) -> dict:
+def compute_diagnostics(writer: CacheWriter, train: PartInit, images: SplitRows | np.ndarray, pad: int, seed: int) -> dict:
     """Each target set's information figures (pipeline/cache/diagnostics.py) on view 0 of at most
     ``MAX_ROWS`` train rows drawn with the extraction's seed, with the pixels of exactly that view."""
     rng = np.random.default_rng([seed, 7])
     rows = np.sort(rng.choice(train.n, min(train.n, MAX_ROWS), replace=False))
-    pixels = images.take(rows)
+    pixels = images[rows] if isinstance(images, np.ndarray) else images.take(rows)  # the part's, or its split's
     views = np.stack([apply_view_reference(pixels[i], int(train.views["dx"][r, 0]), int(train.views["dy"][r, 0]),
                                            int(train.views["flip"][r, 0]), pad) for i, r in enumerate(rows)])
     # float32 holds every float16 exactly at half float64's memory: all sets at once for the pairs

@@ -22,12 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import re
-import signal
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +34,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.errors import UserError
-from pipeline.core.storage import basename, commit, join, read_bytes, remove, resume, start, write_bytes
+from pipeline.core.members import ENCODINGS, check_image, decode_npy, plain_tar_samples
+from pipeline.core.storage import basename, commit, join, read_bytes, start, write_bytes
 
-MAX_IMAGE_PIXELS = 4096 * 4096  # per image (folder sources, shards): larger ones are refused unread
 FINGERPRINT = "fingerprint.json"
 SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # no dots (webdataset's extension separator), no slashes
@@ -101,9 +98,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-ENCODINGS = {"png": lambda image: encode_png(image), "npy": lambda image: encode_npy(image)}  # image member -> encoder
 
 
 def write_shard(folder: str | Path, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
@@ -174,101 +168,6 @@ def write_split(out_dir: str | Path, split: Split, keys: list[str], *, shard_siz
                           content_hash(keys, split.images, split.labels), source=source, extra=extra)
     finish_split(staging, fp)
     commit(staging, out_dir, signature=(FINGERPRINT,))
-    return fp
-
-
-RECORD_SUFFIX = ".json"  # beside each shard of an unfinished split: its record (what a resumed run keeps)
-
-
-def _write_shard_job(stage: str, s: int, keys: list[str], images: np.ndarray, labels: np.ndarray,
-                     encoding: str = "png") -> dict:
-    """One shard and then its record beside it (a worker's job): a shard with a record is finished."""
-    record = write_shard(stage, s, keys, images, labels, encoding=encoding)
-    write_bytes(join(stage, shard_name(s) + RECORD_SUFFIX), json.dumps(record).encode())
-    return record
-
-
-def _finished_shards(stage: str, bounds: list[tuple[int, int]]) -> dict[int, dict]:
-    """Shards of a resumed staging folder whose record is there and whose file matches it."""
-    done = {}
-    for s, (a, b) in enumerate(bounds):
-        raw = read_bytes(join(stage, shard_name(s) + RECORD_SUFFIX))
-        if raw is None:
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        data = read_bytes(join(stage, shard_name(s)))
-        if isinstance(record, dict) and record.get("count") == b - a and data is not None \
-                and hashlib.sha256(data).hexdigest() == record.get("sha256"):
-            done[s] = record
-    return done
-
-
-def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], classes: list[str],
-                     keys: Callable[[int, int], list[str]], labels: np.ndarray,
-                     read: Callable[[int, int], np.ndarray], shard_size: int, plan: dict, source: str = "",
-                     extra: dict | None = None, workers: int = 1, encoding: str = "png",
-                     progress: bool = True) -> dict:
-    """Write a split of ``n`` rows shard by shard: ``read(a, b)`` gives the images of rows [a, b)
-    (called in increasing order), ``keys(a, b)`` their keys; memory holds a few shards, never the split.
-
-    ``workers`` > 1 encodes and writes whole shards in that many processes (at most two shards
-    each in flight). Resumable: the staging folder records ``plan`` (what is being written), each
-    finished shard leaves its record beside it, and a run with the same plan keeps every shard whose
-    file matches its record (every row is still read once, for the split's content hash). A run
-    with another plan starts afresh. Returns the fingerprint, written last (then the folder moves
-    into place, as ``write_split``'s does).
-    """
-    if shard_size <= 0:
-        raise UserError(f"shard size must be positive, got {shard_size}")
-    stage, resumed = resume(out_dir, signature=(FINGERPRINT,), plan=json.dumps(plan, sort_keys=True).encode())
-    bounds = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
-    records = _finished_shards(stage, bounds) if resumed else {}
-    name = basename(out_dir)
-    if records:
-        print(f"{name}: resuming: {len(records)} of {len(bounds)} shards were written by an earlier run")
-    hasher = ContentHash(keys(a, b) for a, b in bounds)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 1 else None
-    pending: dict[Future, int] = {}
-    try:
-        with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
-            bar.update(sum(r["count"] for r in records.values()))
-
-            def collect(done: set[Future]) -> None:
-                for f in done:
-                    s = pending.pop(f)
-                    records[s] = f.result()  # re-raises a worker's error
-                    bar.update(records[s]["count"])
-
-            for s, (a, b) in enumerate(bounds):
-                images = read(a, b)
-                if images.shape != (b - a, *image_shape):
-                    raise ValueError(f"rows {a}..{b}: images {images.shape}, expected {(b - a, *image_shape)}")
-                hasher.update(images)
-                if s in records and records[s].get("content") == content_hash(keys(a, b), images, labels[a:b]):
-                    continue  # finished by an earlier run, from these very rows
-                records.pop(s, None)
-                if pool is None:
-                    records[s] = _write_shard_job(stage, s, keys(a, b), images, labels[a:b], encoding)
-                    bar.update(b - a)
-                    continue
-                while len(pending) >= 2 * workers:
-                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
-                pending[pool.submit(_write_shard_job, stage, s, keys(a, b), images, labels[a:b], encoding)] = s
-            collect(wait(pending).done)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    shards = [records[s] for s in range(len(bounds))]
-    fp = make_fingerprint(n, list(image_shape), list(classes), shards, hasher.finish(labels), source=source,
-                          extra=extra)
-    for s in range(len(bounds)):  # the records are in the fingerprint now
-        remove(join(stage, shard_name(s) + RECORD_SUFFIX))
-    finish_split(stage, fp)
-    commit(stage, out_dir, signature=(FINGERPRINT,))
     return fp
 
 
@@ -345,55 +244,6 @@ def _decode(sample: dict, path: str) -> tuple[str, np.ndarray, int]:
     return key, image if image.ndim == 3 else image[..., None], label
 
 
-def _plain_tar_samples(data: bytes) -> list[dict] | None:
-    """The samples of a tar holding only regular files (ustar, pax path records: what
-    ``write_shard`` writes), grouped as webdataset groups them (``KEY.EXT`` members in a row share
-    their KEY); parsed from the 512-byte headers, ~10x faster than ``tarfile``. None for anything
-    else (links, GNU extensions, base-256 sizes, a header that does not add up, a member repeated
-    in a sample): the caller then uses webdataset's own parser, which explains what it finds."""
-    samples: list[dict] = []
-    pos, end, path = 0, len(data), None
-    while pos + 512 <= end:
-        head = data[pos:pos + 512]
-        if head.count(0) == 512:
-            break  # the end-of-archive blocks
-        size_field = head[124:136].split(b"\0", 1)[0].strip()
-        if not size_field or not all(48 <= c <= 55 for c in size_field):
-            return None
-        size, kind = int(size_field, 8), head[156:157]
-        checksum = head[148:156].split(b"\0", 1)[0].strip()
-        if not checksum or int(checksum or b"0", 8) != sum(head[:148]) + 256 + sum(head[156:]):
-            return None
-        body_at, pos = pos + 512, pos + 512 + -(-size // 512) * 512
-        if pos > end:
-            return None
-        body = data[body_at:body_at + size]
-        if kind == b"x":  # pax: keep only the path record ("LEN path=NAME\n")
-            for record in body.split(b"\n"):
-                if b" path=" in record:
-                    path = record.split(b" path=", 1)[1]
-            continue
-        if kind not in (b"0", b"\0"):
-            if kind == b"5":
-                continue  # a folder
-            return None
-        name = path if path is not None else head[:100].split(b"\0", 1)[0]
-        if head[257:262] == b"ustar" and path is None and head[345] != 0:
-            name = head[345:500].split(b"\0", 1)[0] + b"/" + name
-        path = None
-        base = name.rsplit(b"/", 1)[-1]
-        if b"." not in base:
-            return None
-        key, ext = name[:len(name) - len(base)] + base.split(b".", 1)[0], base.split(b".", 1)[1].lower()
-        key_s, ext_s = key.decode("utf-8", "replace"), ext.decode("utf-8", "replace")
-        if not samples or samples[-1]["__key__"] != key_s:
-            samples.append({"__key__": key_s})
-        elif ext_s in samples[-1]:
-            return None
-        samples[-1][ext_s] = body
-    return samples
-
-
 def _shard_samples(split_dir: str | Path, shard: dict, verify: bool) -> tuple[str, list[dict]]:
     """(url, the shard's samples undecoded) of one listed shard, its file checked against its record."""
     if not isinstance(shard.get("name"), str) or not SHARD_NAME.fullmatch(shard["name"]):
@@ -406,7 +256,7 @@ def _shard_samples(split_dir: str | Path, shard: dict, verify: bool) -> tuple[st
     if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise UserError(f"{url}: checksum mismatch (corrupted or truncated shard)")
     try:
-        samples = _plain_tar_samples(data)
+        samples = plain_tar_samples(data)
         if samples is None:
             members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
             samples = list(wds.tariterators.group_by_keys(members))
@@ -472,63 +322,6 @@ def _check_keys_labels(split_dir: str | Path, fp: dict, keys: np.ndarray | list[
                         f"max {labels.max()})")
 
 
-class SplitRows:
-    """A split's first ``limit`` rows (all with 0), read shard by shard: what ``extract`` reads.
-
-    Opening reads every shard once for its keys and labels (checked against its record, pixels not
-    decoded); ``images(a, b)`` and ``take(rows)`` then decode only the shards that hold those rows,
-    each checked against its record (file and content hash), keeping the last two in memory. So
-    memory holds the keys (as bytes), the labels and a few shards, never the split's pixels.
-    Attributes as ``ShardSet``'s (``keys``, ``labels``, ``fingerprint``, ``path``), less ``images``.
-    """
-
-    CACHED = 2  # decoded shards kept (a row range that crosses a shard boundary needs two)
-
-    def __init__(self, split_dir: str | Path, *, limit: int = 0, verify: bool = True) -> None:
-        self.fingerprint = fp = read_fingerprint(split_dir)
-        self.path, self.verify = str(split_dir), verify
-        self.n, self.shards = _prefix_shards(split_dir, fp, limit, verify)
-        keys, labels = [], []
-        for shard in self.shards:
-            _, samples = _shard_samples(split_dir, shard, verify)
-            pairs = [_label(sample, self.path) for sample in samples]
-            keys.append(np.array([k for k, _ in pairs], dtype="S"))
-            labels.append(np.array([lab for _, lab in pairs], np.int64))
-        self.keys = np.concatenate(keys)[:self.n].astype("S")  # ASCII by check_key: bytes are exact
-        self.labels = np.concatenate(labels)[:self.n]
-        _check_keys_labels(split_dir, fp, self.keys, self.labels)
-        self.starts = np.cumsum([0] + [r["count"] for r in self.shards])
-        self.image_shape = tuple(fp["image_shape"])
-        self._cache: dict[int, np.ndarray] = {}
-
-    def _shard(self, i: int) -> np.ndarray:
-        if i not in self._cache:
-            _, block, _ = next(iter_shards(self.path, [self.shards[i]], verify=self.verify))
-            if block.shape[1:] != self.image_shape:
-                raise UserError(f"{self.path}: images of shape {list(block.shape[1:])}, its fingerprint says "
-                                f"{list(self.image_shape)}")
-            while len(self._cache) >= self.CACHED:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = block
-        return self._cache[i]
-
-    def images(self, a: int, b: int) -> np.ndarray:
-        """uint8 (b - a, H, W, C): rows [a, b)."""
-        return self.take(np.arange(a, b))
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """uint8 images of the given row indices, in their order."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
-            raise IndexError(f"rows outside [0, {self.n})")
-        out = np.empty((len(rows), *self.image_shape), np.uint8)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for i in np.unique(which):
-            sel = np.flatnonzero(which == i)
-            out[sel] = self._shard(int(i))[rows[sel] - self.starts[i]]
-        return out
-
-
 def read_split(split_dir: str | Path, *, verify: bool = True, limit: int = 0,
                progress: bool = False) -> ShardSet:
     """Load a whole split (checked against its fingerprint) into memory.
@@ -573,47 +366,3 @@ class Split:
             raise UserError(f"labels outside 0..{len(self.classes) - 1}")
 
 
-def check_image(im: Image.Image, where: object) -> None:
-    """Before decoding: a size a dataset can have (no decompression bomb) and 8 bits per channel.
-
-    Important: PIL's convert("L") clips a 16-bit image to 255 instead of scaling it; this pipeline
-    stores uint8, so such images are refused rather than silently saturated.
-    """
-    w, h = im.size
-    if w * h > MAX_IMAGE_PIXELS or w == 0 or h == 0:
-        raise UserError(f"{where}: image of {w}x{h} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        raise UserError(f"{where}: {im.mode} image (more than 8 bits per channel); convert it to 8-bit first")
-
-
-def encode_npy(image: np.ndarray) -> bytes:
-    """An (H, W, C) uint8 image as a .npy file: its raw bytes behind a 128-byte header."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(image, np.uint8), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_npy(data: bytes, where: str) -> np.ndarray:
-    """A shard's .npy image, checked like a PNG one: (H, W[, C]) uint8 of a size a dataset can have,
-    no pickles, exactly the bytes its header announces."""
-    fh = io.BytesIO(data)
-    version = np.lib.format.read_magic(fh)
-    if version not in ((1, 0), (2, 0), (3, 0)):
-        raise ValueError(f"unsupported .npy format version {version}")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(fh, max_header_size=10_000)
-    if dtype != np.uint8 or fortran or len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3)):
-        raise ValueError(f"{where}: a .npy image must be C-ordered uint8 (H, W[, C]) with C 1 or 3, "
-                         f"got {dtype} {shape}{' Fortran' if fortran else ''}")
-    if shape[0] * shape[1] > MAX_IMAGE_PIXELS or min(shape[:2]) < 1:
-        raise ValueError(f"{where}: image of {shape[1]}x{shape[0]} pixels refused (at most {MAX_IMAGE_PIXELS} pixels)")
-    body = data[fh.tell():]
-    if len(body) != int(np.prod(shape)):
-        raise ValueError(f"{where}: .npy image of {len(body)} bytes, its header says {int(np.prod(shape))}")
-    return np.frombuffer(body, np.uint8).reshape(shape)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()

@@ -7,6 +7,12 @@ from enum import Enum
 
 from pipeline.core.config import coerce_enums, require
 
+# limits every reader of a raw dataset applies, and the class names of a 3-channel set without its own
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+MAX_CLASSES = 100_000  # more class indices than any labelled set has (ImageNet-21k: 21,841)
+MAX_SOURCE_BYTES = 8 * 2**30  # larger than any IDX dataset (or npz read whole); a header claiming more is refused unread
+
 
 class SourceFormat(str, Enum):
     """Raw dataset formats that ``prepare`` reads."""
