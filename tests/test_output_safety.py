@@ -20,7 +20,7 @@ from pipeline.cache import store as cache_mod
 from pipeline.cache.store import open_cache, verify_cache
 from pipeline.classifiers import zoo as models_mod
 from pipeline.classifiers.zoo import load_classifier
-from pipeline.core import shards as shards_mod
+from pipeline.core import members
 from pipeline.core.errors import UserError
 from pipeline.core.shards import read_split
 from pipeline.data.config import PrepareConfig
@@ -40,7 +40,7 @@ class Injected(OSError):
 
 
 def test_prepare_interrupted_mid_shard(fmnist_dir, tmp_path, monkeypatch):
-    real_encode, calls = shards_mod.encode_png, {"n": 0}
+    real_encode, calls = members.encode_png, {"n": 0}
 
     def encode(image):
         calls["n"] += 1
@@ -48,7 +48,7 @@ def test_prepare_interrupted_mid_shard(fmnist_dir, tmp_path, monkeypatch):
             raise Injected("disk full (injected)")
         return real_encode(image)
 
-    monkeypatch.setattr(shards_mod, "encode_png", encode)
+    monkeypatch.setattr(members, "encode_png", encode)
     out = tmp_path / "real"
     with pytest.raises(Injected):
         prepare.run(PrepareConfig(source=str(fmnist_dir), out=str(out), limit=64, shard_size=32))
