@@ -84,6 +84,21 @@ def test_study_profile_pairs_five_seeds_of_each_variant_with_the_sweeps_choice(t
 
 
 @pytest.mark.results
+def test_the_default_budget_over_seeds_pairs_at_and_dmat_on_one_upstream():
+    """results/default-seeds: seeds 0-4 of AT and DM-AT at the default profile's budget, one code
+    commit, one cache (so one diffusion model and synthetic set), the committed generator's weights."""
+    runs = [json.loads(p.read_text()) for p in (ROOT / "results" / "default-seeds").glob("*/seed*.json")]
+    by = {(r["variant"], r["train_config"]["train"]["seed"]) for r in runs}
+    assert len(by) == len(runs) == 10 and by == {(v, s) for v in ("AT", "DM-AT") for s in range(5)}
+    assert len({r["study"]["code_commit"] for r in runs}) == 1
+    assert len({r["train_config"]["cache"]["digest"] for r in runs}) == 1
+    assert len({(r["train_metrics"]["budget"]["steps"], r["train_metrics"]["budget"]["samples"]) for r in runs}) == 1
+    upstream = json.loads((ROOT / "results" / "default-seeds-upstream" / "generate.json").read_text())
+    model = json.loads((ROOT / "models" / "fmnist-ddpm-3000" / "model_info.json").read_text())
+    assert upstream["weights_sha256"] == model["weights_sha256"] and upstream["config"]["guidance"] == 2.0
+
+
+@pytest.mark.results
 def test_the_committed_study_is_complete_and_pairs_never_cross_upstreams():
     """results/study holds seeds 0-4 of every variant at one budget, from one code commit, evaluated
     on 5000 test images, with the sweep's target set; each DRA variant and its base share the cache
