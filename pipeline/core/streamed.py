@@ -32,6 +32,22 @@ from pipeline.core.shards import (
 )
 from pipeline.core.storage import basename, commit, join, read_bytes, remove, resume, write_bytes
 
+
+def gather_rows(rows: np.ndarray, n: int, starts: np.ndarray, shape: tuple[int, ...],
+                fetch: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """uint8 images of row indices ``rows`` (in their order) of ``n`` rows stored in consecutive blocks
+    (block i holds rows [starts[i], starts[i + 1])): ``fetch(i, local)`` gives block i's rows ``local``."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"rows outside [0, {n})")
+    out = np.empty((len(rows), *shape), np.uint8)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    for i in np.unique(which):
+        sel = np.flatnonzero(which == i)
+        out[sel] = fetch(int(i), rows[sel] - starts[i])
+    return out
+
+
 RECORD_SUFFIX = ".json"  # beside each shard of an unfinished split: its record (what a resumed run keeps)
 
 
@@ -90,7 +106,6 @@ def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], cla
     pending: dict[Future, int] = {}
     try:
         with tqdm(total=n, desc=f"write {name}", unit="img", mininterval=2, disable=not progress) as bar:
-            bar.update(sum(r["count"] for r in records.values()))
 
             def collect(done: set[Future]) -> None:
                 for f in done:
@@ -104,6 +119,7 @@ def write_split_rows(out_dir: str | Path, *, n: int, image_shape: list[int], cla
                     raise ValueError(f"rows {a}..{b}: images {images.shape}, expected {(b - a, *image_shape)}")
                 hasher.update(images)
                 if s in records and records[s].get("content") == content_hash(keys(a, b), images, labels[a:b]):
+                    bar.update(b - a)
                     continue  # finished by an earlier run, from these very rows
                 records.pop(s, None)
                 if pool is None:
@@ -149,7 +165,7 @@ class SplitRows:
             pairs = [_label(sample, self.path) for sample in samples]
             keys.append(np.array([k for k, _ in pairs], dtype="S"))
             labels.append(np.array([lab for _, lab in pairs], np.int64))
-        self.keys = np.concatenate(keys)[:self.n].astype("S")  # ASCII by check_key: bytes are exact
+        self.keys = np.concatenate(keys)[:self.n]  # ASCII by check_key: bytes are exact
         self.labels = np.concatenate(labels)[:self.n]
         _check_keys_labels(split_dir, fp, self.keys, self.labels)
         self.starts = np.cumsum([0] + [r["count"] for r in self.shards])
@@ -173,12 +189,4 @@ class SplitRows:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """uint8 images of the given row indices, in their order."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
-            raise IndexError(f"rows outside [0, {self.n})")
-        out = np.empty((len(rows), *self.image_shape), np.uint8)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for i in np.unique(which):
-            sel = np.flatnonzero(which == i)
-            out[sel] = self._shard(int(i))[rows[sel] - self.starts[i]]
-        return out
+        return gather_rows(rows, self.n, self.starts, self.image_shape, lambda i, local: self._shard(i)[local])

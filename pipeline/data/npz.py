@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.core.errors import UserError
 from pipeline.core.shards import Split
+from pipeline.core.streamed import gather_rows
 from pipeline.data.config import CIFAR10_CLASSES, MAX_CLASSES, MAX_SOURCE_BYTES
 
 
@@ -196,19 +197,9 @@ class NpzRows:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """uint8 (len(rows), H, W, C): the images of these row indices, in their order."""
-        rows = np.asarray(rows, np.int64)
-        out = np.empty((len(rows), *self.image_shape), np.uint8)
-        if not len(rows):
-            return out
-        if rows.min() < 0 or rows.max() >= self.n:
-            raise IndexError(f"rows outside [0, {self.n})")
         contiguous = bool(np.all(np.diff(rows) == 1))
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for m in np.unique(which):
-            sel = np.flatnonzero(which == m)
-            local = rows[sel] - self.starts[m]
-            out[sel] = self._read_member(int(m), local, contiguous)
-        return out
+        return gather_rows(rows, self.n, self.starts, self.image_shape,
+                           lambda m, local: self._read_member(m, local, contiguous))
 
     def _read_member(self, m: int, local: np.ndarray, contiguous: bool) -> np.ndarray:
         member = self.members[m]
@@ -253,8 +244,11 @@ class NpzRows:
         _, pos, zf, fh = self._stream
         try:
             skip = (first - pos) * self.row_bytes
-            while skip > 0:
-                skip -= len(fh.read(min(skip, 1 << 24)) or b"") or skip
+            while skip > 0:  # read past the rows before ``first``; a short stream fails the read below
+                block = fh.read(min(skip, 1 << 24))
+                if not block:
+                    break
+                skip -= len(block)
             want = count * self.row_bytes
             data = fh.read(want)
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
