@@ -91,6 +91,8 @@ CASES = {
     "train/batch-size-0": "train --cache {store} --batch-size 0 --out {out}/t",
     "train/batch-size-negative": "train --cache {store} --batch-size -1 --out {out}/t",
     "train/eps-negative": "train --cache {store} --eps -0.1 --out {out}/t",
+    "train/no-augment-on-random-view-0": "train --cache {store} --no-augment --out {out}/t",
+    "train/no-augment-with-fresh-views": "train --cache {store} --no-augment --fresh-views --dra-weight 0 --out {out}/t",
     "train/view-pad-overflows-int8": "train --cache {store} --view-pad 64 --out {out}/t",
     "train/lr-inf": "train --cache {store} --lr inf --out {out}/t",
     "train/dra-weight-inf": "train --cache {store} --dra-weight inf --out {out}/t",

@@ -122,3 +122,39 @@ def test_uniform_views_have_no_forced_identity():
     # more views than the view space holds: whole permutations, each view 2 or 3 times in 5
     small = sample_views(100, 5, ViewSpec(pad=0), seed=1, identity_first=False)
     assert (small["dx"] == 0).all() and set(np.unique(small["flip"].sum(axis=1))) <= {2, 3}
+
+
+def test_no_augment_reads_view_zero_of_an_identity_first_store_and_refuses_a_uniform_one(
+        tmp_path, tiny_model_dir, fmnist_shards, store):
+    """``train --no-augment`` (the no-augmentation control): every draw is view 0, the plain image,
+    with its own target; on a store whose view 0 is a random crop it is refused in one line."""
+    import json
+
+    import pytest
+    from reliability_helpers import extract_cfg, train_cfg
+
+    from pipeline.cache.config import ViewDraw
+    from pipeline.cache.store import open_cache
+    from pipeline.core.errors import UserError
+    from pipeline.train.data import load_part, unaugmented
+    from pipeline.train.sampler import MixedSampler
+    from stages import extract, train
+
+    plain = tmp_path / "identity-first.zarr"
+    extract.run(extract_cfg(tiny_model_dir, fmnist_shards, plain, view_draw=ViewDraw.identity_first, views=3))
+    cache = open_cache(str(plain))
+    part, _ = load_part(cache, "train", shards_dir="", limit=0, view_spec=None, image_size=None)
+    only = unaugmented(part, cache.plan.view_spec.pad)
+    assert part.k == 3 and only.k == 1
+    sampler = MixedSampler(n_real=only.n, k_real=only.k, batch_size=16, seed=0)
+    drawn = np.concatenate([b.real_views for e in range(3) for b in sampler.batches(e)])
+    assert len(drawn) == 3 * 64 and (drawn == 0).all()
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(apply_views(x, *(torch.from_numpy(getattr(only, a)[:4, 0]) for a in ("dx", "dy", "flip")),
+                                   cache.plan.view_spec.pad), x)
+    out = tmp_path / "run"
+    train.run(train_cfg(plain, out, augment=False, dra_weight=0.5))
+    assert json.loads((out / "metrics.json").read_text())["step"] == 2
+    with pytest.raises(UserError, match="--no-augment reads each sample's view 0, but in cache part 'train'"):
+        train.run(train_cfg(store, tmp_path / "refused", augment=False))
+    assert not (tmp_path / "refused" / "metrics.json").exists()

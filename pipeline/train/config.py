@@ -86,6 +86,9 @@ class TrainConfig:
     # a new random crop + flip per sample and step (standard on-the-fly augmentation) instead of the
     # cache's recorded views; plain AT only (no cached target belongs to an unrecorded view)
     fresh_views: bool = False
+    # off: every sample is read in its view 0, which must be the unaugmented image (a `--views all` or
+    # identity-first store; else refused): training without augmentation, on the same store and targets
+    augment: bool = True  # draw each sample's view among the cache's recorded views (off: no augmentation)
     memory_budget_mb: int = 2048  # the target reader streams chunks above this (0: always stream)
     # per-epoch validation (pipeline/train/validation.py): the EMA model's clean and PGD accuracy on N
     # train-part rows right after the ones trained on; the best epoch is kept in OUT/best
@@ -130,5 +133,7 @@ class TrainConfig:
                        (not (self.resume and self.overwrite),
                         "--resume and --overwrite: choose one (continue the run in --out, or replace it)"),
                        (not self.fresh_views or self.dra_weight == 0,
-                        "--fresh-views draws views the cache holds no targets for: use it with --dra-weight 0")])
+                        "--fresh-views draws views the cache holds no targets for: use it with --dra-weight 0"),
+                       (self.augment or not self.fresh_views,
+                        "--fresh-views and --no-augment: choose one (fresh crops and flips, or none)")])
         self.view.validate()

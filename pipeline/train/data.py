@@ -19,7 +19,7 @@ its target. Important: image, view parameters, noise seed and target are all ind
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,18 @@ def load_part(cache: FeatureCache, name: str, *, shards_dir: str, limit: int, vi
     images = InMemoryImages(torch.from_numpy(np.ascontiguousarray(ss.images[idx].transpose(0, 3, 1, 2))))
     return PartData(name, n, part.k, images, torch.from_numpy(labels), *views, seeds, image_check="shards",
                     shards=path), part
+
+
+def unaugmented(data: PartData, pad: int) -> PartData:
+    """The part read in view 0 only (``train --no-augment``), refused unless every used row's view 0 is
+    the identity (offset (pad, pad), no flip): otherwise "no augmentation" would be one fixed random
+    crop per image."""
+    ok = (data.dx[:, 0] == pad) & (data.dy[:, 0] == pad) & (data.flip[:, 0] == 0)
+    if not ok.all():
+        raise UserError(f"--no-augment reads each sample's view 0, but in cache part {data.name!r} view 0 is "
+                        f"not the unaugmented image for {int((~ok).sum())} of {data.n} rows (extract with "
+                        f"--views all or --view-draw identity-first)")
+    return replace(data, k=1)
 
 
 def _read_all(part: CachePart, n: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ from pipeline.train.data import (
     plan_memory,
     target_reader,
     target_whitening,
+    unaugmented,
 )
 from pipeline.train.livelog import LiveLog
 from pipeline.train.model import EMA, DRANet, backbone_parameters, build_dra_net
@@ -135,7 +136,7 @@ def open_data(cfg: TrainConfig, rt: Runtime) -> Data:
             print(note)
         if mode == "ram":
             d = replace(d, reader=target_reader(p, d.n, stream=stream))
-        parts[name] = d
+        parts[name] = d if cfg.augment else unaugmented(d, cache.plan.view_spec.pad)
     if mode == "ram" and stream:
         mode = "stream"
     # ONE sample order whatever the memory mode: chunk-aware by the cache's chunking, in RAM or
