@@ -81,9 +81,11 @@ def run(cfg: EvaluateConfig) -> dict:
         model, xs, ys, eps=eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
         batch_size=bs, seed=cfg.seed, offset=lo, progress=dist.is_main))
     aa_ok, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
+    aa_n = cfg.autoattack_n or n  # AutoAttack: the first aa_n images, this process's share of them
+    aa_here = max(0, min(hi, aa_n) - lo)
     if cfg.autoattack != AutoAttackVersion.none:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
-            model, xs, ys, eps=eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
+            model, xs[:aa_here], ys[:aa_here], eps=eps, version=cfg.autoattack, fast_targets=cfg.fast_targets,
             fast_iters=cfg.fast_iters, batch_size=bs, seed=cfg.seed, progress=dist.is_main))
         attacks += [f"autoattack-{cfg.autoattack.value}:{a}" for a in aa_attacks]
     parts = dist.gather({"clean": clean.cpu(), "pgd": pgd_ok.cpu(), "pgd_stats": pgd_stats,
@@ -98,17 +100,22 @@ def run(cfg: EvaluateConfig) -> dict:
     pgd_stats = robust.merge_stats([p["pgd_stats"] for p in parts])
     aa_acc = None
     if aa_ok is not None:
-        aa_acc = int(torch.cat([p["aa"] for p in parts]).sum()) / n
+        aa_all = torch.cat([p["aa"] for p in parts])
+        assert len(aa_all) == aa_n, "the slices must cover AutoAttack's images exactly once"
+        aa_acc = int(aa_all.sum()) / aa_n
         aa_stats = robust.merge_stats([p["aa_stats"] for p in parts])
     checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
     big = timed("large_eps", lambda: robust.large_eps_accuracy(model, xc, yc, seed=cfg.seed))
     clean_acc, pgd_acc = int(clean.sum()) / n, int(pgd_ok.sum()) / n  # exact fractions
-    checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=eps,
+    # AutoAttack's bounds are checked on its own images: clean and PGD accuracy of those aa_n
+    sub = (clean_acc, pgd_acc) if aa_n == n else (int(clean[:aa_n].sum()) / aa_n, int(pgd_ok[:aa_n].sum()) / aa_n)
+    checks.update(robust.result_checks(clean=clean_acc, pgd_acc=pgd_acc, aa_acc=aa_acc, eps=eps, aa_bounds=sub,
                                        pgd_stats=pgd_stats, aa_stats=aa_stats, big_eps_acc=big))
     warnings = robust.failed(checks)
     result = {
         "variant": cfg.name or cfg.robustbench or Path(cfg.checkpoint).name,
         "clean": clean_acc, "pgd": pgd_acc, "autoattack": aa_acc, "n": n, "processes": dist.world,
+        "autoattack_n": aa_n if aa_acc is not None else None,
         "threat_model": "Linf", "eps": eps, "eps_source": eps_source, "attacks": attacks,
         "pgd_attack": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": alpha,
                        "loss": "ce", "random_start": True},
@@ -130,7 +137,8 @@ def run(cfg: EvaluateConfig) -> dict:
     write_json(metrics_path(cfg), flat)
     aa_txt = "-" if aa_acc is None else f"{aa_acc:.4f}"
     print(f"{result['variant']}: clean {clean_acc:.4f}  pgd {pgd_acc:.4f}  autoattack {aa_txt}  "
-          f"(n={n}{f', {dist.world} processes' if dist.world > 1 else ''}, eps={eps:.6g} from {eps_source}, "
+          f"(n={n}{f', AutoAttack on the first {aa_n}' if aa_acc is not None and aa_n < n else ''}"
+          f"{f', {dist.world} processes' if dist.world > 1 else ''}, eps={eps:.6g} from {eps_source}, "
           f"{result['seconds']:.0f} s) -> {cfg.out}")
     for w in warnings:
         print(f"warning: check failed: {w} (see 'checks' in {cfg.out})")

@@ -104,6 +104,7 @@ CASES = {
     "evaluate/text-as-checkpoint": "evaluate --checkpoint {text} --shards {real}/test --out {out}/e.json",
     "evaluate/store-as-checkpoint": "evaluate --checkpoint {store} --shards {real}/test --out {out}/e.json",
     "evaluate/negative-n": "evaluate --checkpoint {ckpt} --shards {real}/test --n -5 --out {out}/e.json",
+    "evaluate/autoattack-n-above-n": "evaluate --checkpoint {ckpt} --shards {real}/test --n 8 --autoattack-n 9 --out {out}/e.json",
     "evaluate/eps-negative": "evaluate --checkpoint {ckpt} --shards {real}/test --eps -0.1 --out {out}/e.json",
     "evaluate/pgd-step-size-nan": "evaluate --checkpoint {ckpt} --shards {real}/test --pgd-step-size nan --out {out}/e.json",
     "diffusion/lr-nan": "diffusion --lr nan --out {out}/m",

@@ -86,6 +86,27 @@ def test_evaluate_writes_ordered_accuracies_and_passing_checks(checkpoint, fmnis
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_autoattack_on_the_first_m_images_is_autoattack_of_those_m_and_pgd_stays_over_n(checkpoint, fmnist_shards,
+                                                                                         tmp_path):
+    """``--autoattack-n 64`` of ``--n 128``: clean and PGD over all 128 (as without AutoAttack), the
+    AutoAttack accuracy that of an evaluation of the first 64 alone, its bound checks on those 64;
+    the table names the subset; a subset larger than N is refused."""
+    from pipeline.report.tables import markdown
+
+    fast = dict(autoattack=AutoAttackVersion.fast, fast_targets=2)
+    part = evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path / "part", autoattack_n=64, **fast))
+    small = evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path / "small", n=64, **fast))
+    whole = evaluate.run(_cfg(checkpoint, fmnist_shards, tmp_path / "whole", autoattack=AutoAttackVersion.none))
+    assert (part["n"], part["autoattack_n"], small["autoattack_n"], whole["autoattack_n"]) == (128, 64, 64, None)
+    assert (part["clean"], part["pgd"]) == (whole["clean"], whole["pgd"])
+    assert part["autoattack"] == small["autoattack"] and part["warnings"] == []
+    assert part["checks"]["autoattack_le_pgd"] is part["checks"]["autoattack_le_clean"] is True
+    part["_path"] = "part.json"
+    assert "on the first 128 test images (AutoAttack on the first 64 of them)" in markdown({"AT": [part]}, [])
+    with pytest.raises(UserError, match=r"--autoattack-n must be in \[0, --n = 128\], got 129"):
+        _cfg(checkpoint, fmnist_shards, tmp_path, autoattack_n=129).validate()
+
+
 def test_pgd_grows_with_eps_and_restarts_are_worst_case(checkpoint, fmnist_shards):
     model = evaluate.load_classifier(checkpoint)[0]
     x, y = _tensors(fmnist_shards / "test", 96)

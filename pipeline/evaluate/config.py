@@ -38,6 +38,9 @@ class EvaluateConfig:
     pgd_restarts: int = 2  # random restarts (a point counts as robust only if it survives all)
     pgd_step_size: float = 0.0  # PGD step size (0: 2.5 * eps / steps, Madry et al.)
     autoattack: AutoAttackVersion = AutoAttackVersion.fast  # which AutoAttack runs after PGD
+    # AutoAttack on the first M of the N images (0: all N), the cheaper half of "PGD on many, AutoAttack on
+    # fewer"; clean and PGD accuracy stay over all N, and the AutoAttack <= PGD check compares the same M
+    autoattack_n: int = 0  # images AutoAttack attacks: the first M of --n (0: all of them)
     fast_targets: int = 3  # target classes of apgd-t in the fast subset (standard: 9)
     fast_iters: int = 50  # iterations of each APGD attack in the fast subset (standard: 100); the profiles' 50
     check_n: int = 100  # images used by the model checks and the large-eps check
@@ -52,6 +55,7 @@ class EvaluateConfig:
         require(self, [
             (self.n > 0, f"--n must be positive, got {self.n}"),
             (self.offset >= 0, f"--offset must be >= 0, got {self.offset}"),
+            (0 <= self.autoattack_n <= self.n, f"--autoattack-n must be in [0, --n = {self.n}], got {self.autoattack_n}"),
             (0 <= self.eps <= 1, f"--eps must be in [0, 1] (images are in [0, 1]; 0: the eps the checkpoint was trained at), got {self.eps}"),
             (self.pgd_steps >= 1 and self.pgd_restarts >= 1, "--pgd-steps and --pgd-restarts must be >= 1"),
             (self.pgd_step_size >= 0 and min(self.batch_size, self.check_n, self.fast_targets, self.fast_iters) >= 1,

@@ -245,8 +245,11 @@ def large_eps_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
 
 
 def result_checks(*, clean: float, pgd_acc: float, aa_acc: float | None, eps: float, pgd_stats: dict,
-                  aa_stats: dict | None, big_eps_acc: float, tol: float = 1e-5) -> dict:
-    """Consistency checks between the accuracies; aa_* None when AutoAttack did not run."""
+                  aa_stats: dict | None, big_eps_acc: float, aa_bounds: tuple[float, float] | None = None,
+                  tol: float = 1e-5) -> dict:
+    """Consistency checks between the accuracies; aa_* None when AutoAttack did not run.
+    ``aa_bounds``: (clean, PGD) accuracy on AutoAttack's images where it attacked fewer than the others."""
+    aa_clean, aa_pgd = aa_bounds or (clean, pgd_acc)
     out = {
         "pgd_le_clean": pgd_acc <= clean + tol,
         "pgd_in_eps_ball": pgd_stats["max_linf"] <= eps + tol and pgd_stats["in_range"],
@@ -254,8 +257,8 @@ def result_checks(*, clean: float, pgd_acc: float, aa_acc: float | None, eps: fl
         "large_eps_accuracy": big_eps_acc,
     }
     if aa_acc is not None:
-        out["autoattack_le_clean"] = aa_acc <= clean + tol
-        out["autoattack_le_pgd"] = aa_acc <= pgd_acc + tol
+        out["autoattack_le_clean"] = aa_acc <= aa_clean + tol
+        out["autoattack_le_pgd"] = aa_acc <= aa_pgd + tol
         out["autoattack_in_eps_ball"] = aa_stats["max_linf"] <= eps + tol and aa_stats["in_range"]
     return out
 

@@ -254,6 +254,7 @@ def eval_settings(run: dict, *, by_hash: bool = False) -> dict[str, object]:
         "AutoAttack-fast iterations": fast.get("iters"),
         "attacks": ", ".join(map(str, run.get("attacks") or [])),
         "test images (n)": run.get("n"),
+        "AutoAttack images": run.get("autoattack_n") or run.get("n") if version not in (None, "none") else None,
         "test images (offset)": run.get("offset") or 0,
         "test shards (content hash)" if by_hash else "test shards": shards,
     }

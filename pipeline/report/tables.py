@@ -108,6 +108,8 @@ def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str
     common = compare(groups)[0]
     n, offset = common["test images (n)"], common["test images (offset)"]
     test = f"the first {n} test images" if not offset else f"{n} test images from image {offset}"
+    if common["AutoAttack images"] not in (None, n):
+        test += f" (AutoAttack on the first {common['AutoAttack images']} of them)"
     unknown = budgets_unknown(groups)
     fair = ("" if unequal or unknown else
             " Every variant trained for the same optimizer steps on the same number of samples (steps x "
