@@ -364,3 +364,11 @@ def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, tmp
                                     "--val-n", str(part.n), "--epochs", "1", "--batch-size", "32"])
     assert "validation needs rows it never trains on" in assert_one_error_line(code, err)
     assert not (tmp_path / "bad").exists()
+    # --val-every 2 of 3 epochs: epochs 2 and 3 (the last) are measured, epoch 1 is not, and the same
+    # run's validation rows give the same figures as every-epoch validation at those epochs
+    sparse = train.run(train_cfg(store, tmp_path / "every2", real_limit=32, val_n=24, val_pgd_steps=2, epochs=3,
+                                 val_every=2))
+    rows = (tmp_path / "every2" / "log.tsv").read_text().splitlines()
+    col = rows[0].split("\t").index("val_pgd")
+    assert [r.split("\t")[col] for r in rows[1:]] == ["", *map(str, log["val_pgd"][1:])]
+    assert sparse["best"]["epoch"] in (2, 3)

@@ -94,6 +94,7 @@ class TrainConfig:
     # train-part rows right after the ones trained on; the best epoch is kept in OUT/best
     val_n: int = 0  # held-out train rows measured after every epoch (0: no validation)
     val_pgd_steps: int = 10  # PGD steps of the per-epoch validation
+    val_every: int = 1  # validate after every Nth epoch and after the last (epochs of a few steps: validation would cost more than training)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     log_every: int = 10  # optimizer steps between per-step metric rows, and each epoch's last step (DVCLive: OUT/dvclive/)
     online: bool = False  # compute targets with the diffusion model inside the step, replaying the cache's recorded noise (not fresh noise)
@@ -114,7 +115,8 @@ class TrainConfig:
                        (self.dra_weight >= 0, "--dra-weight must be >= 0"),
                        (self.t is None or self.t >= 0, f"--t must be a timestep >= 0 (or unset: the default set), got {self.t}"),
                        (self.real_limit >= 0, "--real-limit must be >= 0"),
-                       (self.val_n >= 0 and self.val_pgd_steps >= 1, "--val-n must be >= 0 and --val-pgd-steps >= 1"),
+                       (self.val_n >= 0 and self.val_pgd_steps >= 1 and self.val_every >= 1,
+                        "--val-n must be >= 0, --val-pgd-steps and --val-every >= 1"),
                        (0 <= self.synthetic_fraction < 1, "--synthetic-fraction must be in [0, 1)"),
                        (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
                        (1 <= self.head_hidden <= 65536, f"--head-hidden must be in [1, 65536], got {self.head_hidden}"),

@@ -379,7 +379,7 @@ class Trainer:
             finally:
                 feed.close()
             row = st.end_epoch(epoch, rt)
-            if self.val is not None:  # the row is the log's: val_clean/val_pgd go into log.tsv too
+            if self.val is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):  # into log.tsv too
                 row.update(measure(self.weights.ema.model, self.val, eps=cfg.eps, steps=cfg.val_pgd_steps,
                                    seed=cfg.seed, device=rt.device))
                 if rt.is_main and is_best(st.log):
