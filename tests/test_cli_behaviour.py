@@ -180,8 +180,46 @@ def test_defaults_are_the_recommended_settings_and_the_profiles_pass_theirs():
         assert flag in dvc, flag
     for path in ("params.yaml", "tests/quick_params.yaml", *(f"pipeline/params/{p.name}" for p in (ROOT / "pipeline" / "params").glob("*.yaml"))):
         p = yaml.safe_load((ROOT / path).read_text())
+        if "driver" in p:  # a study run by its own driver: test_driver_profiles_pass_only_valid_settings
+            continue
         assert "real_limit" in p["train"] and "fast_iters" in p["evaluate"] and "dra_weight" in p["sweep"], path
         assert all("dra_weight" in run for run in p["runs"].values()), path
+
+
+def test_driver_profiles_pass_only_valid_settings():
+    """A study profile that its driver turns into flags (pipeline/params/scarce.yaml): every run's
+    settings, every sweep cell's and the evaluation's are fields of the stage's config and pass its
+    checks, so a typo fails here, not hours into a study; every run sets lambda and the synthetic share
+    itself, and the sweep never uses a study seed."""
+    import dataclasses
+
+    import yaml
+
+    from pipeline.cache.config import ExtractConfig
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.generate.config import GenerateConfig
+    from pipeline.train.config import TrainConfig
+
+    profiles = [p for p in (ROOT / "pipeline" / "params").glob("*.yaml") if "driver" in yaml.safe_load(p.read_text())]
+    assert profiles
+    for path in profiles:
+        p = yaml.safe_load(path.read_text())
+        assert (ROOT / p["driver"]).exists() and (ROOT / p["model"] / "model_info.json").exists(), path
+        fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+        for section, cls in (("generate", GenerateConfig), ("extract", ExtractConfig), ("evaluate", EvaluateConfig)):
+            assert set(p[section]) <= fields(cls), (path, section, set(p[section]) - fields(cls))
+        EvaluateConfig(**p["evaluate"]).validate()
+        s = p["sweep"]
+        cells = [dict(t=t, layer=layer, align_layer=a, dra_weight=w) for t, layer in s["target_sets"]
+                 for a in s["align_layers"] for w in s["dra_weights"]]
+        assert s["seed"] not in p["seeds"], path
+        for name, run in [*p["runs"].items(), *((f"sweep {c}", {**s["train"], **c}) for c in cells)]:
+            run = {k: v for k, v in run.items() if k not in ("variant", "dra")}
+            if p["runs"].get(name, {}).get("dra") == "sweep":
+                run |= cells[0]
+            assert "dra_weight" in run and "synthetic_fraction" in run, (path, name)
+            assert set(run) | set(p["train"]) <= fields(TrainConfig), (path, name)
+            TrainConfig(**(p["train"] | run)).validate()
 
 
 def _files(folder: Path) -> dict[str, tuple[bytes, int]]:

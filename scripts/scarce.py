@@ -1,0 +1,260 @@
+"""The data-scarce study (pipeline/params/scarce.yaml): upstream, DRA sweep and paired runs, in pieces
+that each commit their results.
+
+Everything runs in a git worktree (``.scarce/``) pinned to the commit it was created from, so every
+run of the study uses one code version; the profile is read from the main checkout (it must be
+committed as it is), so a choice made after a piece (the runs' list) does not need a new worktree.
+Every training process runs at the profile's ``threads`` torch threads (runs are paired at one
+thread count: float reductions differ between counts), ``jobs`` at a time.
+
+    .venv/bin/python scripts/scarce.py upstream         # real shards, synthetic set, feature store
+    .venv/bin/python scripts/scarce.py sweep            # DRA cells on validation (one seed each)
+    .venv/bin/python scripts/scarce.py runs             # variants x seeds (seed-major: pairs first)
+    .venv/bin/python scripts/scarce.py runs --minutes 90 --only at,dmat   # a piece of it
+    .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack, one seed per variant
+
+Results (committed one by one, each with the code commit, the profile's blob and the cache digest):
+``results/scarce-upstream/`` (the store's digest, probe and target diagnostics, the synthetic set's
+quality report and grid), ``results/scarce-sweep/CELL.json`` (validation metrics and per-epoch log),
+``results/scarce/KEY/seedK.json`` (the best-validation checkpoint: PGD on ``evaluate.n`` test images,
+AutoAttack-fast on the first ``evaluate.autoattack_n``), ``results/scarce-last/KEY/seedK.json`` (the
+last checkpoint, PGD only) and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the
+overfitting curve). A stopped piece resumes at the first job without a result; a job that was
+interrupted starts again from scratch. ``scripts/scarce_report.py`` makes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = "pipeline/params/scarce.yaml"
+WT = ROOT / ".scarce"
+LOCK = threading.Lock()
+
+
+def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bool = False) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, check=True, text=True,
+                         stdout=subprocess.PIPE if capture else None)
+    return out.stdout.strip() if capture else ""
+
+
+def flags(args: dict) -> list[str]:
+    """{"real_limit": 1000, "augment": False} -> ["--real-limit", "1000", "--no-augment"]."""
+    out: list[str] = []
+    for k, v in args.items():
+        name = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(name if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [name, str(v)]
+    return out
+
+
+class Study:
+    def __init__(self, minutes: float) -> None:
+        if sh(["git", "status", "--porcelain", "--", PROFILE], capture=True) or not sh(
+                ["git", "ls-files", "--", PROFILE], capture=True):
+            sys.exit(f"error: {PROFILE} is not committed as it is; the study runs the committed profile")
+        self.profile = yaml.safe_load((ROOT / PROFILE).read_text())
+        self.profile_blob = sh(["git", "rev-parse", f"HEAD:{PROFILE}"], capture=True)
+        if not WT.exists():
+            sh(["git", "worktree", "prune"])
+            sh(["git", "worktree", "add", "--detach", str(WT), "HEAD"])
+            shutil.copytree(ROOT / "data" / "fashion-mnist", WT / "data" / "fashion-mnist")
+        self.pin = sh(["git", "-C", str(WT), "rev-parse", "HEAD"], capture=True)
+        self.art = self.profile["artifacts"]
+        self.deadline = time.time() + minutes * 60
+        self.env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+                        OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def pipeline(self, *args: str, capture: bool = False) -> str:
+        return sh(["python", "-m", "pipeline", *args], cwd=WT, env=self.env, capture=capture)
+
+    def stamp(self) -> dict:
+        return {"code_commit": self.pin, "profile": PROFILE, "profile_blob": self.profile_blob,
+                "driver": "scripts/scarce.py", "threads": self.profile["threads"]}
+
+    def commit(self, files: list[Path], msg: str) -> None:
+        with LOCK:
+            rel = [str(f.relative_to(ROOT)) for f in files]
+            for attempt in range(5):  # another git command's index.lock fails a commit: wait and retry
+                try:
+                    sh(["git", "add", "--", *rel])
+                    sh(["git", "commit", "-q", "-m", msg, "--", *rel])
+                    print(f"committed: {msg}", flush=True)
+                    return
+                except subprocess.CalledProcessError:
+                    time.sleep(10 * (attempt + 1))
+            print(f"warning: could not commit {rel}; commit them by hand", flush=True)
+
+    def write(self, path: Path, data: dict) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def time_left(self) -> bool:
+        if time.time() < self.deadline:
+            return True
+        print("scarce: time is up; the next piece resumes here", flush=True)
+        return False
+
+    @property
+    def store(self) -> str:
+        return f"{self.art}/feats.zarr"
+
+    def cache_digest(self) -> str:
+        up = ROOT / "results" / "scarce-upstream" / "cache.json"
+        if not up.exists():
+            sys.exit("error: the upstream is not built yet (scripts/scarce.py upstream)")
+        return json.loads(up.read_text())["digest"]
+
+    # -- upstream ------------------------------------------------------------------------------
+    def upstream(self) -> None:
+        p, art = self.profile, self.art
+        if not (WT / art / "shards/real/train/fingerprint.json").exists():
+            self.pipeline("prepare", "--source", "data/fashion-mnist", "--out", f"{art}/shards/real")
+        syn = WT / art / "shards/synthetic"
+        if not (syn / "generate.json").exists():
+            self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
+                          "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
+                          *flags(p["generate"]))
+        if not (WT / self.store / "zarr.json").exists() or '"complete": true' not in (WT / self.store / "zarr.json").read_text():
+            self.pipeline("extract", "--model", p["model"], "--real-splits", f"{art}/shards/real",
+                          "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]))
+        out = ROOT / "results" / "scarce-upstream"
+        out.mkdir(parents=True, exist_ok=True)
+        self.pipeline("cache", "probe", self.store, "--out", str(out / "probe.json"))
+        digest = self.pipeline("cache", "verify", self.store, capture=True)
+        code = ("import sys, json; from pipeline.cache.store import open_cache; c = open_cache(sys.argv[1]); "
+                "print(json.dumps({'digest': c.digest, 'parts': {n: {'n': c.part(n).n, 'k': c.part(n).k} "
+                "for n in c.parts}}))")
+        info = json.loads(sh(["python", "-c", code, self.store], cwd=WT, env=self.env, capture=True))
+        model = json.loads((ROOT / p["model"] / "model_info.json").read_text())
+        files = [self.write(out / "cache.json", {**info, "verify": digest.splitlines()[-1:], **self.stamp(),
+                                                  "model": p["model"], "model_info": model})]
+        for name in ("generate.json", "grid.png"):
+            shutil.copy(syn / name, out / name)
+            files.append(out / name)
+        files.append(out / "probe.json")
+        self.commit(files, f"scarce: upstream (cache digest {info['digest'][:12]}..., "
+                           f"{info['parts']['synthetic']['n']} synthetic images)")
+
+    # -- training jobs ---------------------------------------------------------------------------
+    def train(self, out: str, args: dict, seed: int) -> dict:
+        full = {**self.profile["train"], **args, "seed": seed}
+        self.pipeline("train", "--cache", self.store, "--cache-digest", self.cache_digest(), "--out", out,
+                      "--overwrite", *flags(full))
+        return json.loads((WT / out / "metrics.json").read_text())
+
+    def evaluate(self, ckpt: str, name: str, out: str, **over: object) -> dict:
+        ev = {**self.profile["evaluate"], **over}
+        self.pipeline("evaluate", "--checkpoint", ckpt, "--shards", f"{self.art}/shards/real/test",
+                      "--name", name, "--out", out, *flags(ev))
+        return json.loads((WT / out).read_text())
+
+    def sweep_cells(self) -> dict[str, dict]:
+        s = self.profile["sweep"]
+        return {f"t{t}-{layer}-{align or 'pooled'}-w{w:g}": {"t": t, "layer": layer, "align_layer": align, "dra_weight": w}
+                for t, layer in s["target_sets"] for align in s["align_layers"] for w in s["dra_weights"]}
+
+    def sweep_job(self, cell: str, args: dict) -> None:
+        dst = ROOT / "results" / "scarce-sweep" / f"{cell}.json"
+        if dst.exists() or not self.time_left():
+            return
+        s = self.profile["sweep"]
+        print(f"scarce sweep: {cell} ({time.strftime('%H:%M:%S')})", flush=True)
+        out = f"{self.art}/sweep/{cell}"
+        m = self.train(out, {**s["train"], **args}, s["seed"])
+        log = (WT / out / "log.tsv").read_text()
+        self.write(dst, {"cell": cell, "args": args, "seed": s["seed"], "train": s["train"], "best": m.get("best"),
+                         "last": {k: m.get(k) for k in ("val_clean", "val_pgd", "dra_grad_share", "dra", "ce", "loss")},
+                         "metrics": m, "log_tsv": log, **self.stamp(), "cache_digest": self.cache_digest()})
+        self.commit([dst], f"scarce sweep: {cell}: best validation PGD {m['best']['val_pgd']:.3f} "
+                           f"(epoch {m['best']['epoch']})")
+
+    def chosen(self) -> dict:
+        """The sweep cell with the highest best-epoch validation PGD (ties: the first in profile order)."""
+        cells = self.sweep_cells()
+        missing = [c for c in cells if not (ROOT / "results" / "scarce-sweep" / f"{c}.json").exists()]
+        if missing:
+            raise SystemExit(f"error: the DRA runs need the whole sweep; missing: {', '.join(missing)}")
+        scores = {c: json.loads((ROOT / "results" / "scarce-sweep" / f"{c}.json").read_text())["best"]["val_pgd"]
+                  for c in cells}
+        return cells[max(cells, key=lambda c: (scores[c], -list(cells).index(c)))]
+
+    def run_job(self, key: str, seed: int) -> None:
+        dst = ROOT / "results" / "scarce" / key / f"seed{seed}.json"
+        if dst.exists() or not self.time_left():
+            return
+        spec = dict(self.profile["runs"][key])
+        variant = spec.pop("variant")
+        if spec.pop("dra", None) == "sweep":
+            spec.update(self.chosen())
+        print(f"scarce: {key} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
+        out = f"{self.art}/train/{key}-s{seed}"
+        self.train(out, spec, seed)
+        best = self.evaluate(f"{out}/best", variant, f"{self.art}/eval/{key}-s{seed}.json")
+        last = self.evaluate(out, variant, f"{self.art}/eval-last/{key}-s{seed}.json", autoattack="none")
+        extra = {"study": self.stamp(), "cache_digest": self.cache_digest(), "run_args": spec}
+        files = [self.write(dst, {**best, **extra}),
+                 self.write(ROOT / "results" / "scarce-last" / key / f"seed{seed}.json", {**last, **extra})]
+        logs = ROOT / "results" / "scarce-logs" / key / f"seed{seed}.tsv"
+        logs.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(WT / out / "log.tsv", logs)
+        self.commit(files + [logs], f"scarce: {key} seed {seed} ({variant}): best-validation checkpoint clean "
+                                    f"{best['clean']:.4f}, PGD {best['pgd']:.4f}, AutoAttack {best['autoattack']}")
+
+    def aa_standard(self) -> None:
+        """Standard AutoAttack on ``aa_standard.n`` test images, one seed per variant (its best checkpoint)."""
+        a = self.profile["aa_standard"]
+        for key, spec in self.profile["runs"].items():
+            dst = ROOT / "results" / "scarce-aa-standard" / key / f"seed{a['seed']}.json"
+            ckpt = f"{self.art}/train/{key}-s{a['seed']}/best"
+            if dst.exists() or not (WT / ckpt).exists() or not self.time_left():
+                continue
+            res = self.evaluate(ckpt, spec["variant"], f"{self.art}/aa-standard/{key}.json", n=a["n"],
+                                autoattack="standard", autoattack_n=0)
+            self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
+                        f"scarce: standard AutoAttack, {key} seed {a['seed']}: {res['autoattack']}")
+
+    def pool(self, jobs: list[tuple], fn) -> None:  # noqa: ANN001
+        with ThreadPoolExecutor(max_workers=int(self.profile["jobs"])) as ex:
+            for f in [ex.submit(fn, *j) for j in jobs]:
+                f.result()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["upstream", "sweep", "runs", "aa-standard"])
+    ap.add_argument("--minutes", type=float, default=1e6, help="start no new job after this many minutes")
+    ap.add_argument("--only", default="", help="runs: these run keys only (comma list)")
+    a = ap.parse_args()
+    s = Study(a.minutes)
+    if a.step == "upstream":
+        s.upstream()
+    elif a.step == "sweep":
+        s.pool(list(s.sweep_cells().items()), s.sweep_job)
+    elif a.step == "runs":
+        keys = [k for k in s.profile["runs"] if not a.only or k in a.only.split(",")]
+        s.pool([(k, seed) for seed in s.profile["seeds"] for k in keys], s.run_job)
+    else:
+        s.aa_standard()
+
+
+if __name__ == "__main__":
+    main()
