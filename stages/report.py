@@ -40,7 +40,7 @@ from pathlib import Path
 from pipeline.bench import figures
 from pipeline.core import storage
 from pipeline.core.errors import UserError, check_out
-from pipeline.report import autoattack, generator, model_card, sweep
+from pipeline.report import autoattack, curves, generator, model_card, sweep
 from pipeline.report.config import ReportConfig
 from pipeline.report.results import (
     aggregate,
@@ -115,6 +115,17 @@ def generator_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     return {"settings": len(rows)}
 
 
+def curves_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
+    """``--curves DIR``: per-epoch validation, best against last epoch (pipeline/report/curves.py)."""
+    groups = curves.load(cfg.curves)
+    text = curves.markdown(groups)
+    tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
+    image = curves.plot(groups, tmp / "curves.png")
+    _finish(cfg, readme, tmp, f"# Validation curves\n\n{text}\n\n![curves]({image.name})\n", text,
+            f"--curves {cfg.curves} --out {cfg.out}", f"{cfg.curves}/*/log.tsv and seed*.tsv")
+    return {"groups": len(groups)}
+
+
 def card_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--model-card EVAL.json``: the run's RobustBench model-card entry (pipeline/report/model_card.py)."""
     result = _read_json(cfg.model_card, "--model-card")
@@ -151,12 +162,14 @@ def run(cfg: ReportConfig) -> dict:
     check_out(cfg.out, folder=True)
     storage.refuse_foreign(cfg.out, SIGNATURE)
     readme = readme_parts(cfg.readme) if cfg.readme else None
-    other = (cfg.sweep, cfg.bench, cfg.aa_standard, cfg.generator, cfg.model_card)
+    other = (cfg.sweep, cfg.bench, cfg.aa_standard, cfg.generator, cfg.model_card, cfg.curves)
     if sum(map(bool, other)) > 1:
-        raise UserError("--sweep, --bench, --aa-standard, --generator and --model-card are different reports: give one")
+        raise UserError("--sweep, --bench, --aa-standard, --generator, --model-card and --curves are different reports: give one")
     if any(other) and cfg.out == ReportConfig.out:
-        raise UserError(f"--sweep/--bench/--aa-standard/--generator/--model-card: give --out (the default, {ReportConfig.out}, "
-                        "is the report stage's output)")
+        raise UserError(f"--sweep/--bench/--aa-standard/--generator/--model-card/--curves: give --out (the default, "
+                        f"{ReportConfig.out}, is the report stage's output)")
+    if cfg.curves:
+        return curves_report(cfg, readme)
     if cfg.generator:
         return generator_report(cfg, readme)
     if cfg.model_card:

@@ -641,3 +641,32 @@ def test_a_study_over_several_upstreams_shows_each_groups_interval_beside_the_po
     assert [r[0].strip() for r in rows.values()] == ["4", "2", "2"]
     assert rows[f"AT+DRA − AT (upstream {'a' * 12})"][1].strip().startswith("+1.00 [+1.00, +1.00]")
     assert rows[f"AT+DRA − AT (upstream {'b' * 12})"][1].strip().startswith("+3.00 [+3.00, +3.00]")
+
+
+def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys):
+    """``report --curves``: per group the best validation PGD (first maximum) and its epoch, the last
+    validated epoch's (blank --val-every epochs skipped), the drop between them, averaged over seeds;
+    a log without validation columns is one error line."""
+    from reliability_helpers import assert_one_error_line, run_cli
+
+    def log(folder, name, pgd):
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = ["epoch\tadv_acc\tval_clean\tval_pgd"] + [
+            f"{e}\t0.8\t{'' if p is None else p + 0.1}\t{'' if p is None else p}" for e, p in enumerate(pgd, 1)]
+        (folder / name).write_text("\n".join(rows) + "\n")
+
+    log(tmp_path / "logs" / "overfits", "seed0.tsv", [0.3, None, 0.6, None, 0.5])
+    log(tmp_path / "logs" / "overfits", "seed1.tsv", [0.3, None, 0.5, None, 0.5])
+    log(tmp_path / "logs" / "rises", "log.tsv", [0.2, 0.4, 0.6, 0.6, 0.7])
+    from stages import report
+
+    report.run(ReportConfig(curves=str(tmp_path / "logs"), out=str(tmp_path / "r")))
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert rows["overfits"][2:7] == ["2", "55.0", "3 of 5", "50.0", "5.0 (0.0 to 10.0)"]
+    assert rows["rises"][2:7] == ["1", "70.0", "5 of 5", "70.0", "0.0"]
+    assert (tmp_path / "r" / "curves.png").is_file()
+    (tmp_path / "bad" / "x").mkdir(parents=True)
+    (tmp_path / "bad" / "x" / "log.tsv").write_text("epoch\tloss\n1\t2.0\n")
+    code, _, err = run_cli(capsys, ["report", "--curves", tmp_path / "bad", "--out", tmp_path / "r2"])
+    assert "not a training log with per-epoch validation" in assert_one_error_line(code, err)

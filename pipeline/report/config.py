@@ -24,6 +24,9 @@ class ReportConfig:
     sweep: str = ""  # a sweep's runs.json (pipeline/report/sweep.py): its table + heatmaps instead
     probe: str = ""  # a probe JSON (`cache probe STORE --out FILE`, or the DVC stage probe), shown beside the sweep
     bench: str = ""  # a `pipeline bench` result (bench.json): its figures table instead
+    # a folder of per-epoch validation logs (NAME/log.tsv or NAME/seed*.tsv, `train --val-n`): best and
+    # last validation accuracy, the drop between them and the curves (pipeline/report/curves.py), instead
+    curves: str = ""
     generator: str = ""  # a folder of generate settings (NAME/generate.json each): the generator quality table instead
     # a folder of standard-AutoAttack results: --evals' fast-subset results of the same runs on the
     # same images against them, run by run (pipeline/report/autoattack.py), instead

@@ -1,0 +1,123 @@
+"""Validation curves (``report --curves DIR``): does a run overfit robustly, and where is its best epoch?
+
+Reads the per-epoch logs that ``train --val-n`` writes (``log.tsv``: ``val_clean``/``val_pgd`` on held-out
+train rows, blank where ``--val-every`` skipped an epoch), one group per folder of DIR: ``DIR/NAME/log.tsv``
+(one run; its ``config.json`` beside it names the setting) or ``DIR/NAME/seed*.tsv`` (one run per
+seed, as a study keeps them). Per group: the best validation PGD accuracy and its epoch, the last
+epoch's, their difference (the **drop**: robust overfitting is a drop that the same images and
+starts show epoch after epoch), and the training batches' adversarial accuracy over the last tenth of
+the epochs (the generalisation gap is the difference). The plot draws validation PGD (solid) and clean
+(dashed) accuracy against the epoch, the mean over seeds with their range shaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pipeline.core.errors import UserError
+
+NEEDED = ("epoch", "val_pgd", "val_clean", "adv_acc")
+
+
+def read_curve(path: Path) -> dict[str, list[float | None]]:
+    """The log's columns as numbers (None where blank); refused without the validation columns."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable log ({type(exc).__name__})") from None
+    if not rows or any(k not in rows[0] for k in NEEDED):
+        raise UserError(f"{path}: not a training log with per-epoch validation (needs {', '.join(NEEDED)}: "
+                        "train with --val-n)")
+    try:
+        return {k: [float(r[k]) if r[k] not in ("", None) else None for r in rows] for k in NEEDED}
+    except ValueError as exc:
+        raise UserError(f"{path}: a value is not a number ({exc})") from None
+
+
+def _setting(folder: Path) -> str:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        return ""
+    c = json.loads(cfg_path.read_text())
+    c = c.get("train", c)  # a checkpoint's config.json holds the run's settings under "train"
+    limit = c.get("real_limit") or "all"
+    method = c.get("method", "?") + (f" β{c['trades_beta']:g}" if c.get("method") == "trades" else "")
+    return f"{c.get('arch', '?')}, {method}, N={limit}, {c.get('epochs', '?')} epochs"
+
+
+def load(folder: str) -> dict[str, dict]:
+    """Group name -> {"setting": text, "runs": {run name: curve}}, groups in name order."""
+    groups: dict[str, dict] = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []:
+        logs = sorted(sub.glob("seed*.tsv")) or ([sub / "log.tsv"] if (sub / "log.tsv").is_file() else [])
+        if logs:
+            groups[sub.name] = {"setting": _setting(sub), "runs": {p.stem: read_curve(p) for p in logs}}
+    if not groups:
+        raise UserError(f"--curves {folder}: no NAME/log.tsv or NAME/seed*.tsv under it")
+    return groups
+
+
+def summary(curve: dict[str, list[float | None]]) -> dict[str, float]:
+    """Best (first maximum) and last validation PGD, their epochs, the drop, the late training adv. accuracy."""
+    pts = [(e, p, c) for e, p, c in zip(curve["epoch"], curve["val_pgd"], curve["val_clean"]) if p is not None]
+    if not pts:
+        raise UserError("a log has no validated epoch")
+    best = max(pts, key=lambda t: (t[1], -t[0]))
+    last = pts[-1]
+    tail = [a for a in curve["adv_acc"][-max(1, len(curve["adv_acc"]) // 10):] if a is not None]
+    return {"best_epoch": best[0], "best_pgd": best[1], "last_epoch": last[0], "last_pgd": last[1],
+            "last_clean": last[2], "drop": best[1] - last[1], "train_adv": sum(tail) / len(tail)}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def markdown(groups: dict[str, dict]) -> str:
+    head = ("| runs | setting | seeds | best val. PGD (%) | at epoch | last val. PGD (%) | drop best − last (points) | "
+            "train adv. acc., last 10% (%) | gap train − val. (points) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, g in groups.items():
+        s = [summary(c) for c in g["runs"].values()]
+        drops = [x["drop"] for x in s]
+        spread = f" ({100 * min(drops):.1f} to {100 * max(drops):.1f})" if len(s) > 1 else ""
+        epochs = sorted({int(x["best_epoch"]) for x in s})
+        lines.append(f"| {name} | {g['setting'] or '-'} | {len(s)} | {100 * _mean([x['best_pgd'] for x in s]):.1f} | "
+                     f"{', '.join(map(str, epochs))} of {int(s[0]['last_epoch'])} | "
+                     f"{100 * _mean([x['last_pgd'] for x in s]):.1f} | {100 * _mean(drops):.1f}{spread} | "
+                     f"{100 * _mean([x['train_adv'] for x in s]):.1f} | "
+                     f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |")
+    lines += ["", "Validation: the EMA model on held-out train rows (never the test set), the same images and "
+                  "PGD starts at every epoch; several seeds: means (the drop's range over seeds in brackets). "
+                  "Train adv. acc.: the training batches' accuracy under the training attack (TRADES: its KL "
+                  "attack), in train mode."]
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, dict], path: Path) -> Path:
+    from pipeline.report.plots import _checked, _save, plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, g) in enumerate(groups.items()):
+        colour = f"C{i % 10}"
+        for key, style, label in (("val_pgd", "-", "val. PGD"), ("val_clean", "--", "val. clean")):
+            per_epoch: dict[float, list[float]] = {}
+            for c in g["runs"].values():
+                for e, v in zip(c["epoch"], c[key]):
+                    if v is not None:
+                        per_epoch.setdefault(e, []).append(100 * v)
+            xs = sorted(per_epoch)
+            ax.plot(xs, [_mean(per_epoch[x]) for x in xs], style, color=colour, lw=1.3, label=f"{name}: {label}")
+            if len(g["runs"]) > 1:
+                ax.fill_between(xs, [min(per_epoch[x]) for x in xs], [max(per_epoch[x]) for x in xs], color=colour,
+                                alpha=0.15, lw=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Per-epoch validation (held-out train rows)", fontsize=10)
+    fig.tight_layout()
+    return _save(_checked(fig), path, 110)
