@@ -17,7 +17,9 @@ is refused. Where variants share two or more training seeds, a second table give
 minus the baseline (``--baseline``, default the first row; or ``--baseline
 AT+DRA:AT,DM-AT+DRA:DM-AT``, each variant minus its own base), paired by seed: the mean difference
 with its 95% Student-t interval, marked "within noise" when the interval contains 0, and the seeds
-where the variant is higher.
+where the variant is higher, and the smallest PGD difference those seeds detect with 80% power; an
+item ``A:B/C:D`` adds the interaction (A − B) − (C − D). ``--curves DIR`` reports per-epoch
+validation logs instead (pipeline/report/curves.py).
 
 ``--sweep runs.json`` renders the DRA sweep instead (pipeline/report/sweep.py), ``--bench
 bench.json`` the benchmark's figures against the design's performance targets (docs/benchmarks.md) (pipeline/bench/figures.py), and
@@ -56,6 +58,7 @@ from pipeline.report.results import (
 )
 from pipeline.report.tables import (
     comparisons,
+    interactions,
     markdown,
     readme_parts,
     results_block,
@@ -186,7 +189,8 @@ def run(cfg: ReportConfig) -> dict:
                         "run `evaluate` first")
     groups = {k: v for k, v in sorted(aggregate(runs).items(), key=lambda kv: variant_order(kv[0]))}
     # refuses a variant that did not run, and runs of one seed that are not a pair, before any work
-    refuse_unpaired(groups, comparisons(groups, cfg.baseline))
+    refuse_unpaired(groups, comparisons(groups, cfg.baseline) + [
+        p for a, b, c, d in interactions(groups, cfg.baseline) for p in ((a, b), (c, d))])
     baseline = cfg.baseline or next(iter(groups))
     unequal = unequal_budgets(groups)
     if unequal and not cfg.allow_unequal_budgets:

@@ -670,3 +670,45 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     (tmp_path / "bad" / "x" / "log.tsv").write_text("epoch\tloss\n1\t2.0\n")
     code, _, err = run_cli(capsys, ["report", "--curves", tmp_path / "bad", "--out", tmp_path / "r2"])
     assert "not a training log with per-epoch validation" in assert_one_error_line(code, err)
+
+
+def test_interaction_rows_and_the_detectable_difference(tmp_path):
+    """``--baseline 'A:B/C:D'`` adds (A − B) − (C − D) per seed with its interval; every row gives the
+    smallest PGD difference a 5% paired t-test detects with 80% power, (t_.975 + t_.80) sd / sqrt(n),
+    whose t quantiles match a numerical integration of Student's density."""
+    import math
+
+    import numpy as np
+
+    from pipeline.report.tables import T80, T975, detectable, interactions, paired_table
+
+    def run(variant, seed, pgd):
+        return {"variant": variant, "clean": 0.9, "pgd": pgd, "train_config": {"seed": seed}, "_path": f"{variant}{seed}"}
+
+    # (A − B) − (C − D) per seed: (0.05 − 0.01) = 0.04, 0.06 − 0.00 = 0.06, 0.01 − 0.02 = −0.01
+    vals = {"A": [0.55, 0.56, 0.51], "B": [0.50, 0.50, 0.50], "C": [0.41, 0.40, 0.42], "D": [0.40, 0.40, 0.40]}
+    groups = {v: [run(v, s, x) for s, x in enumerate(xs)] for v, xs in vals.items()}
+    inter = interactions(groups, "A:B,A:B/C:D")
+    assert inter == [("A", "B", "C", "D")]
+    table = paired_table(groups, [("A", "B")], inter)
+    row = next(line for line in table.splitlines() if line.startswith("| (A − B) − (C − D)"))
+    d = [0.04, 0.06, -0.01]
+    sd = float(np.std(d, ddof=1))
+    half = 4.303 * sd / 3 ** 0.5
+    assert f"+{100 * np.mean(d):.2f} [{100 * (np.mean(d) - half):+.2f}, {100 * (np.mean(d) + half):+.2f}]" in row
+    assert row.endswith(f"| {100 * (4.303 + 1.061) * sd / 3 ** 0.5:.2f} |") and "wins 2/3" in row
+    with pytest.raises(UserError, match="an interaction is VARIANT:BASE/VARIANT:BASE"):
+        interactions(groups, "A:B/C")
+
+    x = np.linspace(0, 60, 600001)
+
+    def quantile(df, p):  # Student's t by numerical integration of its density from 0
+        c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+        pdf = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        cdf = 0.5 + np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2) * (x[1] - x[0])])
+        return float(x[np.searchsorted(cdf, p)])
+
+    for df in (2, 3, 4, 5, 9, 20, 30):
+        assert abs(quantile(df, 0.80) - T80[df - 1]) < 2e-3, df
+        assert abs(quantile(df, 0.975) - T975[df - 1]) < 2e-3, df
+    assert abs(detectable([0.01, -0.01, 0.02, 0.0, 0.01]) - (2.776 + 0.941) * float(np.std([0.01, -0.01, 0.02, 0.0, 0.01], ddof=1)) / 5 ** 0.5) < 1e-12

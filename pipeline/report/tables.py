@@ -70,6 +70,7 @@ def table(groups: dict[str, list[dict]], unequal: list[str] = ()) -> str:
 def comparisons(groups: dict[str, list[dict]], spec: str) -> list[tuple[str, str]]:
     """(variant, base) pairs to difference: ``spec`` is one variant (every other one minus it; empty:
     the first row) or a comma list of ``VARIANT:BASE`` pairs (e.g. ``AT+DRA:AT,DM-AT+DRA:DM-AT``)."""
+    spec = ",".join(item for item in spec.split(",") if "/" not in item)  # interactions: see ``interactions``
     if ":" not in spec:
         base = spec or next(iter(groups))
         pairs = [(name, base) for name in groups if name != base]
@@ -79,18 +80,44 @@ def comparisons(groups: dict[str, list[dict]], spec: str) -> list[tuple[str, str
         if not all(len(p) == 2 and all(p) for p in pairs):
             raise UserError(f"--baseline {spec!r}: give one variant, or VARIANT:BASE pairs separated by commas")
         names = [name for pair in pairs for name in pair]
+    _known(groups, names, spec)
+    return pairs
+
+
+def _known(groups: dict[str, list[dict]], names: list[str], spec: str) -> None:
     unknown = sorted({n for n in names if n not in groups})
     if unknown:
         raise UserError(f"--baseline {spec!r}: no such variant {', '.join(map(repr, unknown))} "
                         f"(there are: {', '.join(groups)})")
-    return pairs
+
+
+def interactions(groups: dict[str, list[dict]], spec: str) -> list[tuple[str, str, str, str]]:
+    """The ``A:B/C:D`` items of ``--baseline``: the difference of two paired differences, (A − B) − (C − D)
+    per seed (a 2x2 design's interaction, e.g. ``DM-AT+DRA:DM-AT/AT+DRA:AT``)."""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if "/" in x):
+        parts = [tuple(y.strip() for y in half.split(":")) for half in item.split("/")]
+        if len(parts) != 2 or not all(len(p) == 2 and all(p) for p in parts):
+            raise UserError(f"--baseline {item!r}: an interaction is VARIANT:BASE/VARIANT:BASE")
+        names = [n for p in parts for n in p]
+        _known(groups, names, item)
+        out.append((names[0], names[1], names[2], names[3]))
+    return out
+
+
+def interaction_values(groups: dict[str, list[dict]], names: tuple[str, str, str, str], key: str) -> list[float]:
+    """(A − B) − (C − D) of ``key`` for every training seed all four variants ran, in seed order."""
+    by_seed = [{str(train_field(r, "seed", "?")): r for r in groups[n]} for n in names]
+    seeds = sorted(set.intersection(*(set(m) for m in by_seed)))
+    rows = [[m[s].get(key) for m in by_seed] for s in seeds]
+    return [(a - b) - (c - d) for a, b, c, d in rows if all(is_number(v) for v in (a, b, c, d))]
 
 
 def results_block(groups: dict[str, list[dict]], unequal: list[str], baseline: str) -> str:
     """The results table and, where variants share two or more seeds, their paired differences
     (``baseline``: see ``comparisons``)."""
     pairs = comparisons(groups, baseline)
-    diffs = paired_table(groups, pairs)
+    diffs = paired_table(groups, pairs, interactions(groups, baseline))
     other = unequal_evaluations(groups)
     main = table(groups, unequal) + ("\n\n**UNEQUAL EVALUATION: " + "; ".join(
         f"{name}: {why}" for name, why in other.items()) + ". These rows are not comparable with the others.**"
@@ -101,7 +128,8 @@ def results_block(groups: dict[str, list[dict]], unequal: list[str], baseline: s
     against = f"each variant minus {bases[0]}" if ":" not in baseline else "each variant minus its base"
     return (f"{main}\n\nPaired by training seed, {against} (mean difference and its 95% "
             f"Student-t interval over the seeds, \"within noise\" where it contains 0; wins: seeds where the "
-            f"variant is higher):\n\n{diffs}")
+            f"variant is higher; detectable: the smallest PGD difference a 5% paired t-test over these seeds finds "
+            f"with 80% power at their spread):\n\n{diffs}")
 
 
 def markdown(groups: dict[str, list[dict]], images: list[str], unequal: list[str] = (), baseline: str = "") -> str:
@@ -189,8 +217,23 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.052, 2.048, 2.045, 2.042)
 
 
+# one-sided 80% quantiles of Student's t, t_{0.80}(df), df = 1..30 (standard table values); 0.842 beyond
+T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868,
+       0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855,
+       0.854, 0.854)
+
+
 def t975(df: int) -> float:
     return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def detectable(d: list[float]) -> float:
+    """The smallest mean paired difference a two-sided 5% t-test over these pairs detects with 80% power,
+    at their observed spread: (t_{0.975} + t_{0.80}) x sd / sqrt(n)."""
+    n = len(d)
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+    return (t975(n - 1) + (T80[n - 2] if n - 1 <= len(T80) else 0.842)) * sd / n ** 0.5
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -224,34 +267,44 @@ def metric_keys(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> 
             if any(is_number(r.get(k)) for _, b in pairs for r in groups[b])]
 
 
-def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+def _cell(d: list[float]) -> str:
+    mean, lo, hi = paired_difference(d, [0.0] * len(d))
+    noise = " (within noise)" if lo <= 0 <= hi else ""
+    return f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {sum(x > 0 for x in d)}/{len(d)}"
+
+
+def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]],
+                 inter: list[tuple[str, str, str, str]] = ()) -> str:
     """Each (variant, base) pair's difference, paired by training seed: mean and 95% CI in points,
-    and the seeds where the variant is higher ("wins").
+    the seeds where the variant is higher ("wins"), and the smallest PGD difference these pairs detect
+    with 80% power (``detectable``); then each interaction (A − B) − (C − D) of ``inter`` alike.
 
     Empty when no pair shares two or more seeds (one seed gives no interval). A difference whose
     interval contains 0 is marked "within noise".
     """
-    keys = metric_keys(groups, pairs)
+    keys = metric_keys(groups, pairs) or metric_keys(groups, [(a, b) for a, b, *_ in inter])
     rows = []
     several = upstreams(groups, pairs)
     several = several if len(several) > 1 else []
+    diffs: list[tuple[str, dict[str, list[float]], bool]] = []
     for name, baseline, group in [(n, b, g) for n, b in pairs for g in [None, *several]]:
-        cells, n_pairs = [], 0
-        for key in keys:
-            values = paired_values(groups, name, baseline, key, group)
-            n_pairs = max(n_pairs, len(values))
-            if len(values) < 2:
-                cells.append("-")
-                continue
-            mean, lo, hi = paired_difference(*zip(*values))
-            noise = " (within noise)" if lo <= 0 <= hi else ""
-            wins = sum(a > b for a, b in values)
-            cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{noise}, wins {wins}/{len(values)}")
         label = f"{name} − {baseline}" + (f" (upstream {group[:12]})" if group else "")
-        if n_pairs >= 2 or (group and n_pairs):
-            rows.append(f"| {label} | {n_pairs} | " + " | ".join(cells) + " |")
+        d = {k: [a - b for a, b in paired_values(groups, name, baseline, k, group)] for k in keys}
+        diffs.append((label, d, bool(group)))
+    for a, b, c, e in inter:
+        diffs.append((f"({a} − {b}) − ({c} − {e})", {k: interaction_values(groups, (a, b, c, e), k) for k in keys},
+                      False))
+    for label, d, grouped in diffs:
+        n_pairs = max(len(v) for v in d.values())
+        if not (n_pairs >= 2 or (grouped and n_pairs)):
+            continue
+        cells = [_cell(d[k]) if len(d[k]) >= 2 else "-" for k in keys]
+        pgd = d.get("pgd", [])
+        cells.append(f"{100 * detectable(pgd):.2f}" if len(pgd) >= 2 else "-")
+        rows.append(f"| {label} | {n_pairs} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
     labels = {"clean": "clean", "pgd": "PGD", "autoattack": "AutoAttack"}
-    head = "| difference | paired seeds | " + " | ".join(f"Δ {labels[k]} (points, 95% CI)" for k in keys) + " |"
-    return "\n".join([head, "|" + "---|" * (2 + len(keys)), *rows])
+    head = ("| difference | paired seeds | " + " | ".join(f"Δ {labels[k]} (points, 95% CI)" for k in keys)
+            + " | detectable Δ PGD (points, 80% power) |")
+    return "\n".join([head, "|" + "---|" * (3 + len(keys)), *rows])
