@@ -15,7 +15,7 @@ thread count: float reductions differ between counts), ``jobs`` at a time.
 
 Results (committed one by one, each with the code commit, the profile's blob and the cache digest):
 ``results/scarce-upstream/`` (the store's digest, probe and target diagnostics, the synthetic set's
-quality report and grid), ``results/scarce-sweep/CELL.json`` (validation metrics and per-epoch log),
+quality report and grid), ``results/scarce-sweep/CELL/`` (the run's metrics, config and per-epoch log),
 ``results/scarce/KEY/seedK.json`` (the best-validation checkpoint: PGD on ``evaluate.n`` test images,
 AutoAttack-fast on the first ``evaluate.autoattack_n``), ``results/scarce-last/KEY/seedK.json`` (the
 last checkpoint, PGD only) and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the
@@ -173,27 +173,29 @@ class Study:
                 for t, layer in s["target_sets"] for align in s["align_layers"] for w in s["dra_weights"]}
 
     def sweep_job(self, cell: str, args: dict) -> None:
-        dst = ROOT / "results" / "scarce-sweep" / f"{cell}.json"
-        if dst.exists() or not self.time_left():
+        dst = ROOT / "results" / "scarce-sweep" / cell
+        if (dst / "metrics.json").exists() or not self.time_left():
             return
         s = self.profile["sweep"]
         print(f"scarce sweep: {cell} ({time.strftime('%H:%M:%S')})", flush=True)
         out = f"{self.art}/sweep/{cell}"
         m = self.train(out, {**s["train"], **args}, s["seed"])
-        log = (WT / out / "log.tsv").read_text()
-        self.write(dst, {"cell": cell, "args": args, "seed": s["seed"], "train": s["train"], "best": m.get("best"),
-                         "last": {k: m.get(k) for k in ("val_clean", "val_pgd", "dra_grad_share", "dra", "ce", "loss")},
-                         "metrics": m, "log_tsv": log, **self.stamp(), "cache_digest": self.cache_digest()})
-        self.commit([dst], f"scarce sweep: {cell}: best validation PGD {m['best']['val_pgd']:.3f} "
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("log.tsv", "config.json"):
+            shutil.copy(WT / out / name, dst / name)
+        files = [dst / "log.tsv", dst / "config.json",
+                 self.write(dst / "metrics.json", {**m, "cell": args, "study": self.stamp(),
+                                                   "cache_digest": self.cache_digest()})]
+        self.commit(files, f"scarce sweep: {cell}: best validation PGD {m['best']['val_pgd']:.3f} "
                            f"(epoch {m['best']['epoch']})")
 
     def chosen(self) -> dict:
         """The sweep cell with the highest best-epoch validation PGD (ties: the first in profile order)."""
         cells = self.sweep_cells()
-        missing = [c for c in cells if not (ROOT / "results" / "scarce-sweep" / f"{c}.json").exists()]
+        missing = [c for c in cells if not (ROOT / "results" / "scarce-sweep" / c / "metrics.json").exists()]
         if missing:
             raise SystemExit(f"error: the DRA runs need the whole sweep; missing: {', '.join(missing)}")
-        scores = {c: json.loads((ROOT / "results" / "scarce-sweep" / f"{c}.json").read_text())["best"]["val_pgd"]
+        scores = {c: json.loads((ROOT / "results" / "scarce-sweep" / c / "metrics.json").read_text())["best"]["val_pgd"]
                   for c in cells}
         return cells[max(cells, key=lambda c: (scores[c], -list(cells).index(c)))]
 

@@ -666,6 +666,14 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     assert rows["overfits"][2:7] == ["2", "55.0", "3 of 5", "50.0", "5.0 (0.0 to 10.0)"]
     assert rows["rises"][2:7] == ["1", "70.0", "5 of 5", "70.0", "0.0"]
     assert (tmp_path / "r" / "curves.png").is_file()
+    # a DRA run: its treatment strength, the mean over epochs of the gradient share and of λ·DRA / loss
+    (tmp_path / "dra" / "cell").mkdir(parents=True)
+    (tmp_path / "dra" / "cell" / "log.tsv").write_text(
+        "epoch\tadv_acc\tval_clean\tval_pgd\tdra_weight\tdra\tloss\tdra_grad_share\n"
+        "1\t0.5\t0.6\t0.4\t2.0\t0.5\t2.0\t0.2\n2\t0.6\t0.7\t0.5\t2.0\t0.25\t2.0\t0.4\n")
+    report.run(ReportConfig(curves=str(tmp_path / "dra"), out=str(tmp_path / "r3")))
+    cells = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| cell")).split(" | ")
+    assert cells[-2:] == ["30.0", "37.5 |"]  # (0.2 + 0.4) / 2; (1.0 / 2 + 0.5 / 2) / 2
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "log.tsv").write_text("epoch\tloss\n1\t2.0\n")
     code, _, err = run_cli(capsys, ["report", "--curves", tmp_path / "bad", "--out", tmp_path / "r2"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.core.errors import UserError
 
 NEEDED = ("epoch", "val_pgd", "val_clean", "adv_acc")
+OPTIONAL = ("dra_grad_share", "dra", "dra_weight", "loss")  # a DRA run's: how strong the treatment was
 
 
 def read_curve(path: Path) -> dict[str, list[float | None]]:
@@ -32,7 +33,8 @@ def read_curve(path: Path) -> dict[str, list[float | None]]:
         raise UserError(f"{path}: not a training log with per-epoch validation (needs {', '.join(NEEDED)}: "
                         "train with --val-n)")
     try:
-        return {k: [float(r[k]) if r[k] not in ("", None) else None for r in rows] for k in NEEDED}
+        return {k: [float(r[k]) if r[k] not in ("", None) else None for r in rows]
+                for k in (*NEEDED, *(o for o in OPTIONAL if o in rows[0]))}
     except ValueError as exc:
         raise UserError(f"{path}: a value is not a number ({exc})") from None
 
@@ -45,7 +47,13 @@ def _setting(folder: Path) -> str:
     c = c.get("train", c)  # a checkpoint's config.json holds the run's settings under "train"
     limit = c.get("real_limit") or "all"
     method = c.get("method", "?") + (f" β{c['trades_beta']:g}" if c.get("method") == "trades" else "")
-    return f"{c.get('arch', '?')}, {method}, N={limit}, {c.get('epochs', '?')} epochs"
+    text = f"{c.get('arch', '?')}, {method}, N={limit}, {c.get('epochs', '?')} epochs"
+    if c.get("synthetic_fraction"):
+        text += f", {c['synthetic_fraction']:g} synthetic"
+    if c.get("dra_weight"):
+        text += (f", DRA λ={c['dra_weight']:g} on t={c.get('t')} {c.get('layer')} from "
+                 f"{c.get('align_layer') or 'the pooled features'}")
+    return text
 
 
 def load(folder: str) -> dict[str, dict]:
@@ -68,8 +76,15 @@ def summary(curve: dict[str, list[float | None]]) -> dict[str, float]:
     best = max(pts, key=lambda t: (t[1], -t[0]))
     last = pts[-1]
     tail = [a for a in curve["adv_acc"][-max(1, len(curve["adv_acc"]) // 10):] if a is not None]
-    return {"best_epoch": best[0], "best_pgd": best[1], "last_epoch": last[0], "last_pgd": last[1],
-            "last_clean": last[2], "drop": best[1] - last[1], "train_adv": sum(tail) / len(tail)}
+    out = {"best_epoch": best[0], "best_pgd": best[1], "last_epoch": last[0], "last_pgd": last[1],
+           "last_clean": last[2], "drop": best[1] - last[1], "train_adv": sum(tail) / len(tail)}
+    share = [v for v in curve.get("dra_grad_share", []) if v is not None]
+    if share and any(w for w in curve.get("dra_weight", []) if w):
+        out["dra_grad_share"] = sum(share) / len(share)
+        terms = [(w * d, t) for w, d, t in zip(curve["dra_weight"], curve.get("dra", []), curve.get("loss", []))
+                 if None not in (w, d, t) and t]
+        out["dra_loss_share"] = sum(a / t for a, t in terms) / len(terms) if terms else None
+    return out
 
 
 def _mean(xs: list[float]) -> float:
@@ -79,9 +94,17 @@ def _mean(xs: list[float]) -> float:
 def markdown(groups: dict[str, dict]) -> str:
     head = ("| runs | setting | seeds | best val. PGD (%) | at epoch | last val. PGD (%) | drop best − last (points) | "
             "train adv. acc., last 10% (%) | gap train − val. (points) |")
+    dra = any("dra_grad_share" in summary(c) for g in groups.values() for c in g["runs"].values())
+    if dra:
+        head += " DRA share of the backbone gradient (%) | λ·DRA share of the loss (%) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, g in groups.items():
         s = [summary(c) for c in g["runs"].values()]
+        strength = ""
+        if dra:
+            grad = [x["dra_grad_share"] for x in s if "dra_grad_share" in x]
+            loss = [x["dra_loss_share"] for x in s if x.get("dra_loss_share") is not None]
+            strength = (f" {100 * _mean(grad):.1f} |" if grad else " - |") + (f" {100 * _mean(loss):.1f} |" if loss else " - |")
         drops = [x["drop"] for x in s]
         spread = f" ({100 * min(drops):.1f} to {100 * max(drops):.1f})" if len(s) > 1 else ""
         epochs = sorted({int(x["best_epoch"]) for x in s})
@@ -89,11 +112,12 @@ def markdown(groups: dict[str, dict]) -> str:
                      f"{', '.join(map(str, epochs))} of {int(s[0]['last_epoch'])} | "
                      f"{100 * _mean([x['last_pgd'] for x in s]):.1f} | {100 * _mean(drops):.1f}{spread} | "
                      f"{100 * _mean([x['train_adv'] for x in s]):.1f} | "
-                     f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |")
+                     f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |{strength}")
     lines += ["", "Validation: the EMA model on held-out train rows (never the test set), the same images and "
                   "PGD starts at every epoch; several seeds: means (the drop's range over seeds in brackets). "
                   "Train adv. acc.: the training batches' accuracy under the training attack (TRADES: its KL "
-                  "attack), in train mode."]
+                  "attack), in train mode." + (" DRA shares: means over the epochs of ||grad(λ·DRA)|| / "
+                                               "||grad(loss)|| on the backbone and of λ·DRA / loss." if dra else "")]
     return "\n".join(lines)
 
 
