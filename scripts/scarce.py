@@ -80,8 +80,9 @@ class Study:
                         OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
 
     # -- helpers -------------------------------------------------------------------------------
-    def pipeline(self, *args: str, capture: bool = False) -> str:
-        return sh(["python", "-m", "pipeline", *args], cwd=WT, env=self.env, capture=capture)
+    def pipeline(self, *args: str, capture: bool = False, threads: int = 0) -> str:
+        env = self.env if not threads else dict(self.env, OMP_NUM_THREADS=str(threads))
+        return sh(["python", "-m", "pipeline", *args], cwd=WT, env=env, capture=capture)
 
     def stamp(self) -> dict:
         return {"code_commit": self.pin, "profile": PROFILE, "profile_blob": self.profile_blob,
@@ -132,10 +133,11 @@ class Study:
         if not (syn / "generate.json").exists():
             self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
                           "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
-                          *flags(p["generate"]))
+                          *flags(p["generate"]), threads=p["upstream_threads"])
         if not (WT / self.store / "zarr.json").exists() or '"complete": true' not in (WT / self.store / "zarr.json").read_text():
             self.pipeline("extract", "--model", p["model"], "--real-splits", f"{art}/shards/real",
-                          "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]))
+                          "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]),
+                          threads=p["upstream_threads"])
         out = ROOT / "results" / "scarce-upstream"
         out.mkdir(parents=True, exist_ok=True)
         self.pipeline("cache", "probe", self.store, "--out", str(out / "probe.json"))

@@ -456,3 +456,21 @@ def test_k_views_are_drawn_uniformly_unless_identity_first_is_asked_for(store, f
         init = part_init("train", ss, "4", spec, ExtractConfig(view_draw=draw))
         assert bool(ident(init.views, 0).all()) is forced
         assert ("view_draw" in init.record.to_attrs()) is (draw is ViewDraw.uniform)
+
+
+def test_the_synthetic_part_has_its_own_limit(tmp_path, model_dir, fmnist_shards, synthetic_dir):
+    """--synthetic-limit: the first N generated rows whatever --limit is (0: all of them; -1, the
+    default: --limit's), and the real parts are the ones --limit gives."""
+    many = tmp_path / "many.zarr"
+    extract.run(config(model_dir, fmnist_shards, synthetic_dir, many, limit=64, synthetic_limit=0, t=(100,),
+                       layer=("mid_block",)))
+    cache = open_cache(str(many))
+    assert (cache.part("train").n, cache.part("synthetic").n) == (64, 96)
+    for limit, n in ((-1, 64), (40, 40)):
+        out = tmp_path / f"limit{limit}.zarr"
+        extract.run(config(model_dir, fmnist_shards, synthetic_dir, out, limit=64, synthetic_limit=limit, t=(100,),
+                           layer=("mid_block",)))
+        part = open_cache(str(out)).part("synthetic")
+        assert part.n == n and list(part.keys[:n]) == list(cache.part("synthetic").keys[:n])
+    with pytest.raises(UserError, match="--synthetic-limit must be -1"):
+        ExtractConfig(synthetic_limit=-2).validate()

@@ -157,7 +157,8 @@ def _extract(cfg: ExtractConfig, dist: Dist) -> dict:
     ks = {"train": cfg.views, "synthetic": cfg.views_synthetic, "test": "1"}
     inits, images = {}, {}  # images: each part's rows, read shard by shard as they are needed
     for name, path in dirs.items():
-        images[name] = SplitRows(path, limit=cfg.limit)
+        limit = cfg.synthetic_limit if name == "synthetic" and cfg.synthetic_limit >= 0 else cfg.limit
+        images[name] = SplitRows(path, limit=limit)
         inits[name] = part_init(name, images[name], ks[name], targets, cfg)
     # paths relative to the store (a store moved with its inputs still finds them); a hub id as it is
     source = record_path(cfg.out, cfg.model) if Path(cfg.model).expanduser().exists() else str(cfg.model)

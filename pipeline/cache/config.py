@@ -51,6 +51,9 @@ class ExtractConfig:
     chunks_per_shard: int = 16  # chunks per zarr shard (the writer's and resume unit)
     compressor: str = "blosc-zstd"  # blosc-zstd | blosc-lz4 | zstd (see pipeline/cache/store/layout.py)
     limit: int = 0  # first N samples of each part (0: all)
+    # the synthetic part's own limit: a study with few real and many generated images (DM-AT's ratio)
+    # embeds its first --limit real rows and every generated one
+    synthetic_limit: int = -1  # first N synthetic samples (-1: --limit's, 0: all)
     seed: int = 0  # the views drawn and each (image, view)'s noise seed
 
     def __post_init__(self) -> None:
@@ -80,6 +83,7 @@ class ExtractConfig:
                                for n in sizes] + [
             (self.limit == 0 or self.limit >= MIN_ROWS, f"--limit must be 0 (all) or >= {MIN_ROWS} (the probe fits "
              f"on 80% of the train part and scores the rest), got {self.limit}"),
+            (self.synthetic_limit >= -1, f"--synthetic-limit must be -1 (--limit's), 0 (all) or a count, got {self.synthetic_limit}"),
             (self.draws <= MAX_DRAWS, f"--draws must be <= {MAX_DRAWS} (each draw is one more UNet forward), got {self.draws}")]
             + [(v == "all" or int(v) <= self.view.n_views, f"--{n.replace('_', '-')} {v}: the view spec has only "
                 f"{self.view.n_views} distinct views; use 'all' for every one of them")
