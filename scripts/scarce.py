@@ -12,6 +12,7 @@ thread count: float reductions differ between counts), ``jobs`` at a time.
     .venv/bin/python scripts/scarce.py runs             # variants x seeds (seed-major: pairs first)
     .venv/bin/python scripts/scarce.py runs --minutes 90 --only at,dmat   # a piece of it
     .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack, one seed per variant
+    .venv/bin/python scripts/scarce.py report           # the tables and plots (also after every result)
 
 Results (committed one by one, each with the code commit, the profile's blob and the cache digest):
 ``results/scarce-upstream/`` (the store's digest, probe and target diagnostics, the synthetic set's
@@ -20,7 +21,9 @@ quality report and grid), ``results/scarce-sweep/CELL/`` (the run's metrics, con
 AutoAttack-fast on the first ``evaluate.autoattack_n``), ``results/scarce-last/KEY/seedK.json`` (the
 last checkpoint, PGD only) and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the
 overfitting curve). A stopped piece resumes at the first job without a result; a job that was
-interrupted starts again from scratch. ``scripts/scarce_report.py`` makes the tables and plots.
+interrupted starts again from scratch. Every result regenerates the study's tables and plots in
+docs/results.md (``report --curves`` and ``report --evals``: generated, never typed) and is committed
+with them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "pipeline/params/scarce.yaml"
 WT = ROOT / ".scarce"
-LOCK = threading.Lock()
+LOCK = threading.RLock()  # one thread at a time regenerates the reports and commits
 
 
 def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bool = False) -> str:
@@ -188,8 +191,9 @@ class Study:
         files = [dst / "log.tsv", dst / "config.json",
                  self.write(dst / "metrics.json", {**m, "cell": args, "study": self.stamp(),
                                                    "cache_digest": self.cache_digest()})]
-        self.commit(files, f"scarce sweep: {cell}: best validation PGD {m['best']['val_pgd']:.3f} "
-                           f"(epoch {m['best']['epoch']})")
+        with LOCK:
+            self.commit(files + self.reports(), f"scarce sweep: {cell}: best validation PGD "
+                        f"{m['best']['val_pgd']:.3f} (epoch {m['best']['epoch']})")
 
     def chosen(self) -> dict:
         """The sweep cell with the highest best-epoch validation PGD (ties: the first in profile order)."""
@@ -220,8 +224,10 @@ class Study:
         logs = ROOT / "results" / "scarce-logs" / key / f"seed{seed}.tsv"
         logs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(WT / out / "log.tsv", logs)
-        self.commit(files + [logs], f"scarce: {key} seed {seed} ({variant}): best-validation checkpoint clean "
-                                    f"{best['clean']:.4f}, PGD {best['pgd']:.4f}, AutoAttack {best['autoattack']}")
+        shutil.copy(WT / out / "config.json", logs.parent / "config.json")  # the setting (same for every seed)
+        with LOCK:
+            self.commit(files + [logs, logs.parent / "config.json"] + self.reports(), f"scarce: {key} seed {seed} ({variant}): best-validation "
+                        f"checkpoint clean {best['clean']:.4f}, PGD {best['pgd']:.4f}, AutoAttack {best['autoattack']}")
 
     def aa_standard(self) -> None:
         """Standard AutoAttack on ``aa_standard.n`` test images, one seed per variant (its best checkpoint)."""
@@ -236,6 +242,32 @@ class Study:
             self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
                         f"scarce: standard AutoAttack, {key} seed {a['seed']}: {res['autoattack']}")
 
+    def reports(self) -> list[Path]:
+        """Regenerate the study's tables and plots in docs/results.md from the committed results (what
+        exists so far): the pilots' and the runs' validation curves, the sweep, the best-validation and
+        last checkpoints' tables with the paired contrasts. Returns the files written."""
+        r, written = ROOT / "results", []
+        env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+
+        def report(args: list[str], out: str, block: str) -> None:
+            sh(["python", "-m", "pipeline", "report", *args, "--out", out, "--readme", f"docs/results.md#{block}"],
+               env=env, capture=True)
+            written.extend([ROOT / out, ROOT / "docs" / "results.md"])
+
+        report(["--curves", "results/pilots"], "results/pilots-report", "scarce-pilots")
+        for folder, block in (("scarce-logs", "scarce-curves"), ("scarce-sweep", "scarce-sweep")):
+            if any((r / folder).glob("*/*.tsv")):
+                report(["--curves", f"results/{folder}"], f"results/{folder}-report", block)
+        for folder, block in (("scarce", "scarce"), ("scarce-last", "scarce-last")):
+            have = {json.loads(p.read_text())["variant"] for p in (r / folder).glob("*/seed*.json")}
+            if not have:
+                continue
+            pairs = [p for p in self.profile["contrasts"].split(",")
+                     if set(x for half in p.split("/") for x in half.split(":")) <= have]
+            report(["--evals", f"results/{folder}", "--train", "", "--grid", "", "--baseline", ",".join(pairs)],
+                   f"results/{folder}-report", block)
+        return written
+
     def pool(self, jobs: list[tuple], fn) -> None:  # noqa: ANN001
         with ThreadPoolExecutor(max_workers=int(self.profile["jobs"])) as ex:
             for f in [ex.submit(fn, *j) for j in jobs]:
@@ -244,7 +276,7 @@ class Study:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["upstream", "sweep", "runs", "aa-standard"])
+    ap.add_argument("step", choices=["upstream", "sweep", "runs", "aa-standard", "report"])
     ap.add_argument("--minutes", type=float, default=1e6, help="start no new job after this many minutes")
     ap.add_argument("--only", default="", help="runs: these run keys only (comma list)")
     a = ap.parse_args()
@@ -256,8 +288,10 @@ def main() -> None:
     elif a.step == "runs":
         keys = [k for k in s.profile["runs"] if not a.only or k in a.only.split(",")]
         s.pool([(k, seed) for seed in s.profile["seeds"] for k in keys], s.run_job)
-    else:
+    elif a.step == "aa-standard":
         s.aa_standard()
+    else:  # the tables and plots again, from the committed results
+        s.commit(s.reports(), "scarce: tables and plots regenerated from the committed results")
 
 
 if __name__ == "__main__":
