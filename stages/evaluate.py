@@ -45,6 +45,15 @@ from pipeline.evaluate.inputs import (
 from pipeline.evaluate.robustbench import load_zoo_model
 
 
+def run_metrics(checkpoint: Path, mcfg: dict) -> dict:
+    """The training run's metrics: its budget and time. A best-validation checkpoint (``OUT/best``,
+    its config names the epoch) is a model of the run in OUT, so OUT's metrics, with the epoch chosen."""
+    if isinstance(mcfg.get("best"), dict) and not (checkpoint / "metrics.json").exists():
+        run = read_train_metrics(checkpoint.parent)
+        return {**run, "checkpoint": {"best_epoch": mcfg["best"].get("epoch"), "of": run.get("epochs")}} if run else {}
+    return read_train_metrics(checkpoint)
+
+
 def run(cfg: EvaluateConfig) -> dict:
     check_config(cfg)
     start = time.perf_counter()
@@ -127,7 +136,7 @@ def run(cfg: EvaluateConfig) -> dict:
         "offset": cfg.offset,
         # the weights measured: report refuses this result once the run folder holds other ones
         "checkpoint_sha256": file_sha256(weights),
-        "train_config": mcfg, "train_metrics": {} if cfg.robustbench else read_train_metrics(Path(cfg.checkpoint)),
+        "train_config": mcfg, "train_metrics": {} if cfg.robustbench else run_metrics(Path(cfg.checkpoint), mcfg),
         "device": device, "seed": cfg.seed, "timings": timings,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -337,7 +337,7 @@ def test_one_sample_order_whatever_the_memory_mode(store, tmp_path):
     assert all(tr.meta["order"]["mode"] == "chunk-aware" for tr in made.values())
 
 
-def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, tmp_path, capsys):
+def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, fmnist_shards, tmp_path, capsys):
     """--val-n: after every epoch the EMA model's clean and PGD accuracy on train rows it never
     trains on go into log.tsv; OUT/best holds the best epoch's EMA model (re-measured, it gives the
     logged figure exactly) and metrics.json names the epoch; too few held-out rows is one error line."""
@@ -372,3 +372,12 @@ def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, tmp
     col = rows[0].split("\t").index("val_pgd")
     assert [r.split("\t")[col] for r in rows[1:]] == ["", *map(str, log["val_pgd"][1:])]
     assert sparse["best"]["epoch"] in (2, 3)
+    # evaluating OUT/best reports the run's budget and time (the run trained it), and the epoch chosen
+    from pipeline.evaluate.config import AutoAttackVersion, EvaluateConfig
+    from stages import evaluate
+
+    res = evaluate.run(EvaluateConfig(checkpoint=str(out / "best"), shards=str(fmnist_shards / "test"), n=32,
+                                      pgd_steps=1, pgd_restarts=1, autoattack=AutoAttackVersion.none, check_n=16,
+                                      out=str(tmp_path / "best.json")))
+    assert res["train_metrics"]["budget"] == metrics["budget"] and res["train_metrics"]["epochs"] == 3
+    assert res["train_metrics"]["checkpoint"] == {"best_epoch": best["epoch"], "of": 3}
