@@ -83,14 +83,13 @@ def run(cfg: GenerateConfig) -> dict:
     with tqdm(total=sum(counts[s] for s in mine), desc="generate", unit="img", mininterval=2,
               disable=not dist.is_main) as bar:
         for s in mine:
-            images, labels, t, raw = make_shard(model, cfg, s, counts[s], clf, device)
+            images, labels, t, raw = make_shard(model, cfg, s, counts[s], clf, device, bar.update)
             keys = make_keys(KEY_PREFIX, "train", counts[s], start=s * cfg.shard_size)
             records[s] = write_shard(storage.join(stage, "train"), s, keys, images, labels)
             records[s]["labels"] = labels.tolist()
             if raw is not None:  # the generator's own labels, judged on every candidate (before a filter)
                 agree += raw
             tried += t
-            bar.update(counts[s])
     seconds = time.time() - t0
     gathered = dist.gather((records, agree, tried, seconds))
     if dist.is_main:

@@ -137,8 +137,13 @@ def test_filters_keep_what_the_reference_classifier_accepts(cond_dir, how):
     c = GenerateConfig(model=str(cond_dir), n=10, sample_steps=2, batch_size=50, shard_size=10, bf16=False,
                        filter=how, min_confidence=confidence, seed=1)
     base = 1 * 10 * MAX_TRIES  # shard 1's candidate range
-    images, labels, tried, raw = make_shard(model, c, 1, 10, _Oracle(base), "cpu")
+    steps = []
+    images, labels, tried, raw = make_shard(model, c, 1, 10, _Oracle(base), "cpu", steps.append)
     assert labels.tolist() == _expected(how, base, confidence, 10) and len(images) == 10
+    assert sum(steps) == 10 and min(steps) > 0  # the progress bar ends at the shard's count
+    plain = []  # without a filter: one call per batch of the shard
+    make_shard(model, replace(c, filter="none", batch_size=4), 0, 10, None, "cpu", plain.append)
+    assert plain == [4, 4, 2]
     assert tried == 50 and raw[1].sum() == 50 and raw[0].sum() == 17  # candidates 0, 3, ..., 48 agree
     if how == "agree":
         assert np.bincount(labels, minlength=10).tolist() == [1] * 10

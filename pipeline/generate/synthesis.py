@@ -5,6 +5,7 @@ agreement check, the sample grid."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def check(cfg: GenerateConfig) -> None:
 
 
 def generate_range(model: DiffusionModel, cfg: GenerateConfig, start: int, stop: int,
-                   labels: np.ndarray | None, device: str) -> np.ndarray:
-    """Samples start..stop-1 as uint8 (N,H,W,C), in batches within the range; labels[i - start] or None."""
+                   labels: np.ndarray | None, device: str, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Samples start..stop-1 as uint8 (N,H,W,C), in batches within the range; labels[i - start] or None.
+    ``progress(k)`` after each batch of k."""
     out = []
     for lo in range(start, stop, cfg.batch_size):
         hi = min(stop, lo + cfg.batch_size)
@@ -66,6 +68,8 @@ def generate_range(model: DiffusionModel, cfg: GenerateConfig, start: int, stop:
         out.append(sample(model, range(lo, hi), y, seed=cfg.seed, sampler=cfg.sampler,
                           steps=cfg.sample_steps, eta=cfg.eta, guidance=cfg.guidance, bf16=cfg.bf16,
                           device=device))
+        if progress is not None:
+            progress(hi - lo)
     return np.concatenate(out)
 
 
@@ -81,11 +85,12 @@ def reference_classifier(cfg: GenerateConfig, num_classes: int, image_shape: tup
                          limit=cfg.classifier_limit, seed=cfg.seed, nuisance=cfg.classifier_nuisance)
 
 
-def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, clf, device: str
-               ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, clf, device: str,
+               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """Images, labels, candidates drawn for output shard s (``count`` samples), and the reference
     classifier's (2, K) agreement counts over ALL candidates of a conditional model (None without
-    a classifier): the generator's own label quality, before any filter.
+    a classifier): the generator's own label quality, before any filter. ``progress(k)``: k more of the
+    shard's ``count`` samples are done (after each batch; they add up to ``count``).
 
     A conditional model without ``--filter`` samples label i mod K for sample i. Otherwise the
     shard draws candidates from its own index range [s * shard_size * MAX_TRIES, ...) (so it
@@ -96,12 +101,16 @@ def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, c
     start, k = s * cfg.shard_size, model.num_classes
     if model.conditional and cfg.filter == Filter.none:
         labels = np.arange(start, start + count, dtype=np.int64) % k
-        images = generate_range(model, cfg, start, start + count, labels, device)
+        images = generate_range(model, cfg, start, start + count, labels, device, progress)
         return images, labels, count, None if clf is None else agreement_counts(clf, images, labels, k)
     base, tried, kept_x, kept_y = start * MAX_TRIES, 0, [], []
     raw = np.zeros((2, k), np.int64) if model.conditional else None
     quota = np.bincount(np.arange(start, start + count) % k, minlength=k) if model.conditional else None
-    while sum(map(len, kept_y)) < count:
+    done = 0  # samples reported to ``progress``
+    while (have := sum(map(len, kept_y))) < count:
+        if progress is not None and have > done:
+            progress(have - done)
+            done = have
         if tried >= MAX_TRIES * count:
             how = f"--filter {cfg.filter.value}" if model.conditional else "pseudo-labels"
             raise UserError(f"shard {s}: only {sum(map(len, kept_y))} of {tried} samples passed the reference "
@@ -125,6 +134,8 @@ def make_shard(model: DiffusionModel, cfg: GenerateConfig, s: int, count: int, c
                 quota[intended[i]] -= 1
                 keep[i] = True
         kept_x.append(x[keep]), kept_y.append(intended[keep])
+    if progress is not None:
+        progress(count - done)
     return np.concatenate(kept_x)[:count], np.concatenate(kept_y)[:count], tried, raw
 
 
