@@ -255,9 +255,10 @@ class Study:
             written.extend([ROOT / out, ROOT / "docs" / "results.md"])
 
         report(["--curves", "results/pilots"], "results/pilots-report", "scarce-pilots")
+        probe = ["--probe", "results/scarce-upstream/probe.json"] if (r / "scarce-upstream" / "probe.json").exists() else []
         for folder, block in (("scarce-logs", "scarce-curves"), ("scarce-sweep", "scarce-sweep")):
             if any((r / folder).glob("*/*.tsv")):
-                report(["--curves", f"results/{folder}"], f"results/{folder}-report", block)
+                report(["--curves", f"results/{folder}", *probe], f"results/{folder}-report", block)
         for folder, block in (("scarce", "scarce"), ("scarce-last", "scarce-last")):
             have = {json.loads(p.read_text())["variant"] for p in (r / folder).glob("*/seed*.json")}
             if not have:

@@ -121,11 +121,12 @@ def generator_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
 def curves_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     """``--curves DIR``: per-epoch validation, best against last epoch (pipeline/report/curves.py)."""
     groups = curves.load(cfg.curves)
-    text = curves.markdown(groups)
+    text = curves.markdown(groups, _read_json(cfg.probe, "--probe") if cfg.probe else None)
     tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
     image = curves.plot(groups, tmp / "curves.png")
     _finish(cfg, readme, tmp, f"# Validation curves\n\n{text}\n\n![curves]({image.name})\n", text,
-            f"--curves {cfg.curves} --out {cfg.out}", f"{cfg.curves}/*/log.tsv and seed*.tsv")
+            f"--curves {cfg.curves}{f' --probe {cfg.probe}' if cfg.probe else ''} --out {cfg.out}",
+            f"{cfg.curves}/*/log.tsv and seed*.tsv")
     return {"groups": len(groups)}
 
 

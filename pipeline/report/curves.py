@@ -39,12 +39,16 @@ def read_curve(path: Path) -> dict[str, list[float | None]]:
         raise UserError(f"{path}: a value is not a number ({exc})") from None
 
 
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    c = json.loads(path.read_text()) if path.is_file() else {}
+    return c.get("train", c)  # a checkpoint's config.json holds the run's settings under "train"
+
+
 def _setting(folder: Path) -> str:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    c = _config(folder)
+    if not c:
         return ""
-    c = json.loads(cfg_path.read_text())
-    c = c.get("train", c)  # a checkpoint's config.json holds the run's settings under "train"
     limit = c.get("real_limit") or "all"
     method = c.get("method", "?") + (f" β{c['trades_beta']:g}" if c.get("method") == "trades" else "")
     text = f"{c.get('arch', '?')}, {method}, N={limit}, {c.get('epochs', '?')} epochs"
@@ -62,7 +66,10 @@ def load(folder: str) -> dict[str, dict]:
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []:
         logs = sorted(sub.glob("seed*.tsv")) or ([sub / "log.tsv"] if (sub / "log.tsv").is_file() else [])
         if logs:
-            groups[sub.name] = {"setting": _setting(sub), "runs": {p.stem: read_curve(p) for p in logs}}
+            c = _config(sub)
+            target = f"t{c['t']}-{c['layer']}" if c.get("dra_weight") and c.get("t") is not None else None
+            groups[sub.name] = {"setting": _setting(sub), "target": target,
+                                "runs": {p.stem: read_curve(p) for p in logs}}
     if not groups:
         raise UserError(f"--curves {folder}: no NAME/log.tsv or NAME/seed*.tsv under it")
     return groups
@@ -91,12 +98,19 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def markdown(groups: dict[str, dict]) -> str:
+def markdown(groups: dict[str, dict], probe: dict | None = None) -> str:
+    """The table; ``probe`` (``cache probe``'s JSON): each DRA group's target set's probe accuracy and
+    diagnostics (effective rank, brightness R²) beside it."""
     head = ("| runs | setting | seeds | best val. PGD (%) | at epoch | last val. PGD (%) | drop best − last (points) | "
             "train adv. acc., last 10% (%) | gap train − val. (points) |")
     dra = any("dra_grad_share" in summary(c) for g in groups.values() for c in g["runs"].values())
     if dra:
         head += " DRA share of the backbone gradient (%) | λ·DRA share of the loss (%) |"
+    diag = ((probe or {}).get("diagnostics") or {}).get("sets") or {}
+    sets = {f"t{d['t']}-{d['layer']}": d for d in (probe or {}).get("sets") or [] if isinstance(d, dict) and "t" in d}
+    shown = probe is not None and any(g.get("target") for g in groups.values())
+    if shown:
+        head += " target: effective rank | brightness R² | probe acc. (%) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, g in groups.items():
         s = [summary(c) for c in g["runs"].values()]
@@ -112,13 +126,21 @@ def markdown(groups: dict[str, dict]) -> str:
                      f"{', '.join(map(str, epochs))} of {int(s[0]['last_epoch'])} | "
                      f"{100 * _mean([x['last_pgd'] for x in s]):.1f} | {100 * _mean(drops):.1f}{spread} | "
                      f"{100 * _mean([x['train_adv'] for x in s]):.1f} | "
-                     f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |{strength}")
+                     f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |{strength}"
+                     + (_target_cells(g.get("target"), diag, sets) if shown else ""))
     lines += ["", "Validation: the EMA model on held-out train rows (never the test set), the same images and "
                   "PGD starts at every epoch; several seeds: means (the drop's range over seeds in brackets). "
                   "Train adv. acc.: the training batches' accuracy under the training attack (TRADES: its KL "
                   "attack), in train mode." + (" DRA shares: means over the epochs of ||grad(λ·DRA)|| / "
                                                "||grad(loss)|| on the backbone and of λ·DRA / loss." if dra else "")]
     return "\n".join(lines)
+
+
+def _target_cells(target: str | None, diag: dict, sets: dict) -> str:
+    d, p = diag.get(target or "") or {}, sets.get(target or "") or {}
+    rank, r2, acc = d.get("effective_rank"), d.get("brightness_r2"), p.get("probe_accuracy")
+    return (f" {rank:.1f} |" if rank is not None else " - |") + (f" {r2:.2f} |" if r2 is not None else " - |") + \
+        (f" {100 * acc:.1f} |" if acc is not None else " - |")
 
 
 def plot(groups: dict[str, dict], path: Path) -> Path:
