@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -44,6 +44,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "pipeline/params/scarce.yaml"
 WT = ROOT / ".scarce"
+RESULTS = ["results/scarce", "results/scarce-last", "results/scarce-logs", "results/scarce-sweep",
+           "results/scarce-aa-standard", "results/scarce-aa-fast", "results/scarce-upstream"]
 LOCK = threading.RLock()  # one thread at a time regenerates the reports and commits
 
 
@@ -81,6 +83,9 @@ class Study:
         self.deadline = time.time() + minutes * 60
         self.env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
                         OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
+        left = sh(["git", "ls-files", "--others", "--modified", "--exclude=*.tmp", "--", *RESULTS], capture=True)
+        if left:  # results a failed commit or an interrupted piece left behind: a job is done once committed
+            self.commit([ROOT / f for f in left.splitlines()], "scarce: results an earlier piece left uncommitted")
 
     # -- helpers -------------------------------------------------------------------------------
     def pipeline(self, *args: str, capture: bool = False, threads: int = 0) -> str:
@@ -191,9 +196,9 @@ class Study:
         files = [dst / "log.tsv", dst / "config.json",
                  self.write(dst / "metrics.json", {**m, "cell": args, "study": self.stamp(),
                                                    "cache_digest": self.cache_digest()})]
-        with LOCK:
-            self.commit(files + self.reports(), f"scarce sweep: {cell}: best validation PGD "
-                        f"{m['best']['val_pgd']:.3f} (epoch {m['best']['epoch']})")
+        self.commit(files, f"scarce sweep: {cell}: best validation PGD {m['best']['val_pgd']:.3f} "
+                           f"(epoch {m['best']['epoch']})")
+        self.redraw()
 
     def chosen(self) -> dict:
         """The sweep cell with the highest best-epoch validation PGD (ties: the first in profile order)."""
@@ -225,22 +230,38 @@ class Study:
         logs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(WT / out / "log.tsv", logs)
         shutil.copy(WT / out / "config.json", logs.parent / "config.json")  # the setting (same for every seed)
-        with LOCK:
-            self.commit(files + [logs, logs.parent / "config.json"] + self.reports(), f"scarce: {key} seed {seed} ({variant}): best-validation "
-                        f"checkpoint clean {best['clean']:.4f}, PGD {best['pgd']:.4f}, AutoAttack {best['autoattack']}")
+        self.commit(files + [logs, logs.parent / "config.json"], f"scarce: {key} seed {seed} ({variant}): "
+                    f"best-validation checkpoint clean {best['clean']:.4f}, PGD {best['pgd']:.4f}, "
+                    f"AutoAttack {best['autoattack']}")
+        self.redraw()
 
     def aa_standard(self) -> None:
-        """Standard AutoAttack on ``aa_standard.n`` test images, one seed per variant (its best checkpoint)."""
+        """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images, one
+        seed per variant (its best checkpoint): how far AutoAttack-fast is from the reference here."""
         a = self.profile["aa_standard"]
         for key, spec in self.profile["runs"].items():
-            dst = ROOT / "results" / "scarce-aa-standard" / key / f"seed{a['seed']}.json"
             ckpt = f"{self.art}/train/{key}-s{a['seed']}/best"
-            if dst.exists() or not (WT / ckpt).exists() or not self.time_left():
-                continue
-            res = self.evaluate(ckpt, spec["variant"], f"{self.art}/aa-standard/{key}.json", n=a["n"],
-                                autoattack="standard", autoattack_n=0)
-            self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
-                        f"scarce: standard AutoAttack, {key} seed {a['seed']}: {res['autoattack']}")
+            for version in ("standard", "fast"):
+                dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{a['seed']}.json"
+                if dst.exists() or not (WT / ckpt).exists() or not self.time_left():
+                    continue
+                res = self.evaluate(ckpt, spec["variant"], f"{self.art}/aa-{version}/{key}.json", n=a["n"],
+                                    autoattack=version, autoattack_n=0)
+                self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
+                            f"scarce: AutoAttack {version} on {a['n']} images, {key} seed {a['seed']}: {res['autoattack']}")
+
+    def redraw(self) -> None:
+        """The tables and plots again, committed on their own; a failure is a warning (the results are
+        committed already, and `scarce.py report` redraws them later)."""
+        with LOCK:
+            if sh(["git", "status", "--porcelain", "--", "docs/results.md"], capture=True):
+                print("warning: docs/results.md has uncommitted changes; its tables are not redrawn now "
+                      "(commit them, then `scarce.py report`)", flush=True)
+                return
+            try:
+                self.commit(self.reports(), "scarce: tables and plots regenerated from the committed results")
+            except subprocess.CalledProcessError as exc:
+                print(f"warning: the tables were not redrawn ({exc}); `scarce.py report` does it", flush=True)
 
     def reports(self) -> list[Path]:
         """Regenerate the study's tables and plots in docs/results.md from the committed results (what
@@ -270,9 +291,16 @@ class Study:
         return written
 
     def pool(self, jobs: list[tuple], fn) -> None:  # noqa: ANN001
-        with ThreadPoolExecutor(max_workers=int(self.profile["jobs"])) as ex:
-            for f in [ex.submit(fn, *j) for j in jobs]:
+        """``jobs`` at most ``profile.jobs`` at a time; the first failure (or Ctrl-C) cancels every job not
+        yet started, lets the running ones finish, and is raised."""
+        ex = ThreadPoolExecutor(max_workers=int(self.profile["jobs"]))
+        try:
+            for f in as_completed([ex.submit(fn, *j) for j in jobs]):
                 f.result()
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
 
 
 def main() -> None:
@@ -292,7 +320,7 @@ def main() -> None:
     elif a.step == "aa-standard":
         s.aa_standard()
     else:  # the tables and plots again, from the committed results
-        s.commit(s.reports(), "scarce: tables and plots regenerated from the committed results")
+        s.redraw()
 
 
 if __name__ == "__main__":
