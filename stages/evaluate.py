@@ -50,7 +50,10 @@ def run_metrics(checkpoint: Path, mcfg: dict) -> dict:
     its config names the epoch) is a model of the run in OUT, so OUT's metrics, with the epoch chosen."""
     if isinstance(mcfg.get("best"), dict) and not (checkpoint / "metrics.json").exists():
         run = read_train_metrics(checkpoint.parent)
-        return {**run, "checkpoint": {"best_epoch": mcfg["best"].get("epoch"), "of": run.get("epochs")}} if run else {}
+        if not run or {k: (run.get("best") or {}).get(k) for k in ("epoch", "val_pgd")} != {
+                k: mcfg["best"].get(k) for k in ("epoch", "val_pgd")}:
+            return {}  # the folder above holds another run (or an unfinished one): no budget is claimed
+        return {**run, "checkpoint": {"best_epoch": mcfg["best"].get("epoch"), "of": run.get("epochs")}}
     return read_train_metrics(checkpoint)
 
 
@@ -90,7 +93,7 @@ def run(cfg: EvaluateConfig) -> dict:
         model, xs, ys, eps=eps, alpha=alpha, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts,
         batch_size=bs, seed=cfg.seed, offset=lo, progress=dist.is_main))
     aa_ok, aa_stats, attacks = None, None, [f"pgd-ce-{cfg.pgd_steps}x{cfg.pgd_restarts}"]
-    aa_n = cfg.autoattack_n or n  # AutoAttack: the first aa_n images, this process's share of them
+    aa_n = min(cfg.autoattack_n or n, n)  # AutoAttack: the first aa_n images (a short split: all), this process's share
     aa_here = max(0, min(hi, aa_n) - lo)
     if cfg.autoattack != AutoAttackVersion.none:
         aa_ok, aa_stats, aa_attacks = timed("autoattack", lambda: robust.autoattack_correct(
@@ -113,7 +116,10 @@ def run(cfg: EvaluateConfig) -> dict:
         assert len(aa_all) == aa_n, "the slices must cover AutoAttack's images exactly once"
         aa_acc = int(aa_all.sum()) / aa_n
         aa_stats = robust.merge_stats([p["aa_stats"] for p in parts])
-    checks["training_finished"] = bool(mcfg.get("finished", True))  # train marks a complete run
+    train_metrics = {} if cfg.robustbench else run_metrics(Path(cfg.checkpoint), mcfg)
+    # train marks a complete run; a best-validation checkpoint is complete once its run is (its metrics)
+    checks["training_finished"] = bool(mcfg.get("finished", True)) and (
+        not isinstance(mcfg.get("best"), dict) or bool(train_metrics) or cfg.robustbench != "")
     big = timed("large_eps", lambda: robust.large_eps_accuracy(model, xc, yc, seed=cfg.seed))
     clean_acc, pgd_acc = int(clean.sum()) / n, int(pgd_ok.sum()) / n  # exact fractions
     # AutoAttack's bounds are checked on its own images: clean and PGD accuracy of those aa_n
@@ -136,7 +142,7 @@ def run(cfg: EvaluateConfig) -> dict:
         "offset": cfg.offset,
         # the weights measured: report refuses this result once the run folder holds other ones
         "checkpoint_sha256": file_sha256(weights),
-        "train_config": mcfg, "train_metrics": {} if cfg.robustbench else run_metrics(Path(cfg.checkpoint), mcfg),
+        "train_config": mcfg, "train_metrics": train_metrics,
         "device": device, "seed": cfg.seed, "timings": timings,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -524,6 +524,8 @@ def test_aa_report_compares_fast_with_standard_run_by_run_and_refuses_mismatches
     other = json.loads((fast_dir / "AT" / "seed4.json").read_text())
     (fast_dir / "AT" / "seed4.json").write_text(json.dumps(other | {"offset": 300}))  # other images
     refused(r"not the same run on the same images \(offset 0 vs 300\)")
+    (fast_dir / "AT" / "seed4.json").write_text(json.dumps(other | {"autoattack_n": 100}))  # AutoAttack on 100 of them
+    refused(r"not the same run on the same images \(autoattack_n")
     (fast_dir / "AT" / "seed4.json").write_text(json.dumps(other | {"autoattack_version": "standard"}))
     refused("not a fast AutoAttack result")
     (fast_dir / "AT" / "seed4.json").unlink()

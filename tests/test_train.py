@@ -381,3 +381,15 @@ def test_per_epoch_validation_logs_the_curve_and_keeps_the_best_epoch(store, fmn
                                       out=str(tmp_path / "best.json")))
     assert res["train_metrics"]["budget"] == metrics["budget"] and res["train_metrics"]["epochs"] == 3
     assert res["train_metrics"]["checkpoint"] == {"best_epoch": best["epoch"], "of": 3}
+    assert res["checks"]["training_finished"] is True
+    # a best/ folder under another run (whose metrics name another best epoch) claims no budget and
+    # fails the finished check
+    import shutil
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text(json.dumps({**metrics, "best": {"epoch": 99, "val_pgd": 0.0}}))
+    shutil.copytree(out / "best", tmp_path / "other" / "best")
+    other = evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "other" / "best"), shards=str(fmnist_shards / "test"),
+                                        n=32, pgd_steps=1, pgd_restarts=1, autoattack=AutoAttackVersion.none,
+                                        check_n=16, out=str(tmp_path / "other.json")))
+    assert other["train_metrics"] == {} and other["checks"]["training_finished"] is False

@@ -48,6 +48,8 @@ def pair_runs(standard: list[dict], fast: list[dict], standard_dir: str, fast_di
     for key in sorted(std, key=lambda k: (variant_order(k[0]), k[1])):
         a, b = std[key], fst[key]
         differ = [f for f in SAME if a.get(f) != b.get(f)]
+        if (a.get("autoattack_n") or a.get("n")) != (b.get("autoattack_n") or b.get("n")):
+            differ.append("autoattack_n")  # AutoAttack on another subset of the images
         if differ:
             raise UserError(f"{a['_path']} and {b['_path']}: not the same run on the same images "
                             f"({', '.join(f'{f} {a.get(f)!r} vs {b.get(f)!r}' for f in differ)})")

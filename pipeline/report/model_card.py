@@ -44,7 +44,7 @@ def model_card(result: dict, path: str = "the result") -> dict:
     shape = (tc.get("in_channels"), tc.get("image_size"), tc.get("num_classes"))
     dataset = zoo["dataset"] if zoo else DATASETS.get(shape, "unknown")
     arch = str(tc.get("arch", ""))
-    notes = [f"Standard AutoAttack on {result['n']} test images from offset {result.get('offset', 0)} "
+    notes = [f"Standard AutoAttack on {result.get('autoattack_n') or result['n']} test images from offset {result.get('offset', 0)} "
              "(the project's evaluation, not RobustBench's benchmark())."]
     synthetic = train.get("synthetic_fraction") or 0
     if synthetic:

@@ -295,7 +295,7 @@ def paired_table(groups: dict[str, list[dict]], pairs: list[tuple[str, str]],
         diffs.append((f"({a} − {b}) − ({c} − {e})", {k: interaction_values(groups, (a, b, c, e), k) for k in keys},
                       False))
     for label, d, grouped in diffs:
-        n_pairs = max(len(v) for v in d.values())
+        n_pairs = max((len(v) for v in d.values()), default=0)
         if not (n_pairs >= 2 or (grouped and n_pairs)):
             continue
         cells = [_cell(d[k]) if len(d[k]) >= 2 else "-" for k in keys]
