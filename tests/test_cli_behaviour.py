@@ -192,19 +192,35 @@ def test_driver_profiles_pass_only_valid_settings():
     checks, so a typo fails here, not hours into a study; every run sets lambda and the synthetic share
     itself, and the sweep never uses a study seed."""
     import dataclasses
+    import importlib.util
 
     import yaml
 
+    import pipeline.cli as cli
     from pipeline.cache.config import ExtractConfig
     from pipeline.evaluate.config import EvaluateConfig
     from pipeline.generate.config import GenerateConfig
     from pipeline.train.config import TrainConfig
+
+    def parsed(stage: str, argv: list[str]):  # noqa: ANN202 - the config the CLI builds, not run
+        got = []
+        monkey = cli.run_stage
+        cli.run_stage = lambda _module, cfg: got.append(cfg)
+        try:
+            cli.stage_command(stage).main(args=argv, standalone_mode=False)
+        finally:
+            cli.run_stage = monkey
+        return got[0]
 
     profiles = [p for p in (ROOT / "pipeline" / "params").glob("*.yaml") if "driver" in yaml.safe_load(p.read_text())]
     assert profiles
     for path in profiles:
         p = yaml.safe_load(path.read_text())
         assert (ROOT / p["driver"]).exists() and (ROOT / p["model"] / "model_info.json").exists(), path
+        spec = importlib.util.spec_from_file_location("driver", ROOT / p["driver"])
+        driver = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(driver)
+        flags = driver.flags
         fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
         for section, cls in (("generate", GenerateConfig), ("extract", ExtractConfig), ("evaluate", EvaluateConfig)):
             assert set(p[section]) <= fields(cls), (path, section, set(p[section]) - fields(cls))
@@ -220,6 +236,14 @@ def test_driver_profiles_pass_only_valid_settings():
             assert "dra_weight" in run and "synthetic_fraction" in run, (path, name)
             assert set(run) | set(p["train"]) <= fields(TrainConfig), (path, name)
             TrainConfig(**(p["train"] | run)).validate()
+            # and through the driver's flags and the CLI's parser: every value arrives as given
+            cfg = parsed("train", flags(p["train"] | run | {"seed": 3}))
+            assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) or str(getattr(cfg, k).value) == str(v)
+                       for k, v in (p["train"] | run).items() if not isinstance(getattr(cfg, k), dict)), name
+        for over in ({}, {"autoattack": "none"}, {"n": 500, "autoattack": "standard", "autoattack_n": 0}):
+            cfg = parsed("evaluate", flags(p["evaluate"] | over))
+            assert all(str(getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k)) == str(v)
+                       for k, v in (p["evaluate"] | over).items()), over
 
 
 def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
