@@ -155,6 +155,13 @@ def test_no_augment_reads_view_zero_of_an_identity_first_store_and_refuses_a_uni
     out = tmp_path / "run"
     train.run(train_cfg(plain, out, augment=False, dra_weight=0.5))
     assert json.loads((out / "metrics.json").read_text())["step"] == 2
+    # plain AT without augmentation on the 3-view store trains exactly as on a store of the plain
+    # images alone (1 view, the identity): the same batches, every image unshifted and unflipped
+    single = tmp_path / "single.zarr"
+    extract.run(extract_cfg(tiny_model_dir, fmnist_shards, single, view_draw=ViewDraw.identity_first, views=1))
+    for store_path, name, aug in ((plain, "a", False), (single, "b", True)):
+        train.run(train_cfg(store_path, tmp_path / name, augment=aug, dra_weight=0.0))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="--no-augment reads each sample's view 0, but in cache part 'train'"):
         train.run(train_cfg(store, tmp_path / "refused", augment=False))
     assert not (tmp_path / "refused" / "metrics.json").exists()
