@@ -678,13 +678,13 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     assert cells[-2:] == ["30.0", "37.5 |"]  # (0.2 + 0.4) / 2; (1.0 / 2 + 0.5 / 2) / 2
     # with the store's probe file: the DRA run's target set (its config's t and layer) and its diagnostics
     (tmp_path / "dra" / "cell" / "config.json").write_text(json.dumps({"train": {"dra_weight": 2.0, "t": 100,
-                                                                                  "layer": "mid_block"}}))
+                                                                                  "layer": "mid_block", "augment": False}}))
     probe = {"sets": [{"t": 100, "layer": "mid_block", "probe_accuracy": 0.81}],
              "diagnostics": {"sets": {"t100-mid_block": {"effective_rank": 15.3, "brightness_r2": 0.25}}}}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
     report.run(ReportConfig(curves=str(tmp_path / "dra"), probe=str(tmp_path / "probe.json"), out=str(tmp_path / "r4")))
     cells = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| cell")).split(" | ")
-    assert cells[-3:] == ["15.3", "0.25", "81.0 |"]
+    assert cells[-3:] == ["15.3", "0.25", "81.0 |"] and "no augmentation, DRA λ=2 on t=100 mid_block" in cells[1]
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "log.tsv").write_text("epoch\tloss\n1\t2.0\n")
     code, _, err = run_cli(capsys, ["report", "--curves", tmp_path / "bad", "--out", tmp_path / "r2"])

@@ -52,6 +52,8 @@ def _setting(folder: Path) -> str:
     limit = c.get("real_limit") or "all"
     method = c.get("method", "?") + (f" β{c['trades_beta']:g}" if c.get("method") == "trades" else "")
     text = f"{c.get('arch', '?')}, {method}, N={limit}, {c.get('epochs', '?')} epochs"
+    if c.get("augment") is False:
+        text += ", no augmentation"
     if c.get("synthetic_fraction"):
         text += f", {c['synthetic_fraction']:g} synthetic"
     if c.get("dra_weight"):
