@@ -142,10 +142,10 @@ class Study:
             self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
                           "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
                           *flags(p["generate"]), threads=p["upstream_threads"])
-        if not (WT / self.store / "zarr.json").exists() or '"complete": true' not in (WT / self.store / "zarr.json").read_text():
-            self.pipeline("extract", "--model", p["model"], "--real-splits", f"{art}/shards/real",
-                          "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]),
-                          threads=p["upstream_threads"])
+        # extract resumes an unfinished store, and leaves a complete one of the same plan as it is
+        self.pipeline("extract", "--model", p["model"], "--real-splits", f"{art}/shards/real",
+                      "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]),
+                      threads=p["upstream_threads"])
         out = ROOT / "results" / "scarce-upstream"
         out.mkdir(parents=True, exist_ok=True)
         self.pipeline("cache", "probe", self.store, "--out", str(out / "probe.json"))

@@ -105,7 +105,8 @@ def markdown(groups: dict[str, dict], probe: dict | None = None) -> str:
     diagnostics (effective rank, brightness R²) beside it."""
     head = ("| runs | setting | seeds | best val. PGD (%) | at epoch | last val. PGD (%) | drop best − last (points) | "
             "train adv. acc., last 10% (%) | gap train − val. (points) |")
-    dra = any("dra_grad_share" in summary(c) for g in groups.values() for c in g["runs"].values())
+    summaries = {name: [summary(c) for c in g["runs"].values()] for name, g in groups.items()}
+    dra = any("dra_grad_share" in x for s in summaries.values() for x in s)
     if dra:
         head += " DRA share of the backbone gradient (%) | λ·DRA share of the loss (%) |"
     diag = ((probe or {}).get("diagnostics") or {}).get("sets") or {}
@@ -115,7 +116,7 @@ def markdown(groups: dict[str, dict], probe: dict | None = None) -> str:
         head += " target: effective rank | brightness R² | probe acc. (%) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, g in groups.items():
-        s = [summary(c) for c in g["runs"].values()]
+        s = summaries[name]
         strength = ""
         if dra:
             grad = [x["dra_grad_share"] for x in s if "dra_grad_share" in x]

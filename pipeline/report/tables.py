@@ -107,10 +107,12 @@ def interactions(groups: dict[str, list[dict]], spec: str) -> list[tuple[str, st
 
 def interaction_values(groups: dict[str, list[dict]], names: tuple[str, str, str, str], key: str) -> list[float]:
     """(A − B) − (C − D) of ``key`` for every training seed all four variants ran, in seed order."""
-    by_seed = [{str(train_field(r, "seed", "?")): r for r in groups[n]} for n in names]
-    seeds = sorted(set.intersection(*(set(m) for m in by_seed)))
-    rows = [[m[s].get(key) for m in by_seed] for s in seeds]
-    return [(a - b) - (c - d) for a, b, c, d in rows if all(is_number(v) for v in (a, b, c, d))]
+    def by_seed(name: str, base: str) -> dict[str, float]:
+        return {seed: a[key] - b[key] for seed, a, b in seed_pairs(groups, name, base)
+                if is_number(a.get(key)) and is_number(b.get(key))}
+
+    ab, cd = by_seed(*names[:2]), by_seed(*names[2:])
+    return [ab[seed] - cd[seed] for seed in sorted(set(ab) & set(cd))]
 
 
 def results_block(groups: dict[str, list[dict]], unequal: list[str], baseline: str) -> str:
