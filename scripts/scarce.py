@@ -1,22 +1,22 @@
 """The data-scarce study (pipeline/params/scarce.yaml): upstream, DRA sweep and paired runs, in pieces
 that each commit their results.
 
-Everything runs in a git worktree (``.scarce/``) pinned to the commit it was created from, so every
-run of the study uses one code version; the profile is read from the main checkout (it must be
+Everything runs in a git worktree (``.scarce/``) at the code commit the study's upstream records
+name (made there on a new machine), so every run of the study uses one code version; the profile is read from the main checkout (it must be
 committed as it is), so a choice made after a piece (the runs' list) does not need a new worktree.
 Every training process runs at the profile's ``threads`` torch threads (runs are paired at one
 thread count: float reductions differ between counts), ``jobs`` at a time.
 
-    .venv/bin/python scripts/scarce.py upstream         # real shards, synthetic set, feature store
+    .venv/bin/python scripts/scarce.py upstream         # real shards, synthetic set, this machine's store
     .venv/bin/python scripts/scarce.py sweep            # DRA cells on validation (one seed each)
     .venv/bin/python scripts/scarce.py runs             # variants x seeds (seed-major: pairs first)
     .venv/bin/python scripts/scarce.py runs --minutes 90 --only at,dmat   # a piece of it
-    .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack, one seed per variant
+    .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack where a run was stopped before it
     .venv/bin/python scripts/scarce.py report           # the tables and plots (also after every result)
 
-Results (committed one by one, each with the code commit, the profile's blob and the cache digest):
-``results/scarce-upstream/`` (the store's digest, probe and target diagnostics, the synthetic set's
-quality report and grid), ``results/scarce-sweep/CELL/`` (the run's metrics, config and per-epoch log),
+Results (committed one by one, each with the code commit, the profile's blob, the processor and the
+store's digest): ``results/scarce-upstream/`` (the synthetic set, its quality report and grid, the
+target diagnostics, and one record per machine's store), ``results/scarce-sweep/CELL/`` (the run's metrics, config and per-epoch log),
 ``results/scarce/KEY/seedK.json`` (the best-validation checkpoint: PGD on ``evaluate.n`` test images,
 AutoAttack-fast on the first ``evaluate.autoattack_n``), ``results/scarce-last/KEY/seedK.json`` (the
 last checkpoint, PGD only) and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the
@@ -46,6 +46,15 @@ PROFILE = "pipeline/params/scarce.yaml"
 WT = ROOT / ".scarce"
 RESULTS = ["results/scarce", "results/scarce-last", "results/scarce-logs", "results/scarce-sweep",
            "results/scarce-aa-standard", "results/scarce-aa-fast", "results/scarce-upstream"]
+# the store's digest and size, and the digest of its files outside the target sets (the images and views)
+STORE_INFO = """import sys, json, hashlib
+from pipeline.cache.store import open_cache
+c = open_cache(sys.argv[1])
+man = json.load(open(sys.argv[1] + "/zarr.json"))["attributes"]["manifest"]
+keep = sorted((k, v) for k, v in man.items() if "/targets/" not in k)
+print(json.dumps({"digest": c.digest, "images_digest": hashlib.sha256(json.dumps(keep).encode()).hexdigest(),
+                  "parts": {n: {"n": c.part(n).n, "k": c.part(n).k} for n in c.parts}}))
+"""
 LOCK = threading.RLock()  # one thread at a time regenerates the reports and commits
 
 
@@ -53,6 +62,16 @@ def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bo
     out = subprocess.run(cmd, cwd=cwd, env=env, check=True, text=True,
                          stdout=subprocess.PIPE if capture else None)
     return out.stdout.strip() if capture else ""
+
+
+def study_commit() -> str:
+    """The code commit of the study: the one its committed upstream records name (HEAD before any)."""
+    recs = sorted((ROOT / "results" / "scarce-upstream").glob("stores/*.json"))
+    recs += [ROOT / "results" / "scarce-upstream" / "cache.json"]
+    pins = {json.loads(r.read_text())["code_commit"] for r in recs if r.exists()}
+    if len(pins) > 1:
+        sys.exit(f"error: the study's upstream records name several code commits: {sorted(pins)}")
+    return pins.pop() if pins else "HEAD"
 
 
 def flags(args: dict) -> list[str]:
@@ -74,13 +93,20 @@ class Study:
             sys.exit(f"error: {PROFILE} is not committed as it is; the study runs the committed profile")
         self.profile = yaml.safe_load((ROOT / PROFILE).read_text())
         self.profile_blob = sh(["git", "rev-parse", f"HEAD:{PROFILE}"], capture=True)
-        if not WT.exists():
+        pin = study_commit()
+        if not WT.exists():  # a new machine: the worktree at the commit the study's results name
             sh(["git", "worktree", "prune"])
-            sh(["git", "worktree", "add", "--detach", str(WT), "HEAD"])
+            sh(["git", "worktree", "add", "--detach", str(WT), pin])
             shutil.copytree(ROOT / "data" / "fashion-mnist", WT / "data" / "fashion-mnist")
         self.pin = sh(["git", "-C", str(WT), "rev-parse", "HEAD"], capture=True)
+        if pin != "HEAD" and self.pin != sh(["git", "rev-parse", pin], capture=True):
+            sys.exit(f"error: {WT} is at {self.pin[:12]}, the study's results at {pin[:12]}: one code version "
+                     f"per study (remove the worktree to have it made again at {pin[:12]})")
         self.art = self.profile["artifacts"]
         self.deadline = time.time() + minutes * 60
+        self.cpu = sh(["python", "-c", "from pipeline.core.runtime import cpu_model; print(cpu_model())"],
+                      cwd=WT, env=dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"),
+                      capture=True)
         self.env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
                         OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
         left = sh(["git", "ls-files", "--others", "--modified", "--exclude=*.tmp", "--", *RESULTS], capture=True)
@@ -94,7 +120,7 @@ class Study:
 
     def stamp(self) -> dict:
         return {"code_commit": self.pin, "profile": PROFILE, "profile_blob": self.profile_blob,
-                "driver": "scripts/scarce.py", "threads": self.profile["threads"]}
+                "driver": "scripts/scarce.py", "threads": self.profile["threads"], "cpu": self.cpu}
 
     def commit(self, files: list[Path], msg: str) -> None:
         with LOCK:
@@ -127,42 +153,56 @@ class Study:
         return f"{self.art}/feats.zarr"
 
     def cache_digest(self) -> str:
-        up = ROOT / "results" / "scarce-upstream" / "cache.json"
-        if not up.exists():
-            sys.exit("error: the upstream is not built yet (scripts/scarce.py upstream)")
-        return json.loads(up.read_text())["digest"]
+        """The digest of this machine's store (verified when ``upstream`` built it)."""
+        rec = WT / self.art / "store.json"
+        if not rec.exists():
+            sys.exit("error: this machine has no verified store yet (scripts/scarce.py upstream)")
+        return json.loads(rec.read_text())["digest"]
 
     # -- upstream ------------------------------------------------------------------------------
     def upstream(self) -> None:
-        p, art = self.profile, self.art
+        """The real shards, the synthetic set and the feature store, in the worktree of this machine.
+
+        The synthetic set is generated once and committed (``results/scarce-upstream/synthetic/``):
+        every later machine copies it instead of sampling again, so every run of the study trains on
+        the same images. The store is extracted on each machine that runs a piece (its targets differ
+        between processors by float rounding, so its digest does too): each machine's store gets a
+        record under ``results/scarce-upstream/stores/`` with its digest, the processor, and the digest
+        of everything in it but the targets (the images and views, equal on every machine)."""
+        p, art, up = self.profile, self.art, ROOT / "results" / "scarce-upstream"
         if not (WT / art / "shards/real/train/fingerprint.json").exists():
             self.pipeline("prepare", "--source", "data/fashion-mnist", "--out", f"{art}/shards/real")
-        syn = WT / art / "shards/synthetic"
-        if not (syn / "generate.json").exists():
+        syn, committed = WT / art / "shards/synthetic", up / "synthetic"
+        if committed.exists() and not (syn / "train").exists():
+            shutil.copytree(committed, syn / "train")
+        elif not (syn / "train").exists():
             self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
                           "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
                           *flags(p["generate"]), threads=p["upstream_threads"])
+            shutil.copytree(syn / "train", committed)
+            for name in ("generate.json", "grid.png"):
+                shutil.copy(syn / name, up / name)
+            self.commit([committed, up / "generate.json", up / "grid.png"],
+                        f"scarce: the synthetic set ({p['generate']['n']} images), committed for every machine")
         # extract resumes an unfinished store, and leaves a complete one of the same plan as it is
         self.pipeline("extract", "--model", p["model"], "--real-splits", f"{art}/shards/real",
                       "--synthetic", f"{art}/shards/synthetic/train", "--out", self.store, *flags(p["extract"]),
                       threads=p["upstream_threads"])
-        out = ROOT / "results" / "scarce-upstream"
-        out.mkdir(parents=True, exist_ok=True)
-        self.pipeline("cache", "probe", self.store, "--out", str(out / "probe.json"))
-        digest = self.pipeline("cache", "verify", self.store, capture=True)
-        code = ("import sys, json; from pipeline.cache.store import open_cache; c = open_cache(sys.argv[1]); "
-                "print(json.dumps({'digest': c.digest, 'parts': {n: {'n': c.part(n).n, 'k': c.part(n).k} "
-                "for n in c.parts}}))")
-        info = json.loads(sh(["python", "-c", code, self.store], cwd=WT, env=self.env, capture=True))
+        verify = self.pipeline("cache", "verify", self.store, capture=True)
+        info = json.loads(sh(["python", "-c", STORE_INFO, self.store], cwd=WT, env=self.env, capture=True))
         model = json.loads((ROOT / p["model"] / "model_info.json").read_text())
-        files = [self.write(out / "cache.json", {**info, "verify": digest.splitlines()[-1:], **self.stamp(),
-                                                  "model": p["model"], "model_info": model})]
-        for name in ("generate.json", "grid.png"):
-            shutil.copy(syn / name, out / name)
-            files.append(out / name)
-        files.append(out / "probe.json")
-        self.commit(files, f"scarce: upstream (cache digest {info['digest'][:12]}..., "
-                           f"{info['parts']['synthetic']['n']} synthetic images)")
+        rec = {**info, "verify": verify.splitlines()[-1:], **self.stamp(), "model": p["model"], "model_info": model}
+        files = [self.write(up / "stores" / f"{info['digest'][:12]}.json", rec)]
+        if not (up / "probe.json").exists():  # the target diagnostics (the first store's)
+            self.pipeline("cache", "probe", self.store, "--out", str(up / "probe.json"))
+            files.append(up / "probe.json")
+        images = {json.loads(f.read_text())["images_digest"] for f in (up / "stores").glob("*.json")}
+        if len(images) > 1:
+            sys.exit(f"error: this store's images and views differ from another machine's ({sorted(images)}): "
+                     "the study's runs would not train on one data set; find out why before running")
+        self.write(WT / art / "store.json", rec)  # the store this machine verified: its runs name it
+        self.commit(files, f"scarce: a store on {self.stamp()['cpu']} (digest {info['digest'][:12]}..., "
+                           f"images and views {info['images_digest'][:12]}...)")
 
     # -- training jobs ---------------------------------------------------------------------------
     def train(self, out: str, args: dict, seed: int) -> dict:
@@ -223,6 +263,8 @@ class Study:
         self.train(out, spec, seed)
         best = self.evaluate(f"{out}/best", variant, f"{self.art}/eval/{key}-s{seed}.json")
         last = self.evaluate(out, variant, f"{self.art}/eval-last/{key}-s{seed}.json", autoattack="none")
+        # the checkpoint lives only in this machine's worktree: the AutoAttack comparison is made now
+        aa = self.aa_standard(key, f"{out}/best") if seed == self.profile["aa_standard"]["seed"] else []
         extra = {"study": self.stamp(), "cache_digest": self.cache_digest(), "run_args": spec}
         files = [self.write(dst, {**best, **extra}),
                  self.write(ROOT / "results" / "scarce-last" / key / f"seed{seed}.json", {**last, **extra})]
@@ -230,25 +272,35 @@ class Study:
         logs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(WT / out / "log.tsv", logs)
         shutil.copy(WT / out / "config.json", logs.parent / "config.json")  # the setting (same for every seed)
-        self.commit(files + [logs, logs.parent / "config.json"], f"scarce: {key} seed {seed} ({variant}): "
+        self.commit(files + aa + [logs, logs.parent / "config.json"], f"scarce: {key} seed {seed} ({variant}): "
                     f"best-validation checkpoint clean {best['clean']:.4f}, PGD {best['pgd']:.4f}, "
                     f"AutoAttack {best['autoattack']}")
         self.redraw()
 
-    def aa_standard(self) -> None:
-        """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images, one
-        seed per variant (its best checkpoint): how far AutoAttack-fast is from the reference here."""
-        a = self.profile["aa_standard"]
-        for key, spec in self.profile["runs"].items():
-            ckpt = f"{self.art}/train/{key}-s{a['seed']}/best"
-            for version in ("standard", "fast"):
-                dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{a['seed']}.json"
-                if dst.exists() or not (WT / ckpt).exists() or not self.time_left():
-                    continue
-                res = self.evaluate(ckpt, spec["variant"], f"{self.art}/aa-{version}/{key}.json", n=a["n"],
-                                    autoattack=version, autoattack_n=0)
-                self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
-                            f"scarce: AutoAttack {version} on {a['n']} images, {key} seed {a['seed']}: {res['autoattack']}")
+    def aa_standard(self, key: str, ckpt: str) -> list[Path]:
+        """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images for
+        run ``key``'s checkpoint ``ckpt`` (its ``aa_standard.seed``): how far AutoAttack-fast is from the
+        reference here. Returns the result files written (none that exist already)."""
+        a, files = self.profile["aa_standard"], []
+        for version in ("standard", "fast"):
+            dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{a['seed']}.json"
+            if dst.exists():
+                continue
+            res = self.evaluate(ckpt, self.profile["runs"][key]["variant"], f"{self.art}/aa-{version}/{key}.json",
+                                n=a["n"], autoattack=version, autoattack_n=0)
+            files.append(self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()}))
+        return files
+
+    def aa_standard_all(self) -> None:
+        """``aa_standard`` for every run whose checkpoint this machine still holds (the runs do it
+        themselves at ``aa_standard.seed``: this step is for one that was stopped in between)."""
+        seed = self.profile["aa_standard"]["seed"]
+        for key in self.profile["runs"]:
+            ckpt = f"{self.art}/train/{key}-s{seed}/best"
+            if (WT / ckpt).exists() and self.time_left():
+                files = self.aa_standard(key, ckpt)
+                if files:
+                    self.commit(files, f"scarce: standard and fast AutoAttack on the same images, {key} seed {seed}")
 
     def redraw(self) -> None:
         """The tables and plots again, committed on their own; a failure is a warning (the results are
@@ -280,6 +332,9 @@ class Study:
         for folder, block in (("scarce-logs", "scarce-curves"), ("scarce-sweep", "scarce-sweep")):
             if any((r / folder).glob("*/*.tsv")):
                 report(["--curves", f"results/{folder}", *probe], f"results/{folder}-report", block)
+        if any((r / "scarce-aa-standard").glob("*/seed*.json")):
+            report(["--evals", "results/scarce-aa-fast", "--aa-standard", "results/scarce-aa-standard"],
+                   "results/scarce-aa-report", "scarce-aa")
         for folder, block in (("scarce", "scarce"), ("scarce-last", "scarce-last")):
             have = {json.loads(p.read_text())["variant"] for p in (r / folder).glob("*/seed*.json")}
             if not have:
@@ -318,7 +373,7 @@ def main() -> None:
         keys = [k for k in s.profile["runs"] if not a.only or k in a.only.split(",")]
         s.pool([(k, seed) for seed in s.profile["seeds"] for k in keys], s.run_job)
     elif a.step == "aa-standard":
-        s.aa_standard()
+        s.aa_standard_all()
     else:  # the tables and plots again, from the committed results
         s.redraw()
 
