@@ -2,8 +2,9 @@
 that each commit their results.
 
 Everything runs in a git worktree (``.scarce/``) at the code commit the study's upstream records
-name (made there on a new machine), so every run of the study uses one code version; the profile is read from the main checkout (it must be
-committed as it is), so a choice made after a piece (the runs' list) does not need a new worktree.
+name (made there on a new machine), so every run of the study uses one code version; the profile is
+read from the main checkout (it must be committed as it is), so a choice made after a piece (the
+runs' list) does not need a new worktree.
 Every training process runs at the profile's ``threads`` torch threads (runs are paired at one
 thread count: float reductions differ between counts), ``jobs`` at a time.
 
@@ -16,11 +17,12 @@ thread count: float reductions differ between counts), ``jobs`` at a time.
 
 Results (committed one by one, each with the code commit, the profile's blob, the processor and the
 store's digest): ``results/scarce-upstream/`` (the synthetic set, its quality report and grid, the
-target diagnostics, and one record per machine's store), ``results/scarce-sweep/CELL/`` (the run's metrics, config and per-epoch log),
-``results/scarce/KEY/seedK.json`` (the best-validation checkpoint: PGD on ``evaluate.n`` test images,
-AutoAttack-fast on the first ``evaluate.autoattack_n``), ``results/scarce-last/KEY/seedK.json`` (the
-last checkpoint, PGD only) and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the
-overfitting curve). A stopped piece resumes at the first job without a result; a job that was
+target diagnostics, and one record per machine's store), ``results/scarce-sweep/CELL/`` (the run's
+metrics, config and per-epoch log), ``results/scarce/KEY/seedK.json`` (the best-validation
+checkpoint: PGD on ``evaluate.n`` test images, AutoAttack-fast on the first ``evaluate.autoattack_n``),
+``results/scarce-last/KEY/seedK.json`` (the last checkpoint, PGD only),
+``results/scarce-aa-{standard,fast}/KEY/seedK.json`` (the two on the same images, ``aa_standard.seed``)
+and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the overfitting curve). A stopped piece resumes at the first job without a result; a job that was
 interrupted starts again from scratch. Every result regenerates the study's tables and plots in
 docs/results.md (``report --curves`` and ``report --evals``: generated, never typed) and is committed
 with them.
@@ -173,12 +175,15 @@ class Study:
         if not (WT / art / "shards/real/train/fingerprint.json").exists():
             self.pipeline("prepare", "--source", "data/fashion-mnist", "--out", f"{art}/shards/real")
         syn, committed = WT / art / "shards/synthetic", up / "synthetic"
-        if committed.exists() and not (syn / "train").exists():
-            shutil.copytree(committed, syn / "train")
-        elif not (syn / "train").exists():
-            self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
-                          "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
-                          *flags(p["generate"]), threads=p["upstream_threads"])
+        if not (syn / "generate.json").exists():  # written last: the set is complete
+            if committed.exists():
+                shutil.copytree(committed, syn / "train", dirs_exist_ok=True)
+                shutil.copy(up / "generate.json", syn / "generate.json")
+            else:
+                self.pipeline("generate", "--model", p["model"], "--real-train", f"{art}/shards/real/train",
+                              "--real-test", f"{art}/shards/real/test", "--out", str(syn.relative_to(WT)),
+                              *flags(p["generate"]), threads=p["upstream_threads"])
+        if not committed.exists():
             shutil.copytree(syn / "train", committed)
             for name in ("generate.json", "grid.png"):
                 shutil.copy(syn / name, up / name)
