@@ -48,13 +48,17 @@ PROFILE = "pipeline/params/scarce.yaml"
 WT = ROOT / ".scarce"
 RESULTS = ["results/scarce", "results/scarce-last", "results/scarce-logs", "results/scarce-sweep",
            "results/scarce-aa-standard", "results/scarce-aa-fast", "results/scarce-upstream"]
-# the store's digest and size, and the digest of its files outside the target sets (the images and views)
-STORE_INFO = """import sys, json, hashlib
+# the store's digest and size, and the digest of every array outside the target sets (the images and
+# views), decoded: the same data compressed another way still matches
+STORE_INFO = """import sys, json, hashlib, zarr
 from pipeline.cache.store import open_cache
-c = open_cache(sys.argv[1])
-man = json.load(open(sys.argv[1] + "/zarr.json"))["attributes"]["manifest"]
-keep = sorted((k, v) for k, v in man.items() if "/targets/" not in k)
-print(json.dumps({"digest": c.digest, "images_digest": hashlib.sha256(json.dumps(keep).encode()).hexdigest(),
+c, g, h = open_cache(sys.argv[1]), zarr.open_group(sys.argv[1], mode="r"), hashlib.sha256()
+for part in sorted(c.parts):
+    for name in sorted(n for n in g[part].array_keys() if not n.endswith("progress")):  # targets: groups
+        a = g[part][name][...]
+        h.update(f"{part}/{name} {a.dtype} {a.shape}".encode())
+        h.update(json.dumps(a.tolist()).encode() if a.dtype == object else a.tobytes())
+print(json.dumps({"digest": c.digest, "images_digest": h.hexdigest(),
                   "parts": {n: {"n": c.part(n).n, "k": c.part(n).k} for n in c.parts}}))
 """
 LOCK = threading.RLock()  # one thread at a time regenerates the reports and commits
