@@ -164,8 +164,7 @@ class AttackProgress:
         perturb = attack.perturb
 
         def run(x: torch.Tensor, y: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
-            name = {"apgd": f"apgd-{attack.loss}", "apgd_targeted": "apgd-t", "square": "square"}.get(
-                attr, "fab-t" if getattr(attack, "targeted", False) else "fab")
+            name = self.label(attack, attr)
             if name != self.name:
                 self.close()
                 self.name, self.bar = name, _bar(f"autoattack {name}", self.robust, True)
@@ -175,6 +174,15 @@ class AttackProgress:
             return adv
 
         return run
+
+    @staticmethod
+    def label(attack: Any, attr: str) -> str:
+        """The bar's name: only APGD has a ``loss`` (FAB and Square have none)."""
+        if attr == "apgd":
+            return f"apgd-{attack.loss}"
+        if attr == "fab":
+            return "fab-t" if getattr(attack, "targeted", False) else "fab"
+        return {"apgd_targeted": "apgd-t", "square": "square"}[attr]
 
     def close(self) -> None:
         if self.bar is not None:
