@@ -12,7 +12,7 @@ thread count: float reductions differ between counts), ``jobs`` at a time.
     .venv/bin/python scripts/scarce.py sweep            # DRA cells on validation (one seed each)
     .venv/bin/python scripts/scarce.py runs             # variants x seeds (seed-major: pairs first)
     .venv/bin/python scripts/scarce.py runs --minutes 90 --only at,dmat   # a piece of it
-    .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack where a run was stopped before it
+    .venv/bin/python scripts/scarce.py aa-standard      # standard AutoAttack, one seed per variant
     .venv/bin/python scripts/scarce.py report           # the tables and plots (also after every result)
 
 Results (committed one by one, each with the code commit, the profile's blob, the processor and the
@@ -21,7 +21,8 @@ target diagnostics, and one record per machine's store), ``results/scarce-sweep/
 metrics, config and per-epoch log), ``results/scarce/KEY/seedK.json`` (the best-validation
 checkpoint: PGD on ``evaluate.n`` test images, AutoAttack-fast on the first ``evaluate.autoattack_n``),
 ``results/scarce-last/KEY/seedK.json`` (the last checkpoint, PGD only),
-``results/scarce-aa-{standard,fast}/KEY/seedK.json`` (the two on the same images, ``aa_standard.seed``)
+``results/scarce-checkpoints/KEY/seedK/`` (the best checkpoint at ``aa_standard.seed``),
+``results/scarce-aa-{standard,fast}/KEY/seedK.json`` (the two on the same images, for that checkpoint)
 and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the overfitting curve). A stopped piece resumes at the first job without a result; a job that was
 interrupted starts again from scratch. Every result regenerates the study's tables and plots in
 docs/results.md (``report --curves`` and ``report --evals``: generated, never typed) and is committed
@@ -46,7 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "pipeline/params/scarce.yaml"
 WT = ROOT / ".scarce"
-RESULTS = ["results/scarce", "results/scarce-last", "results/scarce-logs", "results/scarce-sweep",
+RESULTS = ["results/scarce", "results/scarce-last", "results/scarce-logs", "results/scarce-sweep", "results/scarce-checkpoints",
            "results/scarce-aa-standard", "results/scarce-aa-fast", "results/scarce-upstream"]
 # the store's digest and size, and the digest of every array outside the target sets (the images and
 # views), decoded: the same data compressed another way still matches
@@ -70,16 +71,6 @@ def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bo
     return out.stdout.strip() if capture else ""
 
 
-def study_commit() -> str:
-    """The code commit of the study: the one its committed upstream records name (HEAD before any)."""
-    recs = sorted((ROOT / "results" / "scarce-upstream").glob("stores/*.json"))
-    recs += [ROOT / "results" / "scarce-upstream" / "cache.json"]
-    pins = {json.loads(r.read_text())["code_commit"] for r in recs if r.exists()}
-    if len(pins) > 1:
-        sys.exit(f"error: the study's upstream records name several code commits: {sorted(pins)}")
-    return pins.pop() if pins else "HEAD"
-
-
 def flags(args: dict) -> list[str]:
     """{"real_limit": 1000, "augment": False} -> ["--real-limit", "1000", "--no-augment"]."""
     out: list[str] = []
@@ -99,15 +90,16 @@ class Study:
             sys.exit(f"error: {PROFILE} is not committed as it is; the study runs the committed profile")
         self.profile = yaml.safe_load((ROOT / PROFILE).read_text())
         self.profile_blob = sh(["git", "rev-parse", f"HEAD:{PROFILE}"], capture=True)
-        pin = study_commit()
-        if not WT.exists():  # a new machine: the worktree at the commit the study's results name
+        pin = sh(["git", "rev-parse", "--verify", f"{self.profile['code_commit']}^{{commit}}"], capture=True)
+        if not WT.exists():  # a new machine: the worktree at the study's code commit
             sh(["git", "worktree", "prune"])
             sh(["git", "worktree", "add", "--detach", str(WT), pin])
             shutil.copytree(ROOT / "data" / "fashion-mnist", WT / "data" / "fashion-mnist")
-        self.pin = sh(["git", "-C", str(WT), "rev-parse", "HEAD"], capture=True)
-        if pin != "HEAD" and self.pin != sh(["git", "rev-parse", pin], capture=True):
-            sys.exit(f"error: {WT} is at {self.pin[:12]}, the study's results at {pin[:12]}: one code version "
-                     f"per study (remove the worktree to have it made again at {pin[:12]})")
+        if sh(["git", "-C", str(WT), "rev-parse", "HEAD"], capture=True) != pin:  # the profile moved it
+            if sh(["git", "-C", str(WT), "status", "--porcelain", "--untracked-files=no"], capture=True):
+                sys.exit(f"error: {WT} has changes to tracked files; the study runs its code commit as it is")
+            sh(["git", "-C", str(WT), "checkout", "-q", "--detach", pin])  # artifacts/ is ignored: kept
+        self.pin = pin
         self.art = self.profile["artifacts"]
         self.deadline = time.time() + minutes * 60
         self.cpu = sh(["python", "-c", "from pipeline.core.runtime import cpu_model; print(cpu_model())"],
@@ -226,6 +218,29 @@ class Study:
                       "--name", name, "--out", out, *flags(ev))
         return json.loads((WT / out).read_text())
 
+    def trained(self, out: str, args: dict, seed: int) -> bool:
+        """Whether ``out`` holds a finished run of exactly these settings on this machine's store (a job
+        stopped after its training resumes there instead of training again)."""
+        try:
+            cfg = json.loads((WT / out / "config.json").read_text())
+            metrics = json.loads((WT / out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return False
+        ran = cfg.get("train", {})
+        want = {**self.profile["train"], **args, "seed": seed, "cache_digest": self.cache_digest()}
+        return cfg.get("finished") is True and "best" in metrics and all(ran.get(k) == v for k, v in want.items())
+
+    def evaluated(self, ckpt: str, name: str, out: str, *, after: str, **over: object) -> dict:
+        """``evaluate``, or its result when one newer than the run ``after`` finished is there already
+        (with this profile's settings: the evaluation's own record of them is compared)."""
+        path, done = WT / out, WT / after / "metrics.json"
+        if path.exists() and path.stat().st_mtime > done.stat().st_mtime:
+            res = json.loads(path.read_text())
+            ev = {**self.profile["evaluate"], **over}
+            if all(res.get(k) == ev[k] for k in ("n", "seed", "eps")) and res.get("autoattack_version") == ev["autoattack"]:
+                return res
+        return self.evaluate(ckpt, name, out, **over)
+
     def sweep_cells(self) -> dict[str, dict]:
         s = self.profile["sweep"]
         return {f"t{t}-{layer}-{align or 'pooled'}-w{w:g}": {"t": t, "layer": layer, "align_layer": align, "dra_weight": w}
@@ -269,11 +284,12 @@ class Study:
             spec.update(self.chosen())
         print(f"scarce: {key} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
         out = f"{self.art}/train/{key}-s{seed}"
-        self.train(out, spec, seed)
-        best = self.evaluate(f"{out}/best", variant, f"{self.art}/eval/{key}-s{seed}.json")
-        last = self.evaluate(out, variant, f"{self.art}/eval-last/{key}-s{seed}.json", autoattack="none")
-        # the checkpoint lives only in this machine's worktree: the AutoAttack comparison is made now
-        aa = self.aa_standard(key, f"{out}/best") if seed == self.profile["aa_standard"]["seed"] else []
+        if not self.trained(out, spec, seed):
+            self.train(out, spec, seed)
+        best = self.evaluated(f"{out}/best", variant, f"{self.art}/eval/{key}-s{seed}.json", after=out)
+        last = self.evaluated(out, variant, f"{self.art}/eval-last/{key}-s{seed}.json", after=out, autoattack="none")
+        # the AutoAttack comparison's checkpoint is committed (320 KB): any later machine evaluates it
+        aa = self.keep_checkpoint(key, seed, out) if seed == self.profile["aa_standard"]["seed"] else []
         extra = {"study": self.stamp(), "cache_digest": self.cache_digest(), "run_args": spec}
         files = [self.write(dst, {**best, **extra}),
                  self.write(ROOT / "results" / "scarce-last" / key / f"seed{seed}.json", {**last, **extra})]
@@ -286,30 +302,31 @@ class Study:
                     f"AutoAttack {best['autoattack']}")
         self.redraw()
 
-    def aa_standard(self, key: str, ckpt: str) -> list[Path]:
-        """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images for
-        run ``key``'s checkpoint ``ckpt`` (its ``aa_standard.seed``): how far AutoAttack-fast is from the
-        reference here. Returns the result files written (none that exist already)."""
-        a, files = self.profile["aa_standard"], []
-        for version in ("standard", "fast"):
-            dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{a['seed']}.json"
-            if dst.exists():
-                continue
-            res = self.evaluate(ckpt, self.profile["runs"][key]["variant"], f"{self.art}/aa-{version}/{key}.json",
-                                n=a["n"], autoattack=version, autoattack_n=0)
-            files.append(self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()}))
-        return files
+    def keep_checkpoint(self, key: str, seed: int, out: str) -> list[Path]:
+        """Run ``out``'s best-validation checkpoint and its metrics (which name that epoch), under
+        ``results/scarce-checkpoints/KEY/seedK/``; returns the files."""
+        dst = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}"
+        shutil.copytree(WT / out / "best", dst / "best", dirs_exist_ok=True)
+        shutil.copy(WT / out / "metrics.json", dst / "metrics.json")
+        return [dst / "metrics.json", *sorted((dst / "best").iterdir())]
 
-    def aa_standard_all(self) -> None:
-        """``aa_standard`` for every run whose checkpoint this machine still holds (the runs do it
-        themselves at ``aa_standard.seed``: this step is for one that was stopped in between)."""
+    def aa_standard(self) -> None:
+        """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images, for
+        the committed best checkpoint of each run at ``aa_standard.seed``: how far AutoAttack-fast is from
+        the reference here. Each result is committed on its own."""
         seed = self.profile["aa_standard"]["seed"]
-        for key in self.profile["runs"]:
-            ckpt = f"{self.art}/train/{key}-s{seed}/best"
-            if (WT / ckpt).exists() and self.time_left():
-                files = self.aa_standard(key, ckpt)
-                if files:
-                    self.commit(files, f"scarce: standard and fast AutoAttack on the same images, {key} seed {seed}")
+        for key, spec in self.profile["runs"].items():
+            ckpt = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}" / "best"
+            for version in ("standard", "fast"):
+                dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{seed}.json"
+                if dst.exists() or not ckpt.exists() or not self.time_left():
+                    continue
+                print(f"scarce: AutoAttack {version}, {key} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
+                res = self.evaluate(str(ckpt), spec["variant"], f"{self.art}/aa-{version}/{key}.json",
+                                    n=self.profile["aa_standard"]["n"], autoattack=version, autoattack_n=0)
+                self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
+                            f"scarce: AutoAttack {version} on {res['n']} images, {key} seed {seed}: {res['autoattack']}")
+                self.redraw()
 
     def redraw(self) -> None:
         """The tables and plots again, committed on their own; a failure is a warning (the results are
@@ -382,7 +399,7 @@ def main() -> None:
         keys = [k for k in s.profile["runs"] if not a.only or k in a.only.split(",")]
         s.pool([(k, seed) for seed in s.profile["seeds"] for k in keys], s.run_job)
     elif a.step == "aa-standard":
-        s.aa_standard_all()
+        s.aa_standard()
     else:  # the tables and plots again, from the committed results
         s.redraw()
 
