@@ -1,8 +1,8 @@
 """The data-scarce study (pipeline/params/scarce.yaml): upstream, DRA sweep and paired runs, in pieces
 that each commit their results.
 
-Everything runs in a git worktree (``.scarce/``) at the code commit the study's upstream records
-name (made there on a new machine), so every run of the study uses one code version; the profile is
+Everything runs in a git worktree (``.scarce/``) at the profile's ``code_commit`` (made there on a
+new machine, checked out there when the profile moves it), so every run uses one code version; the profile is
 read from the main checkout (it must be committed as it is), so a choice made after a piece (the
 runs' list) does not need a new worktree.
 Every training process runs at the profile's ``threads`` torch threads (runs are paired at one
@@ -23,8 +23,9 @@ checkpoint: PGD on ``evaluate.n`` test images, AutoAttack-fast on the first ``ev
 ``results/scarce-last/KEY/seedK.json`` (the last checkpoint, PGD only),
 ``results/scarce-checkpoints/KEY/seedK/`` (the best checkpoint at ``aa_standard.seed``),
 ``results/scarce-aa-{standard,fast}/KEY/seedK.json`` (the two on the same images, for that checkpoint)
-and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the overfitting curve). A stopped piece resumes at the first job without a result; a job that was
-interrupted starts again from scratch. Every result regenerates the study's tables and plots in
+and ``results/scarce-logs/KEY/seedK.tsv`` (the per-epoch log: the overfitting curve). A stopped piece
+resumes at the first job without a result; a job that was interrupted resumes from its finished
+training and evaluations on this machine, or starts again from scratch. Every result regenerates the study's tables and plots in
 docs/results.md (``report --curves`` and ``report --evals``: generated, never typed) and is committed
 with them.
 """
@@ -71,6 +72,11 @@ def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bo
     return out.stdout.strip() if capture else ""
 
 
+def venv_env() -> dict[str, str]:
+    """The environment with the project's virtual env first on PATH (``python`` is its interpreter)."""
+    return dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+
+
 def flags(args: dict) -> list[str]:
     """{"real_limit": 1000, "augment": False} -> ["--real-limit", "1000", "--no-augment"]."""
     out: list[str] = []
@@ -102,11 +108,9 @@ class Study:
         self.pin = pin
         self.art = self.profile["artifacts"]
         self.deadline = time.time() + minutes * 60
+        self.env = dict(venv_env(), OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
         self.cpu = sh(["python", "-c", "from pipeline.core.runtime import cpu_model; print(cpu_model())"],
-                      cwd=WT, env=dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"),
-                      capture=True)
-        self.env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
-                        OMP_NUM_THREADS=str(self.profile["threads"]), PYTHONUNBUFFERED="1")
+                      cwd=WT, env=self.env, capture=True)
         left = sh(["git", "ls-files", "--others", "--modified", "--exclude=*.tmp", "--", *RESULTS], capture=True)
         if left:  # results a failed commit or an interrupted piece left behind: a job is done once committed
             self.commit([ROOT / f for f in left.splitlines()], "scarce: results an earlier piece left uncommitted")
@@ -192,17 +196,19 @@ class Study:
         verify = self.pipeline("cache", "verify", self.store, capture=True)
         info = json.loads(sh(["python", "-c", STORE_INFO, self.store], cwd=WT, env=self.env, capture=True))
         model = json.loads((ROOT / p["model"] / "model_info.json").read_text())
+        # checked before anything is written: a record left behind would be committed by the next start
+        others = {json.loads(f.read_text())["images_digest"] for f in (up / "stores").glob("*.json")}
+        if others - {info["images_digest"]}:
+            sys.exit(f"error: this store's images and views ({info['images_digest'][:12]}...) differ from another "
+                     f"machine's ({', '.join(sorted(d[:12] for d in others))}...): the study's runs would not train "
+                     "on one data set; find out why before running")
         rec = {**info, "verify": verify.splitlines()[-1:], **self.stamp(), "model": p["model"], "model_info": model}
         files = [self.write(up / "stores" / f"{info['digest'][:12]}.json", rec)]
         if not (up / "probe.json").exists():  # the target diagnostics (the first store's)
             self.pipeline("cache", "probe", self.store, "--out", str(up / "probe.json"))
             files.append(up / "probe.json")
-        images = {json.loads(f.read_text())["images_digest"] for f in (up / "stores").glob("*.json")}
-        if len(images) > 1:
-            sys.exit(f"error: this store's images and views differ from another machine's ({sorted(images)}): "
-                     "the study's runs would not train on one data set; find out why before running")
         self.write(WT / art / "store.json", rec)  # the store this machine verified: its runs name it
-        self.commit(files, f"scarce: a store on {self.stamp()['cpu']} (digest {info['digest'][:12]}..., "
+        self.commit(files, f"scarce: a store on {self.cpu} (digest {info['digest'][:12]}..., "
                            f"images and views {info['images_digest'][:12]}...)")
 
     # -- training jobs ---------------------------------------------------------------------------
@@ -346,7 +352,7 @@ class Study:
         exists so far): the pilots' and the runs' validation curves, the sweep, the best-validation and
         last checkpoints' tables with the paired contrasts. Returns the files written."""
         r, written = ROOT / "results", []
-        env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+        env = venv_env()
 
         def report(args: list[str], out: str, block: str) -> None:
             sh(["python", "-m", "pipeline", "report", *args, "--out", out, "--readme", f"docs/results.md#{block}"],
