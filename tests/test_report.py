@@ -691,6 +691,30 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     assert "not a training log with per-epoch validation" in assert_one_error_line(code, err)
 
 
+def test_validation_curves_line_up_at_equal_steps(tmp_path):
+    """Runs whose epochs differ in length (N = 500 and N = 1000 at one batch size) are drawn against the
+    optimizer step, so equal budgets line up; logs without a step column fall back to the epoch."""
+    from pipeline.report import curves
+
+    def log(name, steps_per_epoch, pgd, step=True):
+        (tmp_path / name).mkdir(exist_ok=True)
+        head = "epoch\tstep\tadv_acc\tval_clean\tval_pgd" if step else "epoch\tadv_acc\tval_clean\tval_pgd"
+        rows = [f"{e}\t{e * steps_per_epoch}\t0.8\t0.9\t{p}" if step else f"{e}\t0.8\t0.9\t{p}"
+                for e, p in enumerate(pgd, 1)]
+        (tmp_path / name / "seed0.tsv").write_text("\n".join([head, *rows]) + "\n")
+
+    log("n500", 4, [0.1, 0.2, 0.3, 0.4])
+    log("n1000", 8, [0.5, 0.6])
+    x, pts = curves.series(curves.load(str(tmp_path)), "val_pgd")
+    assert x == "step"
+    assert pts["n500"] == {4: [10.0], 8: [20.0], 12: [30.0], 16: [40.0]}
+    assert pts["n1000"] == {8: [50.0], 16: [60.0]}
+    log("old", 4, [0.7], step=False)
+    x, pts = curves.series(curves.load(str(tmp_path)), "val_pgd")
+    assert x == "epoch" and pts["n1000"] == {1: [50.0], 2: [60.0]}
+    assert curves.plot(curves.load(str(tmp_path)), tmp_path / "c.png").stat().st_size > 5000
+
+
 def test_interaction_rows_and_the_detectable_difference(tmp_path):
     """``--baseline 'A:B/C:D'`` adds (A − B) − (C − D) per seed with its interval; every row gives the
     smallest PGD difference a 5% paired t-test detects with 80% power, (t_.975 + t_.80) sd / sqrt(n),

@@ -7,7 +7,8 @@ seed, as a study keeps them). Per group: the best validation PGD accuracy and it
 epoch's, their difference (the **drop**: robust overfitting is a drop that the same images and
 starts show epoch after epoch), and the training batches' adversarial accuracy over the last tenth of
 the epochs (the generalisation gap is the difference). The plot draws validation PGD (solid) and clean
-(dashed) accuracy against the epoch, the mean over seeds with their range shaded.
+(dashed) accuracy against the optimizer step (the epoch for logs without one), the mean over seeds with their
+range shaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from pipeline.core.errors import UserError
 
 NEEDED = ("epoch", "val_pgd", "val_clean", "adv_acc")
-OPTIONAL = ("dra_grad_share", "dra", "dra_weight", "loss")  # a DRA run's: how strong the treatment was
+OPTIONAL = ("step", "dra_grad_share", "dra", "dra_weight", "loss")  # step: the budget; the rest: a DRA run's strength
 
 
 def read_curve(path: Path) -> dict[str, list[float | None]]:
@@ -146,27 +147,38 @@ def _target_cells(target: str | None, diag: dict, sets: dict) -> str:
         (f" {100 * acc:.1f} |" if acc is not None else " - |")
 
 
+def series(groups: dict[str, dict], key: str) -> tuple[str, dict[str, dict[float, list[float]]]]:
+    """The x axis and, per group, x -> the runs' values of ``key`` (%) there. The x axis is the optimizer
+    step when every log has one (groups whose epochs differ in length, such as N = 500 and N = 1000 at
+    one batch size, line up at equal budgets), else the epoch."""
+    x = "step" if all("step" in c for g in groups.values() for c in g["runs"].values()) else "epoch"
+    out: dict[str, dict[float, list[float]]] = {}
+    for name, g in groups.items():
+        pts = out.setdefault(name, {})
+        for c in g["runs"].values():
+            for e, v in zip(c[x], c[key]):
+                if v is not None:
+                    pts.setdefault(e, []).append(100 * v)
+    return x, out
+
+
 def plot(groups: dict[str, dict], path: Path) -> Path:
     from pipeline.report.plots import _checked, _save, plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, (name, g) in enumerate(groups.items()):
-        colour = f"C{i % 10}"
-        for key, style, label in (("val_pgd", "-", "val. PGD"), ("val_clean", "--", "val. clean")):
-            per_epoch: dict[float, list[float]] = {}
-            for c in g["runs"].values():
-                for e, v in zip(c["epoch"], c[key]):
-                    if v is not None:
-                        per_epoch.setdefault(e, []).append(100 * v)
-            xs = sorted(per_epoch)
-            ax.plot(xs, [_mean(per_epoch[x]) for x in xs], style, color=colour, lw=1.3, label=f"{name}: {label}")
-            if len(g["runs"]) > 1:
-                ax.fill_between(xs, [min(per_epoch[x]) for x in xs], [max(per_epoch[x]) for x in xs], color=colour,
+    x = "epoch"
+    for key, style, label in (("val_pgd", "-", "val. PGD"), ("val_clean", "--", "val. clean")):
+        x, per_group = series(groups, key)
+        for i, (name, pts) in enumerate(per_group.items()):
+            colour, xs = f"C{i % 10}", sorted(pts)
+            ax.plot(xs, [_mean(pts[v]) for v in xs], style, color=colour, lw=1.3, label=f"{name}: {label}")
+            if len(groups[name]["runs"]) > 1:
+                ax.fill_between(xs, [min(pts[v]) for v in xs], [max(pts[v]) for v in xs], color=colour,
                                 alpha=0.15, lw=0)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("optimizer step" if x == "step" else "epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("Per-epoch validation (held-out train rows)", fontsize=10)
+    fig.suptitle("Validation during training (held-out train rows)", fontsize=10)
     fig.tight_layout()
     return _save(_checked(fig), path, 110)
