@@ -319,20 +319,21 @@ class Study:
     def aa_standard(self) -> None:
         """Standard AutoAttack and the profile's fast subset on the same ``aa_standard.n`` test images, for
         the committed best checkpoint of each run at ``aa_standard.seed``: how far AutoAttack-fast is from
-        the reference here. Each result is committed on its own."""
+        the reference here. ``jobs`` evaluations at a time, each result committed on its own."""
+        self.pool([(key, version) for key in self.profile["runs"] for version in ("standard", "fast")], self.aa_job)
+
+    def aa_job(self, key: str, version: str) -> None:
         seed = self.profile["aa_standard"]["seed"]
-        for key, spec in self.profile["runs"].items():
-            ckpt = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}" / "best"
-            for version in ("standard", "fast"):
-                dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{seed}.json"
-                if dst.exists() or not ckpt.exists() or not self.time_left():
-                    continue
-                print(f"scarce: AutoAttack {version}, {key} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
-                res = self.evaluate(str(ckpt), spec["variant"], f"{self.art}/aa-{version}/{key}.json",
-                                    n=self.profile["aa_standard"]["n"], autoattack=version, autoattack_n=0)
-                self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
-                            f"scarce: AutoAttack {version} on {res['n']} images, {key} seed {seed}: {res['autoattack']}")
-                self.redraw()
+        ckpt = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}" / "best"
+        dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{seed}.json"
+        if dst.exists() or not ckpt.exists() or not self.time_left():
+            return
+        print(f"scarce: AutoAttack {version}, {key} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
+        res = self.evaluate(str(ckpt), self.profile["runs"][key]["variant"], f"{self.art}/aa-{version}/{key}.json",
+                            n=self.profile["aa_standard"]["n"], autoattack=version, autoattack_n=0)
+        self.commit([self.write(dst, {**res, "study": self.stamp(), "cache_digest": self.cache_digest()})],
+                    f"scarce: AutoAttack {version} on {res['n']} images, {key} seed {seed}: {res['autoattack']}")
+        self.redraw()
 
     def redraw(self) -> None:
         """The tables and plots again, committed on their own; a failure is a warning (the results are
