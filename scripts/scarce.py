@@ -130,6 +130,8 @@ class Study:
             for attempt in range(5):  # another git command's index.lock fails a commit: wait and retry
                 try:
                     sh(["git", "add", "--", *rel])
+                    if not sh(["git", "diff", "--cached", "--name-only", "--", *rel], capture=True):
+                        return  # nothing changed (a redraw that another job's redraw already committed)
                     sh(["git", "commit", "-q", "-m", msg, "--", *rel])
                     print(f"committed: {msg}", flush=True)
                     return
