@@ -705,12 +705,16 @@ def test_validation_curves_line_up_at_equal_steps(tmp_path):
 
     log("n500", 4, [0.1, 0.2, 0.3, 0.4])
     log("n1000", 8, [0.5, 0.6])
-    x, pts = curves.series(curves.load(str(tmp_path)), "val_pgd")
+    groups = curves.load(str(tmp_path))
+    x = curves.axis(groups)
+    pts = curves.series(groups, "val_pgd", x)
     assert x == "step"
     assert pts["n500"] == {4: [10.0], 8: [20.0], 12: [30.0], 16: [40.0]}
     assert pts["n1000"] == {8: [50.0], 16: [60.0]}
     log("old", 4, [0.7], step=False)
-    x, pts = curves.series(curves.load(str(tmp_path)), "val_pgd")
+    groups = curves.load(str(tmp_path))
+    x = curves.axis(groups)
+    pts = curves.series(groups, "val_pgd", x)
     assert x == "epoch" and pts["n1000"] == {1: [50.0], 2: [60.0]}
     assert curves.plot(curves.load(str(tmp_path)), tmp_path / "c.png").stat().st_size > 5000
 

@@ -147,11 +147,14 @@ def _target_cells(target: str | None, diag: dict, sets: dict) -> str:
         (f" {100 * acc:.1f} |" if acc is not None else " - |")
 
 
-def series(groups: dict[str, dict], key: str) -> tuple[str, dict[str, dict[float, list[float]]]]:
-    """The x axis and, per group, x -> the runs' values of ``key`` (%) there. The x axis is the optimizer
-    step when every log has one (groups whose epochs differ in length, such as N = 500 and N = 1000 at
-    one batch size, line up at equal budgets), else the epoch."""
-    x = "step" if all("step" in c for g in groups.values() for c in g["runs"].values()) else "epoch"
+def axis(groups: dict[str, dict]) -> str:
+    """The x axis: the optimizer step when every log has one (groups whose epochs differ in length, such
+    as N = 500 and N = 1000 at one batch size, line up at equal budgets), else the epoch."""
+    return "step" if all("step" in c for g in groups.values() for c in g["runs"].values()) else "epoch"
+
+
+def series(groups: dict[str, dict], key: str, x: str) -> dict[str, dict[float, list[float]]]:
+    """Per group, x -> the runs' values of ``key`` (%) there (blank, unvalidated rows left out)."""
     out: dict[str, dict[float, list[float]]] = {}
     for name, g in groups.items():
         pts = out.setdefault(name, {})
@@ -159,17 +162,16 @@ def series(groups: dict[str, dict], key: str) -> tuple[str, dict[str, dict[float
             for e, v in zip(c[x], c[key]):
                 if v is not None:
                     pts.setdefault(e, []).append(100 * v)
-    return x, out
+    return out
 
 
 def plot(groups: dict[str, dict], path: Path) -> Path:
     from pipeline.report.plots import _checked, _save, plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    x = "epoch"
+    x = axis(groups)
     for key, style, label in (("val_pgd", "-", "val. PGD"), ("val_clean", "--", "val. clean")):
-        x, per_group = series(groups, key)
-        for i, (name, pts) in enumerate(per_group.items()):
+        for i, (name, pts) in enumerate(series(groups, key, x).items()):
             colour, xs = f"C{i % 10}", sorted(pts)
             ax.plot(xs, [_mean(pts[v]) for v in xs], style, color=colour, lw=1.3, label=f"{name}: {label}")
             if len(groups[name]["runs"]) > 1:
