@@ -310,10 +310,15 @@ class Study:
                     f"AutoAttack {best['autoattack']}")
         self.redraw()
 
+    @staticmethod
+    def kept(key: str, seed: int) -> Path:
+        """Where run ``key``'s best checkpoint at ``seed`` is committed (``keep_checkpoint``)."""
+        return ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}"
+
     def keep_checkpoint(self, key: str, seed: int, out: str) -> list[Path]:
         """Run ``out``'s best-validation checkpoint and its metrics (which name that epoch), under
         ``results/scarce-checkpoints/KEY/seedK/``; returns the files."""
-        dst = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}"
+        dst = self.kept(key, seed)
         shutil.copytree(WT / out / "best", dst / "best", dirs_exist_ok=True)
         shutil.copy(WT / out / "metrics.json", dst / "metrics.json")
         return [dst / "metrics.json", *sorted((dst / "best").iterdir())]
@@ -326,7 +331,7 @@ class Study:
 
     def aa_job(self, key: str, version: str) -> None:
         seed = self.profile["aa_standard"]["seed"]
-        ckpt = ROOT / "results" / "scarce-checkpoints" / key / f"seed{seed}" / "best"
+        ckpt = self.kept(key, seed) / "best"
         dst = ROOT / "results" / f"scarce-aa-{version}" / key / f"seed{seed}.json"
         if dst.exists() or not ckpt.exists() or not self.time_left():
             return
