@@ -480,9 +480,28 @@ def test_bench_report_renders_the_figures_from_the_json(tmp_path):
     assert "| extract pass / bare forward | `extract_over_forward` | 0.930 | <= 1.05: met |" in text
     assert "| AT+DRA cached / plain AT (RAM) | `train_cached_over_plain` | 1.040 | <= 1.03: **MISSED** |" in text
     assert "| per timestep | `multi_over_single_per_timestep` | 1.050 | <= 1.1: met |" in text
-    assert "AMD EPYC, 2 cores, 2 torch threads, no GPU" in text and "5.5 min" in text
+    assert "AMD EPYC, 2 cores, 2 torch threads, no GPU;" in text and "5.5 min" in text
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_bench_report_renders_the_gpu_profile_and_leaves_out_what_was_not_measured(tmp_path):
+    """report --bench on `bench --profile gpu`'s result: its rows, the cached/plain target per classifier,
+    small figures in scientific notation; a null (GPU memory of a CPU dry run) is left out, not refused."""
+    res = {"machine": {"cpu": "Xeon", "cores": 16, "torch_threads": 16, "gpu": "NVIDIA H200", "torch": "2.11.0+cu130"},
+           "extract_views_per_s_fp32": 13391.7, "extract_peak_mb": None, "wrn-28-10_cached_over_plain": 1.0,
+           "preact-resnet18_cached_over_plain": 1.04, "online_vs_cpu_fp32_max_abs_diff": 0.00116}
+    (tmp_path / "gpu.json").write_text(json.dumps(res))
+    report.run(ReportConfig(bench=str(tmp_path / "gpu.json"), out=str(tmp_path / "r")))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| extract views/s (fp32, UNet to mid_block) | `extract_views_per_s_fp32` | 13391.700 |  |" in md
+    assert "| wrn-28-10: cached / plain | `wrn-28-10_cached_over_plain` | 1.000 | <= 1.03: met |" in md
+    assert "`preact-resnet18_cached_over_plain` | 1.040 | <= 1.03: **MISSED** |" in md
+    assert "| 1.16e-03 |" in md and "extract_peak_mb" not in md
+    assert "NVIDIA H200, torch 2.11.0+cu130" in md
+    (tmp_path / "bad.json").write_text(json.dumps({**res, "wrn-28-10_cached_over_plain": "1.0"}))
+    with pytest.raises(UserError, match="wrn-28-10_cached_over_plain"):
+        report.run(ReportConfig(bench=str(tmp_path / "bad.json"), out=str(tmp_path / "r2")))
 
 
 @pytest.mark.parametrize("doc", [[], {"extract_over_forward": 1.0}, {"machine": {}, "extract_over_forward": "1.0"},

@@ -17,7 +17,23 @@ TARGETS = {"extract_over_forward": ("<=", 1.05), "extract_stage_over_forward": (
            "reader_rss_growth_fraction": ("<=", 0.05), "extract_2proc_speedup": (">=", 1.7),
            "extract_2proc_speedup_without_fixed": (">=", 1.7), "images_rss_growth_fraction": ("<=", 0.05),
            "images_stream_over_ram": ("<=", 1.05), "images_reader_over_train": (">=", 20.0),
-           "ingest_prepare_rss_growth_fraction": ("<=", 0.05), "ingest_extract_rss_growth_fraction": ("<=", 0.05)}
+           "ingest_prepare_rss_growth_fraction": ("<=", 0.05), "ingest_extract_rss_growth_fraction": ("<=", 0.05),
+           "preact-resnet18_cached_over_plain": ("<=", 1.03), "wrn-28-10_cached_over_plain": ("<=", 1.03)}
+# `bench --profile gpu` (pipeline/bench/gpu.py): the CIFAR-sized UNet and, per classifier, the three AT steps
+GPU_ARCHS = ("preact-resnet18", "wrn-28-10")
+GPU_ROWS = [("diffusion UNet parameters, millions", "unet_params_m"),
+            ("extract views/s (fp32, UNet to mid_block)", "extract_views_per_s_fp32"),
+            ("bare forward views/s (bf16 autocast)", "bare_forward_views_per_s_bf16"),
+            ("extract peak GPU MiB", "extract_peak_mb")]
+for _arch in GPU_ARCHS:
+    GPU_ROWS += [(f"{_arch}: plain AT s/step (PGD-10, batch 512)", f"{_arch}_plain_s_per_step"),
+                 (f"{_arch}: AT+DRA cached s/step", f"{_arch}_cached_s_per_step"),
+                 (f"{_arch}: AT+DRA online s/step", f"{_arch}_online_s_per_step"),
+                 (f"{_arch}: cached / plain", f"{_arch}_cached_over_plain"),
+                 (f"{_arch}: online / cached", f"{_arch}_online_over_cached"),
+                 *[(f"{_arch}: peak GPU MiB, {step}", f"{_arch}_{step}_peak_mb") for step in ("plain", "cached", "online")]]
+GPU_ROWS += [("online targets (GPU, bf16 autocast) vs CPU fp32: min cosine", "online_vs_cpu_fp32_min_cosine"),
+             ("  max abs difference", "online_vs_cpu_fp32_max_abs_diff")]
 
 ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("  whole stage (with fixed costs)", "extract_stage_over_forward"),
@@ -57,17 +73,27 @@ ROWS = [("extract pass / bare forward", "extract_over_forward"),
         ("extract png / npy seconds (small set)", "ingest_extract_png_over_npy_s"),
         ("shards png / npy bytes (random pixels)", "ingest_shard_png_over_npy_bytes"),
         ("prepare hours for 20M images, 2 cores", "ingest_prepare_hours_20m"),
-        ("extract hours for 20M images, 2 cores, UNet to its first block", "ingest_extract_io_hours_20m")]
+        ("extract hours for 20M images, 2 cores, UNet to its first block", "ingest_extract_io_hours_20m"),
+        *GPU_ROWS]
 
 
 def check(res: Any) -> dict:
     """A ``bench.json`` the renderers can read, or one line saying why not."""
     if not isinstance(res, dict) or not isinstance(res.get("machine"), dict):
         raise UserError("a bench result is a JSON object with a 'machine' entry (what `pipeline bench` writes)")
-    bad = [key for _, key in ROWS if key in res and not is_number(res[key])]
-    if bad or not any(key in res for _, key in ROWS):
+    bad = [key for _, key in ROWS if res.get(key) is not None and not is_number(res[key])]
+    if bad or not any(_has(res, key) for _, key in ROWS):
         raise UserError(f"bench result: no figures, or figures that are not finite numbers ({', '.join(bad)})")
     return res
+
+
+def _has(res: dict, key: str) -> bool:
+    """Whether ``res`` measured ``key`` (null: not measured there, e.g. GPU memory on the CPU)."""
+    return res.get(key) is not None
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2e}"
 
 
 def _mark(key: str, value: float, bold: str = "") -> str:
@@ -81,21 +107,21 @@ def _mark(key: str, value: float, bold: str = "") -> str:
 def machine_line(res: dict) -> str:
     m = res["machine"]
     return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads, "
-            f"{m.get('gpu') or 'no GPU'}; 1-minute load {m.get('load_avg_1m')} -> {res.get('load_avg_1m_end')}")
+            f"{m.get('gpu') or 'no GPU'}{f', torch {t}' if (t := m.get('torch')) else ''}; 1-minute load {m.get('load_avg_1m')} -> {res.get('load_avg_1m_end')}")
 
 
 def table(res: dict) -> str:
     """The figures as the text table `pipeline bench` prints."""
     lines = [f"{'figure':40s} {'value':>10s}  target", "-" * 64]
-    lines += [f"{label:40s} {res[key]:10.3f}  {_mark(key, res[key])}" for label, key in ROWS if key in res]
+    lines += [f"{label:40s} {_num(res[key]):>10s}  {_mark(key, res[key])}" for label, key in ROWS if _has(res, key)]
     return "\n".join(lines + [f"machine: {machine_line(res)}"])
 
 
 def markdown(res: dict) -> str:
     """The figures as a Markdown table with the machine and the run's length (README block)."""
     lines = ["| figure | key | value | target |", "|---|---|---|---|"]
-    lines += [f"| {label.strip()} | `{key}` | {res[key]:.3f} | {_mark(key, res[key], '**')} |"
-              for label, key in ROWS if key in res]
+    lines += [f"| {label.strip()} | `{key}` | {_num(res[key])} | {_mark(key, res[key], '**')} |"
+              for label, key in ROWS if _has(res, key)]
     per_set = res.get("multi_bytes_per_view_per_set")
     if isinstance(per_set, dict) and all(is_number(v) for v in per_set.values()):
         lines += ["", "Feature bytes per view on disk, per target set of the multi-target store: "
