@@ -253,6 +253,22 @@ def test_per_step_metrics_go_through_dvclive(store, tmp_path):
     assert summary["step"] == total and summary["epoch"]["epoch"] == 2
 
 
+def test_a_run_inside_someone_elses_git_project_leaves_it_as_it_was(store, tmp_path, monkeypatch):
+    """DVCLive would `dvc init` the Git repository around a run that is not in a DVC repository and
+    stage the new files; a run there writes its own folder and nothing else."""
+    project = tmp_path / "project"
+    project.mkdir()
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    monkeypatch.chdir(project / ".")
+    train.run(cfg(store, project / "run", epochs=1))
+    assert sorted(p.name for p in project.iterdir()) == [".git", "run"]
+    status = subprocess.run([*git, "status", "--porcelain"], check=True, capture_output=True, text=True).stdout
+    assert status.splitlines() == ["?? run/"]
+    assert (project / "run" / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+
+
 def test_resume_refuses_another_cache_at_the_same_path(store, tmp_path):
     """--resume compares the cache's digest, not its path: a store replaced in place is another cache."""
     from pipeline.cache.store import attrs_digest
