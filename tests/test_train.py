@@ -57,6 +57,27 @@ def cfg(store, out, **kw) -> TrainConfig:
     return replace(base, **kw)
 
 
+def test_on_a_gpu_the_run_records_the_accelerators_bf16(monkeypatch):
+    """The CUDA branch, forced on any machine: the Accelerator is asked for bf16 mixed precision and
+    the run records bf16 (metrics.json's ``precision``), the same decision in one place."""
+    import accelerate
+
+    from pipeline.train import runtime
+
+    assert Runtime("cpu").precision == "fp32"
+    asked = {}
+
+    class FakeAccelerator:
+        def __init__(self, **kw):
+            asked.update(kw)
+            self.state, self.process_index, self.num_processes, self.device = None, 0, 1, torch.device("cuda")
+
+    monkeypatch.setattr(runtime, "choose_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
+    rt = Runtime("auto")
+    assert asked == {"cpu": False, "mixed_precision": "bf16"} and rt.precision == "bf16" and rt.device.type == "cuda"
+
+
 def _data(c: TrainConfig):
     rt = Runtime("cpu")
     data = trainer.open_data(c, rt)
@@ -142,6 +163,7 @@ def test_cli_end_to_end(store, tmp_path, capsys):
           "--attack-steps", "2", "--head-hidden", "32", "--synthetic-fraction", "0.25", "--real-limit", "0"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["steps_per_epoch"] == 4 and metrics["target_mode"] == "ram"
+    assert metrics["device"] == "cpu" and metrics["precision"] == "fp32"  # what ran: no GPU in this test
     # ceil(N_real / batch) steps per epoch whatever the mix, full batches of 48 real + 16 synthetic
     assert metrics["budget"] == {"steps": 8, "batch_size": 64, "samples": 512, "real_samples": 384,
                                  "synthetic_samples": 128, "steps_per_epoch": 4}

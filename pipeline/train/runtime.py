@@ -27,6 +27,7 @@ class Runtime(Dist):
         self.acc: Any = None
         self.state: Any = None
         self.rank, self.world, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        self.precision = "bf16" if cuda else "fp32"  # what the loss forward runs in (the Accelerator's autocast)
         if multi or cuda:
             from accelerate import Accelerator  # lazy: single-process CPU runs do not need it
 

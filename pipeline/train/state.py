@@ -244,6 +244,7 @@ def finish(out: Path, *, st: RunState, meta: dict, rt: Any, budget: dict, net: t
                "steps_per_epoch": budget["steps_per_epoch"], "budget": budget, "train_seconds": round(seconds, 3),
                "target_mode": meta["cache"]["target_mode"],
                "image_mode": meta["cache"].get("image_mode", "ram"), "processes": rt.world, "synchronised": True,
+               "device": rt.device.type, "precision": rt.precision,  # what ran, not what --device asked
                # each process's own peak (MiB, rank order): flat in the cache size when streaming
                "peak_rss_mb_per_process": [round(x, 1) for x in rt.gather(peak_rss_mb())]}
     best = best_epoch(st.log)
