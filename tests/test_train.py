@@ -283,7 +283,7 @@ def test_a_run_inside_someone_elses_git_project_leaves_it_as_it_was(store, tmp_p
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
-    monkeypatch.chdir(project / ".")
+    monkeypatch.chdir(project)
     train.run(cfg(store, project / "run", epochs=1))
     assert sorted(p.name for p in project.iterdir()) == [".git", "run"]
     status = subprocess.run([*git, "status", "--porcelain"], check=True, capture_output=True, text=True).stdout
