@@ -11,29 +11,32 @@ Resume is exact: the rows live in the checkpoint (``RunState.live``), and a resu
 ``dvclive/`` from them (``Live(resume=False)`` clears the folder first), so rows logged after the
 checkpoint by the interrupted run are gone instead of repeated.
 
-DVCLive is a logger here and nothing else: outside a DVC repository it is kept from looking for one.
-Left alone, it runs ``dvc init`` at the root of the Git repository it finds and stages the new files
-(its auto-initialisation, treeverse/dvclive pull request 539), so a training run inside someone's
-Git project would change that project.
+DVCLive is a logger here and nothing else: it finds the DVC repository around the run, if any, and
+never makes one. Left alone, outside a DVC repository it runs ``dvc init`` at the root of the Git
+repository it finds and stages the new files (its auto-initialisation, treeverse/dvclive pull
+request 539), so a training run inside someone's Git project would change that project.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 from pathlib import Path
 from unittest import mock
 
 LIVE_DIR = "dvclive"
 
 
-def inside_dvc_repo(start: Path | None = None) -> bool:
-    """Whether ``start`` (the working directory) or a folder above it holds ``.dvc/`` (DVCLive looks
-    for its repository from the working directory the same way)."""
-    here = Path(os.path.realpath(start or Path.cwd()))
-    return any((d / ".dvc").is_dir() for d in (here, *here.parents))
+def existing_dvc_repo():  # noqa: ANN201 (a dvc.repo.Repo or None)
+    """What DVCLive's ``get_dvc_repo`` returns inside a DVC repository, and None (not a new one) outside."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc.scm import SCMError
+
+    try:
+        return Repo()
+    except (NotDvcRepoError, SCMError):
+        return None
 
 
 class LiveLog:
@@ -45,7 +48,7 @@ class LiveLog:
         logging.getLogger("dvclive").setLevel(logging.WARNING)  # no "Logging to experiment ..." chatter
         # no dvc.yaml of its own (the project's dvc.yaml declares the plots), no experiment commits,
         # no report: a logger, nothing else
-        with contextlib.nullcontext() if inside_dvc_repo() else mock.patch("dvclive.live.get_dvc_repo", lambda: None):
+        with mock.patch("dvclive.live.get_dvc_repo", existing_dvc_repo):
             self.live = Live(dir=str(out / LIVE_DIR), resume=False, save_dvc_exp=False, dvcyaml=False, report=None)
         self.rows = rows
         for row in rows:

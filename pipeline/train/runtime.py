@@ -31,7 +31,7 @@ class Runtime(Dist):
         if multi or cuda:
             from accelerate import Accelerator  # lazy: single-process CPU runs do not need it
 
-            self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+            self.acc = Accelerator(cpu=not cuda, mixed_precision="no" if self.precision == "fp32" else self.precision)
             self.state = self.acc.state
             self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
 
