@@ -8,8 +8,8 @@
 #   LIMIT=200 SYNTHETIC=32 DIFFUSION_STEPS=3 EPOCHS=1 VIEWS=4 bash scripts/gpu_e2e.sh
 # Sizes: LIMIT (real images per split), SYNTHETIC (generated images), DIFFUSION_STEPS, EPOCHS, VIEWS
 # (of each real image in the cache: all, or a number);
-# SRC: the raw dataset (default data/fashion-mnist); WORK: the output folder (made anew); PY: the
-# interpreter (default .venv/bin/python, else python).
+# SRC: the raw dataset (default data/fashion-mnist); WORK: the output folder (made anew); both
+# relative to the repository root. PY: the interpreter (default .venv/bin/python, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then PY=python; [ -x .venv/bin/python ] && PY=.venv/bin/python; fi
