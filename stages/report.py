@@ -105,7 +105,7 @@ def bench_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     text = figures.markdown(res)
     tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
     _finish(cfg, readme, tmp, f"# Benchmark\n\n{text}\n", text, f"--bench {cfg.bench} --out {cfg.out}", cfg.bench)
-    return {"figures": sum(res.get(key) is not None for _, key in figures.ROWS)}
+    return {"figures": sum(figures.measured(res, key) for _, key in figures.ROWS)}
 
 
 def generator_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:

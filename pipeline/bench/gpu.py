@@ -26,6 +26,7 @@ import torch
 
 from pipeline.bench import benchmark as B
 from pipeline.bench.config import BenchConfig
+from pipeline.bench.figures import GPU_ARCHS
 from pipeline.cache.extractor import FeatureExtractor
 from pipeline.classifiers.zoo import build_classifier
 from pipeline.diffusion.model import DiffusionModel, make_scheduler
@@ -126,7 +127,7 @@ def run_gpu(cfg: BenchConfig, device: torch.device) -> dict:
     model = DiffusionModel(unet, make_scheduler(1000, "linear"), None, None, 32, 3, "random", "random")
     res: dict[str, Any] = {"unet_params_m": round(sum(q.numel() for q in unet.parameters()) / 1e6, 2)}
     res |= extract_figures(model, n, 16 if cfg.dry_run else batch, device, repeats)
-    for arch in (("cnn",) if cfg.dry_run else ("preact-resnet18", "wrn-28-10")):
+    for arch in (("cnn",) if cfg.dry_run else GPU_ARCHS):
         res |= step_figures(arch, model, batch, device, repeats)
     return res | equality_figure(model, device, 8 if cfg.dry_run else 64)
 
