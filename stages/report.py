@@ -124,7 +124,9 @@ def curves_report(cfg: ReportConfig, readme: tuple[str, str] | None) -> dict:
     text = curves.markdown(groups, _read_json(cfg.probe, "--probe") if cfg.probe else None)
     tmp = Path(storage.start(Path(cfg.out), signature=SIGNATURE))
     image = curves.plot(groups, tmp / "curves.png")
-    _finish(cfg, readme, tmp, f"# Validation curves\n\n{text}\n\n![curves]({image.name})\n", text,
+    overfit = curves.overfit_plot(groups, tmp / "overfit.png")
+    _finish(cfg, readme, tmp, f"# Validation curves\n\n{text}\n\n![curves]({image.name})\n\n![overfitting]({overfit.name})\n",
+            text,
             f"--curves {cfg.curves}{f' --probe {cfg.probe}' if cfg.probe else ''} --out {cfg.out}",
             f"{cfg.curves}/*/log.tsv and seed*.tsv")
     return {"groups": len(groups)}

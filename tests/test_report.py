@@ -686,7 +686,16 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     assert rows["overfits"][2:7] == ["2", "55.0", "3 of 5", "50.0", "5.0 (0.0 to 10.0)"]
     assert rows["rises"][2:7] == ["1", "70.0", "5 of 5", "70.0", "0.0"]
-    assert (tmp_path / "r" / "curves.png").is_file()
+    assert (tmp_path / "r" / "curves.png").is_file() and (tmp_path / "r" / "overfit.png").is_file()
+    # the overfitting figure: one panel per group, each seed's best epoch marked, the legend clear of them
+    from pipeline.report import curves, plots
+
+    fig = curves.overfit_figure(curves.load(str(tmp_path / "logs")))
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == ["overfits (2 seeds)", "rises (1 seed)"]
+    assert [sorted(ln.get_xdata()[0] for ln in ax.lines[2:]) for ax in panels] == [[3, 3], [5]]
+    assert plots.covered(fig) == []
     # a DRA run: its treatment strength, the mean over epochs of the gradient share and of λ·DRA / loss
     (tmp_path / "dra" / "cell").mkdir(parents=True)
     (tmp_path / "dra" / "cell" / "log.tsv").write_text(

@@ -8,7 +8,9 @@ epoch's, their difference (the **drop**: robust overfitting is a drop that the s
 starts show epoch after epoch), and the training batches' adversarial accuracy over the last tenth of
 the epochs (the generalisation gap is the difference). The plot draws validation PGD (solid) and clean
 (dashed) accuracy against the optimizer step (the epoch for logs without one), the mean over seeds with their
-range shaded.
+range shaded. ``overfit.png`` shows each group on its own panel: the training batches' adversarial
+accuracy against validation PGD, so the generalisation gap and the drop after the best epoch (marked)
+are read off one run's picture.
 """
 
 from __future__ import annotations
@@ -184,3 +186,55 @@ def plot(groups: dict[str, dict], path: Path) -> Path:
     fig.suptitle("Validation during training (held-out train rows)", fontsize=10)
     fig.tight_layout()
     return _save(_checked(fig), path, 110)
+
+
+def overfit_figure(groups: dict[str, dict]):  # noqa: ANN201  (a matplotlib Figure)
+    """One panel per group against the epoch: the training batches' adversarial accuracy (mean over
+    seeds), validation PGD (mean, the seeds' range shaded) and each seed's best validated epoch (ticks
+    on the top edge); the legend is a band below the panels."""
+    import math
+
+    from pipeline.report.plots import plt
+
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows + 0.5), squeeze=False, sharey=True)
+    train, val = series(groups, "adv_acc", "epoch"), series(groups, "val_pgd", "epoch")
+    for ax, (name, g) in zip(axes.flat, groups.items()):
+        xs = sorted(train[name])
+        ax.plot(xs, [_mean(train[name][e]) for e in xs], color="0.55", lw=0.8, label="training batches: adv. acc.")
+        xs = sorted(val[name])
+        ax.plot(xs, [_mean(val[name][e]) for e in xs], color="C3", lw=1.4, label="validation PGD (mean)")
+        if len(g["runs"]) > 1:
+            ax.fill_between(xs, [min(val[name][e]) for e in xs], [max(val[name][e]) for e in xs], color="C3",
+                            alpha=0.2, lw=0, label="validation PGD (seeds' range)")
+        for c in g["runs"].values():
+            ax.axvline(summary(c)["best_epoch"], ymin=0.93, ymax=1.0, color="k", lw=1.0,
+                       label="a seed's best validated epoch")
+        ax.set_title(f"{name} ({len(g['runs'])} seed{'s' if len(g['runs']) > 1 else ''})", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_axis_off()
+    legend: dict = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    ncol = len(legend) if cols == 3 else 1  # one row under three panels, one entry a row under fewer
+    band = 0.22 * math.ceil(len(legend) / ncol) + 0.08  # inches
+    fig.set_figheight(fig.get_figheight() + band - 0.3)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=7)
+    fig.suptitle("The generalisation gap and robust overfitting:\ntraining batches against held-out validation"
+                 if cols < 3 else "The generalisation gap and robust overfitting: training batches against "
+                 "held-out validation", fontsize=10)
+    fig.tight_layout(rect=(0, band / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def overfit_plot(groups: dict[str, dict], path: Path) -> Path:
+    from pipeline.report.plots import _checked, _save
+
+    return _save(_checked(overfit_figure(groups)), path, 110)
