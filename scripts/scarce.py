@@ -72,6 +72,15 @@ def sh(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, capture: bo
     return out.stdout.strip() if capture else ""
 
 
+def aa_matched(results: Path) -> bool:
+    """Whether the standard-AutoAttack table can be drawn: some standard result, and the same runs
+    (KEY/seedK) evaluated by both AutoAttack versions (the report refuses a result without its
+    counterpart; while one version of a run is still being evaluated, the table waits for it)."""
+    runs = {v: {p.relative_to(results / f"scarce-aa-{v}") for p in (results / f"scarce-aa-{v}").glob("*/seed*.json")}
+            for v in ("standard", "fast")}
+    return bool(runs["standard"]) and runs["standard"] == runs["fast"]
+
+
 def venv_env() -> dict[str, str]:
     """The environment with the project's virtual env first on PATH (``python`` is its interpreter)."""
     return dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
@@ -353,6 +362,8 @@ class Study:
             try:
                 self.commit(self.reports(), "scarce: tables and plots regenerated from the committed results")
             except subprocess.CalledProcessError as exc:
+                # docs/results.md was clean before: a half-redrawn one would stop every later redraw
+                sh(["git", "checkout", "--", "docs/results.md"])
                 print(f"warning: the tables were not redrawn ({exc}); `scarce.py report` does it", flush=True)
 
     def reports(self) -> list[Path]:
@@ -372,7 +383,7 @@ class Study:
         for folder, block in (("scarce-logs", "scarce-curves"), ("scarce-sweep", "scarce-sweep")):
             if any((r / folder).glob("*/*.tsv")):
                 report(["--curves", f"results/{folder}", *probe], f"results/{folder}-report", block)
-        if any((r / "scarce-aa-standard").glob("*/seed*.json")):
+        if aa_matched(r):
             report(["--evals", "results/scarce-aa-fast", "--aa-standard", "results/scarce-aa-standard"],
                    "results/scarce-aa-report", "scarce-aa")
         for folder, block in (("scarce", "scarce"), ("scarce-last", "scarce-last")):

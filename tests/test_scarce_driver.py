@@ -57,3 +57,23 @@ def test_images_digest_ignores_the_targets_and_sees_the_images(tmp_path, fmnist_
     # the same data stored another way (codec, chunks): the bytes differ, the decoded arrays do not
     d = store_info(make(tmp_path / "d.zarr", feats, images, compressor="zstd", rows_per_chunk=8, chunks_per_shard=2))
     assert d["digest"] != a["digest"] and d["images_digest"] == a["images_digest"]
+
+
+def test_standard_autoattack_table_waits_for_both_versions_of_every_run(tmp_path):
+    """The driver draws the standard-AutoAttack table only when every run has both versions: while one
+    is still being evaluated the report would refuse the other, and the redraw would stop half done."""
+    aa_matched = driver().aa_matched
+
+    def put(version, key):
+        (tmp_path / f"scarce-aa-{version}" / key).mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"scarce-aa-{version}" / key / "seed2.json").write_text("{}")
+
+    assert not aa_matched(tmp_path)  # nothing yet
+    put("fast", "at")
+    assert not aa_matched(tmp_path)  # no standard result
+    put("standard", "at")
+    assert aa_matched(tmp_path)
+    put("standard", "dmat")
+    assert not aa_matched(tmp_path)  # dmat's fast subset is still running
+    put("fast", "dmat")
+    assert aa_matched(tmp_path)
