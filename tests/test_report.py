@@ -684,7 +684,7 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     report.run(ReportConfig(curves=str(tmp_path / "logs"), out=str(tmp_path / "r")))
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
-    assert rows["overfits"][2:7] == ["2", "55.0", "3 of 5", "50.0", "5.0 (0.0 to 10.0)"]
+    assert rows["overfits"][2:7] == ["2", "55.0", "3 (×2) of 5", "50.0", "5.0 (0.0 to 10.0)"]  # both seeds at 3
     assert rows["rises"][2:7] == ["1", "70.0", "5 of 5", "70.0", "0.0"]
     assert (tmp_path / "r" / "curves.png").is_file() and (tmp_path / "r" / "overfit.png").is_file()
     # the overfitting figure: one panel per group, each seed's best epoch marked, the legend clear of them
@@ -694,7 +694,8 @@ def test_validation_curves_report_best_last_and_drop_per_group(tmp_path, capsys)
     fig.canvas.draw()
     panels = [ax for ax in fig.axes if ax.axison]
     assert [ax.get_title() for ax in panels] == ["overfits (2 seeds)", "rises (1 seed)"]
-    assert [sorted(ln.get_xdata()[0] for ln in ax.lines[2:]) for ax in panels] == [[3, 3], [5]]
+    assert [[ln.get_xdata()[0] for ln in ax.lines[2:]] for ax in panels] == [[3], [5]]
+    assert [[t.get_text() for t in ax.texts] for ax in panels] == [["×2"], []]  # two seeds' best epoch: one tick
     assert plots.covered(fig) == []
     # a DRA run: its treatment strength, the mean over epochs of the gradient share and of λ·DRA / loss
     (tmp_path / "dra" / "cell").mkdir(parents=True)

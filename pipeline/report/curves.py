@@ -99,6 +99,15 @@ def summary(curve: dict[str, list[float | None]]) -> dict[str, float]:
     return out
 
 
+def best_epochs(summaries: list[dict[str, float]]) -> dict[int, int]:
+    """Each best validated epoch and how many seeds had it, in epoch order (seeds that share one are
+    counted, not merged: a group of 5 seeds shows 5)."""
+    out: dict[int, int] = {}
+    for e in sorted(int(x["best_epoch"]) for x in summaries):
+        out[e] = out.get(e, 0) + 1
+    return out
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -127,9 +136,10 @@ def markdown(groups: dict[str, dict], probe: dict | None = None) -> str:
             strength = (f" {100 * _mean(grad):.1f} |" if grad else " - |") + (f" {100 * _mean(loss):.1f} |" if loss else " - |")
         drops = [x["drop"] for x in s]
         spread = f" ({100 * min(drops):.1f} to {100 * max(drops):.1f})" if len(s) > 1 else ""
-        epochs = sorted({int(x["best_epoch"]) for x in s})
+        epochs = best_epochs(s)
         lines.append(f"| {name} | {g['setting'] or '-'} | {len(s)} | {100 * _mean([x['best_pgd'] for x in s]):.1f} | "
-                     f"{', '.join(map(str, epochs))} of {int(s[0]['last_epoch'])} | "
+                     f"{', '.join(f'{e} (×{n})' if n > 1 else str(e) for e, n in epochs.items())} of "
+                     f"{int(s[0]['last_epoch'])} | "
                      f"{100 * _mean([x['last_pgd'] for x in s]):.1f} | {100 * _mean(drops):.1f}{spread} | "
                      f"{100 * _mean([x['train_adv'] for x in s]):.1f} | "
                      f"{100 * _mean([x['train_adv'] - x['last_pgd'] for x in s]):.1f} |{strength}"
@@ -208,9 +218,10 @@ def overfit_figure(groups: dict[str, dict]):  # noqa: ANN201  (a matplotlib Figu
         if len(g["runs"]) > 1:
             ax.fill_between(xs, [min(val[name][e]) for e in xs], [max(val[name][e]) for e in xs], color="C3",
                             alpha=0.2, lw=0, label="validation PGD (seeds' range)")
-        for c in g["runs"].values():
-            ax.axvline(summary(c)["best_epoch"], ymin=0.93, ymax=1.0, color="k", lw=1.0,
-                       label="a seed's best validated epoch")
+        for e, n in best_epochs([summary(c) for c in g["runs"].values()]).items():
+            ax.axvline(e, ymin=0.93, ymax=1.0, color="k", lw=1.0, label="a seed's best validated epoch (×n: n seeds)")
+            if n > 1:
+                ax.text(e, 0.9, f"×{n}", transform=ax.get_xaxis_transform(), fontsize=6, ha="center", va="top")
         ax.set_title(f"{name} ({len(g['runs'])} seed{'s' if len(g['runs']) > 1 else ''})", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
