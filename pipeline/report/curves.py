@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 from pipeline.core.errors import UserError
@@ -102,10 +104,7 @@ def summary(curve: dict[str, list[float | None]]) -> dict[str, float]:
 def best_epochs(summaries: list[dict[str, float]]) -> dict[int, int]:
     """Each best validated epoch and how many seeds had it, in epoch order (seeds that share one are
     counted, not merged: a group of 5 seeds shows 5)."""
-    out: dict[int, int] = {}
-    for e in sorted(int(x["best_epoch"]) for x in summaries):
-        out[e] = out.get(e, 0) + 1
-    return out
+    return dict(sorted(Counter(int(x["best_epoch"]) for x in summaries).items()))
 
 
 def _mean(xs: list[float]) -> float:
@@ -202,9 +201,7 @@ def overfit_figure(groups: dict[str, dict]):  # noqa: ANN201  (a matplotlib Figu
     """One panel per group against the epoch: the training batches' adversarial accuracy (mean over
     seeds), validation PGD (mean, the seeds' range shaded) and each seed's best validated epoch (ticks
     on the top edge); the legend is a band below the panels."""
-    import math
-
-    from pipeline.report.plots import plt
+    from pipeline.report.plots import legend_entries, plt
 
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
@@ -230,17 +227,13 @@ def overfit_figure(groups: dict[str, dict]):  # noqa: ANN201  (a matplotlib Figu
         ax.set_ylabel("accuracy (%)", fontsize=8)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_axis_off()
-    legend: dict = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
+    legend = legend_entries(axes.flat)
     ncol = len(legend) if cols == 3 else 1  # one row under three panels, one entry a row under fewer
     band = 0.22 * math.ceil(len(legend) / ncol) + 0.08  # inches
     fig.set_figheight(fig.get_figheight() + band - 0.3)
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=7)
-    fig.suptitle("The generalisation gap and robust overfitting:\ntraining batches against held-out validation"
-                 if cols < 3 else "The generalisation gap and robust overfitting: training batches against "
-                 "held-out validation", fontsize=10)
+    fig.suptitle("The generalisation gap and robust overfitting:" + ("\n" if cols < 3 else " ") +
+                 "training batches against held-out validation", fontsize=10)
     fig.tight_layout(rect=(0, band / fig.get_figheight(), 1, 1))
     return fig
 

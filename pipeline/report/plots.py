@@ -48,6 +48,16 @@ def covered(fig: Figure) -> list[str]:
     return bad
 
 
+def legend_entries(axes) -> dict:  # noqa: ANN001 (matplotlib Axes)
+    """Label -> handle over every axes, each label once (its first handle): one figure legend for
+    panels that share their series."""
+    legend: dict = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    return legend
+
+
 def _checked(fig: Figure) -> Figure:
     """The figure, after a note on stdout for any legend that ``covered`` finds (the tests hold
     every plot to none; a note, not an error: a crowded legend is no reason to lose the report)."""
@@ -114,10 +124,7 @@ def curves_figure(logs: dict[str, list[dict[str, list[float]]]]) -> Figure:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    legend = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
+    legend = legend_entries(axes.flat)
     ncol = min(len(legend), 4)
     band = (0.28 * math.ceil(len(legend) / max(ncol, 1)) + 0.1) / fig.get_figheight()  # figure fraction
     if legend:
@@ -162,10 +169,7 @@ def differences_figure(groups: dict[str, list[dict]], pairs: list[tuple[str, str
     axes[0, 0].set_yticks(range(len(shown)), [f"{n} − {b}" for n, b in shown], fontsize=8)
     axes[0, 0].set_ylim(-0.6, len(shown) - 0.4)
     axes[0, 0].invert_yaxis()
-    legend = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
+    legend = legend_entries(axes.flat)
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=max(len(legend), 1), fontsize=7)
     fig.suptitle("Paired by training seed: variant minus its base", fontsize=10)
     fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
